@@ -1,0 +1,363 @@
+"""The one error vocabulary of Signery, shared by server, client and CLI.
+
+Every error has a stable machine ``code`` (part of the API contract: clients and
+scripts branch on it) and a ``kind`` that says what sort of failure it is. The
+server maps ``kind`` to an HTTP status in exactly one place (the problem+json
+handler); the client maps a problem document back to the same class by ``code``.
+
+Messages must never contain secrets: no tokens, assertions, passwords or key bytes.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, ClassVar
+
+
+class ErrorKind(StrEnum):
+    """What sort of failure an error is; decides the HTTP status on the server."""
+
+    INVALID_INPUT = "invalid_input"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class SigneryError(Exception):
+    """Base of every error Signery raises on purpose."""
+
+    code: str = "internal_error"
+    kind: ClassVar[ErrorKind] = ErrorKind.INTERNAL
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str | None = None, **extra: Any) -> None:
+        self.detail = detail or self.title
+        # Extra members go into the problem document (RFC 9457 §3.2 extensions).
+        self.extra: dict[str, Any] = extra
+        # Set by the service that wrote this refusal's audit event, so the HTTP
+        # edge records one event per refusal, never zero and never two.
+        self.audited = False
+        super().__init__(self.detail)
+
+
+# ----------------------------------------------------------------- 400 family
+
+
+class InvalidRequest(SigneryError):
+    code = "invalid_request"
+    kind = ErrorKind.INVALID_INPUT
+    title = "Invalid request"
+
+
+class MalformedJson(InvalidRequest):
+    code = "malformed_json"
+    title = "Request body is not valid JSON"
+
+
+class ValidationFailed(InvalidRequest):
+    code = "validation_failed"
+    title = "Request failed validation"
+
+
+class DigestLengthMismatch(InvalidRequest):
+    code = "digest_length_mismatch"
+    title = "Digest length does not match the digest algorithm"
+
+
+class UnsupportedScheme(InvalidRequest):
+    code = "unsupported_scheme"
+    title = "Unknown signature scheme"
+
+
+class SchemeNotAllowed(InvalidRequest):
+    code = "scheme_not_allowed"
+    title = "Signature scheme does not fit the key"
+
+
+class UnsupportedAlgorithm(InvalidRequest):
+    code = "unsupported_algorithm"
+    title = "Unsupported algorithm"
+
+
+class InvalidGrant(InvalidRequest):
+    """RFC 6749 §5.2 ``invalid_grant``: the assertion was refused.
+
+    ``code`` narrows the reason for the audit trail and for operators; the OAuth
+    ``error`` member stays ``invalid_grant`` so that generic OAuth clients work.
+    """
+
+    code = "invalid_grant"
+    title = "Assertion refused"
+    oauth_error: ClassVar[str] = "invalid_grant"
+
+
+class AssertionMalformed(InvalidGrant):
+    code = "assertion_malformed"
+    title = "Assertion is not a well-formed JWT"
+
+
+class AssertionSignatureInvalid(InvalidGrant):
+    code = "assertion_signature_invalid"
+    title = "Assertion signature does not verify with a registered key"
+
+
+class AssertionAlgorithmRefused(InvalidGrant):
+    code = "assertion_algorithm_refused"
+    title = "Assertion algorithm is not allowed for the registered key"
+
+
+class AssertionClaimsInvalid(InvalidGrant):
+    code = "assertion_claims_invalid"
+    title = "Assertion claims are invalid"
+
+
+class AssertionAudienceMismatch(InvalidGrant):
+    code = "assertion_audience_mismatch"
+    title = "Assertion audience is not this server's issuer identifier"
+
+
+class AssertionExpired(InvalidGrant):
+    code = "assertion_expired"
+    title = "Assertion has expired or is not yet valid"
+
+
+class AssertionLifetimeTooLong(InvalidGrant):
+    code = "assertion_lifetime_too_long"
+    title = "Assertion lifetime exceeds the maximum"
+
+
+class AssertionReplayed(InvalidGrant):
+    code = "assertion_replayed"
+    title = "Assertion jti was already used"
+
+
+class ClientDisabled(InvalidGrant):
+    code = "client_disabled"
+    title = "Account is disabled"
+
+
+class ClientExpired(InvalidGrant):
+    code = "client_expired"
+    title = "Account has expired"
+
+
+class UnknownClient(InvalidGrant):
+    code = "unknown_client"
+    title = "Unknown client"
+
+
+class UnsupportedGrantType(InvalidRequest):
+    code = "unsupported_grant_type"
+    title = "Unsupported grant type"
+    oauth_error: ClassVar[str] = "unsupported_grant_type"
+
+
+class InvalidPublicKey(InvalidRequest):
+    code = "invalid_public_key"
+    title = "Public key is not acceptable"
+
+
+# ----------------------------------------------------------------- 401 / 403
+
+
+class AuthenticationFailed(SigneryError):
+    code = "unauthenticated"
+    kind = ErrorKind.UNAUTHENTICATED
+    title = "Authentication required"
+
+
+class InvalidToken(AuthenticationFailed):
+    code = "invalid_token"
+    title = "Token is invalid or expired"
+
+
+class InvalidCredentials(AuthenticationFailed):
+    code = "invalid_credentials"
+    title = "Invalid username or password"
+
+
+class AccountDisabled(AuthenticationFailed):
+    code = "account_disabled"
+    title = "Account is disabled"
+
+
+class AccountExpired(AuthenticationFailed):
+    code = "account_expired"
+    title = "Account has expired"
+
+
+class PermissionDenied(SigneryError):
+    code = "permission_denied"
+    kind = ErrorKind.FORBIDDEN
+    title = "Permission denied"
+
+
+# ----------------------------------------------------------------- 404 / 409
+
+
+class NotFound(SigneryError):
+    code = "not_found"
+    kind = ErrorKind.NOT_FOUND
+    title = "Not found"
+
+
+class TsgNotFound(NotFound):
+    code = "tsg_not_found"
+    title = "TSG not found"
+
+
+class KeyNotFound(NotFound):
+    code = "key_not_found"
+    title = "Signing key not found"
+
+
+class AccountNotFound(NotFound):
+    code = "account_not_found"
+    title = "Account not found"
+
+
+class UserNotFound(NotFound):
+    code = "user_not_found"
+    title = "User not found"
+
+
+class Conflict(SigneryError):
+    code = "conflict"
+    kind = ErrorKind.CONFLICT
+    title = "Conflict"
+
+
+class NameTaken(Conflict):
+    code = "name_taken"
+    title = "Name already in use"
+
+
+class KeyDisabled(Conflict):
+    code = "key_disabled"
+    title = "Signing key is disabled"
+
+
+class KeyNotActive(Conflict):
+    code = "key_not_active"
+    title = "Signing key is not active"
+
+
+class KeyNameAmbiguous(Conflict):
+    code = "key_name_ambiguous"
+    title = "Several visible keys have this name; use the key id"
+
+
+class AlreadyInitialized(Conflict):
+    code = "already_initialized"
+    title = "Signery is already initialized"
+
+
+# ----------------------------------------------------------------- 413 / 415
+
+
+class RequestTooLarge(SigneryError):
+    code = "request_too_large"
+    kind = ErrorKind.TOO_LARGE
+    title = "Request body too large"
+
+
+class UnsupportedMediaType(SigneryError):
+    code = "unsupported_media_type"
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
+    title = "Unsupported media type"
+
+
+# ----------------------------------------------------------------- 5xx
+
+
+class Unavailable(SigneryError):
+    code = "unavailable"
+    kind = ErrorKind.UNAVAILABLE
+    title = "Service unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    code = "audit_unavailable"
+    title = "The audit record could not be committed; nothing was signed"
+
+
+class DatabaseUnavailable(Unavailable):
+    code = "database_unavailable"
+    title = "Database unavailable"
+
+
+class KeyStoreUnavailable(Unavailable):
+    code = "keystore_unavailable"
+    title = "Key store unavailable"
+
+
+class KeyStoreError(SigneryError):
+    """A key store failed in a way that is not the caller's fault."""
+
+    code = "keystore_error"
+    title = "Key store error"
+
+
+class KeyMaterialMissing(KeyStoreError):
+    code = "key_material_missing"
+    kind = ErrorKind.CONFLICT
+    title = "Key material is missing or destroyed in its store"
+
+
+class SignatureVerificationFailed(KeyStoreError):
+    code = "signature_self_check_failed"
+    title = "The key store returned a signature that does not verify; nothing was returned"
+
+
+class ConfigurationError(SigneryError):
+    code = "configuration_error"
+    title = "Configuration error"
+
+
+class ClientError(SigneryError):
+    """Raised by the client for local problems (missing profile, unreadable file...)."""
+
+    code = "client_error"
+    kind = ErrorKind.INVALID_INPUT
+    title = "Client error"
+
+
+class SignatureInvalid(SigneryError):
+    """A signature did not verify (client-side ``signery verify``)."""
+
+    code = "signature_invalid"
+    kind = ErrorKind.INVALID_INPUT
+    title = "Signature does not verify"
+
+
+def _all_error_classes() -> list[type[SigneryError]]:
+    seen: list[type[SigneryError]] = []
+    stack: list[type[SigneryError]] = [SigneryError]
+    while stack:
+        cls = stack.pop()
+        seen.append(cls)
+        stack.extend(cls.__subclasses__())
+    return seen
+
+
+def error_class_for_code(code: str) -> type[SigneryError]:
+    """The most specific error class whose stable code is ``code`` (client side mapping)."""
+    for cls in _all_error_classes():
+        if cls.__dict__.get("code") == code:
+            return cls
+    return SigneryError
+
+
+def error_from_problem(problem: dict[str, Any]) -> SigneryError:
+    """Rebuild a SigneryError from a problem+json document received over HTTP."""
+    code = str(problem.get("code") or "internal_error")
+    cls = error_class_for_code(code)
+    err = cls(str(problem.get("detail") or problem.get("title") or code))
+    err.code = code
+    err.extra = {k: v for k, v in problem.items() if k not in {"detail", "title", "code"}}
+    return err

@@ -1,0 +1,151 @@
+"""The key-store interface: generate, sign a digest, destroy. Never export.
+
+The contract lives here (securesystemslib ``Signer`` style): the public methods
+validate their inputs and keep foreign exceptions from escaping, and each backend
+implements only the private ``_generate`` / ``_sign`` / ``_destroy``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, TypeVar
+
+from signery.crypto import Hashed, PublicKey, check_scheme
+from signery.errors import KeyStoreError, SigneryError, UnsupportedAlgorithm
+from signery.protocol import Algorithm, SignatureScheme
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyContext:
+    """Who a key pair belongs to, as the caller's own records say.
+
+    Key stores bind this into the stored material (the built-in store uses it
+    as AES-GCM associated data), so material moved to another key's row or
+    another TSG does not decrypt.
+    """
+
+    key_id: str
+    version: int
+    tsg_id: str
+
+    def associated_data(self, purpose: str) -> bytes:
+        # JSON with sorted keys: an unambiguous, canonical encoding of the fields.
+        return json.dumps(
+            {
+                "purpose": purpose,
+                "key_id": self.key_id,
+                "version": self.version,
+                "tsg_id": self.tsg_id,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHandle:
+    """A reference to a key pair inside a store. Holds no key material."""
+
+    store: str
+    ref: str
+    algorithm: Algorithm
+    context: KeyContext
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedKey:
+    handle: KeyHandle
+    public_key: PublicKey
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    ok: bool
+    detail: str
+
+
+class KeyStore(ABC):
+    """One place where private keys live. Private key material never leaves it."""
+
+    kind: ClassVar[str]
+    supported_algorithms: ClassVar[frozenset[Algorithm]]
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    # ------------------------------------------------------------ public contract
+
+    def generate(self, algorithm: Algorithm, context: KeyContext) -> GeneratedKey:
+        """Create a new key pair inside the store and return its handle and public key."""
+        if algorithm not in self.supported_algorithms:
+            raise UnsupportedAlgorithm(
+                f"key store {self.name!r} cannot hold {algorithm.value} keys"
+            )
+        return self._guard(lambda: self._generate(algorithm, context))
+
+    def sign(self, handle: KeyHandle, hashed: Hashed, scheme: SignatureScheme) -> bytes:
+        """Sign a digest. ``hashed`` already has the right length (see :class:`Hashed`)."""
+        self._check_handle(handle)
+        check_scheme(handle.algorithm, scheme)
+        return self._guard(lambda: self._sign(handle, hashed, scheme))
+
+    def public_key(self, handle: KeyHandle) -> PublicKey:
+        self._check_handle(handle)
+        return self._guard(lambda: self._public_key(handle))
+
+    def destroy(self, handle: KeyHandle) -> None:
+        """Erase the key pair. Signing with the handle afterwards raises KeyMaterialMissing."""
+        self._check_handle(handle)
+        self._guard(lambda: self._destroy(handle))
+
+    def health(self) -> StoreHealth:
+        try:
+            return self._health()
+        except SigneryError as e:
+            return StoreHealth(False, e.code)
+
+    def signs_inline(self, algorithm: Algorithm) -> bool:
+        """True when signing is quick CPU work that may run on the event loop.
+
+        Slow or blocking operations (RSA private-key operations, network calls)
+        answer False and are run in a worker thread by the caller.
+        """
+        return False
+
+    # ------------------------------------------------------------ backend hooks
+
+    @abstractmethod
+    def _generate(self, algorithm: Algorithm, context: KeyContext) -> GeneratedKey: ...
+
+    @abstractmethod
+    def _sign(self, handle: KeyHandle, hashed: Hashed, scheme: SignatureScheme) -> bytes: ...
+
+    @abstractmethod
+    def _public_key(self, handle: KeyHandle) -> PublicKey: ...
+
+    @abstractmethod
+    def _destroy(self, handle: KeyHandle) -> None: ...
+
+    @abstractmethod
+    def _health(self) -> StoreHealth: ...
+
+    # ------------------------------------------------------------ helpers
+
+    def _check_handle(self, handle: KeyHandle) -> None:
+        if handle.store != self.name:
+            raise KeyStoreError(f"handle belongs to key store {handle.store!r}, not {self.name!r}")
+
+    def _guard(self, op: Callable[[], T]) -> T:
+        try:
+            return op()
+        except SigneryError:
+            raise
+        except Exception as e:
+            # Backends translate the errors they expect; anything else is reported
+            # by type only, because a foreign message could quote key material.
+            raise KeyStoreError(f"key store {self.name!r} failed: {type(e).__name__}") from e

@@ -1,0 +1,448 @@
+"""Wire models shared by the Signery client and server, so the two cannot drift.
+
+Everything here is plain data: pydantic models (frozen, unknown fields refused)
+and the string enums that name algorithms, schemes and states on the wire.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+API_PREFIX = "/api/v1"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Algorithm(StrEnum):
+    """Key algorithms a signing key can have (DESIGN.md §2)."""
+
+    RSA_2048 = "RSA_2048"
+    RSA_3072 = "RSA_3072"
+    RSA_4096 = "RSA_4096"
+    EC_P256 = "EC_P256"
+    EC_P384 = "EC_P384"
+    EC_P521 = "EC_P521"
+
+    @property
+    def is_rsa(self) -> bool:
+        return self.value.startswith("RSA_")
+
+    @property
+    def is_ec(self) -> bool:
+        return self.value.startswith("EC_")
+
+
+class DigestAlgorithm(StrEnum):
+    SHA256 = "sha256"
+    SHA384 = "sha384"
+    SHA512 = "sha512"
+
+    @property
+    def size(self) -> int:
+        """Length of a digest in bytes (FIPS 180-4)."""
+        return {"sha256": 32, "sha384": 48, "sha512": 64}[self.value]
+
+
+class SignatureScheme(StrEnum):
+    RSA_PKCS1V15 = "rsa-pkcs1v15"
+    RSA_PSS = "rsa-pss"
+    ECDSA = "ecdsa"
+
+
+class KeyStatus(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+    ARCHIVED = "archived"
+    DESTROYED = "destroyed"
+
+
+class CertificateAuthority(StrEnum):
+    NONE = "none"
+    BUILTIN = "builtin"
+
+
+class AccountStatus(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+
+
+class Role(StrEnum):
+    SUPERUSER = "superuser"
+    KEY_ADMIN = "key_admin"
+    KEY_VIEWER = "key_viewer"
+    ACCOUNT_ADMIN = "account_admin"
+    AUDITOR = "auditor"
+
+
+class PrincipalType(StrEnum):
+    USER = "user"
+    ACCOUNT = "account"
+    ANONYMOUS = "anonymous"
+    SYSTEM = "system"
+
+
+class AuditOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    DENIED = "denied"
+    INVALID = "invalid"
+    ERROR = "error"
+
+
+def _decode_b64(value: Any) -> Any:
+    """Strict RFC 4648 base64: refuse stray characters instead of skipping them."""
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError) as e:
+            raise ValueError("not valid base64") from e
+    return value
+
+
+B64Bytes = Annotated[
+    bytes,
+    BeforeValidator(_decode_b64),
+    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str),
+]
+
+
+class WireModel(BaseModel):
+    """Base of all wire models: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ResponseModel(BaseModel):
+    """Base of responses: immutable; clients ignore fields added by newer servers."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+# ------------------------------------------------------------------ problems
+
+
+class Problem(ResponseModel):
+    """RFC 9457 problem details, with Signery's stable ``code``."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    code: str
+    instance: str | None = None
+    request_id: str | None = None
+
+
+# ------------------------------------------------------------------ discovery
+
+
+class ServerMetadata(ResponseModel):
+    """What a client needs to know before it authenticates (RFC 8414 subset)."""
+
+    issuer: str
+    token_endpoint: str
+    grant_types_supported: list[str]
+    token_endpoint_auth_signing_alg_values_supported: list[str]
+    version: str
+
+
+class TokenResponse(ResponseModel):
+    access_token: str
+    token_type: str = "Bearer"
+    expires_in: int
+    scope: str
+
+
+# ------------------------------------------------------------------ TSGs
+
+
+class TsgCreate(WireModel):
+    name: str = Field(min_length=1, max_length=128)
+    parent_id: str | None = Field(
+        default=None, description="Parent TSG id; the root TSG when omitted"
+    )
+
+
+class Tsg(ResponseModel):
+    id: str
+    name: str
+    parent_id: str | None
+    depth: int
+    created_at: datetime
+
+
+class TsgTree(ResponseModel):
+    id: str
+    name: str
+    children: list[TsgTree]
+
+
+# ------------------------------------------------------------------ users, tokens, roles
+
+
+class UserCreate(WireModel):
+    username: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    password: str | None = Field(default=None, min_length=12, max_length=1024)
+    tsg_id: str | None = None
+
+
+class User(ResponseModel):
+    id: str
+    username: str
+    tsg_id: str
+    is_active: bool
+    created_at: datetime
+
+
+class UserCreated(User):
+    password: str | None = Field(
+        default=None, description="Generated password, shown once when none was given"
+    )
+
+
+class ApiTokenCreate(WireModel):
+    name: str = Field(min_length=1, max_length=64)
+    expires_in_days: int | None = Field(default=90, ge=1, le=3650)
+
+
+class ApiToken(ResponseModel):
+    id: str
+    name: str
+    user_id: str
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked: bool
+
+
+class ApiTokenCreated(ApiToken):
+    token: str = Field(description="The secret; shown once, stored only as a hash")
+
+
+class RoleBindingCreate(WireModel):
+    principal_type: PrincipalType = PrincipalType.USER
+    principal_id: str
+    role: Role
+    tsg_id: str
+
+
+class RoleBinding(ResponseModel):
+    id: str
+    principal_type: PrincipalType
+    principal_id: str
+    role: Role
+    tsg_id: str
+    created_at: datetime
+
+
+# ------------------------------------------------------------------ built-in accounts
+
+
+class AccountCreate(WireModel):
+    name: str = Field(min_length=1, max_length=128)
+    tsg_id: str | None = None
+    validity_days: int = Field(default=365, ge=1, le=3650)
+    public_key_pem: str | None = Field(
+        default=None,
+        description="Upload a public key (RSA >= 2048, EC P-256/384/521, Ed25519); "
+        "when omitted the server generates a key pair and returns the private key once",
+    )
+    key_algorithm: str = Field(
+        default="EC_P256",
+        description="Algorithm of a server-generated key pair: EC_P256, EC_P384, RSA_3072, ED25519",
+    )
+
+
+class AccountKey(ResponseModel):
+    id: str
+    algorithm: str
+    fingerprint: str
+    public_key_pem: str
+    created_at: datetime
+
+
+class Account(ResponseModel):
+    id: str
+    client_id: str
+    name: str
+    tsg_id: str
+    status: AccountStatus
+    valid_until: datetime
+    created_at: datetime
+    keys: list[AccountKey]
+
+
+class AccountCreated(Account):
+    private_key_pem: str | None = Field(
+        default=None, description="PKCS#8 PEM of a generated key pair; returned once, never stored"
+    )
+
+
+class AccountKeyAdd(WireModel):
+    public_key_pem: str
+
+
+# ------------------------------------------------------------------ signing keys
+
+
+class KeySubject(WireModel):
+    common_name: str | None = Field(default=None, max_length=64)
+    organization: str | None = Field(default=None, max_length=64)
+    organizational_unit: str | None = Field(default=None, max_length=64)
+    country: str | None = Field(default=None, min_length=2, max_length=2)
+    email: str | None = Field(default=None, max_length=128)
+
+
+class KeyCreate(WireModel):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tsg_id: str | None = None
+    algorithm: Algorithm
+    storage: str = "builtin"
+    certificate_authority: CertificateAuthority = CertificateAuthority.NONE
+    subject: KeySubject | None = None
+    validity_days: int = Field(default=365, ge=1, le=3650)
+    description: str | None = Field(default=None, max_length=1024)
+
+
+class CertificateInfo(ResponseModel):
+    serial: str
+    subject: str
+    issuer: str
+    not_before: datetime
+    not_after: datetime
+    fingerprint_sha256: str
+
+
+class KeyVersion(ResponseModel):
+    version: int
+    status: KeyStatus
+    public_key_pem: str
+    certificate: CertificateInfo | None
+    created_at: datetime
+
+
+class SigningKey(ResponseModel):
+    id: str
+    name: str
+    tsg_id: str
+    algorithm: Algorithm
+    storage: str
+    certificate_authority: CertificateAuthority
+    status: KeyStatus
+    current_version: int
+    description: str | None
+    schemes: list[SignatureScheme]
+    public_key_pem: str
+    certificate_chain: list[str] = Field(description="PEM certificates, leaf first, root last")
+    versions: list[KeyVersion]
+    created_at: datetime
+
+
+class SigningKeySummary(ResponseModel):
+    """What an account sees of a key on the signing plane."""
+
+    id: str
+    name: str
+    tsg_id: str
+    algorithm: Algorithm
+    status: KeyStatus
+    current_version: int
+    schemes: list[SignatureScheme]
+    public_key_pem: str
+    certificate_chain: list[str]
+
+
+# ------------------------------------------------------------------ signing
+
+
+class ClientInfo(WireModel):
+    machine: str | None = Field(default=None, max_length=256)
+    tool: str | None = Field(default=None, max_length=256)
+
+
+class SignRequest(WireModel):
+    """Body of ``POST /api/v1/signing/keys/{key}/sign``.
+
+    ``digest_algorithm`` and ``scheme`` are strings on the wire so that the server
+    can answer an unknown value with its precise error code (``unsupported_scheme``)
+    instead of a generic validation error.
+    """
+
+    digest: str = Field(description="Base64 (RFC 4648) of the digest", max_length=256)
+    digest_algorithm: str = Field(examples=["sha256", "sha384", "sha512"], max_length=32)
+    scheme: str = Field(examples=["rsa-pkcs1v15", "rsa-pss", "ecdsa"], max_length=32)
+    client: ClientInfo | None = None
+
+
+class SignResponse(ResponseModel):
+    signature: B64Bytes = Field(description="Base64; ECDSA signatures are DER-encoded")
+    key_id: str
+    key_name: str
+    key_version: int
+    algorithm: Algorithm
+    digest_algorithm: DigestAlgorithm
+    scheme: SignatureScheme
+    certificate_chain: list[str]
+    request_id: str | None = None
+
+
+# ------------------------------------------------------------------ audit and usage
+
+
+class AuditPrincipal(ResponseModel):
+    type: PrincipalType
+    id: str | None
+    name: str | None
+
+
+class AuditEvent(ResponseModel):
+    id: str
+    time: datetime
+    kind: str
+    outcome: AuditOutcome
+    reason: str | None
+    tsg_id: str | None
+    principal: AuditPrincipal
+    key_id: str | None
+    key_version: int | None
+    algorithm: str | None
+    digest: str | None
+    client_ip: str | None
+    user_agent: str | None
+    client_machine: str | None
+    client_tool: str | None
+    request_id: str | None
+    node_id: str
+    details: dict[str, Any]
+
+
+class AuditEventPage(ResponseModel):
+    events: list[AuditEvent]
+    next_cursor: str | None
+
+
+class UsageCounter(ResponseModel):
+    subject_type: str
+    subject_id: str
+    name: str | None
+    tsg_id: str | None
+    successes: int
+    failures: int
+    last_used_at: datetime | None
+
+
+class UsageReport(ResponseModel):
+    counters: list[UsageCounter]
+
+
+class Health(ResponseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

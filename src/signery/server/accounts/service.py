@@ -1,0 +1,306 @@
+"""Built-in accounts: the machine identities that sign."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from signery import protocol as p
+from signery.crypto import public_key_fingerprint, public_key_pem
+from signery.errors import AccountNotFound, InvalidPublicKey, InvalidRequest, NameTaken, TsgNotFound
+from signery.protocol import AccountStatus, AuditOutcome
+from signery.server.accounts.models import AccountKeyRow, AccountRow
+from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.authz import Authorizer, Permission, Principal
+from signery.server.clock import Clock
+from signery.server.context import RequestContext
+from signery.server.db import Database, new_id
+from signery.server.tsg.models import TsgRow
+from signery.server.tsg.service import TsgDirectory, actor_of
+
+AccountPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+
+MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
+MAX_KEYS_PER_ACCOUNT = 8
+_CURVE_NAMES = {"secp256r1": "EC_P256", "secp384r1": "EC_P384", "secp521r1": "EC_P521"}
+GENERATED_ALGORITHMS = ("EC_P256", "EC_P384", "RSA_3072", "ED25519")
+
+
+def account_key_algorithm(key: object) -> str:
+    """Classify an account public key, refusing weak or unsupported ones."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+            raise InvalidPublicKey(f"RSA keys must have {MIN_RSA_BITS} to {MAX_RSA_BITS} bits")
+        # Small public exponents invite well-known attacks on broken padding checks.
+        if key.public_numbers().e < 65537:
+            raise InvalidPublicKey("RSA public exponent must be at least 65537")
+        return "RSA"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        try:
+            return _CURVE_NAMES[key.curve.name]
+        except KeyError:
+            raise InvalidPublicKey(
+                f"curve {key.curve.name} is not accepted; use P-256, P-384 or P-521"
+            ) from None
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "ED25519"
+    raise InvalidPublicKey(f"{type(key).__name__} keys are not accepted")
+
+
+def parse_account_public_key(pem: str) -> tuple[AccountPublicKey, str]:
+    try:
+        key = serialization.load_pem_public_key(pem.encode("utf-8"))
+    except (ValueError, TypeError, UnicodeEncodeError) as e:
+        raise InvalidPublicKey("public_key_pem is not a PEM SubjectPublicKeyInfo") from e
+    algorithm = account_key_algorithm(key)
+    assert isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+    return key, algorithm
+
+
+def generate_account_key(algorithm: str) -> tuple[str, AccountPublicKey]:
+    """A fresh key pair for an account: (PKCS#8 PEM of the private key, public key).
+
+    The private half is returned to the caller once and is never stored.
+    """
+    private: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+    if algorithm == "EC_P256":
+        private = ec.generate_private_key(ec.SECP256R1())
+    elif algorithm == "EC_P384":
+        private = ec.generate_private_key(ec.SECP384R1())
+    elif algorithm == "RSA_3072":
+        private = rsa.generate_private_key(65537, 3072)
+    elif algorithm == "ED25519":
+        private = ed25519.Ed25519PrivateKey.generate()
+    else:
+        raise InvalidRequest(f"key_algorithm must be one of {', '.join(GENERATED_ALGORITHMS)}")
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+    return pem, private.public_key()
+
+
+def key_to_wire(row: AccountKeyRow) -> p.AccountKey:
+    key = serialization.load_der_public_key(row.public_key_der)
+    assert isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey)
+    return p.AccountKey(
+        id=row.id,
+        algorithm=row.algorithm,
+        fingerprint=row.fingerprint,
+        public_key_pem=public_key_pem(key),
+        created_at=row.created_at,
+    )
+
+
+class AccountService:
+    def __init__(
+        self,
+        db: Database,
+        authz: Authorizer,
+        recorder: AuditRecorder,
+        clock: Clock,
+        directory: TsgDirectory,
+    ) -> None:
+        self._db = db
+        self._authz = authz
+        self._recorder = recorder
+        self._clock = clock
+        self._directory = directory
+
+    def _status(self, row: AccountRow) -> AccountStatus:
+        if row.status == AccountStatus.DISABLED.value:
+            return AccountStatus.DISABLED
+        if row.valid_until <= self._clock.now():
+            return AccountStatus.EXPIRED
+        return AccountStatus.ACTIVE
+
+    def _wire(self, s: Session, row: AccountRow) -> p.Account:
+        keys = s.scalars(
+            select(AccountKeyRow)
+            .where(AccountKeyRow.account_id == row.id)
+            .order_by(AccountKeyRow.created_at)
+        )
+        return p.Account(
+            id=row.id,
+            client_id=row.client_id,
+            name=row.name,
+            tsg_id=row.tsg_id,
+            status=self._status(row),
+            valid_until=row.valid_until,
+            created_at=row.created_at,
+            keys=[key_to_wire(k) for k in keys],
+        )
+
+    def create(
+        self, principal: Principal, req: p.AccountCreate, ctx: RequestContext
+    ) -> p.AccountCreated:
+        tsg_id = req.tsg_id or principal.tsg_id
+        private_pem: str | None = None
+        if req.public_key_pem is not None:
+            public_key, key_algorithm = parse_account_public_key(req.public_key_pem)
+        else:
+            private_pem, public_key = generate_account_key(req.key_algorithm)
+            key_algorithm = account_key_algorithm(public_key)
+        now = self._clock.now()
+        try:
+            with self._db.write() as s:
+                path = self._directory.path(s, tsg_id)
+                if path is None:
+                    raise TsgNotFound()
+                self._authz.require(
+                    principal, Permission.ACCOUNT_MANAGE, path, not_found=TsgNotFound
+                )
+                if s.scalar(
+                    select(AccountRow.id).where(
+                        AccountRow.tsg_id == tsg_id, AccountRow.name == req.name
+                    )
+                ):
+                    raise NameTaken(f"an account named {req.name!r} already exists in TSG {tsg_id}")
+                row = AccountRow(
+                    id=new_id(),
+                    client_id=str(uuid.uuid4()),
+                    name=req.name,
+                    tsg_id=tsg_id,
+                    status=AccountStatus.ACTIVE.value,
+                    valid_until=now + timedelta(days=req.validity_days),
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(row)
+                s.flush()
+                self._add_key(s, row, public_key, key_algorithm)
+                self._recorder.record(
+                    s,
+                    AuditRecord(
+                        EventKind.ACCOUNT_CREATED,
+                        AuditOutcome.SUCCEEDED,
+                        actor_of(principal),
+                        tsg_id=tsg_id,
+                        tsg_path=path,
+                        context=ctx,
+                        details={
+                            "account_id": row.id,
+                            "client_id": row.client_id,
+                            "name": row.name,
+                            "key_origin": "uploaded" if private_pem is None else "generated",
+                            "key_fingerprint": public_key_fingerprint(public_key),
+                            "validity_days": req.validity_days,
+                        },
+                    ),
+                )
+                wire = self._wire(s, row)
+        except IntegrityError as e:
+            raise NameTaken(f"an account named {req.name!r} already exists in TSG {tsg_id}") from e
+        return p.AccountCreated(**wire.model_dump(), private_key_pem=private_pem)
+
+    def _add_key(
+        self, s: Session, account: AccountRow, key: AccountPublicKey, algorithm: str
+    ) -> AccountKeyRow:
+        row = AccountKeyRow(
+            id=new_id(),
+            account_id=account.id,
+            algorithm=algorithm,
+            public_key_der=key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            fingerprint=public_key_fingerprint(key),
+            created_at=self._clock.now(),
+        )
+        s.add(row)
+        s.flush()
+        return row
+
+    def _visible(
+        self, s: Session, principal: Principal, ref: str, permission: Permission
+    ) -> tuple[AccountRow, str]:
+        row = s.get(AccountRow, ref) or s.scalar(
+            select(AccountRow).where(AccountRow.client_id == ref)
+        )
+        if row is None:
+            raise AccountNotFound()
+        path = self._directory.require_path(s, row.tsg_id)
+        self._authz.require(principal, permission, path, not_found=AccountNotFound)
+        return row, path
+
+    def get(self, principal: Principal, ref: str) -> p.Account:
+        with self._db.read() as s:
+            row, _ = self._visible(s, principal, ref, Permission.ACCOUNT_READ)
+            return self._wire(s, row)
+
+    def list_accounts(self, principal: Principal, tsg_id: str | None = None) -> list[p.Account]:
+        scopes = self._authz.scopes(principal, Permission.ACCOUNT_READ)
+        with self._db.read() as s:
+            out: list[p.Account] = []
+            for scope in scopes:
+                q = (
+                    select(AccountRow)
+                    .join(TsgRow, TsgRow.id == AccountRow.tsg_id)
+                    .where(TsgRow.path.startswith(scope, autoescape=True))
+                )
+                if tsg_id:
+                    q = q.where(AccountRow.tsg_id == tsg_id)
+                out.extend(self._wire(s, r) for r in s.scalars(q))
+        return sorted(out, key=lambda a: (a.tsg_id, a.name))
+
+    def set_enabled(
+        self, principal: Principal, ref: str, enabled: bool, ctx: RequestContext
+    ) -> p.Account:
+        """Disable or enable an account. Takes effect on the very next request of any
+        replica: every bearer token is checked against the account row."""
+        with self._db.write() as s:
+            row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE)
+            target = AccountStatus.ACTIVE if enabled else AccountStatus.DISABLED
+            if row.status != target.value:
+                row.status = target.value
+                row.updated_at = self._clock.now()
+                self._recorder.record(
+                    s,
+                    AuditRecord(
+                        EventKind.ACCOUNT_ENABLED if enabled else EventKind.ACCOUNT_DISABLED,
+                        AuditOutcome.SUCCEEDED,
+                        actor_of(principal),
+                        tsg_id=row.tsg_id,
+                        tsg_path=path,
+                        context=ctx,
+                        details={"account_id": row.id, "client_id": row.client_id},
+                    ),
+                )
+            s.flush()
+            return self._wire(s, row)
+
+    def add_key(
+        self, principal: Principal, ref: str, req: p.AccountKeyAdd, ctx: RequestContext
+    ) -> p.Account:
+        key, algorithm = parse_account_public_key(req.public_key_pem)
+        try:
+            with self._db.write() as s:
+                row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE)
+                count = len(
+                    s.scalars(
+                        select(AccountKeyRow.id).where(AccountKeyRow.account_id == row.id)
+                    ).all()
+                )
+                if count >= MAX_KEYS_PER_ACCOUNT:
+                    raise InvalidRequest(f"an account holds at most {MAX_KEYS_PER_ACCOUNT} keys")
+                added = self._add_key(s, row, key, algorithm)
+                self._recorder.record(
+                    s,
+                    AuditRecord(
+                        EventKind.ACCOUNT_KEY_ADDED,
+                        AuditOutcome.SUCCEEDED,
+                        actor_of(principal),
+                        tsg_id=row.tsg_id,
+                        tsg_path=path,
+                        context=ctx,
+                        details={"account_id": row.id, "key_fingerprint": added.fingerprint},
+                    ),
+                )
+                return self._wire(s, row)
+        except IntegrityError as e:
+            raise NameTaken("this public key is already registered for the account") from e

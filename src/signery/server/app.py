@@ -1,0 +1,104 @@
+"""The application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI
+from starlette.requests import HTTPConnection
+from starlette.responses import Response
+
+from signery import __version__
+from signery.errors import AuthenticationFailed, RequestTooLarge
+from signery.keystores import MasterKey
+from signery.protocol import API_PREFIX
+from signery.server.accounts.routes import router as accounts_router
+from signery.server.audit.routes import router as audit_router
+from signery.server.authz import Principal
+from signery.server.ca.routes import router as ca_router
+from signery.server.clock import Clock
+from signery.server.config import Settings, load_settings
+from signery.server.container import Core, Services
+from signery.server.keys.routes import router as keys_router
+from signery.server.middleware import EdgeMiddleware, Scope
+from signery.server.ops.logging import configure_logging
+from signery.server.ops.routes import router as ops_router
+from signery.server.problems import install_problem_handlers, problem_response
+from signery.server.signing.routes import router as signing_router
+from signery.server.tsg.routes import router as tsg_router
+from signery.server.users.routes import router as users_router
+
+
+def create_app(
+    settings: Settings, *, clock: Clock | None = None, master_key: MasterKey | None = None
+) -> FastAPI:
+    """Build a Signery server. Refuses (ConfigurationError) an uninitialized or
+    mismatched installation before serving anything."""
+    services = Services(Core.build(settings, clock=clock, master_key=master_key))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        services.start()
+        try:
+            yield
+        finally:
+            services.stop()
+
+    app = FastAPI(
+        title="Signery",
+        version=__version__,
+        summary="Self-hosted remote code signing",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_problem_handlers(app)
+    app.include_router(ops_router)
+    for router in (
+        tsg_router,
+        users_router,
+        accounts_router,
+        keys_router,
+        ca_router,
+        signing_router,
+        audit_router,
+    ):
+        app.include_router(router)
+
+    async def on_too_large(scope: Scope, error: RequestTooLarge) -> Response:
+        conn = HTTPConnection(scope)
+        header = conn.headers.get("authorization")
+        if header:
+            # Attribute the refusal to the caller when its credential is valid.
+            try:
+                principal: Principal = await anyio.to_thread.run_sync(
+                    lambda: services.authn.principal(header)
+                )
+                scope.setdefault("state", {})["principal"] = principal
+            except AuthenticationFailed:
+                pass
+        await services.audit_refusal(conn, error)
+        return problem_response(
+            error, request_id=scope["state"].get("request_id"), path=conn.url.path
+        )
+
+    app.add_middleware(
+        EdgeMiddleware,
+        metrics=services.metrics,
+        max_body=settings.max_body_bytes,
+        limits_by_prefix={f"{API_PREFIX}/signing/": settings.max_sign_body_bytes},
+        on_too_large=on_too_large,
+        access_log_enabled=settings.access_log,
+    )
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` worker processes: settings from the environment."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

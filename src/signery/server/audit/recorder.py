@@ -1,0 +1,342 @@
+"""The audit recorder: the only writer of audit events and usage counters.
+
+Two ways in:
+
+* ``record(session, ...)`` adds an event to the caller's transaction, so a
+  management change and its event commit together or not at all;
+* ``commit(...)`` (async) / ``commit_sync(...)`` hand an event and its usage
+  delta to the group-commit writer and return once they are durably committed.
+  A signing returns its signature only after this, and no signature at all if
+  it fails (fail closed: ``AuditUnavailable``).
+
+Group commit: one writer thread per process drains every event that queued up
+while the previous transaction was committing and writes them in one
+transaction (each signing's event and counters are in the same transaction, as
+the design requires). One fsync then covers many signings, which is how
+thousands of durably audited signatures per second fit on one SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
+
+from signery.errors import AuditUnavailable, ErrorKind, SigneryError
+from signery.protocol import AuditOutcome, PrincipalType
+from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
+from signery.server.clock import Clock
+from signery.server.context import RequestContext
+from signery.server.db import Database, new_id, table, upsert
+
+log = logging.getLogger("signery.audit")
+
+_EVENTS = table(AuditEventRow)
+_COUNTERS = table(UsageCounterRow)
+_DAILY = table(UsageDailyRow)
+# Long client-supplied strings are cut, not refused: the event must be written.
+_MAX_TEXT = {"principal_name": 256, "user_agent": 256, "client_machine": 256, "client_tool": 256}
+
+
+class EventKind(StrEnum):
+    """The closed vocabulary of audit events."""
+
+    SERVER_INITIALIZED = "server.initialized"
+    SIGN_SUCCEEDED = "signing.sign.succeeded"
+    SIGN_DENIED = "signing.sign.denied"
+    SIGN_INVALID = "signing.sign.invalid"
+    SIGN_ERROR = "signing.sign.error"
+    TOKEN_ISSUED = "auth.token.issued"
+    TOKEN_REFUSED = "auth.token.refused"
+    AUTHENTICATION_FAILED = "auth.authentication.failed"
+    REQUEST_REFUSED = "request.refused"
+    TSG_CREATED = "tsg.created"
+    USER_CREATED = "user.created"
+    API_TOKEN_CREATED = "user.api_token.created"
+    API_TOKEN_REVOKED = "user.api_token.revoked"
+    ROLE_BOUND = "role.bound"
+    ROLE_UNBOUND = "role.unbound"
+    ACCOUNT_CREATED = "account.created"
+    ACCOUNT_DISABLED = "account.disabled"
+    ACCOUNT_ENABLED = "account.enabled"
+    ACCOUNT_KEY_ADDED = "account.key.added"
+    KEY_CREATED = "key.created"
+    CA_CREATED = "ca.created"
+    CERTIFICATE_ISSUED = "ca.certificate.issued"
+
+
+def outcome_of(error: SigneryError) -> AuditOutcome:
+    """How a refusal is classified in the audit trail."""
+    if error.kind in (
+        ErrorKind.UNAUTHENTICATED,
+        ErrorKind.FORBIDDEN,
+        ErrorKind.NOT_FOUND,
+        ErrorKind.CONFLICT,
+    ):
+        return AuditOutcome.DENIED
+    if error.kind in (
+        ErrorKind.INVALID_INPUT,
+        ErrorKind.TOO_LARGE,
+        ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+    ):
+        return AuditOutcome.INVALID
+    return AuditOutcome.ERROR
+
+
+SIGN_KIND_BY_OUTCOME = {
+    AuditOutcome.SUCCEEDED: EventKind.SIGN_SUCCEEDED,
+    AuditOutcome.DENIED: EventKind.SIGN_DENIED,
+    AuditOutcome.INVALID: EventKind.SIGN_INVALID,
+    AuditOutcome.ERROR: EventKind.SIGN_ERROR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who did it, as recorded (a principal, or nobody identifiable)."""
+
+    type: PrincipalType
+    id: str | None = None
+    name: str | None = None
+
+
+ANONYMOUS = Actor(PrincipalType.ANONYMOUS)
+SYSTEM = Actor(PrincipalType.SYSTEM, None, "signery")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    kind: EventKind
+    outcome: AuditOutcome
+    actor: Actor
+    reason: str | None = None
+    tsg_id: str | None = None
+    tsg_path: str | None = None
+    key_id: str | None = None
+    key_version: int | None = None
+    algorithm: str | None = None
+    digest: str | None = None
+    context: RequestContext | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDelta:
+    """One signing attempt to count, per key and per account."""
+
+    success: bool
+    key_id: str | None = None
+    account_id: str | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    row: dict[str, Any]
+    usage: UsageDelta | None
+    future: Future[str]
+
+
+_STOP = object()
+
+
+class AuditRecorder:
+    def __init__(self, db: Database, node_id: str, clock: Clock, *, batch_max: int = 512) -> None:
+        self._db = db
+        self.node_id = node_id
+        self._clock = clock
+        self._batch_max = batch_max
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.batches_written = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="signery-audit-writer", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Write everything queued, then stop the writer thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------ recording
+
+    def record(self, session: Session, record: AuditRecord) -> str:
+        """Add an event to the caller's transaction; it commits with the change it records."""
+        row = self._row(record)
+        session.execute(insert(_EVENTS), [row])
+        return str(row["id"])
+
+    def submit(self, record: AuditRecord, usage: UsageDelta | None = None) -> Future[str]:
+        """Queue an event (and its usage delta) for the next group commit."""
+        pending = _Pending(self._row(record), usage, Future())
+        if self.running:
+            self._queue.put(pending)
+        else:
+            # No writer thread (CLI, tests without a server): commit right here.
+            self._write_batch([pending])
+        return pending.future
+
+    async def commit(self, record: AuditRecord, usage: UsageDelta | None = None) -> str:
+        """Durably commit an event; raises AuditUnavailable if that is impossible."""
+        return await asyncio.wrap_future(self.submit(record, usage))
+
+    def commit_sync(self, record: AuditRecord, usage: UsageDelta | None = None) -> str:
+        return self.submit(record, usage).result()
+
+    # ------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, _Pending)
+            batch = [item]
+            while len(batch) < self._batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(nxt, _Pending)
+                batch.append(nxt)
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: Sequence[_Pending]) -> None:
+        try:
+            self._write(batch)
+        except Exception as e:
+            if len(batch) > 1:
+                # Isolate the failure: one bad event must not fail its neighbours.
+                for p in batch:
+                    self._write_batch([p])
+                return
+            log.error(
+                "audit event could not be committed; the request fails closed",
+                extra={"event_kind": batch[0].row["kind"], "error": type(e).__name__},
+            )
+            err = e if isinstance(e, AuditUnavailable) else AuditUnavailable()
+            batch[0].future.set_exception(err)
+            return
+        self.batches_written += 1
+        for p in batch:
+            p.future.set_result(str(p.row["id"]))
+
+    def _write(self, batch: Sequence[_Pending]) -> None:
+        counters: dict[tuple[str, str], dict[str, Any]] = {}
+        daily: dict[tuple[Any, str, str], dict[str, Any]] = {}
+        for p in batch:
+            if p.usage is None:
+                continue
+            at: datetime = p.row["time"]
+            for scope, subject in (("key", p.usage.key_id), ("account", p.usage.account_id)):
+                if subject is None:
+                    continue
+                c = counters.setdefault(
+                    (scope, subject),
+                    {
+                        "scope": scope,
+                        "subject_id": subject,
+                        "successes": 0,
+                        "failures": 0,
+                        "last_used_at": None,
+                    },
+                )
+                d = daily.setdefault(
+                    (at.date(), scope, subject),
+                    {
+                        "day": at.date(),
+                        "scope": scope,
+                        "subject_id": subject,
+                        "successes": 0,
+                        "failures": 0,
+                    },
+                )
+                if p.usage.success:
+                    c["successes"] += 1
+                    d["successes"] += 1
+                    if c["last_used_at"] is None or at > c["last_used_at"]:
+                        c["last_used_at"] = at
+                else:
+                    c["failures"] += 1
+                    d["failures"] += 1
+        try:
+            with self._db.write() as session:
+                session.execute(insert(_EVENTS), [p.row for p in batch])
+                upsert(
+                    session,
+                    _COUNTERS,
+                    list(counters.values()),
+                    key=("scope", "subject_id"),
+                    increment=("successes", "failures"),
+                    keep_if_null=("last_used_at",),
+                )
+                upsert(
+                    session,
+                    _DAILY,
+                    list(daily.values()),
+                    key=("day", "scope", "subject_id"),
+                    increment=("successes", "failures"),
+                )
+        except SigneryError:
+            raise
+        except Exception as e:
+            raise AuditUnavailable() from e
+
+    # ------------------------------------------------------------ encoding
+
+    def _row(self, r: AuditRecord) -> dict[str, Any]:
+        ctx = r.context or RequestContext()
+        row: dict[str, Any] = {
+            "id": new_id(),
+            "time": self._clock.now(),
+            "kind": r.kind.value,
+            "outcome": r.outcome.value,
+            "reason": r.reason,
+            "tsg_id": r.tsg_id,
+            "tsg_path": r.tsg_path,
+            "principal_type": r.actor.type.value,
+            "principal_id": r.actor.id,
+            "principal_name": r.actor.name,
+            "key_id": r.key_id,
+            "key_version": r.key_version,
+            "algorithm": r.algorithm,
+            "digest": r.digest,
+            "client_ip": ctx.client_ip,
+            "user_agent": ctx.user_agent,
+            "client_machine": ctx.machine,
+            "client_tool": ctx.tool,
+            "request_id": ctx.request_id,
+            "node_id": self.node_id,
+            # Secrets never reach here: callers pass identifiers, never tokens.
+            "details": json.dumps(dict(r.details), sort_keys=True, default=str),
+        }
+        for col, limit in _MAX_TEXT.items():
+            if isinstance(row[col], str) and len(row[col]) > limit:
+                row[col] = row[col][:limit]
+        return row

@@ -1,0 +1,54 @@
+"""HTTP routes for audit events and usage counters."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter
+
+from signery import protocol as p
+from signery.protocol import API_PREFIX, AuditOutcome
+from signery.server.audit.service import EventFilter
+from signery.server.deps import PrincipalDep, ServicesDep
+
+router = APIRouter(prefix=API_PREFIX, tags=["audit"])
+
+
+@router.get("/audit/events", response_model=p.AuditEventPage)
+def audit_events(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    tsg_id: str | None = None,
+    key_id: str | None = None,
+    account_id: str | None = None,
+    outcome: AuditOutcome | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+    order: str = "asc",
+) -> p.AuditEventPage:
+    f = EventFilter(
+        tsg_id=tsg_id,
+        key_id=key_id,
+        account_id=account_id,
+        outcome=outcome,
+        kind=kind,
+        since=since,
+        until=until,
+        limit=limit,
+        cursor=cursor,
+        descending=order == "desc",
+    )
+    return services.audit.events(principal, f)
+
+
+@router.get("/usage", response_model=p.UsageReport)
+def usage(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    scope: str | None = None,
+    tsg_id: str | None = None,
+) -> p.UsageReport:
+    return services.audit.usage(principal, scope, tsg_id)

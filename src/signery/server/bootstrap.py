@@ -1,0 +1,232 @@
+"""`signery init`: create a new installation, or confirm an existing one.
+
+Creates, in this order: the data directory (0700), the database schema
+(Alembic), the master key file (0600, never overwritten), then in ONE
+transaction: the root TSG, the built-in CA's rows, the bootstrap superuser
+with an API token, and the installation facts. Running it again on an
+initialized installation changes nothing and prints no secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from signery.errors import ConfigurationError
+from signery.keystores import MasterKey
+from signery.protocol import AuditOutcome, PrincipalType, Role
+from signery.server import meta, migrate
+from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, EventKind
+from signery.server.clock import Clock, SystemClock
+from signery.server.config import Settings
+from signery.server.container import Core
+from signery.server.db import Database, make_engine
+from signery.server.tsg.service import insert_tsg, new_tsg_id
+from signery.server.users.service import GENERATED_PASSWORD_BYTES
+
+log = logging.getLogger("signery.init")
+
+ROOT_TSG_NAME = "root"
+BOOTSTRAP_TOKEN_NAME = "bootstrap"
+BOOTSTRAP_TOKEN_DAYS = 90
+
+
+@dataclass(frozen=True, slots=True)
+class InitResult:
+    created: bool
+    root_tsg_id: str
+    issuer: str
+    installation_id: str
+    database_url: str
+    master_key_id: str
+    master_key_file: str | None
+    admin_username: str | None = None
+    admin_password: str | None = None
+    admin_token: str | None = None
+    ca_root_subject: str | None = None
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for display."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL is refused later with a clear error
+        return "<invalid url>"
+
+
+def initialize(
+    settings: Settings,
+    *,
+    admin_username: str = "admin",
+    clock: Clock | None = None,
+) -> InitResult:
+    clock = clock or SystemClock()
+    is_sqlite = settings.resolved_database_url.startswith("sqlite")
+    if is_sqlite or settings.master_key is None:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    db = Database(make_engine(settings.resolved_database_url, pool_size=2))
+    try:
+        migrate.upgrade(db.engine)
+        with db.read() as s:
+            existing = meta.read_meta(s)
+        master_key, key_file = _master_key(settings, initialized=meta.INITIALIZED_AT in existing)
+        if meta.INITIALIZED_AT in existing:
+            if existing.get(meta.MASTER_KEY_ID) != master_key.key_id:
+                raise ConfigurationError(
+                    "this database was initialized with another master key; refusing to continue"
+                )
+            return InitResult(
+                created=False,
+                root_tsg_id=existing[meta.ROOT_TSG_ID],
+                issuer=existing[meta.ISSUER],
+                installation_id=existing[meta.INSTALLATION_ID],
+                database_url=_safe_url(settings.resolved_database_url),
+                master_key_id=master_key.key_id,
+                master_key_file=key_file,
+            )
+        return _create(settings, db, master_key, key_file, admin_username, clock)
+    finally:
+        db.dispose()
+
+
+def _master_key(settings: Settings, *, initialized: bool) -> tuple[MasterKey, str | None]:
+    if settings.master_key is not None:
+        return MasterKey.from_base64(settings.master_key.get_secret_value()), None
+    path = settings.resolved_master_key_file
+    if path.exists():
+        return MasterKey.load(path), str(path)
+    if initialized:
+        # Creating a new key now would orphan every key in the database.
+        raise ConfigurationError(
+            f"the database is initialized but the master key file {path} is missing; "
+            "restore it from backup or set SIGNERY_MASTER_KEY"
+        )
+    key = MasterKey.generate()
+    key.write_new(path)
+    return key, str(path)
+
+
+def _create(
+    settings: Settings,
+    db: Database,
+    master_key: MasterKey,
+    key_file: str | None,
+    admin_username: str,
+    clock: Clock,
+) -> InitResult:
+    core = Core.build(settings, clock=clock, master_key=master_key)
+    try:
+        installation_id = str(uuid.uuid4())
+        root_tsg_id = new_tsg_id()
+        issuer = settings.issuer or settings.public_url or f"urn:signery:{installation_id}"
+        created_ca = core.ca.create(
+            root_tsg_id=root_tsg_id,
+            algorithm=settings.ca_algorithm,
+            organization=settings.ca_organization,
+            installation=installation_id[:8],
+        )
+        users = core.users()
+        password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+        password_hash = users.hash_password(password)
+        try:
+            with core.db.write() as s:
+                now = clock.now()
+                root = insert_tsg(s, ROOT_TSG_NAME, None, now, tsg_id=root_tsg_id)
+                s.flush()
+                for row in created_ca.rows:
+                    s.add(row)
+                user = users.insert_user(s, admin_username, password_hash, root.id)
+                users.insert_binding(s, user.id, Role.SUPERUSER, root.id)
+                token, token_row = users.insert_token(
+                    s, user.id, BOOTSTRAP_TOKEN_NAME, BOOTSTRAP_TOKEN_DAYS
+                )
+                for key, value in (
+                    (meta.INSTALLATION_ID, installation_id),
+                    (meta.ISSUER, issuer),
+                    (meta.ROOT_TSG_ID, root.id),
+                    (meta.MASTER_KEY_ID, master_key.key_id),
+                    (meta.INITIALIZED_AT, now.isoformat()),
+                ):
+                    meta.write_meta(s, key, value)
+                admin = Actor(PrincipalType.USER, user.id, user.username)
+                for record in (
+                    AuditRecord(
+                        EventKind.SERVER_INITIALIZED,
+                        AuditOutcome.SUCCEEDED,
+                        SYSTEM,
+                        tsg_id=root.id,
+                        tsg_path=root.path,
+                        details={
+                            "installation_id": installation_id,
+                            "issuer": issuer,
+                            "node": os.uname().nodename,
+                        },
+                    ),
+                    AuditRecord(
+                        EventKind.CA_CREATED,
+                        AuditOutcome.SUCCEEDED,
+                        SYSTEM,
+                        tsg_id=root.id,
+                        tsg_path=root.path,
+                        algorithm=settings.ca_algorithm.value,
+                        details={
+                            "root_subject": created_ca.root.subject.rfc4514_string(),
+                            "issuing_subject": created_ca.issuing.subject.rfc4514_string(),
+                        },
+                    ),
+                    AuditRecord(
+                        EventKind.USER_CREATED,
+                        AuditOutcome.SUCCEEDED,
+                        SYSTEM,
+                        tsg_id=root.id,
+                        tsg_path=root.path,
+                        details={"user_id": user.id, "username": user.username},
+                    ),
+                    AuditRecord(
+                        EventKind.ROLE_BOUND,
+                        AuditOutcome.SUCCEEDED,
+                        SYSTEM,
+                        tsg_id=root.id,
+                        tsg_path=root.path,
+                        details={"user_id": user.id, "role": Role.SUPERUSER.value},
+                    ),
+                    AuditRecord(
+                        EventKind.API_TOKEN_CREATED,
+                        AuditOutcome.SUCCEEDED,
+                        admin,
+                        tsg_id=root.id,
+                        tsg_path=root.path,
+                        details={
+                            "token_id": token_row.id,
+                            "user_id": user.id,
+                            "name": BOOTSTRAP_TOKEN_NAME,
+                        },
+                    ),
+                ):
+                    core.recorder.record(s, record)
+        except BaseException:
+            store = core.keystores.get("builtin")
+            for handle in created_ca.handles:
+                store.destroy(handle)
+            raise
+        return InitResult(
+            created=True,
+            root_tsg_id=root_tsg_id,
+            issuer=issuer,
+            installation_id=installation_id,
+            database_url=_safe_url(settings.resolved_database_url),
+            master_key_id=master_key.key_id,
+            master_key_file=key_file,
+            admin_username=admin_username,
+            admin_password=password,
+            admin_token=token,
+            ca_root_subject=created_ca.root.subject.rfc4514_string(),
+        )
+    finally:
+        core.db.dispose()

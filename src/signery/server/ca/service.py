@@ -1,0 +1,347 @@
+"""The built-in CA: a root and an issuing CA whose keys live in a key store.
+
+The CA never holds key bytes: certificates are signed through the key-store
+interface (``remote_private_key``). Code-signing certificates follow the
+CA/Browser Forum code-signing baseline where it applies to a private CA:
+EKU codeSigning, KU digitalSignature (critical), CA:FALSE, SKI/AKI, 16-byte
+random serials, bounded validity.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from sqlalchemy import select
+
+from signery import protocol as p
+from signery.crypto import PublicKey
+from signery.errors import ConfigurationError, InvalidRequest
+from signery.keystores import (
+    GeneratedKey,
+    KeyContext,
+    KeyHandle,
+    KeyStoreRegistry,
+    remote_private_key,
+)
+from signery.protocol import Algorithm
+from signery.server.ca.models import CaAuthorityRow
+from signery.server.clock import Clock
+from signery.server.db import Database, new_id
+
+ROOT_VALIDITY = timedelta(days=20 * 365)
+ISSUING_VALIDITY = timedelta(days=10 * 365)
+# Tolerate verifiers whose clocks run a little behind ours.
+BACKDATE = timedelta(minutes=5)
+SERIAL_BYTES = 16
+ROOT = "root"
+ISSUING = "issuing"
+
+
+def random_serial() -> int:
+    # RFC 5280 §4.1.2.2: positive, at most 20 octets. 16 random bytes with the top
+    # bit cleared stay positive in 16 octets; CA/B BR §7.1 asks for >= 64 random bits.
+    return int.from_bytes(secrets.token_bytes(SERIAL_BYTES), "big") >> 1 | 1
+
+
+def signature_hash(algorithm: Algorithm) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
+    if algorithm is Algorithm.EC_P384:
+        return hashes.SHA384()
+    if algorithm is Algorithm.EC_P521:
+        return hashes.SHA512()
+    return hashes.SHA256()
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    role: str
+    algorithm: Algorithm
+    handle: KeyHandle
+    certificate: x509.Certificate
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedCa:
+    root: x509.Certificate
+    issuing: x509.Certificate
+    handles: tuple[KeyHandle, ...]
+    rows: tuple[CaAuthorityRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # leaf first, root last
+
+    @property
+    def chain_pem(self) -> str:
+        return "".join(
+            c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in self.chain
+        )
+
+
+def subject_name(subject: p.KeySubject, default_cn: str) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, subject.common_name or default_cn)]
+    if subject.organizational_unit:
+        attrs.append(
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, subject.organizational_unit)
+        )
+    if subject.organization:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, subject.organization))
+    if subject.country:
+        if not subject.country.isalpha() or not subject.country.isupper():
+            raise InvalidRequest("subject.country must be a two-letter ISO 3166 code such as US")
+        attrs.append(x509.NameAttribute(NameOID.COUNTRY_NAME, subject.country))
+    try:
+        return x509.Name(attrs)
+    except ValueError as e:
+        raise InvalidRequest(f"invalid certificate subject: {e}") from e
+
+
+class BuiltinCa:
+    def __init__(
+        self,
+        db: Database,
+        keystores: KeyStoreRegistry,
+        clock: Clock,
+        *,
+        max_leaf_validity_days: int,
+        storage: str = "builtin",
+    ) -> None:
+        self._db = db
+        self._keystores = keystores
+        self._clock = clock
+        self.max_leaf_validity_days = max_leaf_validity_days
+        self._storage = storage
+        self._authorities: dict[str, Authority] | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ creation (signery init)
+
+    def create(
+        self, *, root_tsg_id: str, algorithm: Algorithm, organization: str, installation: str
+    ) -> CreatedCa:
+        """Generate the root and issuing CA keys in the key store and certify them.
+
+        Returns the rows for the caller to add in its own transaction. If anything
+        fails here the keys are destroyed again; if the caller's transaction fails
+        later, the caller destroys ``CreatedCa.handles``: no half-created CA."""
+        store = self._keystores.get(self._storage)
+        root_id, issuing_id = new_id(), new_id()
+        handles: list[KeyHandle] = []
+        try:
+            root_key = store.generate(algorithm, KeyContext(root_id, 1, root_tsg_id))
+            handles.append(root_key.handle)
+            issuing_key = store.generate(algorithm, KeyContext(issuing_id, 1, root_tsg_id))
+            handles.append(issuing_key.handle)
+            return self._certify(
+                store.name,
+                algorithm,
+                organization,
+                installation,
+                root_tsg_id,
+                (root_id, root_key),
+                (issuing_id, issuing_key),
+                tuple(handles),
+            )
+        except BaseException:
+            for handle in handles:
+                store.destroy(handle)
+            raise
+
+    def _certify(
+        self,
+        storage: str,
+        algorithm: Algorithm,
+        organization: str,
+        installation: str,
+        root_tsg_id: str,
+        root: tuple[str, GeneratedKey],
+        issuing: tuple[str, GeneratedKey],
+        handles: tuple[KeyHandle, ...],
+    ) -> CreatedCa:
+        store = self._keystores.get(storage)
+        now = self._clock.now()
+        org = x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)
+        root_id, root_key = root
+        issuing_id, issuing_key = issuing
+        root_name = x509.Name(
+            [org, x509.NameAttribute(NameOID.COMMON_NAME, f"Signery Root CA {installation}")]
+        )
+        issuing_name = x509.Name(
+            [
+                org,
+                x509.NameAttribute(NameOID.COMMON_NAME, f"Signery Code Signing CA {installation}"),
+            ]
+        )
+        root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key)
+        root_cert = (
+            x509.CertificateBuilder()
+            .subject_name(root_name)
+            .issuer_name(root_name)
+            .public_key(root_key.public_key)
+            .serial_number(random_serial())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + ROOT_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(root_ski, critical=False)
+            .sign(
+                remote_private_key(store, root_key.handle, root_key.public_key),
+                signature_hash(algorithm),
+            )
+        )
+        issuing_cert = (
+            x509.CertificateBuilder()
+            .subject_name(issuing_name)
+            .issuer_name(root_name)
+            .public_key(issuing_key.public_key)
+            .serial_number(random_serial())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + ISSUING_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(issuing_key.public_key), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
+                critical=False,
+            )
+            .sign(
+                remote_private_key(store, root_key.handle, root_key.public_key),
+                signature_hash(algorithm),
+            )
+        )
+        rows = tuple(
+            CaAuthorityRow(
+                id=row_id,
+                role=role,
+                algorithm=algorithm.value,
+                storage=storage,
+                store_ref=handle.ref,
+                tsg_id=root_tsg_id,
+                certificate_der=cert.public_bytes(serialization.Encoding.DER),
+                created_at=now,
+            )
+            for role, row_id, handle, cert in (
+                (ROOT, root_id, root_key.handle, root_cert),
+                (ISSUING, issuing_id, issuing_key.handle, issuing_cert),
+            )
+        )
+        return CreatedCa(root_cert, issuing_cert, handles, rows)
+
+    # ------------------------------------------------------------ use
+
+    def _load(self) -> dict[str, Authority]:
+        with self._lock:
+            if self._authorities is not None:
+                return self._authorities
+            with self._db.read() as s:
+                rows = s.scalars(select(CaAuthorityRow)).all()
+            found: dict[str, Authority] = {}
+            for row in rows:
+                algorithm = Algorithm(row.algorithm)
+                found[row.role] = Authority(
+                    role=row.role,
+                    algorithm=algorithm,
+                    handle=KeyHandle(
+                        row.storage, row.store_ref, algorithm, KeyContext(row.id, 1, row.tsg_id)
+                    ),
+                    certificate=x509.load_der_x509_certificate(row.certificate_der),
+                )
+            if ROOT not in found or ISSUING not in found:
+                raise ConfigurationError("the built-in CA is not initialized; run `signery init`")
+            self._authorities = found
+            return found
+
+    def chain(self) -> tuple[x509.Certificate, x509.Certificate]:
+        """(issuing CA, root CA) certificates."""
+        a = self._load()
+        return a[ISSUING].certificate, a[ROOT].certificate
+
+    def issue_code_signing(
+        self, public_key: PublicKey, subject: p.KeySubject, default_cn: str, validity_days: int
+    ) -> IssuedCertificate:
+        if validity_days > self.max_leaf_validity_days:
+            raise InvalidRequest(
+                f"validity_days {validity_days} exceeds the built-in CA's maximum of "
+                f"{self.max_leaf_validity_days} days"
+            )
+        issuing = self._load()[ISSUING]
+        root = self._load()[ROOT]
+        now = self._clock.now()
+        not_after = min(
+            now + timedelta(days=validity_days), issuing.certificate.not_valid_after_utc
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject_name(subject, default_cn))
+            .issuer_name(issuing.certificate.subject)
+            .public_key(public_key)
+            .serial_number(random_serial())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    _ca_public_key(issuing.certificate)
+                ),
+                critical=False,
+            )
+        )
+        if subject.email:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.RFC822Name(subject.email)]), critical=False
+            )
+        store = self._keystores.get(issuing.handle.store)
+        ca_public = _ca_public_key(issuing.certificate)
+        cert = builder.sign(
+            remote_private_key(store, issuing.handle, ca_public), signature_hash(issuing.algorithm)
+        )
+        return IssuedCertificate(cert, (cert, issuing.certificate, root.certificate))
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _ca_public_key(cert: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    key = cert.public_key()
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ConfigurationError("CA keys must be RSA or EC")
+    return key

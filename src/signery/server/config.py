@@ -1,0 +1,144 @@
+"""Server settings: the only module of the server that reads the environment.
+
+Sources, highest priority first: explicit overrides (CLI flags), ``SIGNERY_*``
+environment variables, a TOML file (``SIGNERY_CONFIG`` or ``--config``), defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from signery.errors import ConfigurationError
+from signery.protocol import Algorithm
+
+ENV_PREFIX = "SIGNERY_"
+CONFIG_ENV = "SIGNERY_CONFIG"
+DEFAULT_DATA_DIR = Path("signery-data")
+
+
+class Settings(BaseSettings):
+    """Everything a Signery server can be told. Unknown keys are refused."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+    )
+
+    data_dir: Path = Field(
+        default=DEFAULT_DATA_DIR, description="Holds the SQLite file and master key"
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; SQLite file in data_dir when unset. "
+        "PostgreSQL: postgresql+psycopg://user@host/db",
+    )
+    master_key_file: Path | None = Field(
+        default=None, description="Defaults to data_dir/master.key"
+    )
+    master_key: SecretStr | None = Field(
+        default=None, description="Base64 master key; takes precedence over master_key_file"
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8800, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    public_url: str | None = Field(default=None, description="URL clients use to reach this server")
+    issuer: str | None = Field(
+        default=None, description="Audience clients must put in their assertions; set at init"
+    )
+    node_id: str | None = Field(default=None, description="Name of this replica in audit events")
+
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_sign_body_bytes: int = Field(default=16 * 1024, ge=512)
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Peers whose X-Forwarded-For is believed (exact IP addresses)",
+    )
+
+    log_level: str = "info"
+    access_log: bool = True
+
+    ca_algorithm: Algorithm = Algorithm.EC_P384
+    ca_organization: str = "Signery"
+    leaf_max_validity_days: int = Field(default=460, ge=1, le=3650)
+
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    audit_batch_max: int = Field(default=512, ge=1, le=10_000)
+    jti_retention_seconds: int = Field(default=3600, ge=600)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("log_level must be debug, info, warning, error or critical")
+        return v.lower()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file named by load_settings() (model_config["toml_file"]) ranks
+        # below the environment, so an operator can override one value per replica.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    # ------------------------------------------------------------ derived values
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'signery.db').resolve()}"
+
+    @property
+    def resolved_master_key_file(self) -> Path:
+        return self.master_key_file or self.data_dir / "master.key"
+
+    @property
+    def resolved_node_id(self) -> str:
+        return self.node_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from overrides, the environment and an optional TOML file.
+
+    Raises ConfigurationError with every problem listed, never a traceback.
+    """
+    from pydantic import ValidationError
+
+    if config_file is None and os.environ.get(CONFIG_ENV):
+        config_file = Path(os.environ[CONFIG_ENV])
+    settings_cls: type[Settings] = Settings
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigurationError(f"config file {config_file} does not exist")
+        settings_cls = type(
+            "Settings",
+            (Settings,),
+            {"model_config": {**Settings.model_config, "toml_file": config_file}},
+        )
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return settings_cls(**clean)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ConfigurationError(f"invalid settings: {problems}") from e
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(f"cannot read settings: {e}") from e

@@ -1,0 +1,201 @@
+"""Wiring: builds every service once, with its collaborators passed explicitly."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from alembic.runtime.migration import MigrationContext
+from starlette.requests import HTTPConnection
+
+from signery.errors import ConfigurationError, SigneryError
+from signery.keystores import BuiltinKeyStore, KeyStoreRegistry, MasterKey
+from signery.server import meta
+from signery.server.accounts.service import AccountService
+from signery.server.accounts.tokens import AccessTokenCodec, TokenService
+from signery.server.audit.recorder import (
+    ANONYMOUS,
+    Actor,
+    AuditRecord,
+    AuditRecorder,
+    EventKind,
+    outcome_of,
+)
+from signery.server.audit.service import AuditService
+from signery.server.authn import Authenticator
+from signery.server.authz import Authorizer, Principal
+from signery.server.ca.service import BuiltinCa
+from signery.server.clock import Clock, SystemClock
+from signery.server.config import Settings
+from signery.server.context import RequestContext
+from signery.server.db import Database, make_engine
+from signery.server.keys.service import KeyService
+from signery.server.migrate import head_revision
+from signery.server.ops.metrics import Metrics
+from signery.server.signing.service import SigningService
+from signery.server.tsg.service import TsgDirectory, TsgService
+from signery.server.users.service import UserService, password_hasher
+
+log = logging.getLogger("signery.server")
+
+ACCESS_TOKEN_PURPOSE = "access-token/v1"
+MAX_USER_AGENT = 256
+
+
+def load_master_key(settings: Settings) -> MasterKey:
+    if settings.master_key is not None:
+        return MasterKey.from_base64(settings.master_key.get_secret_value())
+    return MasterKey.load(settings.resolved_master_key_file)
+
+
+@dataclass
+class Core:
+    """Collaborators shared by the services (and by `signery init`)."""
+
+    settings: Settings
+    db: Database
+    clock: Clock
+    master_key: MasterKey
+    keystores: KeyStoreRegistry
+    recorder: AuditRecorder
+    directory: TsgDirectory
+    authz: Authorizer
+    ca: BuiltinCa
+
+    @classmethod
+    def build(
+        cls, settings: Settings, clock: Clock | None = None, master_key: MasterKey | None = None
+    ) -> Core:
+        clock = clock or SystemClock()
+        db = Database(make_engine(settings.resolved_database_url, pool_size=settings.db_pool_size))
+        master_key = master_key or load_master_key(settings)
+        keystores = KeyStoreRegistry([BuiltinKeyStore(db.engine, master_key)])
+        return cls(
+            settings=settings,
+            db=db,
+            clock=clock,
+            master_key=master_key,
+            keystores=keystores,
+            recorder=AuditRecorder(
+                db, settings.resolved_node_id, clock, batch_max=settings.audit_batch_max
+            ),
+            directory=TsgDirectory(),
+            authz=Authorizer(),
+            ca=BuiltinCa(
+                db, keystores, clock, max_leaf_validity_days=settings.leaf_max_validity_days
+            ),
+        )
+
+    def users(self) -> UserService:
+        return UserService(
+            self.db, self.authz, self.recorder, self.clock, self.directory, password_hasher()
+        )
+
+
+class Services:
+    """Everything the HTTP layer calls. Built once per application."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.settings = core.settings
+        self.db = core.db
+        self.recorder = core.recorder
+        installation = self._check_installation()
+        self.issuer = core.settings.issuer or installation[meta.ISSUER]
+        self.metrics = Metrics()
+        codec = AccessTokenCodec(
+            core.master_key.derive(ACCESS_TOKEN_PURPOSE), self.issuer, core.clock
+        )
+        self.codec = codec
+        self.tsgs = TsgService(core.db, core.authz, core.recorder, core.clock, core.directory)
+        self.users = core.users()
+        self.accounts = AccountService(
+            core.db, core.authz, core.recorder, core.clock, core.directory
+        )
+        self.tokens = TokenService(core.db, core.recorder, core.clock, core.directory, codec)
+        self.keys = KeyService(
+            core.db, core.authz, core.recorder, core.clock, core.directory, core.keystores, core.ca
+        )
+        self.signing = SigningService(
+            core.db, core.recorder, core.clock, core.keystores, self.metrics
+        )
+        self.audit = AuditService(core.db, core.authz)
+        self.authn = Authenticator(core.db, core.directory, codec, core.clock, self.users)
+
+    def _check_installation(self) -> dict[str, str]:
+        """Refuse to serve a database that is not initialized, not migrated, or
+        whose key material was wrapped by another master key."""
+        try:
+            with self.db.engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        except SigneryError:
+            raise
+        except Exception as e:
+            raise ConfigurationError(f"cannot open the database: {type(e).__name__}") from e
+        if current is None:
+            raise ConfigurationError("the database is empty; run `signery init` first")
+        if current != head_revision():
+            raise ConfigurationError(
+                f"the database schema is at {current}, this server needs {head_revision()}; "
+                "run `signery db upgrade`"
+            )
+        with self.db.read() as s:
+            values = meta.read_meta(s)
+        if meta.INITIALIZED_AT not in values:
+            raise ConfigurationError("the database is not initialized; run `signery init`")
+        if values.get(meta.MASTER_KEY_ID) != self.core.master_key.key_id:
+            raise ConfigurationError(
+                "the master key does not match this database (key id "
+                f"{self.core.master_key.key_id}, database expects {values.get(meta.MASTER_KEY_ID)})"
+            )
+        return values
+
+    def start(self) -> None:
+        self.recorder.start()
+
+    def stop(self) -> None:
+        self.recorder.stop()
+        self.db.dispose()
+
+    # ------------------------------------------------------------ edge helpers
+
+    def context(self, conn: HTTPConnection) -> RequestContext:
+        client_ip = conn.client.host if conn.client else None
+        if client_ip is not None and client_ip in self.settings.trusted_proxies:
+            forwarded = conn.headers.get("x-forwarded-for")
+            if forwarded:
+                # The right-most address not added by a trusted proxy is the client.
+                hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+                while hops and hops[-1] in self.settings.trusted_proxies:
+                    hops.pop()
+                if hops:
+                    client_ip = hops[-1][:64]
+        rid = conn.scope.get("state", {}).get("request_id")
+        ua = conn.headers.get("user-agent")
+        return RequestContext(
+            request_id=rid if isinstance(rid, str) else None,
+            client_ip=client_ip,
+            user_agent=ua[:MAX_USER_AGENT] if ua else None,
+        )
+
+    async def audit_refusal(self, conn: HTTPConnection, error: SigneryError) -> None:
+        """Record a refused request that no service recorded (validation, 403, 404, 413...)."""
+        principal = conn.scope.get("state", {}).get("principal")
+        actor = (
+            Actor(principal.type, principal.id, principal.name)
+            if isinstance(principal, Principal)
+            else ANONYMOUS
+        )
+        await self.recorder.commit(
+            AuditRecord(
+                EventKind.REQUEST_REFUSED,
+                outcome_of(error),
+                actor,
+                reason=error.code,
+                tsg_id=principal.tsg_id if isinstance(principal, Principal) else None,
+                tsg_path=principal.tsg_path if isinstance(principal, Principal) else None,
+                context=self.context(conn),
+                details={"method": conn.scope.get("method"), "path": conn.url.path[:256]},
+            )
+        )
+        error.audited = True

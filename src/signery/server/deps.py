@@ -1,0 +1,82 @@
+"""FastAPI dependencies: services, request context and authenticated principals.
+
+Authentication failures are audited here (one event each) before the 401.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import Depends, Request
+
+from signery.errors import AuthenticationFailed
+from signery.protocol import AuditOutcome
+from signery.server.accounts.tokens import AccessClaims
+from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
+from signery.server.authz import Principal
+from signery.server.container import Services
+from signery.server.context import RequestContext
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_context(request: Request) -> RequestContext:
+    return get_services(request).context(request)
+
+
+async def _audit_auth_failure(request: Request, error: AuthenticationFailed) -> None:
+    services = get_services(request)
+    await services.recorder.commit(
+        AuditRecord(
+            EventKind.AUTHENTICATION_FAILED,
+            AuditOutcome.DENIED,
+            ANONYMOUS,
+            reason=error.code,
+            context=services.context(request),
+            details={"method": request.method, "path": request.url.path[:256]},
+        )
+    )
+    error.audited = True
+
+
+async def _principal(request: Request, *, allow_password: bool) -> Principal:
+    services = get_services(request)
+    header = request.headers.get("authorization")
+    try:
+        principal = await anyio.to_thread.run_sync(
+            lambda: services.authn.principal(header, allow_password=allow_password)
+        )
+    except AuthenticationFailed as e:
+        await _audit_auth_failure(request, e)
+        raise
+    request.scope.setdefault("state", {})["principal"] = principal
+    return principal
+
+
+async def current_principal(request: Request) -> Principal:
+    return await _principal(request, allow_password=False)
+
+
+async def principal_or_password(request: Request) -> Principal:
+    return await _principal(request, allow_password=True)
+
+
+async def access_claims(request: Request) -> AccessClaims:
+    """Signing plane: a verified access token (no database work here)."""
+    services = get_services(request)
+    try:
+        return services.authn.access_claims(request.headers.get("authorization"))
+    except AuthenticationFailed as e:
+        await _audit_auth_failure(request, e)
+        raise
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+ContextDep = Annotated[RequestContext, Depends(get_context)]
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+PasswordPrincipalDep = Annotated[Principal, Depends(principal_or_password)]
+ClaimsDep = Annotated[AccessClaims, Depends(access_claims)]

@@ -1,0 +1,61 @@
+"""Signing keys, their versions (one key pair each) and certificates."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from signery.server.db import Base, UtcDateTime
+
+
+class SigningKeyRow(Base):
+    __tablename__ = "signing_keys"
+    __table_args__ = (UniqueConstraint("tsg_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    tsg_id: Mapped[str] = mapped_column(ForeignKey("tsgs.id"), index=True)
+    algorithm: Mapped[str] = mapped_column(String(16))
+    storage: Mapped[str] = mapped_column(String(32))
+    certificate_authority: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    current_version: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(Text)
+    subject_json: Mapped[str] = mapped_column(Text)
+    validity_days: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class KeyVersionRow(Base):
+    __tablename__ = "key_versions"
+    __table_args__ = (UniqueConstraint("key_id", "version"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    # Store-specific reference to the key pair; never key material.
+    store_ref: Mapped[str] = mapped_column(String(512))
+    public_key_der: Mapped[bytes] = mapped_column(LargeBinary)
+    certificate_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class CertificateRow(Base):
+    __tablename__ = "certificates"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_version_id: Mapped[str | None] = mapped_column(ForeignKey("key_versions.id"), index=True)
+    serial: Mapped[str] = mapped_column(String(64), unique=True)
+    subject: Mapped[str] = mapped_column(String(1024))
+    issuer: Mapped[str] = mapped_column(String(1024))
+    not_before: Mapped[datetime] = mapped_column(UtcDateTime)
+    not_after: Mapped[datetime] = mapped_column(UtcDateTime)
+    fingerprint_sha256: Mapped[str] = mapped_column(String(64))
+    # The whole chain as PEM, leaf first and root last: what clients embed.
+    chain_pem: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,49 @@
+"""HTTP routes for signing keys (management plane)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from signery import protocol as p
+from signery.protocol import API_PREFIX
+from signery.server.deps import ContextDep, PrincipalDep, ServicesDep
+
+router = APIRouter(prefix=f"{API_PREFIX}/keys", tags=["keys"])
+PEM = "application/x-pem-file"
+
+
+@router.post("", status_code=201, response_model=p.SigningKey)
+def create_key(
+    body: p.KeyCreate, principal: PrincipalDep, services: ServicesDep, ctx: ContextDep
+) -> p.SigningKey:
+    return services.keys.create(principal, body, ctx)
+
+
+@router.get("", response_model=list[p.SigningKey])
+def list_keys(
+    principal: PrincipalDep, services: ServicesDep, tsg_id: str | None = None
+) -> list[p.SigningKey]:
+    return services.keys.list_keys(principal, tsg_id)
+
+
+@router.get("/{key}", response_model=p.SigningKey)
+def get_key(
+    key: str, principal: PrincipalDep, services: ServicesDep, tsg_id: str | None = None
+) -> p.SigningKey:
+    return services.keys.get(principal, key, tsg_id)
+
+
+@router.get("/{key}/public-key", response_class=PlainTextResponse)
+def public_key(
+    key: str, principal: PrincipalDep, services: ServicesDep, tsg_id: str | None = None
+) -> PlainTextResponse:
+    return PlainTextResponse(services.keys.public_key_pem(principal, key, tsg_id), media_type=PEM)
+
+
+@router.get("/{key}/chain", response_class=PlainTextResponse)
+def chain(
+    key: str, principal: PrincipalDep, services: ServicesDep, tsg_id: str | None = None
+) -> PlainTextResponse:
+    """The current certificate chain as PEM, leaf first and root last."""
+    return PlainTextResponse(services.keys.chain_pem(principal, key, tsg_id), media_type=PEM)

@@ -1,0 +1,360 @@
+"""Signing keys: named key pairs in a key store, with versions and certificates."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from signery import protocol as p
+from signery.crypto import PublicKey, public_key_pem, schemes_for
+from signery.errors import (
+    InvalidRequest,
+    KeyNameAmbiguous,
+    KeyNotFound,
+    NameTaken,
+    NotFound,
+    TsgNotFound,
+)
+from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
+from signery.protocol import Algorithm, AuditOutcome, CertificateAuthority, KeyStatus
+from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.authz import Authorizer, Permission, Principal
+from signery.server.ca.service import BuiltinCa, IssuedCertificate
+from signery.server.clock import Clock
+from signery.server.context import RequestContext
+from signery.server.db import Database, new_id
+from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.tsg.models import TsgRow
+from signery.server.tsg.service import TsgDirectory, actor_of
+
+
+class NoCertificate(NotFound):
+    code = "certificate_not_found"
+    title = "This key has no certificate"
+
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def load_public_key_der(der: bytes) -> PublicKey:
+    key = serialization.load_der_public_key(der)
+    assert not isinstance(key, str)
+    return key  # type: ignore[return-value]
+
+
+def chain_list(chain_pem: str | None) -> list[str]:
+    """Split a PEM bundle into one PEM string per certificate, order kept."""
+    if not chain_pem:
+        return []
+    marker = "-----END CERTIFICATE-----"
+    return [part.strip() + "\n" + marker + "\n" for part in chain_pem.split(marker) if part.strip()]
+
+
+def cert_info(row: CertificateRow) -> p.CertificateInfo:
+    return p.CertificateInfo(
+        serial=row.serial,
+        subject=row.subject,
+        issuer=row.issuer,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        fingerprint_sha256=row.fingerprint_sha256,
+    )
+
+
+def certificate_row(
+    issued: IssuedCertificate, key_version_id: str, now: datetime
+) -> CertificateRow:
+    cert = issued.certificate
+    return CertificateRow(
+        id=new_id(),
+        key_version_id=key_version_id,
+        serial=format(cert.serial_number, "x"),
+        subject=cert.subject.rfc4514_string(),
+        issuer=cert.issuer.rfc4514_string(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        fingerprint_sha256=hashlib.sha256(
+            cert.public_bytes(serialization.Encoding.DER)
+        ).hexdigest(),
+        chain_pem=issued.chain_pem,
+        created_at=now,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedKey:
+    row: SigningKeyRow
+    path: str
+
+
+class KeyService:
+    def __init__(
+        self,
+        db: Database,
+        authz: Authorizer,
+        recorder: AuditRecorder,
+        clock: Clock,
+        directory: TsgDirectory,
+        keystores: KeyStoreRegistry,
+        ca: BuiltinCa,
+    ) -> None:
+        self._db = db
+        self._authz = authz
+        self._recorder = recorder
+        self._clock = clock
+        self._directory = directory
+        self._keystores = keystores
+        self._ca = ca
+
+    # ------------------------------------------------------------ create
+
+    def create(self, principal: Principal, req: p.KeyCreate, ctx: RequestContext) -> p.SigningKey:
+        """Create a key: generate the pair in its store, get its certificate, then
+        record everything in one transaction. If that fails, the new key pair is
+        destroyed again, so there is never a half-created key."""
+        tsg_id = req.tsg_id or principal.tsg_id
+        store = self._keystores.get(req.storage)
+        subject = req.subject or p.KeySubject()
+        if (
+            req.certificate_authority is CertificateAuthority.BUILTIN
+            and req.validity_days > self._ca.max_leaf_validity_days
+        ):
+            raise InvalidRequest(
+                f"validity_days {req.validity_days} exceeds the built-in CA's maximum of "
+                f"{self._ca.max_leaf_validity_days} days"
+            )
+        with self._db.read() as s:
+            path = self._directory.path(s, tsg_id)
+            if path is None:
+                raise TsgNotFound()
+            self._authz.require(principal, Permission.KEY_CREATE, path, not_found=TsgNotFound)
+            if s.scalar(
+                select(SigningKeyRow.id).where(
+                    SigningKeyRow.tsg_id == tsg_id, SigningKeyRow.name == req.name
+                )
+            ):
+                raise NameTaken(f"a key named {req.name!r} already exists in TSG {tsg_id}")
+
+        key_id, version_id = new_id(), new_id()
+        generated = store.generate(req.algorithm, KeyContext(key_id, 1, tsg_id))
+        try:
+            issued: IssuedCertificate | None = None
+            if req.certificate_authority is CertificateAuthority.BUILTIN:
+                issued = self._ca.issue_code_signing(
+                    generated.public_key, subject, req.name, req.validity_days
+                )
+            now = self._clock.now()
+            with self._db.write() as s:
+                key = SigningKeyRow(
+                    id=key_id,
+                    name=req.name,
+                    tsg_id=tsg_id,
+                    algorithm=req.algorithm.value,
+                    storage=store.name,
+                    certificate_authority=req.certificate_authority.value,
+                    status=KeyStatus.ACTIVE.value,
+                    current_version=1,
+                    description=req.description,
+                    subject_json=subject.model_dump_json(),
+                    validity_days=req.validity_days,
+                    created_by=principal.id,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(key)
+                s.flush()
+                version = KeyVersionRow(
+                    id=version_id,
+                    key_id=key_id,
+                    version=1,
+                    status=KeyStatus.ACTIVE.value,
+                    store_ref=generated.handle.ref,
+                    public_key_der=generated.public_key.public_bytes(
+                        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                    ),
+                    certificate_id=None,
+                    created_at=now,
+                )
+                s.add(version)
+                s.flush()
+                details: dict[str, object] = {
+                    "name": req.name,
+                    "algorithm": req.algorithm.value,
+                    "storage": store.name,
+                    "certificate_authority": req.certificate_authority.value,
+                }
+                if issued is not None:
+                    cert_row = certificate_row(issued, version_id, now)
+                    s.add(cert_row)
+                    s.flush()
+                    version.certificate_id = cert_row.id
+                    details["certificate_serial"] = cert_row.serial
+                    details["certificate_subject"] = cert_row.subject
+                self._recorder.record(
+                    s,
+                    AuditRecord(
+                        EventKind.KEY_CREATED,
+                        AuditOutcome.SUCCEEDED,
+                        actor_of(principal),
+                        tsg_id=tsg_id,
+                        tsg_path=path,
+                        key_id=key_id,
+                        key_version=1,
+                        algorithm=req.algorithm.value,
+                        context=ctx,
+                        details=details,
+                    ),
+                )
+                wire = self._wire(s, key)
+        except BaseException as e:
+            store.destroy(generated.handle)
+            if isinstance(e, IntegrityError):
+                raise NameTaken(f"a key named {req.name!r} already exists in TSG {tsg_id}") from e
+            raise
+        return wire
+
+    # ------------------------------------------------------------ read
+
+    def get(self, principal: Principal, ref: str, tsg_id: str | None = None) -> p.SigningKey:
+        with self._db.read() as s:
+            resolved = self.resolve(s, principal, ref, Permission.KEY_READ, tsg_id)
+            return self._wire(s, resolved.row)
+
+    def list_keys(self, principal: Principal, tsg_id: str | None = None) -> list[p.SigningKey]:
+        scopes = self._authz.scopes(principal, Permission.KEY_READ)
+        with self._db.read() as s:
+            rows = self._rows_in(s, scopes, tsg_id)
+            return [self._wire(s, r) for r in rows]
+
+    def public_key_pem(self, principal: Principal, ref: str, tsg_id: str | None = None) -> str:
+        return self.get(principal, ref, tsg_id).public_key_pem
+
+    def chain_pem(self, principal: Principal, ref: str, tsg_id: str | None = None) -> str:
+        chain = self.get(principal, ref, tsg_id).certificate_chain
+        if not chain:
+            raise NoCertificate()
+        return "".join(chain)
+
+    # ------------------------------------------------------------ helpers
+
+    def _rows_in(
+        self, s: Session, scopes: Sequence[str], tsg_id: str | None
+    ) -> list[SigningKeyRow]:
+        rows: list[SigningKeyRow] = []
+        for scope in scopes:
+            q = (
+                select(SigningKeyRow)
+                .join(TsgRow, TsgRow.id == SigningKeyRow.tsg_id)
+                .where(TsgRow.path.startswith(scope, autoescape=True))
+            )
+            if tsg_id:
+                q = q.where(SigningKeyRow.tsg_id == tsg_id)
+            rows.extend(s.scalars(q))
+        return sorted(rows, key=lambda r: (r.tsg_id, r.name))
+
+    def resolve(
+        self,
+        s: Session,
+        principal: Principal,
+        ref: str,
+        permission: Permission,
+        tsg_id: str | None = None,
+    ) -> ResolvedKey:
+        """Find a key by id or name among what the principal can see, then authorize.
+
+        A name shared by keys in several visible TSGs is ambiguous: the caller
+        must pass the key id or the TSG, never get one of them at random."""
+        visible = [scope for _, scope in principal.grants()]
+        q = (
+            select(SigningKeyRow, TsgRow.path)
+            .join(TsgRow, TsgRow.id == SigningKeyRow.tsg_id)
+            .where(
+                or_(SigningKeyRow.id == ref, SigningKeyRow.name == ref)
+                if UUID_RE.match(ref)
+                else SigningKeyRow.name == ref
+            )
+        )
+        if tsg_id:
+            q = q.where(SigningKeyRow.tsg_id == tsg_id)
+        found = [
+            (row, path)
+            for row, path in s.execute(q).all()
+            if any(path.startswith(v) for v in visible)
+        ]
+        if not found:
+            raise KeyNotFound()
+        if len(found) > 1:
+            raise KeyNameAmbiguous(
+                f"{len(found)} visible keys are named {ref!r}; pass the key id or the TSG",
+                candidates=[{"id": r.id, "tsg_id": r.tsg_id} for r, _ in found],
+            )
+        row, path = found[0]
+        self._authz.require(principal, permission, path, not_found=KeyNotFound)
+        return ResolvedKey(row, path)
+
+    def _wire(self, s: Session, key: SigningKeyRow) -> p.SigningKey:
+        versions = s.scalars(
+            select(KeyVersionRow)
+            .where(KeyVersionRow.key_id == key.id)
+            .order_by(KeyVersionRow.version)
+        ).all()
+        cert_ids = [v.certificate_id for v in versions if v.certificate_id]
+        certs = (
+            {
+                c.id: c
+                for c in s.scalars(select(CertificateRow).where(CertificateRow.id.in_(cert_ids)))
+            }
+            if cert_ids
+            else {}
+        )
+        wire_versions: list[p.KeyVersion] = []
+        current_pem, current_chain = "", []
+        for v in versions:
+            pem = public_key_pem(load_public_key_der(v.public_key_der))
+            cert = certs.get(v.certificate_id) if v.certificate_id else None
+            wire_versions.append(
+                p.KeyVersion(
+                    version=v.version,
+                    status=KeyStatus(v.status),
+                    public_key_pem=pem,
+                    certificate=cert_info(cert) if cert else None,
+                    created_at=v.created_at,
+                )
+            )
+            if v.version == key.current_version:
+                current_pem, current_chain = pem, chain_list(cert.chain_pem if cert else None)
+        algorithm = Algorithm(key.algorithm)
+        return p.SigningKey(
+            id=key.id,
+            name=key.name,
+            tsg_id=key.tsg_id,
+            algorithm=algorithm,
+            storage=key.storage,
+            certificate_authority=CertificateAuthority(key.certificate_authority),
+            status=KeyStatus(key.status),
+            current_version=key.current_version,
+            description=key.description,
+            schemes=list(schemes_for(algorithm)),
+            public_key_pem=current_pem,
+            certificate_chain=current_chain,
+            versions=wire_versions,
+            created_at=key.created_at,
+        )
+
+
+def handle_for(key: SigningKeyRow, version: KeyVersionRow) -> KeyHandle:
+    """The store handle of a key version, built from Signery's own records."""
+    return KeyHandle(
+        key.storage,
+        version.store_ref,
+        Algorithm(key.algorithm),
+        KeyContext(key.id, version.version, key.tsg_id),
+    )

@@ -1,0 +1,32 @@
+"""Every table of the server, imported so that ``Base.metadata`` is complete
+(Alembic migrations and the schema-drift test read it from here)."""
+
+from signery.keystores._builtin import BuiltinKeyMaterialRow
+from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
+from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
+from signery.server.ca.models import CaAuthorityRow
+from signery.server.db import Base
+from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.meta import ServerMetaRow
+from signery.server.tsg.models import TsgRow
+from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow
+
+__all__ = [
+    "AccountKeyRow",
+    "AccountRow",
+    "ApiTokenRow",
+    "AuditEventRow",
+    "Base",
+    "BuiltinKeyMaterialRow",
+    "CaAuthorityRow",
+    "CertificateRow",
+    "KeyVersionRow",
+    "RoleBindingRow",
+    "ServerMetaRow",
+    "SigningKeyRow",
+    "TsgRow",
+    "UsageCounterRow",
+    "UsageDailyRow",
+    "UsedAssertionRow",
+    "UserRow",
+]

@@ -1,0 +1,136 @@
+"""RFC 9457 problem details: the one place where errors become HTTP statuses.
+
+Every refusal that no service has audited yet is audited here, so each refused
+request leaves exactly one audit event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from signery.errors import (
+    ErrorKind,
+    InvalidRequest,
+    MalformedJson,
+    SigneryError,
+    ValidationFailed,
+)
+from signery.protocol import API_PREFIX, PROBLEM_MEDIA_TYPE, Problem
+
+log = logging.getLogger("signery.http")
+
+STATUS_BY_KIND: dict[ErrorKind, int] = {
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.INTERNAL: 500,
+}
+TOKEN_PATH = f"{API_PREFIX}/oauth/token"
+RETRY_AFTER_SECONDS = "1"
+
+
+def status_of(error: SigneryError) -> int:
+    return STATUS_BY_KIND[error.kind]
+
+
+def problem_response(error: SigneryError, *, request_id: str | None, path: str | None) -> Response:
+    status = status_of(error)
+    body: dict[str, Any] = Problem(
+        title=error.title,
+        status=status,
+        detail=error.detail,
+        code=error.code,
+        instance=path,
+        request_id=request_id,
+    ).model_dump(exclude_none=True)
+    body.update({k: v for k, v in error.extra.items() if k not in body})
+    headers: dict[str, str] = {}
+    if path == TOKEN_PATH:
+        # RFC 6749 §5.2: OAuth clients look for "error".
+        body["error"] = getattr(error, "oauth_error", None) or (
+            "invalid_request" if status < 500 else "server_error"
+        )
+        headers["Cache-Control"] = "no-store"
+    if status == 401:
+        # RFC 6750 §3
+        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    if status == 503:
+        headers["Retry-After"] = RETRY_AFTER_SECONDS
+    return Response(
+        json.dumps(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
+    )
+
+
+def from_validation_error(exc: RequestValidationError) -> SigneryError:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return MalformedJson()
+    # Field locations and messages only: the rejected input is never echoed back,
+    # because it may be a password or a key.
+    fields = [
+        {
+            "field": ".".join(str(x) for x in e.get("loc", ()) if x != "body"),
+            "message": str(e.get("msg", "")),
+        }
+        for e in errors
+    ]
+    return ValidationFailed(
+        "; ".join(f"{f['field'] or 'body'}: {f['message']}" for f in fields)[:1000], errors=fields
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    async def audit_and_respond(request: Request, error: SigneryError) -> Response:
+        if not error.audited and status_of(error) < 500:
+            await app.state.services.audit_refusal(request, error)
+        elif status_of(error) >= 500:
+            log.warning("request failed", extra={"code": error.code, "path": request.url.path})
+        return problem_response(error, request_id=_request_id(request), path=request.url.path)
+
+    @app.exception_handler(SigneryError)
+    async def _signery(request: Request, exc: SigneryError) -> Response:
+        return await audit_and_respond(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return await audit_and_respond(request, from_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        # Routing errors (no such endpoint, wrong method): not a refusal of an
+        # operation, so not audited; still answered as problem+json.
+        err = InvalidRequest(str(exc.detail))
+        err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = Problem(
+            title=str(exc.detail),
+            status=exc.status_code,
+            code=err.code,
+            request_id=_request_id(request),
+        ).model_dump(exclude_none=True)
+        return Response(
+            json.dumps(body), status_code=exc.status_code, media_type=PROBLEM_MEDIA_TYPE
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+        return problem_response(
+            SigneryError(), request_id=_request_id(request), path=request.url.path
+        )
+
+
+def _request_id(request: Request) -> str | None:
+    rid = request.scope.get("state", {}).get("request_id")
+    return rid if isinstance(rid, str) else None

@@ -1,0 +1,442 @@
+"""The signing plane: a built-in account signs a digest with a key it may use.
+
+Order of checks for ``POST /api/v1/signing/keys/{key}/sign`` (DESIGN.md §2):
+access token valid (done by the caller) -> account enabled and not expired ->
+key visible to the account's TSG subtree -> key active -> request well formed,
+digest length matching its algorithm, scheme fitting the key -> sign in the
+key store -> verify the signature with the public key (verify-after-sign) ->
+commit the audit event and the usage counters in one transaction -> only then
+return the signature. Every refusal is audited with its reason code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+from pydantic import ValidationError
+from sqlalchemy import Row, Select, select
+from sqlalchemy.orm import Session
+
+from signery import protocol as p
+from signery.crypto import (
+    Hashed,
+    PublicKey,
+    check_scheme,
+    public_key_pem,
+    schemes_for,
+    verify_signature,
+)
+from signery.errors import (
+    AccountDisabled,
+    AccountExpired,
+    InvalidRequest,
+    InvalidToken,
+    KeyDisabled,
+    KeyNameAmbiguous,
+    KeyNotActive,
+    KeyNotFound,
+    MalformedJson,
+    SignatureVerificationFailed,
+    SigneryError,
+    UnsupportedScheme,
+    ValidationFailed,
+)
+from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
+from signery.protocol import (
+    AccountStatus,
+    Algorithm,
+    AuditOutcome,
+    DigestAlgorithm,
+    KeyStatus,
+    PrincipalType,
+)
+from signery.server.accounts.models import AccountRow
+from signery.server.accounts.tokens import AccessClaims
+from signery.server.audit.recorder import (
+    SIGN_KIND_BY_OUTCOME,
+    Actor,
+    AuditRecord,
+    AuditRecorder,
+    UsageDelta,
+    outcome_of,
+)
+from signery.server.clock import Clock
+from signery.server.context import RequestContext
+from signery.server.db import Database, table
+from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.keys.service import UUID_RE, chain_list, load_public_key_der
+from signery.server.ops.metrics import Metrics
+from signery.server.tsg.models import TsgRow
+
+log = logging.getLogger("signery.signing")
+
+_K = table(SigningKeyRow)
+_V = table(KeyVersionRow)
+_T = table(TsgRow)
+_A = table(AccountRow)
+_C = table(CertificateRow)
+VERSION_CACHE_SIZE = 4096
+
+
+class UnsupportedDigestAlgorithm(InvalidRequest):
+    code = "unsupported_digest_algorithm"
+    title = "Unknown digest algorithm"
+
+
+class InvalidDigestEncoding(InvalidRequest):
+    code = "invalid_digest_encoding"
+    title = "Digest is not valid base64"
+
+
+@dataclass(frozen=True, slots=True)
+class SigningAccount:
+    id: str
+    client_id: str
+    name: str
+    tsg_id: str
+    tsg_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class UsableKey:
+    id: str
+    name: str
+    tsg_id: str
+    tsg_path: str
+    algorithm: Algorithm
+    version: int
+    handle: KeyHandle
+    public_key: PublicKey
+    chain: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedSignRequest:
+    hashed: Hashed
+    scheme: p.SignatureScheme
+    client: p.ClientInfo | None
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What is known so far about a signing attempt, for the audit event of a refusal."""
+
+    account: SigningAccount | None = None
+    key: UsableKey | None = None
+    hashed: Hashed | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Signed:
+    account: SigningAccount
+    key: UsableKey
+    request: ParsedSignRequest
+    signature: bytes
+
+
+def parse_sign_request(body: bytes) -> ParsedSignRequest:
+    """Raw body -> validated request, each failure with its own stable code."""
+    try:
+        req = p.SignRequest.model_validate_json(body)
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise MalformedJson() from None
+        fields = ", ".join(".".join(str(x) for x in err["loc"]) or "body" for err in e.errors())
+        raise ValidationFailed(f"invalid fields: {fields}") from None
+    try:
+        digest_algorithm = DigestAlgorithm(req.digest_algorithm)
+    except ValueError:
+        raise UnsupportedDigestAlgorithm(
+            f"digest_algorithm must be one of {', '.join(d.value for d in DigestAlgorithm)}"
+        ) from None
+    try:
+        scheme = p.SignatureScheme(req.scheme)
+    except ValueError:
+        raise UnsupportedScheme(
+            f"scheme must be one of {', '.join(s.value for s in p.SignatureScheme)}"
+        ) from None
+    try:
+        digest = base64.b64decode(req.digest.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise InvalidDigestEncoding() from None
+    return ParsedSignRequest(Hashed(digest_algorithm, digest), scheme, req.client)
+
+
+class SigningService:
+    def __init__(
+        self,
+        db: Database,
+        recorder: AuditRecorder,
+        clock: Clock,
+        keystores: KeyStoreRegistry,
+        metrics: Metrics,
+    ) -> None:
+        self._db = db
+        self._recorder = recorder
+        self._clock = clock
+        self._keystores = keystores
+        self._metrics = metrics
+        self._versions: OrderedDict[tuple[str, str | None], tuple[PublicKey, tuple[str, ...]]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ signing
+
+    async def sign(
+        self, claims: AccessClaims, key_ref: str, body: bytes, ctx: RequestContext
+    ) -> p.SignResponse:
+        started = time.perf_counter()
+        attempt = _Attempt()
+        try:
+            signed = await self._sign_checked(claims, key_ref, body, attempt)
+        except SigneryError as e:
+            await self._refused(e, claims, key_ref, attempt, ctx)
+            key = attempt.key
+            self._metrics.signing(
+                key.id if key else None, key.name if key else None, outcome_of(e), started
+            )
+            raise
+        account, key, parsed = signed.account, signed.key, signed.request
+        if parsed.client is not None:
+            ctx = ctx.with_client(parsed.client.machine, parsed.client.tool)
+        # Fail closed: the signature leaves only after its event and counters are
+        # durably committed; AuditUnavailable propagates and nothing is returned.
+        await self._recorder.commit(
+            AuditRecord(
+                SIGN_KIND_BY_OUTCOME[AuditOutcome.SUCCEEDED],
+                AuditOutcome.SUCCEEDED,
+                Actor(PrincipalType.ACCOUNT, account.id, account.name),
+                tsg_id=key.tsg_id,
+                tsg_path=key.tsg_path,
+                key_id=key.id,
+                key_version=key.version,
+                algorithm=key.algorithm.value,
+                digest=parsed.hashed.hex,
+                context=ctx,
+                details={
+                    "scheme": parsed.scheme.value,
+                    "digest_algorithm": parsed.hashed.algorithm.value,
+                },
+            ),
+            UsageDelta(success=True, key_id=key.id, account_id=account.id),
+        )
+        self._metrics.signing(key.id, key.name, AuditOutcome.SUCCEEDED, started)
+        return p.SignResponse(
+            signature=signed.signature,
+            key_id=key.id,
+            key_name=key.name,
+            key_version=key.version,
+            algorithm=key.algorithm,
+            digest_algorithm=parsed.hashed.algorithm,
+            scheme=parsed.scheme,
+            certificate_chain=list(key.chain),
+            request_id=ctx.request_id,
+        )
+
+    async def _sign_checked(
+        self, claims: AccessClaims, key_ref: str, body: bytes, attempt: _Attempt
+    ) -> _Signed:
+        account, key = await anyio.to_thread.run_sync(self._lookup, claims, key_ref)
+        attempt.account, attempt.key = account, key
+        parsed = parse_sign_request(body)
+        attempt.hashed = parsed.hashed
+        check_scheme(key.algorithm, parsed.scheme)
+        store = self._keystores.get(key.handle.store)
+        if store.signs_inline(key.algorithm):
+            signature = store.sign(key.handle, parsed.hashed, parsed.scheme)
+        else:
+            signature = await anyio.to_thread.run_sync(
+                store.sign, key.handle, parsed.hashed, parsed.scheme
+            )
+        # Verify-after-sign: a faulty store or a fault attack must not hand out a
+        # bad signature (an RSA-CRT fault can even leak the key: Boneh et al. 1997).
+        if not verify_signature(key.public_key, parsed.hashed, parsed.scheme, signature):
+            raise SignatureVerificationFailed()
+        return _Signed(account, key, parsed, signature)
+
+    def _lookup(self, claims: AccessClaims, key_ref: str) -> tuple[SigningAccount, UsableKey]:
+        """One database read: the account is still enabled, and the key it asks for."""
+        with self._db.read() as s:
+            account = self._account(s, claims)
+            return account, self._usable_key(s, account, key_ref)
+
+    async def _refused(
+        self,
+        error: SigneryError,
+        claims: AccessClaims,
+        key_ref: str,
+        attempt: _Attempt,
+        ctx: RequestContext,
+    ) -> None:
+        account, key, hashed = attempt.account, attempt.key, attempt.hashed
+        outcome = outcome_of(error)
+        actor = (
+            Actor(PrincipalType.ACCOUNT, account.id, account.name)
+            if account
+            else Actor(PrincipalType.ACCOUNT, claims.account_id, None)
+        )
+        account_id = account.id if account else None
+        # The reference the caller used (cut to a sane length), so that refusals for
+        # keys it cannot see are traceable without recording anything about them.
+        details = {"key_ref": key_ref[:128]}
+        await self._recorder.commit(
+            AuditRecord(
+                SIGN_KIND_BY_OUTCOME[outcome],
+                outcome,
+                actor,
+                reason=error.code,
+                tsg_id=key.tsg_id if key else (account.tsg_id if account else claims.tsg_id),
+                tsg_path=key.tsg_path if key else (account.tsg_path if account else None),
+                key_id=key.id if key else None,
+                key_version=key.version if key else None,
+                algorithm=key.algorithm.value if key else None,
+                digest=hashed.hex if hashed else None,
+                context=ctx,
+                details=details,
+            ),
+            UsageDelta(success=False, key_id=key.id if key else None, account_id=account_id),
+        )
+        error.audited = True
+
+    # ------------------------------------------------------------ key listing (signing plane)
+
+    async def usable_keys(self, claims: AccessClaims) -> list[p.SigningKeySummary]:
+        return await anyio.to_thread.run_sync(self._usable_keys, claims)
+
+    def _usable_keys(self, claims: AccessClaims) -> list[p.SigningKeySummary]:
+        with self._db.read() as s:
+            account = self._account(s, claims)
+            rows = s.execute(
+                self._key_query()
+                .where(_T.c.path.startswith(account.tsg_path, autoescape=True))
+                .where(_K.c.status == KeyStatus.ACTIVE.value)
+                .order_by(_K.c.tsg_id, _K.c.name)
+            ).all()
+            keys = [self._to_usable(s, r) for r in rows]
+        return [
+            p.SigningKeySummary(
+                id=k.id,
+                name=k.name,
+                tsg_id=k.tsg_id,
+                algorithm=k.algorithm,
+                status=KeyStatus.ACTIVE,
+                current_version=k.version,
+                schemes=list(schemes_for(k.algorithm)),
+                public_key_pem=public_key_pem(k.public_key),
+                certificate_chain=list(k.chain),
+            )
+            for k in keys
+        ]
+
+    # ------------------------------------------------------------ lookups
+
+    def _account(self, s: Session, claims: AccessClaims) -> SigningAccount:
+        row = s.execute(
+            select(
+                _A.c.id,
+                _A.c.client_id,
+                _A.c.name,
+                _A.c.tsg_id,
+                _A.c.status,
+                _A.c.valid_until,
+                _T.c.path,
+            )
+            .join(_T, _T.c.id == _A.c.tsg_id)
+            .where(_A.c.id == claims.account_id)
+        ).first()
+        # Checked on every request, on every replica: disabling an account stops
+        # its tokens at once, without waiting for them to expire.
+        if row is None or row.client_id != claims.client_id or row.tsg_id != claims.tsg_id:
+            raise InvalidToken()
+        if row.status == AccountStatus.DISABLED.value:
+            raise AccountDisabled()
+        if row.valid_until <= self._clock.now():
+            raise AccountExpired()
+        return SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)
+
+    def _key_query(self) -> Select[Any]:
+        return (
+            select(
+                _K.c.id,
+                _K.c.name,
+                _K.c.tsg_id,
+                _K.c.algorithm,
+                _K.c.storage,
+                _K.c.status,
+                _T.c.path,
+                _V.c.id.label("version_id"),
+                _V.c.version,
+                _V.c.store_ref,
+                _V.c.public_key_der,
+                _V.c.certificate_id,
+            )
+            .join(_T, _T.c.id == _K.c.tsg_id)
+            .join(_V, (_V.c.key_id == _K.c.id) & (_V.c.version == _K.c.current_version))
+        )
+
+    def _usable_key(self, s: Session, account: SigningAccount, key_ref: str) -> UsableKey:
+        match = (
+            (_K.c.id == key_ref) | (_K.c.name == key_ref)
+            if UUID_RE.match(key_ref)
+            else _K.c.name == key_ref
+        )
+        rows = s.execute(
+            self._key_query()
+            .where(match)
+            .where(_T.c.path.startswith(account.tsg_path, autoescape=True))
+        ).all()
+        if not rows:
+            # Keys outside the account's subtree are indistinguishable from missing ones.
+            raise KeyNotFound()
+        if len(rows) > 1:
+            raise KeyNameAmbiguous(
+                f"{len(rows)} keys named {key_ref!r} are visible; use the key id"
+            )
+        row = rows[0]
+        if row.status == KeyStatus.DISABLED.value:
+            raise KeyDisabled()
+        if row.status != KeyStatus.ACTIVE.value:
+            raise KeyNotActive(f"the key is {row.status}")
+        return self._to_usable(s, row)
+
+    def _to_usable(self, s: Session, r: Row[Any]) -> UsableKey:
+        """A row of _key_query() -> UsableKey, with the parsed public key and chain
+        cached per (version, certificate): both are immutable once written."""
+        cache_key = (r.version_id, r.certificate_id)
+        with self._lock:
+            cached = self._versions.get(cache_key)
+        if cached is None:
+            public_key = load_public_key_der(r.public_key_der)
+            chain: tuple[str, ...] = ()
+            if r.certificate_id:
+                chain = tuple(
+                    chain_list(s.scalar(select(_C.c.chain_pem).where(_C.c.id == r.certificate_id)))
+                )
+            cached = (public_key, chain)
+            with self._lock:
+                self._versions[cache_key] = cached
+                while len(self._versions) > VERSION_CACHE_SIZE:
+                    self._versions.popitem(last=False)
+        algorithm = Algorithm(r.algorithm)
+        return UsableKey(
+            id=r.id,
+            name=r.name,
+            tsg_id=r.tsg_id,
+            tsg_path=r.path,
+            algorithm=algorithm,
+            version=r.version,
+            handle=KeyHandle(
+                r.storage, r.store_ref, algorithm, KeyContext(r.id, r.version, r.tsg_id)
+            ),
+            public_key=cached[0],
+            chain=cached[1],
+        )
