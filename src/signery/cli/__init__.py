@@ -1,0 +1,124 @@
+"""The ``signery`` command line: server administration and build-machine signing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from signery import __version__
+from signery.cli import _admin, _client, _server
+from signery.cli._common import Connection, report_error
+from signery.client import DEFAULT_PROFILE
+from signery.errors import SigneryError
+
+app = typer.Typer(
+    name="signery",
+    help="Signery: self-hosted remote code signing. "
+    "Keys stay in their store; files never leave your machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"signery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    profile: Annotated[
+        str, typer.Option(envvar="SIGNERY_PROFILE", help="Profile to use.")
+    ] = DEFAULT_PROFILE,
+    server: Annotated[
+        str | None,
+        typer.Option(envvar="SIGNERY_SERVER", help="Server URL (overrides the profile)."),
+    ] = None,
+    api_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SIGNERY_API_TOKEN",
+            help="API token for management commands.",
+            show_default=False,
+        ),
+    ] = None,
+    client_id: Annotated[
+        str | None, typer.Option(envvar="SIGNERY_CLIENT_ID", help="Account client id for signing.")
+    ] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(envvar="SIGNERY_KEY_FILE", help="Account private key for signing."),
+    ] = None,
+    ca_bundle: Annotated[
+        str | None, typer.Option(envvar="SIGNERY_CA_BUNDLE", help="CA certificates for TLS.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Do not verify TLS certificates (development only).")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    ctx.obj = Connection(
+        home=_client.home_dir(),
+        profile_name=profile,
+        server=server,
+        api_token=api_token,
+        client_id=client_id,
+        key_file=key_file,
+        ca_bundle=ca_bundle,
+        insecure=insecure,
+    )
+
+
+app.command()(_server.init)
+app.command()(_server.serve)
+app.add_typer(_server.db_app, name="db")
+app.command()(_client.login)
+app.command()(_client.logout)
+app.command()(_client.keys)
+app.command()(_client.sign)
+app.command()(_client.verify)
+app.add_typer(_admin.tsg_app, name="tsg")
+app.add_typer(_admin.user_app, name="user")
+app.add_typer(_admin.role_app, name="role")
+app.add_typer(_admin.account_app, name="account")
+app.add_typer(_admin.key_app, name="key")
+app.add_typer(_admin.audit_app, name="audit")
+app.add_typer(_admin.ca_app, name="ca")
+app.command()(_admin.usage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; SigneryError becomes a one-line message and exit status 1."""
+    try:
+        app(args=argv, prog_name="signery", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except SigneryError as e:
+        report_error(e)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+__all__ = ["app", "entrypoint", "main"]

@@ -1,0 +1,689 @@
+"""Management commands: they call the REST API with a user's API token."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from signery import protocol as p
+from signery.cli._common import (
+    JsonOpt,
+    connection,
+    details,
+    emit,
+    err,
+    out,
+    print_json,
+    table,
+    write_private_file,
+)
+from signery.errors import ClientError
+
+API = p.API_PREFIX
+TsgOpt = Annotated[str | None, typer.Option("--tsg", help="TSG id (default: your home TSG).")]
+
+tsg_app = typer.Typer(help="Tenant Security Groups: the access boundaries.", no_args_is_help=True)
+user_app = typer.Typer(help="Users (administrators) and their API tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="Personal API tokens.", no_args_is_help=True)
+role_app = typer.Typer(help="Role bindings of users at TSGs.", no_args_is_help=True)
+account_app = typer.Typer(
+    help="Built-in accounts: the identities build machines sign as.", no_args_is_help=True
+)
+key_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
+audit_app = typer.Typer(help="Audit events.", no_args_is_help=True)
+ca_app = typer.Typer(help="The built-in CA.", no_args_is_help=True)
+user_app.add_typer(token_app, name="token")
+
+
+# ------------------------------------------------------------------ TSGs
+
+
+def _tsg_rows(tsgs: list[p.Tsg]) -> None:
+    table(
+        None,
+        ["id", "name", "parent", "depth", "created"],
+        [(t.id, t.name, t.parent_id, t.depth, t.created_at) for t in tsgs],
+    )
+
+
+@tsg_app.command("create")
+def tsg_create(
+    ctx: typer.Context,
+    name: str,
+    parent: Annotated[
+        str | None, typer.Option("--parent", help="Parent TSG id (default: your home TSG).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a child TSG."""
+    with connection(ctx).admin() as c:
+        tsg = c.call("POST", f"{API}/tsgs", p.Tsg, json={"name": name, "parent_id": parent})
+    emit(
+        tsg,
+        as_json,
+        lambda: out.print(f"created TSG [bold]{tsg.id}[/] ({tsg.name}) under {tsg.parent_id}"),
+    )
+
+
+@tsg_app.command("list")
+def tsg_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """TSGs you can see."""
+    with connection(ctx).admin() as c:
+        tsgs = c.call("GET", f"{API}/tsgs", list[p.Tsg])
+    emit(tsgs, as_json, lambda: _tsg_rows(tsgs))
+
+
+@tsg_app.command("show")
+def tsg_show(ctx: typer.Context, tsg_id: str, as_json: JsonOpt = False) -> None:
+    with connection(ctx).admin() as c:
+        tsg = c.call("GET", f"{API}/tsgs/{tsg_id}", p.Tsg)
+    emit(tsg, as_json, lambda: details([(k, v) for k, v in tsg.model_dump().items()]))
+
+
+@tsg_app.command("tree")
+def tsg_tree(
+    ctx: typer.Context,
+    root: Annotated[str | None, typer.Option(help="Show only the subtree of this TSG.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The TSG hierarchy you can see."""
+    from rich.tree import Tree
+
+    with connection(ctx).admin() as c:
+        forest = c.call("GET", f"{API}/tsgs/tree", list[p.TsgTree], params={"root": root})
+
+    def human() -> None:
+        for node in forest:
+            tree = Tree(f"[bold]{node.name}[/] {node.id}")
+            _grow(tree, node)
+            out.print(tree)
+
+    emit(forest, as_json, human)
+
+
+def _grow(tree: Any, node: p.TsgTree) -> None:
+    for child in node.children:
+        _grow(tree.add(f"[bold]{child.name}[/] {child.id}"), child)
+
+
+# ------------------------------------------------------------------ users and tokens
+
+
+@user_app.command("create")
+def user_create(
+    ctx: typer.Context,
+    username: str,
+    tsg: TsgOpt = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(help="Read the password from this file (- for stdin); generated if omitted."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a user. Give it roles with `signery role bind`."""
+    from signery.cli._common import read_secret_file
+
+    password = read_secret_file(password_file) if password_file else None
+    with connection(ctx).admin() as c:
+        user = c.call(
+            "POST",
+            f"{API}/users",
+            p.UserCreated,
+            json={"username": username, "tsg_id": tsg, "password": password},
+        )
+
+    def human() -> None:
+        out.print(f"created user [bold]{user.username}[/] ({user.id}) in TSG {user.tsg_id}")
+        if user.password:
+            out.print(f"generated password (shown once): [bold]{user.password}[/]", highlight=False)
+
+    emit(user, as_json, human)
+
+
+@user_app.command("list")
+def user_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    with connection(ctx).admin() as c:
+        users = c.call("GET", f"{API}/users", list[p.User])
+    emit(
+        users,
+        as_json,
+        lambda: table(
+            None,
+            ["id", "username", "tsg", "active", "created"],
+            [(u.id, u.username, u.tsg_id, u.is_active, u.created_at) for u in users],
+        ),
+    )
+
+
+@user_app.command("show")
+def user_show(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="Username or id; `me` for yourself.")],
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        found = c.call("GET", f"{API}/users/{user}", p.User)
+    emit(found, as_json, lambda: details(list(found.model_dump().items())))
+
+
+@token_app.command("create")
+def token_create(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="A label for the token.")],
+    user: Annotated[str, typer.Option(help="Username or id (default: yourself).")] = "me",
+    days: Annotated[int, typer.Option(help="Days until the token expires.")] = 90,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a personal API token (printed once)."""
+    with connection(ctx).admin() as c:
+        created = c.call(
+            "POST",
+            f"{API}/users/{user}/tokens",
+            p.ApiTokenCreated,
+            json={"name": name, "expires_in_days": days},
+        )
+    emit(
+        created,
+        as_json,
+        lambda: out.print(
+            f"token {created.id} (shown once): [bold]{created.token}[/]", highlight=False
+        ),
+    )
+
+
+@token_app.command("list")
+def token_list(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option(help="Username or id.")] = "me",
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        tokens = c.call("GET", f"{API}/users/{user}/tokens", list[p.ApiToken])
+    emit(
+        tokens,
+        as_json,
+        lambda: table(
+            None,
+            ["id", "name", "created", "expires", "last used", "revoked"],
+            [(t.id, t.name, t.created_at, t.expires_at, t.last_used_at, t.revoked) for t in tokens],
+        ),
+    )
+
+
+@token_app.command("revoke")
+def token_revoke(ctx: typer.Context, token_id: str, as_json: JsonOpt = False) -> None:
+    with connection(ctx).admin() as c:
+        token = c.call("DELETE", f"{API}/tokens/{token_id}", p.ApiToken)
+    emit(token, as_json, lambda: out.print(f"revoked token {token.id}"))
+
+
+# ------------------------------------------------------------------ roles
+
+
+@role_app.command("bind")
+def role_bind(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(help="Username or id.")],
+    role: Annotated[
+        p.Role, typer.Argument(help="superuser, key_admin, key_viewer, account_admin or auditor.")
+    ],
+    tsg: Annotated[str, typer.Option("--tsg", help="TSG id where the role applies (and below).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Grant a role at a TSG; it applies to the TSG and all its descendants."""
+    with connection(ctx).admin() as c:
+        binding = c.call(
+            "POST",
+            f"{API}/role-bindings",
+            p.RoleBinding,
+            json={"principal_id": user, "role": role.value, "tsg_id": tsg},
+        )
+    emit(
+        binding,
+        as_json,
+        lambda: out.print(f"bound {binding.role.value} at TSG {binding.tsg_id} ({binding.id})"),
+    )
+
+
+@role_app.command("list")
+def role_list(
+    ctx: typer.Context,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        bindings = c.call(
+            "GET", f"{API}/role-bindings", list[p.RoleBinding], params={"tsg_id": tsg}
+        )
+    emit(
+        bindings,
+        as_json,
+        lambda: table(
+            None,
+            ["id", "principal", "role", "tsg", "created"],
+            [(b.id, b.principal_id, b.role.value, b.tsg_id, b.created_at) for b in bindings],
+        ),
+    )
+
+
+@role_app.command("unbind")
+def role_unbind(ctx: typer.Context, binding_id: str, as_json: JsonOpt = False) -> None:
+    with connection(ctx).admin() as c:
+        c.call_empty("DELETE", f"{API}/role-bindings/{binding_id}")
+    emit({"removed": binding_id}, as_json, lambda: out.print(f"removed role binding {binding_id}"))
+
+
+# ------------------------------------------------------------------ accounts
+
+
+def _account_details(a: p.Account) -> None:
+    details(
+        [
+            ("id", a.id),
+            ("client_id", a.client_id),
+            ("name", a.name),
+            ("tsg", a.tsg_id),
+            ("status", a.status.value),
+            ("valid until", a.valid_until),
+            ("keys", ", ".join(f"{k.algorithm} {k.fingerprint[:16]}" for k in a.keys)),
+        ]
+    )
+
+
+@account_app.command("create")
+def account_create(
+    ctx: typer.Context,
+    name: str,
+    tsg: TsgOpt = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="Register this PEM public key instead of generating a key pair."),
+    ] = None,
+    key_out: Annotated[
+        Path | None, typer.Option(help="Write the generated private key here (mode 0600).")
+    ] = None,
+    key_algorithm: Annotated[
+        str, typer.Option(help="EC_P256, EC_P384, RSA_3072 or ED25519.")
+    ] = "EC_P256",
+    validity_days: Annotated[int, typer.Option(help="Days the account stays valid.")] = 365,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a built-in account. Without --public-key the server generates the key
+    pair and returns the private key once: save it with --key-out."""
+    if public_key is not None and key_out is not None:
+        raise ClientError("--key-out only applies to a generated key pair; drop it or --public-key")
+    body: dict[str, Any] = {
+        "name": name,
+        "tsg_id": tsg,
+        "validity_days": validity_days,
+        "key_algorithm": key_algorithm,
+    }
+    if public_key is not None:
+        try:
+            body["public_key_pem"] = public_key.read_text("ascii")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClientError(f"cannot read public key {public_key}") from e
+    if key_out is not None and key_out.exists():
+        raise ClientError(f"{key_out} already exists; refusing to overwrite a key file")
+    with connection(ctx).admin() as c:
+        account = c.call("POST", f"{API}/accounts", p.AccountCreated, json=body)
+    if key_out is not None and account.private_key_pem:
+        write_private_file(key_out, account.private_key_pem)
+    if as_json:
+        data = account.model_dump(mode="json")
+        if key_out is not None:
+            data["private_key_pem"] = None
+            data["private_key_file"] = str(key_out)
+        print_json(data)
+        return
+    out.print(f"created account [bold]{account.name}[/]")
+    _account_details(account)
+    if key_out is not None:
+        out.print(f"private key written to {key_out} (mode 0600); it is not stored on the server")
+    elif account.private_key_pem:
+        err.print("[yellow]The private key below is shown once and not stored on the server:[/]")
+        out.print(account.private_key_pem, highlight=False)
+
+
+@account_app.command("list")
+def account_list(
+    ctx: typer.Context,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        accounts = c.call("GET", f"{API}/accounts", list[p.Account], params={"tsg_id": tsg})
+    emit(
+        accounts,
+        as_json,
+        lambda: table(
+            None,
+            ["name", "client_id", "tsg", "status", "valid until"],
+            [(a.name, a.client_id, a.tsg_id, a.status.value, a.valid_until) for a in accounts],
+        ),
+    )
+
+
+@account_app.command("show")
+def account_show(
+    ctx: typer.Context,
+    account: Annotated[str, typer.Argument(help="Account id or client id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        found = c.call("GET", f"{API}/accounts/{account}", p.Account)
+    emit(found, as_json, lambda: _account_details(found))
+
+
+def _set_enabled(ctx: typer.Context, account: str, action: str, as_json: bool) -> None:
+    with connection(ctx).admin() as c:
+        found = c.call("POST", f"{API}/accounts/{account}/{action}", p.Account)
+    emit(found, as_json, lambda: out.print(f"account {found.name}: {found.status.value}"))
+
+
+@account_app.command("disable")
+def account_disable(ctx: typer.Context, account: str, as_json: JsonOpt = False) -> None:
+    """Disable an account: its tokens stop working at once."""
+    _set_enabled(ctx, account, "disable", as_json)
+
+
+@account_app.command("enable")
+def account_enable(ctx: typer.Context, account: str, as_json: JsonOpt = False) -> None:
+    _set_enabled(ctx, account, "enable", as_json)
+
+
+@account_app.command("add-key")
+def account_add_key(
+    ctx: typer.Context,
+    account: str,
+    public_key: Annotated[Path, typer.Option(help="PEM public key file.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Register another public key for an account (e.g. to rotate its credentials)."""
+    try:
+        pem = public_key.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClientError(f"cannot read public key {public_key}") from e
+    with connection(ctx).admin() as c:
+        found = c.call(
+            "POST", f"{API}/accounts/{account}/keys", p.Account, json={"public_key_pem": pem}
+        )
+    emit(found, as_json, lambda: _account_details(found))
+
+
+# ------------------------------------------------------------------ keys
+
+
+def _key_details(k: p.SigningKey) -> None:
+    current = next((v for v in k.versions if v.version == k.current_version), None)
+    cert = current.certificate if current else None
+    details(
+        [
+            ("id", k.id),
+            ("name", k.name),
+            ("tsg", k.tsg_id),
+            ("algorithm", k.algorithm.value),
+            ("storage", k.storage),
+            ("status", k.status.value),
+            ("version", k.current_version),
+            ("schemes", ", ".join(s.value for s in k.schemes)),
+            ("CA", k.certificate_authority.value),
+            (
+                "certificate",
+                f"{cert.subject} (serial {cert.serial}, until {cert.not_after})"
+                if cert
+                else "none",
+            ),
+        ]
+    )
+
+
+@key_app.command("create")
+def key_create(
+    ctx: typer.Context,
+    name: str,
+    algorithm: Annotated[p.Algorithm, typer.Option(help="Key algorithm.")],
+    tsg: TsgOpt = None,
+    ca: Annotated[
+        p.CertificateAuthority, typer.Option("--ca", help="Who certifies the key: builtin or none.")
+    ] = p.CertificateAuthority.NONE,
+    storage: Annotated[str, typer.Option(help="Key store.")] = "builtin",
+    cn: Annotated[
+        str | None, typer.Option("--cn", help="Certificate common name (default: the key name).")
+    ] = None,
+    org: Annotated[str | None, typer.Option("--org", help="Certificate organization (O).")] = None,
+    ou: Annotated[
+        str | None, typer.Option("--ou", help="Certificate organizational unit (OU).")
+    ] = None,
+    country: Annotated[str | None, typer.Option(help="Two-letter country code (C).")] = None,
+    email: Annotated[str | None, typer.Option(help="E-mail address (subjectAltName).")] = None,
+    validity_days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
+    description: Annotated[str | None, typer.Option(help="Free text.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a signing key (generated inside its key store)."""
+    subject = {
+        "common_name": cn,
+        "organization": org,
+        "organizational_unit": ou,
+        "country": country,
+        "email": email,
+    }
+    body = {
+        "name": name,
+        "tsg_id": tsg,
+        "algorithm": algorithm.value,
+        "storage": storage,
+        "certificate_authority": ca.value,
+        "subject": {k: v for k, v in subject.items() if v is not None},
+        "validity_days": validity_days,
+        "description": description,
+    }
+    with connection(ctx).admin() as c:
+        key = c.call("POST", f"{API}/keys", p.SigningKey, json=body)
+    if as_json:
+        print_json(key)
+    else:
+        out.print(f"created key [bold]{key.name}[/]")
+        _key_details(key)
+
+
+@key_app.command("list")
+def key_list(
+    ctx: typer.Context,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        keys = c.call("GET", f"{API}/keys", list[p.SigningKey], params={"tsg_id": tsg})
+    emit(
+        keys,
+        as_json,
+        lambda: table(
+            None,
+            ["name", "id", "tsg", "algorithm", "storage", "status", "version", "CA"],
+            [
+                (
+                    k.name,
+                    k.id,
+                    k.tsg_id,
+                    k.algorithm.value,
+                    k.storage,
+                    k.status.value,
+                    k.current_version,
+                    k.certificate_authority.value,
+                )
+                for k in keys
+            ],
+        ),
+    )
+
+
+@key_app.command("show")
+def key_show(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        found = c.call("GET", f"{API}/keys/{key}", p.SigningKey, params={"tsg_id": tsg})
+    emit(found, as_json, lambda: _key_details(found))
+
+
+def _pem_command(
+    ctx: typer.Context, path: str, output: Path | None, tsg: str | None, as_json: bool, what: str
+) -> None:
+    with connection(ctx).admin() as c:
+        pem = c.call_text(path, params={"tsg_id": tsg})
+    if output is not None:
+        output.write_text(pem, "ascii")
+    if as_json:
+        print_json({what: pem, "file": str(output) if output else None})
+    elif output is None:
+        out.print(pem, end="", highlight=False)
+    else:
+        out.print(f"{what} written to {output}")
+
+
+@key_app.command("public-key")
+def key_public_key(
+    ctx: typer.Context,
+    key: str,
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The key's current public key (PEM)."""
+    _pem_command(ctx, f"{API}/keys/{key}/public-key", output, tsg, as_json, "public_key_pem")
+
+
+@key_app.command("chain")
+def key_chain(
+    ctx: typer.Context,
+    key: str,
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The key's certificate chain (PEM, leaf first and root last)."""
+    _pem_command(ctx, f"{API}/keys/{key}/chain", output, tsg, as_json, "chain_pem")
+
+
+@ca_app.command("chain")
+def ca_chain(
+    ctx: typer.Context,
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The built-in CA's issuing and root certificates (PEM)."""
+    _pem_command(ctx, f"{API}/ca/chain", output, None, as_json, "chain_pem")
+
+
+# ------------------------------------------------------------------ audit and usage
+
+
+@audit_app.command("list")
+def audit_list(
+    ctx: typer.Context,
+    tsg: Annotated[
+        str | None, typer.Option("--tsg", help="Events of this TSG and its subtree.")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Key id.")] = None,
+    account: Annotated[str | None, typer.Option("--account", help="Account id.")] = None,
+    outcome: Annotated[
+        p.AuditOutcome | None, typer.Option(help="succeeded, denied, invalid or error.")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="Event kind prefix, e.g. signing.sign")] = None,
+    since: Annotated[datetime | None, typer.Option(help="From this time (ISO 8601).")] = None,
+    until: Annotated[datetime | None, typer.Option(help="Before this time (ISO 8601).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many events (all pages).")] = 100,
+    newest_first: Annotated[
+        bool, typer.Option("--newest-first", help="Newest events first.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audit events you may read, filtered."""
+    events: list[p.AuditEvent] = []
+    cursor: str | None = None
+    with connection(ctx).admin() as c:
+        while len(events) < limit:
+            page = c.call(
+                "GET",
+                f"{API}/audit/events",
+                p.AuditEventPage,
+                params={
+                    "tsg_id": tsg,
+                    "key_id": key,
+                    "account_id": account,
+                    "outcome": outcome.value if outcome else None,
+                    "kind": kind,
+                    "since": since.isoformat() if since else None,
+                    "until": until.isoformat() if until else None,
+                    "limit": min(1000, limit - len(events)),
+                    "cursor": cursor,
+                    "order": "desc" if newest_first else "asc",
+                },
+            )
+            events.extend(page.events)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+    emit(
+        events,
+        as_json,
+        lambda: table(
+            None,
+            ["time", "kind", "outcome", "reason", "principal", "key", "ver", "digest", "client ip"],
+            [
+                (
+                    e.time.isoformat(timespec="seconds"),
+                    e.kind,
+                    e.outcome.value,
+                    e.reason,
+                    f"{e.principal.type.value}:{e.principal.name or e.principal.id or '-'}",
+                    (e.key_id or "")[:8],
+                    e.key_version,
+                    (e.digest or "")[:16],
+                    e.client_ip,
+                )
+                for e in events
+            ],
+        ),
+    )
+
+
+def usage(
+    ctx: typer.Context,
+    scope: Annotated[str | None, typer.Option(help="key or account.")] = None,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Usage counters per key and per account."""
+    with connection(ctx).admin() as c:
+        report = c.call(
+            "GET", f"{API}/usage", p.UsageReport, params={"scope": scope, "tsg_id": tsg}
+        )
+    emit(
+        report,
+        as_json,
+        lambda: table(
+            None,
+            ["type", "name", "id", "tsg", "successes", "failures", "last used"],
+            [
+                (
+                    u.subject_type,
+                    u.name,
+                    u.subject_id,
+                    u.tsg_id,
+                    u.successes,
+                    u.failures,
+                    u.last_used_at,
+                )
+                for u in report.counters
+            ],
+        ),
+    )

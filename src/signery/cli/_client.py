@@ -1,0 +1,331 @@
+"""Build-machine commands: login, keys, sign, verify."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
+
+from signery import __version__
+from signery import protocol as p
+from signery.cli._common import (
+    JsonOpt,
+    connection,
+    details,
+    emit,
+    err,
+    out,
+    print_json,
+    read_secret_file,
+    table,
+)
+from signery.client import AccountCredentials, Client, Profile
+from signery.crypto import PublicKey, hash_file, load_public_key_pem
+from signery.errors import ClientError, SignatureInvalid
+from signery.formats import SignOptions, SignResult, VerifyResult, get_format
+
+LARGE_FILE = 64 * 1024 * 1024  # show a progress bar above this size (on a terminal)
+
+
+def login(
+    ctx: typer.Context,
+    server: Annotated[str, typer.Option(help="Server URL, e.g. https://signery.example.")],
+    client_id: Annotated[
+        str | None, typer.Option(help="Built-in account client id (UUID).")
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option(help="The account's private key (PEM).")] = None,
+    api_token: Annotated[
+        str | None, typer.Option(help="A personal API token (for management).")
+    ] = None,
+    api_token_file: Annotated[
+        Path | None, typer.Option(help="Read the API token from a file (- for stdin).")
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option(help="Create an API token with this user's password.")
+    ] = None,
+    password_file: Annotated[
+        Path | None, typer.Option(help="Read the password from a file (- for stdin).")
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None, typer.Option(help="CA certificates to trust for the server's TLS.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remember a server and credentials in a profile (checked against the server first).
+
+    Build machines log in with --client-id and --key-file; administrators with
+    --api-token, --api-token-file or --username."""
+    conn = connection(ctx)
+    store = conn.store()
+    profile = store.get(conn.profile_name) or Profile(server=server)
+    if profile.server != server:
+        profile = Profile(server=server)
+    profile.ca_bundle = str(ca_bundle.resolve()) if ca_bundle else profile.ca_bundle
+    verify: bool | str = profile.ca_bundle or True
+    checked: list[tuple[str, str]] = [("server", server)]
+
+    if client_id or key_file:
+        if not (client_id and key_file):
+            raise ClientError("--client-id and --key-file go together")
+        creds = AccountCredentials.from_key_file(client_id, key_file)
+        with Client(server, credentials=creds, verify=verify) as c:
+            keys = c.keys()  # proves the key, the client id and the server
+        profile.client_id, profile.key_file = client_id, str(key_file.resolve())
+        checked.append(("account", f"{client_id} ({len(keys)} usable keys)"))
+
+    token = api_token or (read_secret_file(api_token_file) if api_token_file else None)
+    if username:
+        import getpass
+
+        password = (
+            read_secret_file(password_file)
+            if password_file
+            else getpass.getpass(f"Password for {username}: ")
+        )
+        with Client(server, verify=verify) as c:
+            created = c.call(
+                "POST",
+                f"{p.API_PREFIX}/users/me/tokens",
+                p.ApiTokenCreated,
+                json={"name": f"cli@{socket.gethostname()}"[:64], "expires_in_days": 90},
+                auth=(username, password),
+            )
+        token = created.token
+    if token:
+        with Client(server, api_token=token, verify=verify) as c:
+            me = c.call("GET", f"{p.API_PREFIX}/users/me", p.User)
+        profile.api_token = token
+        checked.append(("user", me.username))
+    if len(checked) == 1:
+        raise ClientError("give --client-id/--key-file, --api-token(-file) or --username")
+    store.put(conn.profile_name, profile)
+    if as_json:
+        print_json({"profile": conn.profile_name, **profile.redacted()})
+    else:
+        out.print(f"logged in; profile [bold]{conn.profile_name}[/] saved to {store.path}")
+        details(checked)
+
+
+def logout(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Forget the current profile (keys and tokens themselves are not revoked)."""
+    conn = connection(ctx)
+    removed = conn.store().remove(conn.profile_name)
+    emit(
+        {"profile": conn.profile_name, "removed": removed},
+        as_json,
+        lambda: out.print(f"profile {conn.profile_name}: {'removed' if removed else 'not found'}"),
+    )
+
+
+def keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Keys your built-in account may sign with."""
+    with connection(ctx).signing() as c:
+        found = c.keys()
+    emit(
+        found,
+        as_json,
+        lambda: table(
+            None,
+            ["name", "id", "tsg", "algorithm", "version", "schemes", "certificate"],
+            [
+                (
+                    k.name,
+                    k.id,
+                    k.tsg_id,
+                    k.algorithm.value,
+                    k.current_version,
+                    ", ".join(s.value for s in k.schemes),
+                    "yes" if k.certificate_chain else "no",
+                )
+                for k in found
+            ],
+        ),
+    )
+
+
+def _progress(files: list[Path]) -> Progress | None:
+    if not err.is_terminal or not any(f.stat().st_size >= LARGE_FILE for f in files):
+        return None
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
+def _check_files(files: list[Path]) -> None:
+    for f in files:
+        if not f.is_file():
+            raise ClientError(f"{f} is not a readable file")
+
+
+def sign(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="Files to sign.")],
+    key: Annotated[str, typer.Option(help="Key name or id.")],
+    fmt: Annotated[str, typer.Option("--format", help="Signature format: raw.")] = "raw",
+    digest_algorithm: Annotated[
+        p.DigestAlgorithm | None, typer.Option(help="Default: matches the key.")
+    ] = None,
+    scheme: Annotated[
+        p.SignatureScheme | None, typer.Option(help="Default: rsa-pkcs1v15 or ecdsa.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Output file (one input only).")
+    ] = None,
+    digest_only: Annotated[
+        bool, typer.Option("--digest-only", help="Print the digests; sign nothing.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Hash each file locally and write its signature (FILE.sig for raw).
+
+    Only the digest leaves this machine; the file never does."""
+    _check_files(files)
+    if output is not None and len(files) != 1:
+        raise ClientError("-o/--output works with exactly one file")
+    signature_format = get_format(fmt)
+    if digest_only:
+        algorithm = digest_algorithm or p.DigestAlgorithm.SHA256
+        digests = [
+            {
+                "file": str(f),
+                "digest_algorithm": algorithm.value,
+                "digest": hash_file(f, algorithm).hex,
+            }
+            for f in files
+        ]
+        if as_json:
+            print_json(digests)
+        for d in [] if as_json else digests:
+            out.print(f"{d['digest']}  {d['file']}", highlight=False)
+        return
+    client_info = p.ClientInfo(
+        machine=socket.gethostname()[:256], tool=f"signery-cli/{__version__} {fmt}"
+    )
+    results: list[SignResult] = []
+    with connection(ctx).signing() as c:
+        signer = c.signer(key, client_info=client_info)
+        progress = _progress(files)
+        for f in files:
+            options = SignOptions(digest_algorithm=digest_algorithm, scheme=scheme)
+            if progress is not None:
+                progress.start()
+                task = progress.add_task(f.name, total=f.stat().st_size)
+                options = SignOptions(digest_algorithm, scheme, _advance(progress, task))
+            target = output or signature_format.default_output(f)
+            results.append(signature_format.sign(signer, f, target, options))
+            if progress is not None:
+                progress.stop()
+    if as_json:
+        print_json([_sign_json(r) for r in results])
+        return
+    for r in results:
+        out.print(
+            f"signed {r.file} -> {r.output} (key {r.key_name} v{r.key_version}, "
+            f"{r.scheme.value}, {r.digest_algorithm.value})",
+            highlight=False,
+        )
+
+
+def _advance(progress: Progress, task: TaskID) -> Callable[[int], None]:
+    return lambda n: progress.advance(task, n)
+
+
+def _sign_json(r: SignResult) -> dict[str, object]:
+    return {
+        "file": str(r.file),
+        "signature": str(r.output),
+        "key": r.key_name,
+        "key_version": r.key_version,
+        "digest_algorithm": r.digest_algorithm.value,
+        "digest": r.digest,
+        "scheme": r.scheme.value,
+    }
+
+
+def verify(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="Signed files.")],
+    key: Annotated[
+        str | None, typer.Option(help="Key name or id (public key fetched from the server).")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(help="Verify offline against this PEM public key.")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Signature format: raw.")] = "raw",
+    signature: Annotated[
+        Path | None, typer.Option(help="Signature file (one input only; default FILE.sig).")
+    ] = None,
+    digest_algorithm: Annotated[
+        p.DigestAlgorithm | None, typer.Option(help="Default: matches the key.")
+    ] = None,
+    scheme: Annotated[
+        p.SignatureScheme | None, typer.Option(help="Default: rsa-pkcs1v15 or ecdsa.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check signatures. Exits 1 if any does not verify."""
+    _check_files(files)
+    if (key is None) == (public_key is None):
+        raise ClientError("give exactly one of --key or --public-key")
+    if signature is not None and len(files) != 1:
+        raise ClientError("--signature works with exactly one file")
+    signature_format = get_format(fmt)
+    keys: list[PublicKey]
+    if public_key is not None:
+        try:
+            keys = [load_public_key_pem(public_key.read_bytes())]
+        except (OSError, ValueError) as e:
+            raise ClientError(f"cannot load public key {public_key}") from e
+    else:
+        assert key is not None
+        with connection(ctx).signing() as c:
+            keys = [load_public_key_pem(c.key(key).public_key_pem)]
+    options = SignOptions(digest_algorithm=digest_algorithm, scheme=scheme)
+    results: list[VerifyResult] = [
+        signature_format.verify(f, signature or signature_format.default_output(f), keys, options)
+        for f in files
+    ]
+    if as_json:
+        print_json(
+            [
+                {
+                    "file": str(r.file),
+                    "signature": str(r.signature),
+                    "valid": r.valid,
+                    "detail": r.detail,
+                }
+                for r in results
+            ]
+        )
+    else:
+        for r in results:
+            mark = "[green]OK[/]" if r.valid else "[red]BAD[/]"
+            out.print(f"{mark}  {r.file}: {r.detail}", highlight=False)
+    bad = [r for r in results if not r.valid]
+    if bad:
+        raise SignatureInvalid(f"{len(bad)} of {len(results)} signatures do not verify")
+
+
+def home_dir() -> Path:
+    """Where profiles live: $SIGNERY_HOME, else $XDG_CONFIG_HOME/signery, else ~/.config/signery."""
+    if os.environ.get("SIGNERY_HOME"):
+        return Path(os.environ["SIGNERY_HOME"])
+    base = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(base) if base else Path.home() / ".config") / "signery"

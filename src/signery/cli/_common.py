@@ -1,0 +1,157 @@
+"""Shared CLI plumbing: connection settings, output (table or --json), errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from signery.client import DEFAULT_PROFILE, AccountCredentials, Client, Profile, ProfileStore
+from signery.errors import ClientError, SigneryError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+@dataclass
+class Connection:
+    """Global options (``signery --profile/--server/...``) merged with the profile."""
+
+    home: Path
+    profile_name: str
+    server: str | None = None
+    api_token: str | None = None
+    client_id: str | None = None
+    key_file: Path | None = None
+    ca_bundle: str | None = None
+    insecure: bool = False
+
+    def store(self) -> ProfileStore:
+        return ProfileStore.load(self.home)
+
+    def profile(self) -> Profile | None:
+        return self.store().get(self.profile_name)
+
+    def _verify(self, profile: Profile | None) -> bool | str:
+        if self.insecure:
+            err.print("[yellow]warning: TLS certificate verification is disabled (--insecure)[/]")
+            return False
+        return self.ca_bundle or (profile.ca_bundle if profile else None) or True
+
+    def admin(self) -> Client:
+        profile = self.profile()
+        server = self.server or (profile.server if profile else None)
+        token = self.api_token or (profile.api_token if profile else None)
+        if not server:
+            raise ClientError("no server: pass --server or run `signery login`")
+        if not token:
+            raise ClientError(
+                "no API token: pass --api-token, set SIGNERY_API_TOKEN or run `signery login`"
+            )
+        return Client(server, api_token=token, verify=self._verify(profile))
+
+    def signing(self) -> Client:
+        profile = self.profile()
+        server = self.server or (profile.server if profile else None)
+        client_id = self.client_id or (profile.client_id if profile else None)
+        key_file = self.key_file or (
+            Path(profile.key_file) if profile and profile.key_file else None
+        )
+        if not server:
+            raise ClientError("no server: pass --server or run `signery login`")
+        if not client_id or key_file is None:
+            raise ClientError(
+                "no account credentials: run "
+                "`signery login --server URL --client-id ID --key-file FILE`"
+            )
+        creds = AccountCredentials.from_key_file(client_id, key_file)
+        return Client(server, credentials=creds, verify=self._verify(profile))
+
+
+def connection(ctx: typer.Context) -> Connection:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, Connection):  # pragma: no cover - the root callback always sets it
+        return Connection(home=Path.home() / ".config" / "signery", profile_name=DEFAULT_PROFILE)
+    return obj
+
+
+def to_jsonable(data: Any) -> Any:
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    if isinstance(data, list | tuple):
+        return [to_jsonable(d) for d in data]
+    if isinstance(data, dict):
+        return {k: to_jsonable(v) for k, v in data.items()}
+    if isinstance(data, Path):
+        return str(data)
+    return data
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for c in columns:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    out.print(t)
+
+
+def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
+    if as_json:
+        print_json(data)
+    else:
+        human()
+
+
+def details(pairs: Sequence[tuple[str, Any]]) -> None:
+    width = max(len(k) for k, _ in pairs)
+    for k, v in pairs:
+        out.print(f"[bold]{k.ljust(width)}[/]  {'' if v is None else v}", highlight=False)
+
+
+def report_error(e: SigneryError) -> None:
+    err.print(f"[red]error[/] [bold]{e.code}[/]: {e.detail}", highlight=False)
+    candidates = e.extra.get("candidates")
+    if isinstance(candidates, list):
+        for c in candidates:
+            err.print(f"  candidate: {c}", highlight=False)
+
+
+def read_secret_file(path: Path) -> str:
+    """Read a secret from a file (``-`` for standard input), stripped of whitespace."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text("utf-8")
+    except OSError as e:
+        raise ClientError(f"cannot read {path}: {e.strerror}") from None
+    value = text.strip()
+    if not value:
+        raise ClientError(f"{path} is empty")
+    return value
+
+
+def write_private_file(path: Path, data: str) -> None:
+    """Create a file readable by its owner only; never overwrite one."""
+    import os
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ClientError(f"{path} already exists; refusing to overwrite a key file") from None
+    except OSError as e:
+        raise ClientError(f"cannot create {path}: {e.strerror}") from None
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(data)

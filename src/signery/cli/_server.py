@@ -1,0 +1,220 @@
+"""Server-side commands: init, serve, db."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from signery.cli._common import JsonOpt, details, emit, err, out
+from signery.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from signery.server.bootstrap import InitResult
+    from signery.server.config import Settings
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", help="Data directory (SQLite file, master key). Env: SIGNERY_DATA_DIR."
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="TOML settings file. Env: SIGNERY_CONFIG.")
+]
+DbUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="SQLAlchemy URL, e.g. postgresql+psycopg://host/db. Env: SIGNERY_DATABASE_URL.",
+    ),
+]
+
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    try:
+        from signery.server.config import load_settings
+    except ImportError as e:
+        raise ConfigurationError(
+            "the server is not installed: pip install 'signery[server]'"
+        ) from e
+    return load_settings(config, **overrides)
+
+
+def init(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    database_url: DbUrlOpt = None,
+    admin_username: Annotated[str, typer.Option(help="Name of the bootstrap superuser.")] = "admin",
+    issuer: Annotated[
+        str | None, typer.Option(help="Issuer identifier (the `aud` of client assertions).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a new installation (database, master key, root TSG, built-in CA, superuser).
+
+    Safe to run again: an initialized installation is left untouched."""
+    from signery.server.bootstrap import initialize
+
+    settings = _settings(config, data_dir=data_dir, database_url=database_url, issuer=issuer)
+    result = initialize(settings, admin_username=admin_username)
+    emit(asdict(result), as_json, lambda: _print_init(result))
+
+
+def _master_key_source(result: InitResult) -> str:
+    where = result.master_key_file or "from SIGNERY_MASTER_KEY"
+    return f"{where} (id {result.master_key_id})"
+
+
+def _print_init(result: InitResult) -> None:
+    if not result.created:
+        out.print("[green]Already initialized[/]: nothing was changed.")
+        details(
+            [
+                ("root TSG", result.root_tsg_id),
+                ("issuer", result.issuer),
+                ("database", result.database_url),
+                (
+                    "master key",
+                    _master_key_source(result),
+                ),
+            ]
+        )
+        return
+    out.print("[green]Signery initialized.[/]")
+    details(
+        [
+            ("root TSG", result.root_tsg_id),
+            ("issuer", result.issuer),
+            ("database", result.database_url),
+            (
+                "master key",
+                _master_key_source(result),
+            ),
+            ("built-in CA", result.ca_root_subject),
+            ("superuser", result.admin_username),
+            ("password", result.admin_password),
+            ("API token", result.admin_token),
+        ]
+    )
+    err.print(
+        "[yellow]The password and API token are shown once and stored only as hashes. "
+        "Keep the master key file safe: without it no key can be used.[/]"
+    )
+
+
+def serve(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    database_url: DbUrlOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind. Env: SIGNERY_HOST.")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (0 picks a free one). Env: SIGNERY_PORT.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes. Env: SIGNERY_WORKERS.")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+) -> None:
+    """Run the Signery server (FastAPI on uvicorn)."""
+    import os
+
+    import uvicorn
+
+    from signery.server.app import create_app
+    from signery.server.ops.logging import configure_logging
+
+    settings = _settings(
+        config,
+        data_dir=data_dir,
+        database_url=database_url,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+    )
+    configure_logging(settings.log_level)
+    common = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,
+        "server_header": False,
+        "proxy_headers": False,  # client addresses come from trusted_proxies only
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.workers > 1:
+        # Each worker builds its app from the environment: hand the settings down.
+        for key, value in settings.model_dump(exclude_none=True).items():
+            if key in ("master_key",):
+                continue
+            os.environ[f"SIGNERY_{key.upper()}"] = (
+                json.dumps(value) if isinstance(value, list) else str(value)
+            )
+        if config is not None:
+            os.environ["SIGNERY_CONFIG"] = str(config)
+        uvicorn.run(
+            "signery.server.app:create_app_from_env",
+            factory=True,
+            workers=settings.workers,
+            **common,  # type: ignore[arg-type]
+        )
+    else:
+        app = create_app(settings)
+        uvicorn.run(app, **common)  # type: ignore[arg-type]
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    database_url: DbUrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply pending schema migrations (safe to run at any time)."""
+    from signery.server import migrate
+    from signery.server.db import make_engine
+
+    settings = _settings(config, data_dir=data_dir, database_url=database_url)
+    engine = make_engine(settings.resolved_database_url, pool_size=1)
+    try:
+        before = migrate.current_revision(engine)
+        migrate.upgrade(engine)
+        after = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    emit(
+        {"from": before, "to": after},
+        as_json,
+        lambda: out.print(f"schema: {before or 'empty'} -> {after}"),
+    )
+
+
+@db_app.command("current")
+def db_current(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    database_url: DbUrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the schema revision of the database and the newest one this version knows."""
+    from signery.server import migrate
+    from signery.server.db import make_engine
+
+    settings = _settings(config, data_dir=data_dir, database_url=database_url)
+    engine = make_engine(settings.resolved_database_url, pool_size=1)
+    try:
+        current = migrate.current_revision(engine)
+    finally:
+        engine.dispose()
+    head = migrate.head_revision()
+    emit(
+        {"current": current, "head": head},
+        as_json,
+        lambda: out.print(f"current: {current or 'empty'}  head: {head}"),
+    )

@@ -1,0 +1,33 @@
+"""The Signery client: digest locally, sign remotely.
+
+from signery.client import AccountCredentials, Client
+from signery.crypto import hash_file
+from signery.protocol import DigestAlgorithm
+
+creds = AccountCredentials.from_key_file(client_id, Path("ci.pem"))
+with Client("https://signery.example", credentials=creds) as client:
+    signer = client.signer("release")
+    signature = signer.sign(hash_file(Path("app.tar.gz"), DigestAlgorithm.SHA256))
+"""
+
+from signery.client._client import (
+    AccountCredentials,
+    Client,
+    ServerUnreachable,
+    UnexpectedResponse,
+    load_account_key,
+)
+from signery.client._profiles import DEFAULT_PROFILE, Profile, ProfileStore
+from signery.client._signer import RemoteSigner
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "AccountCredentials",
+    "Client",
+    "Profile",
+    "ProfileStore",
+    "RemoteSigner",
+    "ServerUnreachable",
+    "UnexpectedResponse",
+    "load_account_key",
+]

@@ -1,0 +1,324 @@
+"""The Signery HTTP client: signing plane for built-in accounts, REST for admins."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from pydantic import TypeAdapter, ValidationError
+
+from signery import __version__
+from signery import protocol as p
+from signery.crypto import Hashed
+from signery.errors import ClientError, SigneryError, error_from_problem
+
+if TYPE_CHECKING:
+    from signery.client._signer import RemoteSigner
+
+M = TypeVar("M")
+
+ASSERTION_LIFETIME_SECONDS = 60  # well under the server's 5-minute maximum
+TOKEN_REFRESH_MARGIN_SECONDS = 60
+DEFAULT_TIMEOUT = 30.0
+USER_AGENT = f"signery-client/{__version__}"
+
+
+class ServerUnreachable(ClientError):
+    code = "server_unreachable"
+    title = "Cannot reach the Signery server"
+
+
+class UnexpectedResponse(ClientError):
+    code = "unexpected_response"
+    title = "The server's answer was not understood"
+
+
+AccountPrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def load_account_key(path: Path) -> AccountPrivateKey:
+    """Load an account's private key file (PEM, PKCS#8 or traditional, unencrypted)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ClientError(f"cannot read key file {path}: {e.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ClientError(f"{path} is not an unencrypted PEM private key") from e
+    if not isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    ):
+        raise ClientError(f"{path}: {type(key).__name__} keys cannot authenticate")
+    return key
+
+
+def assertion_algorithm(key: AccountPrivateKey) -> str:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "PS256"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[key.curve.name]
+
+
+@dataclass(frozen=True)
+class AccountCredentials:
+    """A built-in account: its client id and private key (kept on the build machine)."""
+
+    client_id: str
+    private_key: AccountPrivateKey
+
+    @classmethod
+    def from_key_file(cls, client_id: str, key_file: Path) -> AccountCredentials:
+        try:
+            uuid.UUID(client_id)
+        except ValueError:
+            raise ClientError("client id must be a UUID") from None
+        return cls(client_id, load_account_key(key_file))
+
+    def assertion(self, audience: str, now: float | None = None) -> str:
+        """An RFC 7523 assertion: iss = sub = client id, aud = the server's issuer."""
+        issued = int(now if now is not None else time.time())
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": audience,
+            "iat": issued,
+            "exp": issued + ASSERTION_LIFETIME_SECONDS,
+            "jti": str(uuid.uuid4()),
+        }
+        return jwt.encode(claims, self.private_key, algorithm=assertion_algorithm(self.private_key))
+
+
+class Client:
+    """Talks to one Signery server.
+
+    ``credentials`` (a built-in account) authenticate the signing plane;
+    ``api_token`` (a user's personal token) authenticates management calls.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        credentials: AccountCredentials | None = None,
+        api_token: str | None = None,
+        verify: bool | str = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if not server.startswith(("http://", "https://")):
+            raise ClientError("the server URL must start with https:// (or http:// for local use)")
+        self.server = server.rstrip("/")
+        self._credentials = credentials
+        self._api_token = api_token
+        self._http = httpx.Client(
+            base_url=self.server,
+            verify=verify,
+            timeout=timeout,
+            headers={"User-Agent": USER_AGENT},
+            transport=transport,
+        )
+        self._access_token: str | None = None
+        self._access_expires = 0.0
+        self._issuer: str | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------ discovery and tokens
+
+    def metadata(self) -> p.ServerMetadata:
+        return self._parse(p.ServerMetadata, self._send("GET", f"{p.API_PREFIX}/meta", auth=None))
+
+    def access_token(self, *, refresh: bool = False) -> str:
+        """A valid access token for the account, fetched again shortly before expiry."""
+        if self._credentials is None:
+            raise ClientError(
+                "no account credentials: run `signery login --client-id ... --key-file ...`"
+            )
+        with self._lock:
+            if refresh or self._access_token is None or time.time() > self._access_expires:
+                if self._issuer is None:
+                    self._issuer = self.metadata().issuer
+                assertion = self._credentials.assertion(self._issuer)
+                response = self._send(
+                    "POST",
+                    f"{p.API_PREFIX}/oauth/token",
+                    auth=None,
+                    data={"grant_type": p.JWT_BEARER_GRANT, "assertion": assertion},
+                )
+                token = self._parse(p.TokenResponse, response)
+                self._access_token = token.access_token
+                self._access_expires = time.time() + token.expires_in - TOKEN_REFRESH_MARGIN_SECONDS
+            return self._access_token
+
+    # ------------------------------------------------------------ signing plane
+
+    def keys(self) -> list[p.SigningKeySummary]:
+        """Keys this account may sign with."""
+        return self._parse(
+            list[p.SigningKeySummary], self._signing("GET", f"{p.API_PREFIX}/signing/keys")
+        )
+
+    def key(self, name: str) -> p.SigningKeySummary:
+        matches = [k for k in self.keys() if name in (k.name, k.id)]
+        if not matches:
+            raise error_from_problem(
+                {"code": "key_not_found", "detail": f"no usable key named {name!r}"}
+            )
+        if len(matches) > 1:
+            raise error_from_problem(
+                {
+                    "code": "key_name_ambiguous",
+                    "detail": f"several keys are named {name!r}; use the key id",
+                }
+            )
+        return matches[0]
+
+    def sign(
+        self,
+        key: str,
+        hashed: Hashed,
+        scheme: p.SignatureScheme,
+        *,
+        client_info: p.ClientInfo | None = None,
+    ) -> p.SignResponse:
+        """Send a digest, get a signature (already verified by the server)."""
+        body = {
+            "digest": base64.b64encode(hashed.digest).decode("ascii"),
+            "digest_algorithm": hashed.algorithm.value,
+            "scheme": scheme.value,
+        }
+        if client_info is not None:
+            body["client"] = client_info.model_dump(exclude_none=True)  # type: ignore[assignment]
+        path = f"{p.API_PREFIX}/signing/keys/{_segment(key)}/sign"
+        return self._parse(p.SignResponse, self._signing("POST", path, json=body))
+
+    def signer(self, key: str, *, client_info: p.ClientInfo | None = None) -> RemoteSigner:
+        from signery.client._signer import RemoteSigner
+
+        return RemoteSigner.from_summary(self, self.key(key), client_info=client_info)
+
+    # ------------------------------------------------------------ management plane
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> M:
+        """A management API call with the user's API token (or Basic ``auth``)."""
+        response = self._management(method, path, json=json, params=params, basic=auth)
+        return self._parse(model, response)
+
+    def call_text(self, path: str, params: Mapping[str, Any] | None = None) -> str:
+        return self._management("GET", path, params=params).text
+
+    def call_empty(self, method: str, path: str) -> None:
+        self._management(method, path)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _management(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        basic: tuple[str, str] | None = None,
+    ) -> httpx.Response:
+        if basic is not None:
+            raw = base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode("ascii")
+            return self._send(method, path, auth=f"Basic {raw}", json=json, params=params)
+        if not self._api_token:
+            raise ClientError(
+                "no API token: run `signery login --api-token ...` or set SIGNERY_API_TOKEN"
+            )
+        return self._send(method, path, auth=f"Bearer {self._api_token}", json=json, params=params)
+
+    def _signing(self, method: str, path: str, json: Any = None) -> httpx.Response:
+        try:
+            return self._send(method, path, auth=f"Bearer {self.access_token()}", json=json)
+        except SigneryError as e:
+            if e.code != "invalid_token":
+                raise
+        # The token may have been revoked by a server restart with a new key: retry once.
+        return self._send(method, path, auth=f"Bearer {self.access_token(refresh=True)}", json=json)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        auth: str | None,
+        json: Any = None,
+        data: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> httpx.Response:
+        headers = {"Authorization": auth} if auth else {}
+        try:
+            response = self._http.request(
+                method,
+                path,
+                json=json,
+                data=data,
+                params={k: v for k, v in (params or {}).items() if v is not None},
+                headers=headers,
+            )
+        except httpx.TransportError as e:
+            raise ServerUnreachable(f"cannot reach {self.server}: {type(e).__name__}") from None
+        if response.is_success:
+            return response
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = None
+        if isinstance(problem, dict) and "code" in problem:
+            raise error_from_problem(problem)
+        raise UnexpectedResponse(f"HTTP {response.status_code} from {self.server}{path}")
+
+    @staticmethod
+    def _parse(model: type[M], response: httpx.Response) -> M:
+        try:
+            adapter: TypeAdapter[M] = _adapter(model)  # type: ignore[arg-type]
+            return adapter.validate_json(response.content)
+        except ValidationError as e:
+            raise UnexpectedResponse(
+                f"the server's answer did not match {model}: {e.error_count()} errors"
+            ) from None
+
+
+@functools.cache
+def _adapter(model: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(model)
+
+
+def _segment(value: str) -> str:
+    """A URL path segment: refuse anything that could change the path."""
+    if not value or any(c in value for c in "/?#%\\") or value in (".", ".."):
+        raise ClientError(f"invalid key reference {value!r}")
+    return value

@@ -1,0 +1,69 @@
+"""RemoteSigner: what a signature format sees of a key that lives on the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+
+from signery import protocol as p
+from signery.crypto import Hashed, PublicKey, default_digest, default_scheme, load_public_key_pem
+
+if TYPE_CHECKING:
+    from signery.client._client import Client
+
+
+@dataclass
+class RemoteSigner:
+    """A key by name: its algorithm, public key, certificate chain and ``sign(digest)``.
+
+    Formats compute the digest locally and call :meth:`sign`; they never see HTTP.
+    """
+
+    client: Client
+    key_name: str
+    key_id: str
+    algorithm: p.Algorithm
+    public_key: PublicKey
+    certificate_chain: list[x509.Certificate]
+    client_info: p.ClientInfo | None = None
+    last_response: p.SignResponse | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_summary(
+        cls,
+        client: Client,
+        summary: p.SigningKeySummary,
+        *,
+        client_info: p.ClientInfo | None = None,
+    ) -> RemoteSigner:
+        chain = [
+            x509.load_pem_x509_certificate(pem.encode("ascii")) for pem in summary.certificate_chain
+        ]
+        return cls(
+            client=client,
+            key_name=summary.name,
+            key_id=summary.id,
+            algorithm=summary.algorithm,
+            public_key=load_public_key_pem(summary.public_key_pem),
+            certificate_chain=chain,
+            client_info=client_info,
+        )
+
+    @property
+    def default_digest(self) -> p.DigestAlgorithm:
+        return default_digest(self.algorithm)
+
+    @property
+    def default_scheme(self) -> p.SignatureScheme:
+        return default_scheme(self.algorithm)
+
+    def sign(self, hashed: Hashed, scheme: p.SignatureScheme | None = None) -> bytes:
+        """Sign a digest with the key's current version; the response is kept in
+        ``last_response`` (key version, chain) for formats that embed it."""
+        response = self.client.sign(
+            self.key_id, hashed, scheme or self.default_scheme, client_info=self.client_info
+        )
+        self.last_response = response
+        return response.signature

@@ -1,0 +1,73 @@
+"""What every signature format provides; formats see a RemoteSigner, never HTTP."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from signery.client._signer import RemoteSigner
+from signery.crypto import PublicKey
+from signery.protocol import DigestAlgorithm, SignatureScheme
+
+
+@dataclass(frozen=True, slots=True)
+class SignOptions:
+    digest_algorithm: DigestAlgorithm | None = None
+    scheme: SignatureScheme | None = None
+    progress: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult:
+    file: Path
+    output: Path
+    digest_algorithm: DigestAlgorithm
+    digest: str
+    key_name: str
+    key_version: int | None
+    scheme: SignatureScheme
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    file: Path
+    signature: Path
+    valid: bool
+    detail: str
+
+
+class SignatureFormat(Protocol):
+    name: str
+
+    def default_output(self, file: Path) -> Path: ...
+
+    def sign(
+        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
+    ) -> SignResult: ...
+
+    def verify(
+        self,
+        file: Path,
+        signature: Path,
+        public_keys: list[PublicKey],
+        options: SignOptions,
+    ) -> VerifyResult: ...
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename: a crash never leaves
+    a half-written signature, and an existing file is replaced in one step."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
