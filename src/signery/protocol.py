@@ -405,6 +405,7 @@ class AuditPrincipal(ResponseModel):
 
 class AuditEvent(ResponseModel):
     id: str
+    seq: int = Field(description="Position in this database's audit trail (the paging cursor)")
     time: datetime
     kind: str
     outcome: AuditOutcome

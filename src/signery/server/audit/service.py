@@ -38,6 +38,7 @@ class EventFilter:
 def event_to_wire(row: AuditEventRow) -> p.AuditEvent:
     return p.AuditEvent(
         id=row.id,
+        seq=row.seq,
         time=row.time,
         kind=row.kind,
         outcome=AuditOutcome(row.outcome),

@@ -245,8 +245,7 @@ class SigningService:
     async def _sign_checked(
         self, claims: AccessClaims, key_ref: str, body: bytes, attempt: _Attempt
     ) -> _Signed:
-        account, key = await anyio.to_thread.run_sync(self._lookup, claims, key_ref)
-        attempt.account, attempt.key = account, key
+        account, key = await anyio.to_thread.run_sync(self._lookup, claims, key_ref, attempt)
         parsed = parse_sign_request(body)
         attempt.hashed = parsed.hashed
         check_scheme(key.algorithm, parsed.scheme)
@@ -263,11 +262,14 @@ class SigningService:
             raise SignatureVerificationFailed()
         return _Signed(account, key, parsed, signature)
 
-    def _lookup(self, claims: AccessClaims, key_ref: str) -> tuple[SigningAccount, UsableKey]:
+    def _lookup(
+        self, claims: AccessClaims, key_ref: str, attempt: _Attempt
+    ) -> tuple[SigningAccount, UsableKey]:
         """One database read: the account is still enabled, and the key it asks for."""
         with self._db.read() as s:
-            account = self._account(s, claims)
-            return account, self._usable_key(s, account, key_ref)
+            attempt.account = self._account(s, claims)
+            attempt.key = self._usable_key(s, attempt.account, key_ref)
+            return attempt.account, attempt.key
 
     async def _refused(
         self,

@@ -1,0 +1,403 @@
+"""Test support: databases, installations, server processes and an API helper.
+
+Everything here is real: SQLite files, PostgreSQL databases created on the
+local server for each installation, `signery serve` subprocesses on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from signery.client import AccountCredentials
+from signery.protocol import JWT_BEARER_GRANT
+from signery.server.bootstrap import InitResult, initialize
+from signery.server.config import Settings, load_settings
+
+PG_ADMIN_DSN = os.environ.get(
+    "SIGNERY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_ALL = os.environ.get("SIGNERY_TEST_REQUIRE_ALL") == "1"
+SIGNERY = str(Path(sys.executable).with_name("signery"))
+
+
+def missing(what: str) -> None:
+    """Skip when a real dependency is absent on a developer machine; in CI
+    (SIGNERY_TEST_REQUIRE_ALL=1) a missing dependency is a failure, never a skip."""
+    if REQUIRE_ALL:
+        pytest.fail(f"{what} is required in CI but missing")
+    pytest.skip(f"{what} not available")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing(name)
+    assert path is not None
+    return path
+
+
+# ------------------------------------------------------------------ clock
+
+
+class FakeClock:
+    """Real time plus an adjustable offset."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+# ------------------------------------------------------------------ databases
+
+
+def pg_available() -> bool:
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database; dropped afterwards."""
+    if not pg_available():
+        missing("PostgreSQL on 127.0.0.1:5432")
+    name = f"signery_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def database_url_for(backend: str, data_dir: Path) -> Iterator[str | None]:
+    """None means the SQLite default inside data_dir."""
+    if backend == "sqlite":
+        yield None
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@dataclass
+class Installation:
+    settings: Settings
+    init: InitResult
+    backend: str
+
+    @property
+    def admin_token(self) -> str:
+        assert self.init.admin_token
+        return self.init.admin_token
+
+
+@contextlib.contextmanager
+def new_installation(backend: str, data_dir: Path, **overrides: Any) -> Iterator[Installation]:
+    with database_url_for(backend, data_dir) as url:
+        settings = load_settings(data_dir=data_dir, database_url=url, access_log=False, **overrides)
+        yield Installation(settings, initialize(settings), backend)
+
+
+# ------------------------------------------------------------------ server processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def server_env(installation: Installation, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNERY_")}
+    env["SIGNERY_DATA_DIR"] = str(installation.settings.data_dir)
+    if installation.settings.database_url:
+        env["SIGNERY_DATABASE_URL"] = installation.settings.database_url
+    env["SIGNERY_LOG_LEVEL"] = "warning"
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def running_server(
+    installation: Installation, *, node: str = "node-a", **env: str
+) -> Iterator[ServerProcess]:
+    """A real `signery serve` process on a free loopback port."""
+    port = free_port()
+    log = installation.settings.data_dir / f"server-{node}-{port}.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [SIGNERY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env(installation, SIGNERY_NODE_ID=node, **env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not become ready:\n{server.log_tail()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------ JWT crafting (for attacks)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def raw_jwt(
+    header: dict[str, Any],
+    claims: dict[str, Any],
+    signature: bytes = b"",
+    *,
+    hmac_key: bytes | None = None,
+) -> str:
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
+    if hmac_key is not None:
+        signature = hmac.new(hmac_key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(signature)}"
+
+
+def assertion_claims(
+    client_id: str, audience: Any, *, lifetime: int = 60, iat_offset: int = 0, **extra: Any
+) -> dict[str, Any]:
+    iat = int(time.time()) + iat_offset
+    claims: dict[str, Any] = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "iat": iat,
+        "exp": iat + lifetime,
+        "jti": str(uuid.uuid4()),
+    }
+    claims.update(extra)
+    return claims
+
+
+# ------------------------------------------------------------------ API helper
+
+
+@dataclass
+class Account:
+    id: str
+    client_id: str
+    tsg_id: str
+    private_key_pem: str
+    name: str
+
+    def credentials(self) -> AccountCredentials:
+        key = serialization.load_pem_private_key(self.private_key_pem.encode(), None)
+        return AccountCredentials(self.client_id, key)  # type: ignore[arg-type]
+
+
+@dataclass
+class Api:
+    """Calls a Signery server (a TestClient or an httpx.Client on a real process)."""
+
+    http: httpx.Client
+    admin_token: str
+    issuer: str
+    root_tsg_id: str
+    _names: int = field(default=0)
+
+    def unique(self, prefix: str) -> str:
+        self._names += 1
+        return f"{prefix}-{self._names}-{uuid.uuid4().hex[:6]}"
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def ok(self, response: httpx.Response, status: int = 200) -> Any:
+        assert response.status_code == status, f"{response.status_code}: {response.text}"
+        return response.json()
+
+    # management
+    def create_tsg(self, name: str | None = None, parent: str | None = None) -> dict[str, Any]:
+        body = {"name": name or self.unique("tsg"), "parent_id": parent or self.root_tsg_id}
+        return self.ok(self.http.post("/api/v1/tsgs", json=body, headers=self.admin), 201)  # type: ignore[no-any-return]
+
+    def create_account(self, tsg_id: str, **body: Any) -> Account:
+        body.setdefault("name", self.unique("acct"))
+        data = self.ok(
+            self.http.post("/api/v1/accounts", json={"tsg_id": tsg_id, **body}, headers=self.admin),
+            201,
+        )
+        return Account(
+            data["id"],
+            data["client_id"],
+            data["tsg_id"],
+            data.get("private_key_pem") or "",
+            data["name"],
+        )
+
+    def create_key(
+        self, tsg_id: str, algorithm: str = "EC_P256", ca: str = "builtin", **body: Any
+    ) -> dict[str, Any]:
+        payload = {
+            "name": self.unique("key"),
+            "tsg_id": tsg_id,
+            "algorithm": algorithm,
+            "certificate_authority": ca,
+        }
+        payload.update(body)
+        return self.ok(self.http.post("/api/v1/keys", json=payload, headers=self.admin), 201)  # type: ignore[no-any-return]
+
+    def token_response(self, assertion: str) -> httpx.Response:
+        return self.http.post(
+            "/api/v1/oauth/token", data={"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
+        )
+
+    def access_token(self, account: Account) -> str:
+        data = self.ok(self.token_response(account.credentials().assertion(self.issuer)))
+        return str(data["access_token"])
+
+    def sign(
+        self,
+        token: str,
+        key: str,
+        digest: bytes,
+        digest_algorithm: str = "sha256",
+        scheme: str = "ecdsa",
+    ) -> httpx.Response:
+        return self.http.post(
+            f"/api/v1/signing/keys/{key}/sign",
+            json={
+                "digest": base64.b64encode(digest).decode(),
+                "digest_algorithm": digest_algorithm,
+                "scheme": scheme,
+            },
+            headers={"Authorization": f"Bearer {token}"},
+        )
+
+    # audit and usage
+    def last_seq(self) -> int:
+        page = self.ok(
+            self.http.get(
+                "/api/v1/audit/events", params={"order": "desc", "limit": 1}, headers=self.admin
+            )
+        )
+        return int(page["events"][0]["seq"]) if page["events"] else 0
+
+    def events_after(self, seq: int) -> list[dict[str, Any]]:
+        page = self.ok(
+            self.http.get(
+                "/api/v1/audit/events", params={"cursor": seq, "limit": 1000}, headers=self.admin
+            )
+        )
+        return page["events"]  # type: ignore[no-any-return]
+
+    def usage(self) -> dict[tuple[str, str], dict[str, Any]]:
+        report = self.ok(self.http.get("/api/v1/usage", headers=self.admin))
+        return {(c["subject_type"], c["subject_id"]): c for c in report["counters"]}
+
+    def counter(
+        self, usage: dict[tuple[str, str], dict[str, Any]], kind: str, subject: str
+    ) -> tuple[int, int]:
+        c = usage.get((kind, subject))
+        return (c["successes"], c["failures"]) if c else (0, 0)
+
+
+@contextlib.contextmanager
+def refused_once(
+    api: Api,
+    *,
+    reason: str,
+    kind: str | None = None,
+    account_id: str | None = None,
+    key_id: str | None = None,
+    failures_counted: bool = False,
+) -> Iterator[None]:
+    """The contract of every refusal: exactly one new audit event with the expected
+    reason code, no success counted anywhere, failures counted only where
+    attributable, and the server still ready afterwards."""
+    seq = api.last_seq()
+    usage = api.usage()
+    yield
+    events = api.events_after(seq)
+    assert len(events) == 1, (
+        f"expected exactly one audit event, got {[(e['kind'], e['reason']) for e in events]}"
+    )
+    assert events[0]["reason"] == reason, events[0]
+    assert events[0]["outcome"] != "succeeded"
+    if kind is not None:
+        assert events[0]["kind"] == kind, events[0]
+    after = api.usage()
+    for (scope, subject), counter in after.items():
+        before = usage.get((scope, subject), {"successes": 0, "failures": 0})
+        assert counter["successes"] == before["successes"], (
+            f"a success was counted for {scope} {subject}"
+        )
+        expected_failures = before["failures"]
+        if failures_counted and subject in (account_id, key_id):
+            expected_failures += 1
+        assert counter["failures"] == expected_failures, f"failures for {scope} {subject}"
+    if failures_counted:
+        for scope, subject in (("account", account_id), ("key", key_id)):
+            if subject is not None:
+                assert (
+                    api.counter(after, scope, subject)[1]
+                    == api.counter(usage, scope, subject)[1] + 1
+                )
+    assert api.http.get("/readyz").status_code == 200
