@@ -309,8 +309,8 @@ class Api:
             "/api/v1/oauth/token", data={"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
         )
 
-    def access_token(self, account: Account) -> str:
-        data = self.ok(self.token_response(account.credentials().assertion(self.issuer)))
+    def access_token(self, account: Account, now: float | None = None) -> str:
+        data = self.ok(self.token_response(account.credentials().assertion(self.issuer, now=now)))
         return str(data["access_token"])
 
     def sign(

@@ -291,6 +291,11 @@ class DatabaseUnavailable(Unavailable):
     title = "Database unavailable"
 
 
+class DatabaseError(SigneryError):
+    code = "database_error"
+    title = "The database refused the operation"
+
+
 class KeyStoreUnavailable(Unavailable):
     code = "keystore_unavailable"
     title = "Key store unavailable"

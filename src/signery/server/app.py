@@ -32,11 +32,16 @@ from signery.server.users.routes import router as users_router
 
 
 def create_app(
-    settings: Settings, *, clock: Clock | None = None, master_key: MasterKey | None = None
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    master_key: MasterKey | None = None,
+    core: Core | None = None,
 ) -> FastAPI:
     """Build a Signery server. Refuses (ConfigurationError) an uninitialized or
-    mismatched installation before serving anything."""
-    services = Services(Core.build(settings, clock=clock, master_key=master_key))
+    mismatched installation before serving anything. ``core`` lets a caller pass
+    its own collaborators (e.g. another key store implementation)."""
+    services = Services(core or Core.build(settings, clock=clock, master_key=master_key))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

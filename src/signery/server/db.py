@@ -17,14 +17,14 @@ from typing import Any
 from sqlalchemy import DateTime, Dialect, Engine, MetaData, Table, create_engine, event, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.orm import Session as Session
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeDecorator
 
-from signery.errors import ConfigurationError, DatabaseUnavailable
+from signery.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 
@@ -204,6 +204,9 @@ class Database:
                 yield session
         except (OperationalError, InterfaceError) as e:
             raise DatabaseUnavailable("the database is unavailable") from e
+        except SQLAlchemyError as e:
+            # Reported by type only: a driver message can quote the values written.
+            raise DatabaseError(f"the database refused the change ({type(e).__name__})") from e
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -214,6 +217,8 @@ class Database:
                 yield session
         except (OperationalError, InterfaceError) as e:
             raise DatabaseUnavailable("the database is unavailable") from e
+        except SQLAlchemyError as e:
+            raise DatabaseError(f"database error ({type(e).__name__})") from e
 
     def ping(self) -> bool:
         try:
@@ -225,3 +230,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def flush_unique(session: Session, conflict: Exception) -> None:
+    """Flush pending rows; a unique-constraint violation raised here means the name
+    (or id) is taken, so it becomes ``conflict``. Any other database error keeps
+    its own meaning: only this flush is interpreted, never a whole transaction."""
+    try:
+        session.flush()
+    except IntegrityError as e:
+        raise conflict from e

@@ -8,7 +8,6 @@ from datetime import timedelta
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -20,7 +19,7 @@ from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
-from signery.server.db import Database, new_id
+from signery.server.db import Database, flush_unique, new_id
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
 
@@ -148,55 +147,52 @@ class AccountService:
             private_pem, public_key = generate_account_key(req.key_algorithm)
             key_algorithm = account_key_algorithm(public_key)
         now = self._clock.now()
-        try:
-            with self._db.write() as s:
-                path = self._directory.path(s, tsg_id)
-                if path is None:
-                    raise TsgNotFound()
-                self._authz.require(
-                    principal, Permission.ACCOUNT_MANAGE, path, not_found=TsgNotFound
+        with self._db.write() as s:
+            path = self._directory.path(s, tsg_id)
+            if path is None:
+                raise TsgNotFound()
+            self._authz.require(principal, Permission.ACCOUNT_MANAGE, path, not_found=TsgNotFound)
+            if s.scalar(
+                select(AccountRow.id).where(
+                    AccountRow.tsg_id == tsg_id, AccountRow.name == req.name
                 )
-                if s.scalar(
-                    select(AccountRow.id).where(
-                        AccountRow.tsg_id == tsg_id, AccountRow.name == req.name
-                    )
-                ):
-                    raise NameTaken(f"an account named {req.name!r} already exists in TSG {tsg_id}")
-                row = AccountRow(
-                    id=new_id(),
-                    client_id=str(uuid.uuid4()),
-                    name=req.name,
+            ):
+                raise NameTaken(f"an account named {req.name!r} already exists in TSG {tsg_id}")
+            row = AccountRow(
+                id=new_id(),
+                client_id=str(uuid.uuid4()),
+                name=req.name,
+                tsg_id=tsg_id,
+                status=AccountStatus.ACTIVE.value,
+                valid_until=now + timedelta(days=req.validity_days),
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(row)
+            flush_unique(
+                s, NameTaken(f"an account named {req.name!r} already exists in TSG {tsg_id}")
+            )
+            self._add_key(s, row, public_key, key_algorithm)
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.ACCOUNT_CREATED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
                     tsg_id=tsg_id,
-                    status=AccountStatus.ACTIVE.value,
-                    valid_until=now + timedelta(days=req.validity_days),
-                    created_at=now,
-                    updated_at=now,
-                )
-                s.add(row)
-                s.flush()
-                self._add_key(s, row, public_key, key_algorithm)
-                self._recorder.record(
-                    s,
-                    AuditRecord(
-                        EventKind.ACCOUNT_CREATED,
-                        AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
-                        tsg_id=tsg_id,
-                        tsg_path=path,
-                        context=ctx,
-                        details={
-                            "account_id": row.id,
-                            "client_id": row.client_id,
-                            "name": row.name,
-                            "key_origin": "uploaded" if private_pem is None else "generated",
-                            "key_fingerprint": public_key_fingerprint(public_key),
-                            "validity_days": req.validity_days,
-                        },
-                    ),
-                )
-                wire = self._wire(s, row)
-        except IntegrityError as e:
-            raise NameTaken(f"an account named {req.name!r} already exists in TSG {tsg_id}") from e
+                    tsg_path=path,
+                    context=ctx,
+                    details={
+                        "account_id": row.id,
+                        "client_id": row.client_id,
+                        "name": row.name,
+                        "key_origin": "uploaded" if private_pem is None else "generated",
+                        "key_fingerprint": public_key_fingerprint(public_key),
+                        "validity_days": req.validity_days,
+                    },
+                ),
+            )
+            wire = self._wire(s, row)
         return p.AccountCreated(**wire.model_dump(), private_key_pem=private_pem)
 
     def _add_key(
@@ -213,7 +209,7 @@ class AccountService:
             created_at=self._clock.now(),
         )
         s.add(row)
-        s.flush()
+        flush_unique(s, NameTaken("this public key is already registered for the account"))
         return row
 
     def _visible(
@@ -278,29 +274,24 @@ class AccountService:
         self, principal: Principal, ref: str, req: p.AccountKeyAdd, ctx: RequestContext
     ) -> p.Account:
         key, algorithm = parse_account_public_key(req.public_key_pem)
-        try:
-            with self._db.write() as s:
-                row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE)
-                count = len(
-                    s.scalars(
-                        select(AccountKeyRow.id).where(AccountKeyRow.account_id == row.id)
-                    ).all()
-                )
-                if count >= MAX_KEYS_PER_ACCOUNT:
-                    raise InvalidRequest(f"an account holds at most {MAX_KEYS_PER_ACCOUNT} keys")
-                added = self._add_key(s, row, key, algorithm)
-                self._recorder.record(
-                    s,
-                    AuditRecord(
-                        EventKind.ACCOUNT_KEY_ADDED,
-                        AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
-                        tsg_id=row.tsg_id,
-                        tsg_path=path,
-                        context=ctx,
-                        details={"account_id": row.id, "key_fingerprint": added.fingerprint},
-                    ),
-                )
-                return self._wire(s, row)
-        except IntegrityError as e:
-            raise NameTaken("this public key is already registered for the account") from e
+        with self._db.write() as s:
+            row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE)
+            count = len(
+                s.scalars(select(AccountKeyRow.id).where(AccountKeyRow.account_id == row.id)).all()
+            )
+            if count >= MAX_KEYS_PER_ACCOUNT:
+                raise InvalidRequest(f"an account holds at most {MAX_KEYS_PER_ACCOUNT} keys")
+            added = self._add_key(s, row, key, algorithm)
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.ACCOUNT_KEY_ADDED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=row.tsg_id,
+                    tsg_path=path,
+                    context=ctx,
+                    details={"account_id": row.id, "key_fingerprint": added.fingerprint},
+                ),
+            )
+            return self._wire(s, row)

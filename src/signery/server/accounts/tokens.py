@@ -355,33 +355,34 @@ class TokenService:
     def _consume_jti_and_record(
         self, account: AccountRow, claims: dict[str, Any], ctx: RequestContext
     ) -> None:
+        """Spend the jti and record the issuance in one transaction."""
         expires_at = datetime.fromtimestamp(int(claims["exp"]), UTC) + CLOCK_SKEW
-        try:
-            with self._db.write() as s:
-                s.add(
-                    UsedAssertionRow(
-                        client_id=account.client_id, jti=claims["jti"], expires_at=expires_at
-                    )
+        with self._db.write() as s:
+            s.add(
+                UsedAssertionRow(
+                    client_id=account.client_id, jti=claims["jti"], expires_at=expires_at
                 )
+            )
+            try:
                 s.flush()
-                self._recorder.record(
-                    s,
-                    AuditRecord(
-                        EventKind.TOKEN_ISSUED,
-                        AuditOutcome.SUCCEEDED,
-                        Actor(PrincipalType.ACCOUNT, account.id, account.name),
-                        tsg_id=account.tsg_id,
-                        tsg_path=self._directory.path(s, account.tsg_id),
-                        context=ctx,
-                        details={
-                            "client_id": account.client_id,
-                            "expires_in": int(ACCESS_TOKEN_LIFETIME.total_seconds()),
-                        },
-                    ),
-                )
-        except IntegrityError:
-            # Another request (on any replica) already used this jti.
-            raise AssertionReplayed() from None
+            except IntegrityError:
+                # The primary key says another request, on any replica, used this jti.
+                raise AssertionReplayed() from None
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.TOKEN_ISSUED,
+                    AuditOutcome.SUCCEEDED,
+                    Actor(PrincipalType.ACCOUNT, account.id, account.name),
+                    tsg_id=account.tsg_id,
+                    tsg_path=self._directory.path(s, account.tsg_id),
+                    context=ctx,
+                    details={
+                        "client_id": account.client_id,
+                        "expires_in": int(ACCESS_TOKEN_LIFETIME.total_seconds()),
+                    },
+                ),
+            )
 
     def _refused(
         self,

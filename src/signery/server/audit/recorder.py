@@ -31,6 +31,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from signery.errors import AuditUnavailable, ErrorKind, SigneryError
@@ -185,7 +186,11 @@ class AuditRecorder:
     def record(self, session: Session, record: AuditRecord) -> str:
         """Add an event to the caller's transaction; it commits with the change it records."""
         row = self._row(record)
-        session.execute(insert(_EVENTS), [row])
+        try:
+            session.execute(insert(_EVENTS), [row])
+        except SQLAlchemyError as e:
+            # Fail closed: the change this event records must not commit without it.
+            raise AuditUnavailable() from e
         return str(row["id"])
 
     def submit(self, record: AuditRecord, usage: UsageDelta | None = None) -> Future[str]:

@@ -10,7 +10,6 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import or_, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -30,7 +29,7 @@ from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
-from signery.server.db import Database, new_id
+from signery.server.db import Database, flush_unique, new_id
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
@@ -170,7 +169,9 @@ class KeyService:
                     updated_at=now,
                 )
                 s.add(key)
-                s.flush()
+                flush_unique(
+                    s, NameTaken(f"a key named {req.name!r} already exists in TSG {tsg_id}")
+                )
                 version = KeyVersionRow(
                     id=version_id,
                     key_id=key_id,
@@ -214,10 +215,8 @@ class KeyService:
                     ),
                 )
                 wire = self._wire(s, key)
-        except BaseException as e:
+        except BaseException:
             store.destroy(generated.handle)
-            if isinstance(e, IntegrityError):
-                raise NameTaken(f"a key named {req.name!r} already exists in TSG {tsg_id}") from e
             raise
         return wire
 

@@ -7,7 +7,6 @@ import threading
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -17,7 +16,7 @@ from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, Eve
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
-from signery.server.db import Database
+from signery.server.db import Database, flush_unique
 from signery.server.tsg.models import TsgRow
 
 TSG_ID_MIN = 1_000_000_000  # 10 digits, no leading zero
@@ -109,37 +108,34 @@ class TsgService:
 
     def create(self, principal: Principal, req: p.TsgCreate, ctx: RequestContext) -> p.Tsg:
         parent_id = req.parent_id or principal.tsg_id
-        try:
-            with self._db.write() as s:
-                parent = s.get(TsgRow, parent_id)
-                if parent is None:
-                    raise TsgNotFound()
-                self._authz.require(
-                    principal, Permission.TSG_CREATE, parent.path, not_found=TsgNotFound
-                )
-                if parent.depth + 1 >= MAX_DEPTH:
-                    raise InvalidRequest(f"TSG trees are limited to {MAX_DEPTH} levels")
-                if s.scalar(
-                    select(TsgRow.id).where(TsgRow.parent_id == parent.id, TsgRow.name == req.name)
-                ):
-                    raise NameTaken(f"a TSG named {req.name!r} already exists under {parent.id}")
-                row = insert_tsg(s, req.name, parent, self._clock.now())
-                s.flush()
-                self._recorder.record(
-                    s,
-                    AuditRecord(
-                        EventKind.TSG_CREATED,
-                        AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
-                        tsg_id=row.id,
-                        tsg_path=row.path,
-                        context=ctx,
-                        details={"name": row.name, "parent_id": parent.id},
-                    ),
-                )
-                return to_wire(row)
-        except IntegrityError as e:
-            raise NameTaken(f"a TSG named {req.name!r} already exists there") from e
+        with self._db.write() as s:
+            parent = s.get(TsgRow, parent_id)
+            if parent is None:
+                raise TsgNotFound()
+            self._authz.require(
+                principal, Permission.TSG_CREATE, parent.path, not_found=TsgNotFound
+            )
+            if parent.depth + 1 >= MAX_DEPTH:
+                raise InvalidRequest(f"TSG trees are limited to {MAX_DEPTH} levels")
+            if s.scalar(
+                select(TsgRow.id).where(TsgRow.parent_id == parent.id, TsgRow.name == req.name)
+            ):
+                raise NameTaken(f"a TSG named {req.name!r} already exists under {parent.id}")
+            row = insert_tsg(s, req.name, parent, self._clock.now())
+            flush_unique(s, NameTaken(f"a TSG named {req.name!r} already exists there"))
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.TSG_CREATED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=row.id,
+                    tsg_path=row.path,
+                    context=ctx,
+                    details={"name": row.name, "parent_id": parent.id},
+                ),
+            )
+            return to_wire(row)
 
     def get(self, principal: Principal, tsg_id: str) -> p.Tsg:
         with self._db.read() as s:

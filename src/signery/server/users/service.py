@@ -12,7 +12,6 @@ from datetime import datetime, timedelta
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -29,7 +28,7 @@ from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Authorizer, Binding, Permission, Principal
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
-from signery.server.db import Database, new_id
+from signery.server.db import Database, flush_unique, new_id
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
 from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow
@@ -140,29 +139,26 @@ class UserService:
         tsg_id = req.tsg_id or principal.tsg_id
         password = req.password or secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
         password_hash = self.hash_password(password)
-        try:
-            with self._db.write() as s:
-                path = self._directory.path(s, tsg_id)
-                if path is None:
-                    raise TsgNotFound()
-                self._authz.require(principal, Permission.USER_MANAGE, path, not_found=TsgNotFound)
-                if s.scalar(select(UserRow.id).where(UserRow.username == req.username)):
-                    raise NameTaken(f"username {req.username!r} is taken")
-                row = self.insert_user(s, req.username, password_hash, tsg_id)
-                self._recorder.record(
-                    s,
-                    AuditRecord(
-                        EventKind.USER_CREATED,
-                        AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
-                        tsg_id=tsg_id,
-                        tsg_path=path,
-                        context=ctx,
-                        details={"user_id": row.id, "username": row.username},
-                    ),
-                )
-        except IntegrityError as e:
-            raise NameTaken(f"username {req.username!r} is taken") from e
+        with self._db.write() as s:
+            path = self._directory.path(s, tsg_id)
+            if path is None:
+                raise TsgNotFound()
+            self._authz.require(principal, Permission.USER_MANAGE, path, not_found=TsgNotFound)
+            if s.scalar(select(UserRow.id).where(UserRow.username == req.username)):
+                raise NameTaken(f"username {req.username!r} is taken")
+            row = self.insert_user(s, req.username, password_hash, tsg_id)
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.USER_CREATED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=tsg_id,
+                    tsg_path=path,
+                    context=ctx,
+                    details={"user_id": row.id, "username": row.username},
+                ),
+            )
         return p.UserCreated(
             **user_to_wire(row).model_dump(), password=None if req.password else password
         )
@@ -179,7 +175,7 @@ class UserService:
             created_at=self._clock.now(),
         )
         s.add(row)
-        s.flush()
+        flush_unique(s, NameTaken(f"username {username!r} is taken"))
         return row
 
     def list_users(self, principal: Principal) -> list[p.User]:
@@ -310,41 +306,38 @@ class UserService:
             raise InvalidRequest(
                 "roles are bound to users; built-in accounts sign with keys of their TSG"
             )
-        try:
-            with self._db.write() as s:
-                path = self._directory.path(s, req.tsg_id)
-                if path is None:
-                    raise TsgNotFound()
-                self._authz.require(
-                    principal, Permission.ROLE_BINDING_MANAGE, path, not_found=TsgNotFound
+        with self._db.write() as s:
+            path = self._directory.path(s, req.tsg_id)
+            if path is None:
+                raise TsgNotFound()
+            self._authz.require(
+                principal, Permission.ROLE_BINDING_MANAGE, path, not_found=TsgNotFound
+            )
+            user = self._visible_user(principal, s, req.principal_id, Permission.USER_READ)
+            existing = s.scalar(
+                select(RoleBindingRow).where(
+                    RoleBindingRow.principal_type == req.principal_type.value,
+                    RoleBindingRow.principal_id == user.id,
+                    RoleBindingRow.role == req.role.value,
+                    RoleBindingRow.tsg_id == req.tsg_id,
                 )
-                user = self._visible_user(principal, s, req.principal_id, Permission.USER_READ)
-                existing = s.scalar(
-                    select(RoleBindingRow).where(
-                        RoleBindingRow.principal_type == req.principal_type.value,
-                        RoleBindingRow.principal_id == user.id,
-                        RoleBindingRow.role == req.role.value,
-                        RoleBindingRow.tsg_id == req.tsg_id,
-                    )
-                )
-                if existing is not None:
-                    return binding_to_wire(existing)
-                row = self.insert_binding(s, user.id, req.role, req.tsg_id)
-                self._recorder.record(
-                    s,
-                    AuditRecord(
-                        EventKind.ROLE_BOUND,
-                        AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
-                        tsg_id=req.tsg_id,
-                        tsg_path=path,
-                        context=ctx,
-                        details={"binding_id": row.id, "user_id": user.id, "role": req.role.value},
-                    ),
-                )
-                return binding_to_wire(row)
-        except IntegrityError as e:
-            raise NameTaken("this role binding already exists") from e
+            )
+            if existing is not None:
+                return binding_to_wire(existing)
+            row = self.insert_binding(s, user.id, req.role, req.tsg_id)
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.ROLE_BOUND,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=req.tsg_id,
+                    tsg_path=path,
+                    context=ctx,
+                    details={"binding_id": row.id, "user_id": user.id, "role": req.role.value},
+                ),
+            )
+            return binding_to_wire(row)
 
     def insert_binding(self, s: Session, user_id: str, role: Role, tsg_id: str) -> RoleBindingRow:
         row = RoleBindingRow(
@@ -356,7 +349,7 @@ class UserService:
             created_at=self._clock.now(),
         )
         s.add(row)
-        s.flush()
+        flush_unique(s, NameTaken("this role binding already exists"))
         return row
 
     def unbind_role(self, principal: Principal, binding_id: str, ctx: RequestContext) -> None:

@@ -1,0 +1,981 @@
+"""``make demo``: walk the whole Signery lifecycle against a real server process.
+
+Run as ``python -m signery.demo --out demo-out``. The demo drives the product the
+way a user would: every action is a ``signery`` command run as a subprocess, and
+every signature is checked with ``openssl`` rather than with Signery's own code.
+
+It initializes an installation in a temporary data directory (SQLite, builtin
+key store, built-in CA), starts ``signery serve`` on a free port of 127.0.0.1,
+creates a child TSG, a built-in account and two signing keys with certificates,
+logs in as the account, signs sample artifacts, verifies them, shows a refusal,
+shows the audit events and usage counters, and stops the server. It prints each
+step and exits 0 only if every step succeeded.
+
+Outputs left in the ``--out`` directory: the sample artifacts and their ``.sig``
+files, ``pubkey.pem`` and ``pubkey-rsa.pem``, ``chain.pem`` (leaf first, root
+last) split into ``leaf.pem``, ``issuing-ca.pem`` and ``root-ca.pem``,
+``audit-events.json``, ``usage.json`` and ``server.log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import httpx
+from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+COMMAND_TIMEOUT = 120.0  # seconds for one CLI or openssl command
+READY_TIMEOUT = 60.0  # seconds for the server to answer /readyz
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+START_ATTEMPTS = 3  # a free port can be taken between probing and binding it
+MARKER = ".signery-demo"  # marks a directory this demo may wipe and recreate
+OUTPUTS = frozenset(
+    {
+        MARKER,
+        "hello.txt",
+        "hello.txt.sig",
+        "app.bin",
+        "app.bin.sig",
+        "app.bin.rsa.sig",
+        "pubkey.pem",
+        "pubkey-rsa.pem",
+        "chain.pem",
+        "leaf.pem",
+        "issuing-ca.pem",
+        "root-ca.pem",
+        "audit-events.json",
+        "usage.json",
+        "server.log",
+    }
+)
+
+TSG_NAME = "demo-team"
+ACCOUNT_NAME = "build-bot"
+EC_KEY = "release-ec"
+RSA_KEY = "release-rsa"
+BUILD_PROFILE = "build"
+REFUSAL_CODES = ("account_disabled", "client_disabled")
+CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----\s*", re.DOTALL)
+
+
+class StepFailed(Exception):
+    """A step did not do what it should; carries the evidence to print."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.output = output
+
+
+@dataclass
+class StepResult:
+    """What happened to one step of the walk."""
+
+    number: int
+    title: str
+    status: str = "not run"  # "ok", "failed" or "not run"
+    seconds: float = 0.0
+
+
+@dataclass
+class State:
+    """Facts learned along the way that later steps need."""
+
+    url: str = ""
+    admin_token: str = ""
+    root_tsg_id: str = ""
+    issuer: str = ""
+    tsg_id: str = ""
+    client_id: str = ""
+    account_id: str = ""
+    key_ids: dict[str, str] = field(default_factory=dict)
+    key_file: Path | None = None
+    disabled_at: float = 0.0
+
+
+def find_signery() -> Path:
+    """The ``signery`` console script of this interpreter's environment, else on PATH."""
+    here = Path(sys.executable)
+    for name in ("signery", "signery.exe"):
+        candidate = here.with_name(name)
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("signery")
+    if found is None:
+        raise StepFailed(
+            "the `signery` command is not installed next to "
+            f"{sys.executable} nor on PATH (run `make demo` or `pip install -e '.[server]'`)"
+        )
+    return Path(found)
+
+
+def find_openssl() -> Path:
+    """The ``openssl`` executable: the independent verifier of everything we sign."""
+    found = shutil.which("openssl")
+    if found is None:
+        raise StepFailed("`openssl` is not on PATH; the demo verifies every signature with it")
+    return Path(found)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def split_certificates(pem: str) -> list[str]:
+    """The PEM certificate blocks of ``pem``, in order."""
+    return [m.group(0).strip() + "\n" for m in CERT_RE.finditer(pem)]
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Wipe and recreate ``out``, but only if it is empty or a previous demo's output."""
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved in (cwd, Path.home().resolve(), Path(resolved.anchor)) or resolved in cwd.parents:
+        raise StepFailed(f"refusing to use {out} as the output directory: it would be wiped")
+    if resolved.exists():
+        if not resolved.is_dir():
+            raise StepFailed(f"{out} exists and is not a directory")
+        names = {p.name for p in resolved.iterdir()}
+        if not (MARKER in names or names <= OUTPUTS):
+            raise StepFailed(
+                f"{out} is not empty and was not made by this demo; "
+                "refusing to wipe it (choose another --out)"
+            )
+        shutil.rmtree(resolved)
+    resolved.mkdir(parents=True)
+    (resolved / MARKER).write_text("made by `python -m signery.demo`; wiped on each run\n")
+
+
+class Demo:
+    """One run of the demo: a temporary installation, a server and the walk."""
+
+    def __init__(self, console: Console, out: Path, tmp: Path, debug_break: str | None) -> None:
+        self.console = console
+        self.out = out.resolve()
+        self.tmp = tmp
+        self.debug_break = debug_break
+        self.data_dir = tmp / "data"
+        self.home = tmp / "home"
+        self.server_log = tmp / "server.log"
+        self.signery = Path("signery")
+        self.openssl = Path("openssl")
+        self.server: subprocess.Popen[bytes] | None = None
+        self.server_log_file: IO[bytes] | None = None
+        self.killed = False
+        self.state = State()
+        self.secrets: list[str] = []
+        self.env = self._child_env()
+        self.steps: list[tuple[str, Callable[[], None]]] = [
+            ("Check the tools", self.step_tools),
+            ("Initialize an installation in a temporary data directory", self.step_init),
+            ("Start the server on 127.0.0.1", self.step_serve),
+            ("Log in as the administrator", self.step_admin_login),
+            ("Create a child TSG", self.step_tsg),
+            ("Create a built-in account with a generated key pair", self.step_account),
+            ("Create an EC P-256 signing key with a built-in CA certificate", self.step_ec_key),
+            ("Create an RSA 3072 signing key with a built-in CA certificate", self.step_rsa_key),
+            ("Export the public keys and the certificate chain", self.step_export),
+            ("Check the certificate chain with openssl", self.step_chain_openssl),
+            ("Log in as the built-in account", self.step_account_login),
+            ("List the keys the account may sign with", self.step_keys),
+            ("Sign two sample artifacts with the EC key", self.step_sign_ec),
+            ("Sign the binary with the RSA key as well", self.step_sign_rsa),
+            ("Verify the signatures with signery", self.step_verify_signery),
+            ("Verify the signatures with openssl", self.step_verify_openssl),
+            ("Disable the account: signing is refused", self.step_refusal),
+            ("Enable the account again: signing works", self.step_reenable),
+            ("Show the audit events", self.step_audit),
+            ("Show the usage counters", self.step_usage),
+            ("Stop the server", self.step_stop),
+        ]
+        self.results = [StepResult(i, title) for i, (title, _) in enumerate(self.steps, 1)]
+
+    # ------------------------------------------------------------ plumbing
+
+    def _child_env(self) -> dict[str, str]:
+        # No inherited SIGNERY_* setting may point the demo at a real installation
+        # (SIGNERY_DATABASE_URL, SIGNERY_CONFIG...) or at the user's profiles.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNERY_")}
+        env["SIGNERY_HOME"] = str(self.home)
+        env["COLUMNS"] = str(max(self.console.width - 4, 60))  # output is indented by 4
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop("PYTHONSTARTUP", None)
+        return env
+
+    def redact(self, text: str) -> str:
+        """``text`` with every known secret replaced by ``***``, temp paths abbreviated."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text.replace(str(self.tmp), "$DEMO_TMP")
+
+    def shown(self, argv: Sequence[str | Path]) -> str:
+        """A command line as printed: short program name, temp paths abbreviated, secrets hidden."""
+        words = [str(a) for a in argv]
+        words[0] = Path(words[0]).name
+        return self.redact(shlex.join(words).replace(str(self.out) + os.sep, ""))
+
+    def print_output(self, text: str, style: str = "dim") -> None:
+        """Print a command's output, indented, never interpreted as markup."""
+        text = self.redact(text).rstrip()
+        if text:
+            body = Text.from_ansi(textwrap.indent(text, "    ", lambda _: True))
+            body.stylize(style)
+            self.console.print(body)
+
+    def note(self, message: str) -> None:
+        """A line of commentary from the demo itself (markup allowed)."""
+        self.console.print(f"  [green]✓[/] {self.redact(message)}", highlight=False)
+
+    def run(
+        self,
+        argv: Sequence[str | Path],
+        *,
+        check: bool = True,
+        show: bool = True,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one command, print it (and its output if ``show``), fail the step if it fails."""
+        args = [str(a) for a in argv]
+        self.console.print(Text("  $ " + self.shown(args), style="bold cyan"))
+        try:
+            done = subprocess.run(  # noqa: S603 - fixed argv of our own CLI and openssl, no shell
+                args,
+                cwd=cwd or self.out,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise StepFailed(
+                f"`{self.shown(args)}` did not finish in {COMMAND_TIMEOUT:.0f} s"
+            ) from e
+        except OSError as e:
+            raise StepFailed(f"cannot run `{self.shown(args)}`: {e}") from e
+        if show:
+            self.print_output(done.stdout)
+            self.print_output(done.stderr, "yellow")
+        if check and done.returncode != 0:
+            raise StepFailed(
+                f"`{self.shown(args)}` exited with status {done.returncode}",
+                done.stderr or done.stdout,
+            )
+        return done
+
+    def cli(self, *args: str | Path, profile: str | None = None, **kw: Any) -> Any:
+        """Run ``signery [--profile P] ARGS``; see :meth:`run`."""
+        prefix: list[str | Path] = [self.signery]
+        if profile is not None:
+            prefix += ["--profile", profile]
+        return self.run([*prefix, *args], **kw)
+
+    def cli_json(self, *args: str | Path, profile: str | None = None) -> Any:
+        """Run ``signery ... --json`` quietly and return its parsed output."""
+        done = self.cli(*args, "--json", profile=profile, show=False)
+        try:
+            return json.loads(done.stdout)
+        except ValueError as e:
+            raise StepFailed("the command did not print valid JSON", done.stdout) from e
+
+    def openssl_run(
+        self, *args: str | Path, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``openssl ARGS`` in the output directory."""
+        done: subprocess.CompletedProcess[str] = self.run([self.openssl, *args], check=check)
+        return done
+
+    def expect(self, condition: bool, message: str, output: str = "") -> None:
+        """Fail the step with ``message`` unless ``condition`` holds."""
+        if not condition:
+            raise StepFailed(message, output)
+
+    def server_log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log, JSON records shortened (for a failure report)."""
+        try:
+            text = self.server_log.read_text("utf-8", errors="replace")
+        except OSError:
+            return ""
+        shown = []
+        for line in text.splitlines()[-lines:]:
+            try:
+                record = json.loads(line)
+                shown.append(
+                    f"{record.pop('time', '')} {record.pop('level', '')} "
+                    f"{record.pop('logger', '')}: {record.pop('msg', '')}"
+                    + "".join(f" {k}={v}" for k, v in record.items() if k != "color_message")
+                )
+            except (ValueError, AttributeError):
+                shown.append(line)
+        return "\n".join(shown)
+
+    # ------------------------------------------------------------ the walk
+
+    def walk(self) -> bool:
+        """Run every step in order; stop at the first failure. True if all succeeded."""
+        total = len(self.steps)
+        for result, (_, action) in zip(self.results, self.steps, strict=True):
+            self.console.print()
+            self.console.rule(
+                f"[bold]Step {result.number}/{total}[/]  {escape(result.title)}", align="left"
+            )
+            started = time.monotonic()
+            failure: StepFailed | None = None
+            try:
+                action()
+            except StepFailed as e:
+                failure = e
+            except Exception as e:  # a surprise (say, a missing JSON field) is a failed step too
+                failure = StepFailed(f"{type(e).__name__}: {e}", traceback.format_exc())
+            if failure is not None:
+                result.seconds = time.monotonic() - started
+                result.status = "failed"
+                self.report_failure(result, failure)
+                return False
+            result.seconds = time.monotonic() - started
+            result.status = "ok"
+        return True
+
+    def report_failure(self, result: StepResult, e: StepFailed) -> None:
+        """Say which step failed, why, and what the command and server said."""
+        self.console.print(
+            f"\n[bold red]✗ Step {result.number} ({escape(result.title)}) failed:[/] "
+            f"{escape(self.redact(e.message))}",
+            highlight=False,
+        )
+        if e.output.strip():
+            self.console.print("  [red]command output:[/]")
+            self.print_output(e.output, "red")
+        tail = self.server_log_tail()
+        if self.server is not None and tail:
+            self.console.print("  [red]last lines of the server log:[/]")
+            self.print_output(tail, "dim red")
+
+    # ------------------------------------------------------------ steps
+
+    def step_tools(self) -> None:
+        self.signery = find_signery()
+        self.openssl = find_openssl()
+        self.cli("--version")
+        self.openssl_run("version")
+        self.note(f"signery: {escape(str(self.signery))}")
+        self.note(f"openssl: {escape(str(self.openssl))}")
+        self.console.print(
+            f"  [green]✓[/] temporary directory: {escape(str(self.tmp))} (shown as $DEMO_TMP); "
+            "profiles live in $DEMO_TMP/home (SIGNERY_HOME), never in ~/.config/signery"
+        )
+
+    def step_init(self) -> None:
+        info = self.cli_json("init", "--data-dir", self.data_dir)
+        try:
+            self.state.admin_token = str(info["admin_token"])
+            self.state.root_tsg_id = str(info["root_tsg_id"])
+            self.state.issuer = str(info["issuer"])
+            password = str(info["admin_password"])
+            username = str(info["admin_username"])
+        except (KeyError, TypeError) as e:
+            raise StepFailed(f"`signery init --json` did not report {e}", json.dumps(info)) from e
+        self.expect(bool(info.get("created")), "`signery init` did not create a new installation")
+        self.secrets += [self.state.admin_token, password]
+        self.note(f"root TSG [bold]{self.state.root_tsg_id}[/], issuer {escape(self.state.issuer)}")
+        self.note(f"superuser [bold]{escape(username)}[/], password *** and API token ***")
+        self.note(f"built-in CA: {escape(str(info.get('ca_root_subject')))}")
+        self.note(f"database: {escape(self.redact(str(info.get('database_url'))))}")
+
+    def start_server(self, port: int) -> subprocess.Popen[bytes]:
+        """Start ``signery serve`` on ``port`` with its output going to the server log."""
+        argv = [
+            str(self.signery),
+            "serve",
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        self.console.print(Text("  $ " + self.shown(argv) + " &", style="bold cyan"))
+        if self.server_log_file is None:
+            self.server_log_file = self.server_log.open("ab")
+        return subprocess.Popen(  # noqa: S603 - fixed argv of our own CLI, no shell
+            argv,
+            cwd=self.tmp,
+            env={**self.env, "SIGNERY_ACCESS_LOG": "false"},
+            stdin=subprocess.DEVNULL,
+            stdout=self.server_log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the demo, which then stops the server
+        )
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], url: str) -> dict[str, Any] | None:
+        """Poll ``/readyz`` until it answers 200; None if the process exited first."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        last = "no answer yet"
+        with httpx.Client(timeout=2.0, trust_env=False) as http:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return None
+                try:
+                    response = http.get(f"{url}/readyz")
+                except httpx.HTTPError as e:
+                    last = f"{type(e).__name__}: {e}"
+                else:
+                    if response.status_code == 200:
+                        body: dict[str, Any] = response.json()
+                        return body
+                    last = f"HTTP {response.status_code}: {response.text[:200]}"
+                time.sleep(0.2)
+        raise StepFailed(f"the server did not become ready in {READY_TIMEOUT:.0f} s ({last})")
+
+    def step_serve(self) -> None:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            self.server = self.start_server(port)
+            health = self.wait_ready(self.server, url)
+            if health is not None:
+                self.state.url = url
+                self.note(f"server process {self.server.pid} listening on [bold]{url}[/]")
+                self.note(f"GET {url}/readyz -> 200 {escape(json.dumps(health))}")
+                self.note("its log goes to $DEMO_TMP/server.log (copied to the output at the end)")
+                return
+            status = self.server.returncode
+            self.server = None
+            in_use = "address already in use" in self.server_log_tail().lower()
+            if not (in_use and attempt < START_ATTEMPTS):
+                raise StepFailed(
+                    f"the server exited with status {status} before it was ready",
+                    self.server_log_tail(),
+                )
+            self.console.print(f"  [yellow]port {port} was taken meanwhile; trying another[/]")
+
+    def step_admin_login(self) -> None:
+        self.cli("login", "--server", self.state.url, "--api-token", self.state.admin_token)
+
+    def step_tsg(self) -> None:
+        tsg = self.cli_json("tsg", "create", TSG_NAME)
+        self.state.tsg_id = str(tsg["id"])
+        self.expect(
+            tsg.get("parent_id") == self.state.root_tsg_id,
+            f"TSG {TSG_NAME} is not a child of the root TSG {self.state.root_tsg_id}",
+            json.dumps(tsg, indent=2),
+        )
+        self.note(f"TSG [bold]{TSG_NAME}[/] has id [bold]{self.state.tsg_id}[/]")
+        done = self.cli("tsg", "tree")
+        self.expect(self.state.tsg_id in done.stdout, "the new TSG is missing from `tsg tree`")
+
+    def step_account(self) -> None:
+        key_file = self.tmp / f"{ACCOUNT_NAME}.key"
+        account = self.cli_json(
+            "account", "create", ACCOUNT_NAME, "--tsg", self.state.tsg_id, "--key-out", key_file
+        )
+        self.state.client_id = str(account["client_id"])
+        self.state.account_id = str(account["id"])
+        self.state.key_file = key_file
+        self.expect(key_file.is_file(), f"the private key was not written to {key_file}")
+        mode = stat.S_IMODE(key_file.stat().st_mode)
+        self.expect(
+            os.name == "nt" or mode & 0o077 == 0,
+            f"the private key file has mode {mode:o}, readable by others",
+        )
+        fingerprints = ", ".join(k["fingerprint"][:16] for k in account.get("keys", []))
+        self.note(
+            f"account [bold]{ACCOUNT_NAME}[/] in TSG {self.state.tsg_id}, "
+            f"status {escape(str(account.get('status')))}"
+        )
+        self.note(f"client id [bold]{self.state.client_id}[/]")
+        self.note(f"public key registered on the server (fingerprint {fingerprints}...)")
+        self.note(
+            f"private key written to $DEMO_TMP/{key_file.name} with mode {mode:o}; "
+            "the server does not keep it"
+        )
+
+    def create_key(self, name: str, algorithm: str, cn: str) -> None:
+        """Create a signing key certified by the built-in CA and describe it."""
+        key = self.cli_json(
+            "key",
+            "create",
+            name,
+            "--tsg",
+            self.state.tsg_id,
+            "--algorithm",
+            algorithm,
+            "--ca",
+            "builtin",
+            "--cn",
+            cn,
+            "--org",
+            "Signery Demo",
+        )
+        self.state.key_ids[name] = str(key["id"])
+        chain = key.get("certificate_chain") or []
+        self.expect(key.get("status") == "active", f"key {name} is not active", json.dumps(key))
+        self.expect(len(chain) >= 2, f"key {name} has no certificate chain", json.dumps(key))
+        cert = next(
+            (v.get("certificate") for v in key.get("versions", []) if v.get("version") == 1), None
+        )
+        self.note(
+            f"key [bold]{name}[/] ({algorithm}, storage {key.get('storage')}), "
+            f"id {key['id']}, schemes {', '.join(key.get('schemes', []))}"
+        )
+        if cert:
+            self.note(f"certificate subject {escape(str(cert.get('subject')))}")
+            self.note(f"issued by {escape(str(cert.get('issuer')))}, until {cert.get('not_after')}")
+
+    def step_ec_key(self) -> None:
+        self.create_key(EC_KEY, "EC_P256", "Signery Demo Release (EC)")
+
+    def step_rsa_key(self) -> None:
+        self.create_key(RSA_KEY, "RSA_3072", "Signery Demo Release (RSA)")
+
+    def step_export(self) -> None:
+        self.cli("key", "public-key", EC_KEY, "-o", "pubkey.pem")
+        self.cli("key", "public-key", RSA_KEY, "-o", "pubkey-rsa.pem")
+        self.cli("key", "chain", EC_KEY, "-o", "chain.pem")
+        certs = split_certificates((self.out / "chain.pem").read_text("ascii"))
+        self.expect(
+            len(certs) >= 3,
+            f"chain.pem holds {len(certs)} certificates; expected leaf, issuing CA and root",
+            (self.out / "chain.pem").read_text("ascii"),
+        )
+        (self.out / "leaf.pem").write_text(certs[0], "ascii")
+        (self.out / "issuing-ca.pem").write_text("".join(certs[1:-1]), "ascii")
+        (self.out / "root-ca.pem").write_text(certs[-1], "ascii")
+        self.note(
+            f"chain.pem holds {len(certs)} certificates, split into "
+            "leaf.pem, issuing-ca.pem and root-ca.pem"
+        )
+
+    def step_chain_openssl(self) -> None:
+        done = self.openssl_run(
+            "verify", "-CAfile", "root-ca.pem", "-untrusted", "issuing-ca.pem", "leaf.pem"
+        )
+        self.expect("leaf.pem: OK" in done.stdout, "openssl did not say `leaf.pem: OK`")
+        for name in ("root-ca.pem", "issuing-ca.pem", "leaf.pem"):
+            self.openssl_run("x509", "-in", name, "-noout", "-subject", "-issuer")
+        done = self.openssl_run(
+            "x509", "-in", "leaf.pem", "-noout", "-ext", "keyUsage,extendedKeyUsage"
+        )
+        self.expect("Code Signing" in done.stdout, "the leaf certificate lacks EKU Code Signing")
+        self.expect(
+            "Digital Signature" in done.stdout, "the leaf certificate lacks KU digitalSignature"
+        )
+        done = self.openssl_run("x509", "-in", "leaf.pem", "-noout", "-pubkey")
+        self.expect(
+            done.stdout.strip() == (self.out / "pubkey.pem").read_text("ascii").strip(),
+            "the leaf certificate does not certify the key's public key (pubkey.pem)",
+            done.stdout,
+        )
+        self.note("the chain verifies up to the built-in root; the leaf is for code signing")
+        self.note("and it certifies the same public key as pubkey.pem")
+
+    def step_account_login(self) -> None:
+        assert self.state.key_file is not None
+        self.cli(
+            "login",
+            "--server",
+            self.state.url,
+            "--client-id",
+            self.state.client_id,
+            "--key-file",
+            self.state.key_file,
+            profile=BUILD_PROFILE,
+        )
+
+    def step_keys(self) -> None:
+        done = self.cli("keys", profile=BUILD_PROFILE)
+        for name in (EC_KEY, RSA_KEY):
+            self.expect(name in done.stdout, f"`signery keys` does not list {name}", done.stdout)
+
+    def step_sign_ec(self) -> None:
+        (self.out / "hello.txt").write_text(
+            "Hello from the Signery demo.\nOnly this file's SHA-256 digest left the machine.\n",
+            "utf-8",
+        )
+        # A small "binary": a fixed header and random bytes, so every run signs new content.
+        (self.out / "app.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + os.urandom(64 * 1024))
+        self.note("wrote hello.txt and app.bin (64 KiB)")
+        key = "no-such-key" if self.debug_break == "sign-key" else EC_KEY
+        self.cli(
+            "sign", "--key", key, "--format", "raw", "hello.txt", "app.bin", profile=BUILD_PROFILE
+        )
+        for name in ("hello.txt.sig", "app.bin.sig"):
+            path = self.out / name
+            self.expect(path.is_file() and path.stat().st_size > 0, f"{name} was not written")
+
+    def step_sign_rsa(self) -> None:
+        self.cli(
+            "sign",
+            "--key",
+            RSA_KEY,
+            "--format",
+            "raw",
+            "-o",
+            "app.bin.rsa.sig",
+            "app.bin",
+            profile=BUILD_PROFILE,
+        )
+        size = (self.out / "app.bin.rsa.sig").stat().st_size
+        self.expect(size == 384, f"an RSA 3072 signature has 384 bytes, app.bin.rsa.sig has {size}")
+
+    def step_verify_signery(self) -> None:
+        self.cli("verify", "--key", EC_KEY, "hello.txt", "app.bin", profile=BUILD_PROFILE)
+        self.cli(
+            "verify",
+            "--public-key",
+            "pubkey-rsa.pem",
+            "--signature",
+            "app.bin.rsa.sig",
+            "app.bin",
+            profile=BUILD_PROFILE,
+        )
+
+    def step_verify_openssl(self) -> None:
+        if self.debug_break == "signature":
+            sig = self.out / "hello.txt.sig"
+            data = bytearray(sig.read_bytes())
+            data[-1] ^= 0x01
+            sig.write_bytes(bytes(data))
+            self.console.print("  [yellow]debug: flipped a bit of hello.txt.sig[/]")
+        checks = [
+            ("pubkey.pem", "hello.txt.sig", "hello.txt"),
+            ("pubkey.pem", "app.bin.sig", "app.bin"),
+            ("pubkey-rsa.pem", "app.bin.rsa.sig", "app.bin"),
+        ]
+        for pub, sig_name, file in checks:
+            done = self.openssl_run(
+                "dgst", "-sha256", "-verify", pub, "-signature", sig_name, file, check=False
+            )
+            self.expect(
+                done.returncode == 0 and "Verified OK" in done.stdout,
+                f"openssl does not verify {sig_name} (status {done.returncode})",
+                done.stdout + done.stderr,
+            )
+        # And the negative: a changed file must not verify.
+        tampered = self.tmp / "hello-tampered.txt"
+        tampered.write_bytes((self.out / "hello.txt").read_bytes() + b"!")
+        done = self.openssl_run(
+            "dgst",
+            "-sha256",
+            "-verify",
+            "pubkey.pem",
+            "-signature",
+            "hello.txt.sig",
+            tampered,
+            check=False,
+        )
+        self.expect(
+            done.returncode != 0 and "Verified OK" not in done.stdout,
+            "openssl accepted the signature of hello.txt for a changed file",
+            done.stdout + done.stderr,
+        )
+        self.note("openssl verifies all three signatures (ECDSA P-256 and RSA PKCS#1 v1.5)")
+        self.note("and rejects hello.txt.sig for a copy of hello.txt with one byte added")
+
+    def step_refusal(self) -> None:
+        self.state.disabled_at = time.time()
+        self.cli("account", "disable", self.state.client_id)
+        refused = self.out / "refused.sig"
+        done = self.cli(
+            "sign", "--key", EC_KEY, "-o", refused, "app.bin", profile=BUILD_PROFILE, check=False
+        )
+        self.expect(
+            done.returncode != 0,
+            "signing with a disabled account succeeded",
+            done.stdout + done.stderr,
+        )
+        self.expect(not refused.exists(), "a signature was written for a disabled account")
+        codes = [c for c in REFUSAL_CODES if c in done.stderr]
+        self.expect(
+            bool(codes),
+            f"the refusal does not name one of the codes {', '.join(REFUSAL_CODES)}",
+            done.stderr,
+        )
+        self.note(
+            f"refused with exit status {done.returncode} and error code [bold]{codes[0]}[/]; "
+            "no signature was written"
+        )
+
+    def step_reenable(self) -> None:
+        self.cli("account", "enable", self.state.client_id)
+        target = self.tmp / "after-enable.sig"
+        self.cli("sign", "--key", EC_KEY, "-o", target, "app.bin", profile=BUILD_PROFILE)
+        self.expect(target.is_file(), "no signature after the account was enabled again")
+
+    def step_audit(self) -> None:
+        done = self.cli("audit", "list", "--limit", "1000", "--json", show=False)
+        try:
+            events: list[dict[str, Any]] = json.loads(done.stdout)
+        except ValueError as e:
+            raise StepFailed("`signery audit list --json` did not print JSON", done.stdout) from e
+        (self.out / "audit-events.json").write_text(done.stdout, "utf-8")
+        self.expect(bool(events), "there are no audit events")
+        self.print_audit_table(events)
+
+        def by_account(e: dict[str, Any]) -> bool:
+            principal = e.get("principal") or {}
+            return principal.get("id") in (self.state.account_id, self.state.client_id) or (
+                principal.get("type") == "account" and principal.get("name") == ACCOUNT_NAME
+            )
+
+        ok = [
+            e
+            for e in events
+            if str(e.get("kind", "")).startswith("signing.")
+            and e.get("outcome") == "succeeded"
+            and by_account(e)
+        ]
+        self.expect(len(ok) >= 4, f"expected at least 4 successful signings, found {len(ok)}")
+        refusals = [
+            e
+            for e in events
+            if e.get("outcome") != "succeeded"
+            and e.get("reason") in REFUSAL_CODES
+            and by_account(e)
+        ]
+        self.expect(
+            bool(refusals),
+            "the refused signing of the disabled account is not in the audit events",
+        )
+        r = refusals[0]
+        self.note(f"{len(events)} events saved to audit-events.json; {len(ok)} successful signings")
+        self.note(
+            f"the refusal is recorded: kind {escape(str(r.get('kind')))}, outcome "
+            f"{escape(str(r.get('outcome')))}, reason [bold]{escape(str(r.get('reason')))}[/]"
+        )
+
+    def print_audit_table(self, events: list[dict[str, Any]]) -> None:
+        """The audit events as a compact table (the full records are in the JSON file)."""
+        names = {v: k for k, v in self.state.key_ids.items()}
+        wide = self.console.width >= 110
+        table = Table(header_style="bold", pad_edge=False, box=None)
+        table.add_column("time")
+        table.add_column("kind", no_wrap=True)
+        table.add_column("outcome", no_wrap=True)
+        table.add_column("reason", overflow="fold")
+        table.add_column("principal", overflow="fold")
+        table.add_column("key", overflow="fold")
+        if wide:
+            table.add_column("digest")
+        for event in events:
+            outcome = str(event.get("outcome"))
+            colour = "green" if outcome == "succeeded" else "bold red"
+            principal = event.get("principal") or {}
+            key_id = event.get("key_id")
+            row = [
+                str(event.get("time", ""))[11:19],
+                escape(str(event.get("kind"))),
+                f"[{colour}]{escape(outcome)}[/]",
+                escape(str(event.get("reason") or "")),
+                escape(str(principal.get("name") or principal.get("id") or principal.get("type"))),
+                escape(names.get(key_id, key_id) if key_id else ""),
+            ]
+            if wide:
+                row.append(str(event.get("digest") or "")[:16])
+            table.add_row(*row)
+        self.console.print(Padding(table, (0, 0, 0, 4), expand=False))
+
+    def step_usage(self) -> None:
+        done = self.cli("usage", "--json", show=False)
+        try:
+            report: dict[str, Any] = json.loads(done.stdout)
+        except ValueError as e:
+            raise StepFailed("`signery usage --json` did not print JSON", done.stdout) from e
+        (self.out / "usage.json").write_text(done.stdout, "utf-8")
+        counters: list[dict[str, Any]] = report.get("counters", [])
+        table = Table(header_style="bold", pad_edge=False, box=None)
+        for column in ("type", "name", "successes", "failures", "last used"):
+            table.add_column(column, justify="right" if column.endswith("es") else "left")
+        for c in counters:
+            table.add_row(
+                escape(str(c.get("subject_type"))),
+                escape(str(c.get("name"))),
+                str(c.get("successes")),
+                str(c.get("failures")),
+                str(c.get("last_used_at") or "")[:19],
+            )
+        self.console.print(Padding(table, (0, 0, 0, 4), expand=False))
+        by_name = {(c.get("subject_type"), c.get("name")): c for c in counters}
+        expected = {("key", EC_KEY): 3, ("key", RSA_KEY): 1, ("account", ACCOUNT_NAME): 4}
+        for (kind, name), least in expected.items():
+            found = by_name.get((kind, name))
+            successes = int(found.get("successes", 0)) if found else 0
+            self.expect(
+                successes >= least,
+                f"{kind} {name} counts {successes} successful signings; expected {least}",
+                json.dumps(report, indent=2),
+            )
+        self.note("counters saved to usage.json")
+
+    def step_stop(self) -> None:
+        pid = self.server.pid if self.server is not None else None
+        status = self.stop_server()
+        self.expect(status is not None, "there was no server to stop")
+        self.console.print(Text(f"  $ kill -TERM {pid}", style="bold cyan"))
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it: -15 is a clean stop.
+        self.expect(
+            status in (0, -signal.SIGTERM) and not self.killed,
+            f"the server did not stop cleanly (exit status {status})",
+            self.server_log_tail(),
+        )
+        self.note(f"server stopped cleanly within {STOP_TIMEOUT:.0f} s (exit status {status})")
+
+    # ------------------------------------------------------------ cleanup
+
+    def stop_server(self) -> int | None:
+        """Stop the server (SIGTERM, then SIGKILL after a grace period); its exit status."""
+        proc, self.server = self.server, None
+        status: int | None = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.console.print(
+                        f"  [yellow]the server did not stop in {STOP_TIMEOUT:.0f} s; killing it[/]"
+                    )
+                    proc.kill()
+                    proc.wait()
+                    self.killed = True
+            status = proc.returncode
+        if self.server_log_file is not None:
+            self.server_log_file.close()
+            self.server_log_file = None
+        return status
+
+    def collect_log(self) -> None:
+        """Copy the server log into the output directory."""
+        if self.server_log.exists() and self.out.is_dir():
+            shutil.copyfile(self.server_log, self.out / "server.log")
+
+    def summary(self, ok: bool) -> None:
+        """The table of steps, the outputs and the verdict."""
+        self.console.print()
+        self.console.rule("[bold]Summary", align="left")
+        table = Table(header_style="bold", box=None, pad_edge=False)
+        table.add_column("#", justify="right")
+        table.add_column("step")
+        table.add_column("result")
+        table.add_column("time", justify="right")
+        style = {"ok": "[green]ok[/]", "failed": "[bold red]FAILED[/]", "not run": "[dim]not run"}
+        for r in self.results:
+            seconds = f"{r.seconds:.1f} s" if r.status != "not run" else ""
+            table.add_row(str(r.number), escape(r.title), style[r.status], seconds)
+        self.console.print(Padding(table, (0, 0, 0, 2), expand=False))
+        if self.out.is_dir():
+            files = sorted(p for p in self.out.iterdir() if p.is_file() and p.name != MARKER)
+            self.console.print(f"\n  outputs in [bold]{escape(str(self.out))}[/]:")
+            for p in files:
+                self.console.print(f"    {escape(p.name):<22} {p.stat().st_size:>8} bytes")
+        passed = sum(r.status == "ok" for r in self.results)
+        if ok:
+            self.console.print(
+                f"\n[bold green]Demo succeeded:[/] all {passed} steps passed.", highlight=False
+            )
+        else:
+            failed = next(r for r in self.results if r.status != "ok")
+            self.console.print(
+                f"\n[bold red]Demo failed[/] at step {failed.number} ({escape(failed.title)}); "
+                f"{passed} of {len(self.results)} steps passed.",
+                highlight=False,
+            )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The demo's command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m signery.demo",
+        description="Walk the Signery lifecycle against a real server on 127.0.0.1 "
+        "and leave the signed files, keys, chain and audit events in OUT.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-out"),
+        help="output directory, wiped and recreated (default: demo-out)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary data directory (database, master key, profiles)",
+    )
+    # Makes a step fail on purpose, to check that the demo then exits 1.
+    parser.add_argument("--debug-break", choices=["sign-key", "signature"], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; 0 if every step succeeded, 1 if one failed."""
+    args = parse_args(argv)
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, width=110)  # a log file has room for wide tables
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate)  # so that `finally` stops the server
+    try:
+        prepare_out_dir(args.out)
+    except (StepFailed, OSError) as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}")
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="signery-demo-")).resolve()
+    demo = Demo(console, args.out, tmp, args.debug_break)
+    console.rule("[bold]Signery demo", align="left")
+    console.print(
+        "  A real `signery serve` on 127.0.0.1 with a temporary data directory "
+        "(SQLite, builtin key store, built-in CA), driven with the `signery` CLI "
+        "and checked with openssl."
+    )
+    ok = False
+    try:
+        ok = demo.walk()
+    except KeyboardInterrupt:
+        console.print("\n[bold red]interrupted[/]")
+        return 130
+    finally:
+        status = demo.stop_server()
+        if status is not None:
+            console.print(f"  server stopped (exit status {status})")
+        demo.collect_log()
+        if args.keep:
+            console.print(f"  kept the temporary directory {escape(str(tmp))}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    demo.summary(ok)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
