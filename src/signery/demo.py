@@ -259,7 +259,6 @@ class Demo:
         *,
         check: bool = True,
         show: bool = True,
-        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run one command, print it (and its output if ``show``), fail the step if it fails."""
         args = [str(a) for a in argv]
@@ -267,7 +266,7 @@ class Demo:
         try:
             done = subprocess.run(  # noqa: S603 - fixed argv of our own CLI and openssl, no shell
                 args,
-                cwd=cwd or self.out,
+                cwd=self.out,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -291,12 +290,18 @@ class Demo:
             )
         return done
 
-    def cli(self, *args: str | Path, profile: str | None = None, **kw: Any) -> Any:
-        """Run ``signery [--profile P] ARGS``; see :meth:`run`."""
+    def cli(
+        self,
+        *args: str | Path,
+        profile: str | None = None,
+        check: bool = True,
+        show: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``signery [--profile P] ARGS`` (global options go before the command)."""
         prefix: list[str | Path] = [self.signery]
         if profile is not None:
             prefix += ["--profile", profile]
-        return self.run([*prefix, *args], **kw)
+        return self.run([*prefix, *args], check=check, show=show)
 
     def cli_json(self, *args: str | Path, profile: str | None = None) -> Any:
         """Run ``signery ... --json`` quietly and return its parsed output."""
@@ -310,8 +315,7 @@ class Demo:
         self, *args: str | Path, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         """Run ``openssl ARGS`` in the output directory."""
-        done: subprocess.CompletedProcess[str] = self.run([self.openssl, *args], check=check)
-        return done
+        return self.run([self.openssl, *args], check=check)
 
     def expect(self, condition: bool, message: str, output: str = "") -> None:
         """Fail the step with ``message`` unless ``condition`` holds."""
@@ -404,7 +408,7 @@ class Demo:
         except (KeyError, TypeError) as e:
             raise StepFailed(f"`signery init --json` did not report {e}", json.dumps(info)) from e
         self.expect(bool(info.get("created")), "`signery init` did not create a new installation")
-        self.secrets += [self.state.admin_token, password]
+        self.secrets += [secret for secret in (self.state.admin_token, password) if secret]
         self.note(f"root TSG [bold]{self.state.root_tsg_id}[/], issuer {escape(self.state.issuer)}")
         self.note(f"superuser [bold]{escape(username)}[/], password *** and API token ***")
         self.note(f"built-in CA: {escape(str(info.get('ca_root_subject')))}")
@@ -611,9 +615,17 @@ class Demo:
         )
 
     def step_keys(self) -> None:
-        done = self.cli("keys", profile=BUILD_PROFILE)
+        self.cli("keys", profile=BUILD_PROFILE)
+        keys = self.cli_json("keys", profile=BUILD_PROFILE)  # the same list, for a robust check
+        listed = {str(k.get("name")): k for k in keys}
         for name in (EC_KEY, RSA_KEY):
-            self.expect(name in done.stdout, f"`signery keys` does not list {name}", done.stdout)
+            self.expect(name in listed, f"`signery keys` does not list {name}", json.dumps(keys))
+            self.expect(
+                bool(listed[name].get("certificate_chain")),
+                f"`signery keys` shows no certificate chain for {name}",
+                json.dumps(keys),
+            )
+        self.note(f"the account sees {len(keys)} keys, {EC_KEY} and {RSA_KEY}, with certificates")
 
     def step_sign_ec(self) -> None:
         (self.out / "hello.txt").write_text(
@@ -836,10 +848,10 @@ class Demo:
         self.note("counters saved to usage.json")
 
     def step_stop(self) -> None:
-        pid = self.server.pid if self.server is not None else None
+        self.expect(self.server is not None, "there is no server to stop")
+        assert self.server is not None
+        self.console.print(Text(f"  $ kill -TERM {self.server.pid}", style="bold cyan"))
         status = self.stop_server()
-        self.expect(status is not None, "there was no server to stop")
-        self.console.print(Text(f"  $ kill -TERM {pid}", style="bold cyan"))
         # uvicorn shuts down gracefully on SIGTERM, then re-raises it: -15 is a clean stop.
         self.expect(
             status in (0, -signal.SIGTERM) and not self.killed,
