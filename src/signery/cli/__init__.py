@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from signery import __version__
@@ -98,21 +97,22 @@ app.command()(_admin.usage)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; SigneryError becomes a one-line message and exit status 1."""
+    """Run the CLI and return its exit status.
+
+    Usage errors are handled by the CLI framework itself (message and status 2);
+    a SigneryError becomes a one-line message and status 1, never a traceback."""
     try:
-        app(args=argv, prog_name="signery", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
+        app(args=argv, prog_name="signery", standalone_mode=True)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
     except SigneryError as e:
         report_error(e)
         return 1
     except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
         return 130
     return 0
 

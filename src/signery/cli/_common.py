@@ -40,7 +40,15 @@ class Connection:
         return ProfileStore.load(self.home)
 
     def profile(self) -> Profile | None:
-        return self.store().get(self.profile_name)
+        store = self.store()
+        found = store.get(self.profile_name)
+        if found is None and self.profile_name != DEFAULT_PROFILE:
+            # A named profile that does not exist is a typo, not "use the defaults".
+            raise ClientError(
+                f"no profile named {self.profile_name!r} in {store.path}; "
+                f"create it with `signery --profile {self.profile_name} login ...`"
+            )
+        return found
 
     def _verify(self, profile: Profile | None) -> bool | str:
         if self.insecure:

@@ -1,0 +1,556 @@
+"""The ``signery`` command line, run as a real subprocess against a real
+``signery serve`` process (SQLite and PostgreSQL), checked with real openssl.
+
+An administrator logs in with the bootstrap API token and creates TSGs, an
+account and keys; a build machine logs in as the account (profile ``build``)
+and signs, and openssl verifies what it wrote. Each CLI call starts from a clean
+environment: only SIGNERY_HOME is set, so nothing leaks in from the developer's
+shell or profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support import SIGNERY, Installation, ServerProcess, require_tool
+
+pytestmark = pytest.mark.e2e
+
+CLI_TIMEOUT = 60
+SUBJECT = {"cn": "Signery CLI Test Signer", "org": "Signery Test Org", "country": "US"}
+
+
+@dataclass
+class Cli:
+    """Runs the installed ``signery`` console script with a private SIGNERY_HOME."""
+
+    home: Path
+    work: Path
+    env: dict[str, str]
+    # Every signature made through the `build` profile:
+    # (file, key name, digest algorithm, hashlib digest of the file as it was signed).
+    ledger: list[tuple[Path, str, str, str]] = field(default_factory=list)
+
+    def run(
+        self, *args: str | Path, profile: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [SIGNERY, *(["--profile", profile] if profile else []), *map(str, args)]
+        return subprocess.run(
+            argv,
+            env=self.env,
+            cwd=self.work,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            check=False,
+        )
+
+    def ok(self, *args: str | Path, profile: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = self.run(*args, profile=profile)
+        assert result.returncode == 0, (
+            f"signery {' '.join(map(str, args))} -> {result.returncode}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+        return result
+
+    def json(self, *args: str | Path, profile: str | None = None) -> Any:
+        return json.loads(self.ok(*args, "--json", profile=profile).stdout)
+
+    def parallel(self, *calls: tuple[str | Path, ...]) -> list[Any]:
+        """Independent `--json` calls at once (each is a separate process)."""
+        with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+            return list(pool.map(lambda args: self.json(*args), calls))
+
+    def fails(self, *args: str | Path, profile: str | None = None) -> str:
+        """Run a command that must fail cleanly: exit 1, a message, no traceback."""
+        result = self.run(*args, profile=profile)
+        assert result.returncode == 1, (
+            f"expected exit 1, got {result.returncode}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+        assert "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip(), "a failure must say why on stderr"
+        return result.stderr
+
+    @property
+    def profiles_file(self) -> Path:
+        return self.home / "profiles.json"
+
+    def sign_build(self, key: str, *files: Path, extra: tuple[str, ...] = ()) -> list[Any]:
+        """Sign through the `build` profile and record each signature in the ledger."""
+        contents = [f.read_bytes() for f in files]
+        results: list[Any] = self.json(
+            "sign", "--key", key, "--format", "raw", *extra, *files, profile="build"
+        )
+        assert [r["file"] for r in results] == [str(f) for f in files]
+        for f, data, r in zip(files, contents, results, strict=True):
+            local = hashlib.new(r["digest_algorithm"], data).hexdigest()
+            assert r["digest"] == local, "the CLI reported a digest that is not the file's"
+            self.ledger.append((f, key, r["digest_algorithm"], local))
+        return results
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("openssl"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def cli(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    root = tmp_path_factory.mktemp("cli")
+    home, work = root / "home", root / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNERY_")}
+    env.update({"SIGNERY_HOME": str(home), "NO_COLOR": "1", "COLUMNS": "200"})
+    return Cli(home, work, env)
+
+
+@pytest.fixture(scope="module")
+def admin(cli: Cli, server: ServerProcess, installation: Installation) -> dict[str, Any]:
+    """The default profile: the bootstrap superuser's API token."""
+    return cli.json("login", "--server", server.url, "--api-token", installation.admin_token)  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def world(
+    cli: Cli, admin: dict[str, Any], installation: Installation, server: ServerProcess
+) -> dict[str, Any]:
+    """TSGs, an account with a server-generated key, and keys, all made with the CLI.
+
+    root ── team ── team-child     (the account lives in `team`)
+        └── sibling
+    """
+    team, sibling = cli.parallel(("tsg", "create", "team"), ("tsg", "create", "sibling"))
+    child = cli.json("tsg", "create", "team-child", "--parent", team["id"])
+    key_file = cli.work / "build-account.pem"
+    subject = ("--cn", SUBJECT["cn"], "--org", SUBJECT["org"], "--country", SUBJECT["country"])
+    account, ec_key, rsa_key, child_key, sibling_key = cli.parallel(
+        ("account", "create", "builder", "--tsg", team["id"], "--key-out", key_file),
+        ("key", "create", "release-p384", "--tsg", team["id"], "--algorithm", "EC_P384",
+         "--ca", "builtin", *subject),
+        ("key", "create", "release-rsa", "--tsg", team["id"], "--algorithm", "RSA_3072"),
+        ("key", "create", "child-p256", "--tsg", child["id"], "--algorithm", "EC_P256"),
+        ("key", "create", "sibling-p256", "--tsg", sibling["id"], "--algorithm", "EC_P256"),
+    )  # fmt: skip
+    login = ("--server", server.url, "--client-id", account["client_id"], "--key-file", key_file)
+    build = cli.json("login", *login, profile="build")
+    return {
+        "team": team,
+        "child": child,
+        "sibling": sibling,
+        "account": account,
+        "key_file": key_file,
+        "ec_key": ec_key,
+        "rsa_key": rsa_key,
+        "child_key": child_key,
+        "sibling_key": sibling_key,
+        "build_login": build,
+    }
+
+
+@pytest.fixture(scope="module")
+def public_keys(cli: Cli, world: dict[str, Any]) -> dict[str, Path]:
+    """`signery key public-key NAME -o FILE` for the two keys the build machine signs with."""
+    paths = {name: cli.work / f"{name}.pub.pem" for name in ("release-p384", "release-rsa")}
+    written = cli.parallel(
+        *(("key", "public-key", name, "-o", path) for name, path in paths.items())
+    )
+    created = {"release-p384": world["ec_key"], "release-rsa": world["rsa_key"]}
+    for (name, path), answer in zip(paths.items(), written, strict=True):
+        assert answer["file"] == str(path)
+        assert answer["public_key_pem"] == path.read_text()
+        assert path.read_text().strip() == created[name]["public_key_pem"].strip()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ec_signed(cli: Cli, world: dict[str, Any]) -> tuple[list[Path], list[Any]]:
+    files = [
+        write_file(cli.work / "app-1.bin", os.urandom(4096)),
+        write_file(cli.work / "app-2.tar", b"second artifact\n" * 1000),
+    ]
+    return files, cli.sign_build("release-p384", *files)
+
+
+# ------------------------------------------------------------------ administrator
+
+
+def test_admin_login_saves_a_private_profile(
+    cli: Cli, admin: dict[str, Any], server: ServerProcess, installation: Installation
+) -> None:
+    assert admin["profile"] == "default"
+    assert admin["server"] == server.url
+    assert admin["api_token"] == "<set>", "login --json must not echo the API token"
+    assert mode_of(cli.profiles_file) == 0o600
+    saved = json.loads(cli.profiles_file.read_text())["profiles"]["default"]
+    assert saved["server"] == server.url
+    assert saved["api_token"] == installation.admin_token
+
+
+def test_tsg_list_and_tree(cli: Cli, world: dict[str, Any], installation: Installation) -> None:
+    root_id = installation.init.root_tsg_id
+    team, child, sibling = world["team"], world["child"], world["sibling"]
+    assert team["parent_id"] == root_id
+    assert sibling["parent_id"] == root_id
+    assert child["parent_id"] == team["id"]
+    assert child["depth"] == team["depth"] + 1
+
+    listed = {t["id"]: t for t in cli.json("tsg", "list")}
+    assert {root_id, team["id"], child["id"], sibling["id"]} <= set(listed)
+    assert listed[child["id"]]["name"] == "team-child"
+
+    forest = cli.json("tsg", "tree")
+    assert [node["id"] for node in forest] == [root_id]
+    under_root = {node["id"]: node for node in forest[0]["children"]}
+    assert {team["id"], sibling["id"]} <= set(under_root)
+    assert [c["id"] for c in under_root[team["id"]]["children"]] == [child["id"]]
+    assert under_root[sibling["id"]]["children"] == []
+
+
+def test_account_create_writes_the_private_key_to_a_0600_file(world: dict[str, Any]) -> None:
+    account, key_file = world["account"], world["key_file"]
+    assert account["private_key_pem"] is None, "the private key must not be printed"
+    assert account["private_key_file"] == str(key_file)
+    assert account["tsg_id"] == world["team"]["id"]
+    assert mode_of(key_file) == 0o600
+    private = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    spki = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert [k["fingerprint"] for k in account["keys"]] == [hashlib.sha256(spki).hexdigest()]
+
+
+def test_account_with_its_own_public_key_can_log_in(
+    cli: Cli, world: dict[str, Any], server: ServerProcess
+) -> None:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    key_file = cli.work / "own-rsa.pem"
+    key_file.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    public_file = write_file(
+        cli.work / "own-rsa.pub.pem",
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+    account = cli.json(
+        "account", "create", "own-key", "--tsg", world["team"]["id"], "--public-key", public_file
+    )
+    assert account["private_key_pem"] is None
+    assert len(account["keys"]) == 1
+    assert account["keys"][0]["public_key_pem"].strip() == public_file.read_text().strip()
+
+    credentials = ("--client-id", account["client_id"], "--key-file", key_file)
+    login = cli.json("login", "--server", server.url, *credentials, profile="own")
+    assert login["client_id"] == account["client_id"]
+    assert login["key_file"] == str(key_file.resolve())
+    names = {k["name"] for k in cli.json("keys", profile="own")}
+    assert "release-p384" in names
+
+
+def test_key_certificate_chain_verifies_with_openssl(
+    cli: Cli, world: dict[str, Any], public_keys: dict[str, Path]
+) -> None:
+    assert world["ec_key"]["algorithm"] == "EC_P384"
+    chain_file = cli.work / "chain.pem"
+    cli.ok("key", "chain", "release-p384", "-o", chain_file)
+    chain = x509.load_pem_x509_certificates(chain_file.read_bytes())
+    assert len(chain) == 3, "leaf, issuing CA, root"
+    leaf, issuing, root = chain
+    assert root.issuer == root.subject
+    assert issuing.issuer == root.subject
+    assert leaf.issuer == issuing.subject
+    parts = {}
+    for name, cert in (("leaf", leaf), ("issuing", issuing), ("root", root)):
+        parts[name] = write_file(
+            cli.work / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM)
+        )
+    result = openssl(
+        "verify", "-CAfile", parts["root"], "-untrusted", parts["issuing"], parts["leaf"]
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"{parts['leaf']}: OK"
+
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    assert ExtendedKeyUsageOID.CODE_SIGNING in eku.value
+    ku = leaf.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical
+    assert ku.value.digital_signature
+    assert not ku.value.key_cert_sign
+    basic = leaf.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.value.ca is False
+
+    def attr(oid: x509.ObjectIdentifier) -> list[str]:
+        return [str(a.value) for a in leaf.subject.get_attributes_for_oid(oid)]
+
+    assert attr(NameOID.COMMON_NAME) == [SUBJECT["cn"]]
+    assert attr(NameOID.ORGANIZATION_NAME) == [SUBJECT["org"]]
+    assert attr(NameOID.COUNTRY_NAME) == [SUBJECT["country"]]
+
+    # The certificate certifies the key the server signs with.
+    served = serialization.load_pem_public_key(public_keys["release-p384"].read_bytes())
+    assert leaf.public_key() == served
+
+
+# ------------------------------------------------------------------ build machine
+
+
+def test_build_login_lists_exactly_the_keys_of_the_account_subtree(
+    cli: Cli, world: dict[str, Any]
+) -> None:
+    build = world["build_login"]
+    assert build["profile"] == "build"
+    assert build["client_id"] == world["account"]["client_id"]
+    assert build["api_token"] is None
+    keys = cli.json("keys", profile="build")
+    assert sorted(k["name"] for k in keys) == ["child-p256", "release-p384", "release-rsa"]
+    by_name = {k["name"]: k for k in keys}
+    assert by_name["release-p384"]["id"] == world["ec_key"]["id"]
+    assert by_name["child-p256"]["tsg_id"] == world["child"]["id"]
+    assert world["sibling_key"]["id"] not in {k["id"] for k in keys}
+
+
+def test_sign_raw_ec_p384_verifies_with_openssl(
+    cli: Cli, ec_signed: tuple[list[Path], list[Any]], public_keys: dict[str, Path]
+) -> None:
+    files, results = ec_signed
+    for f, r in zip(files, results, strict=True):
+        assert r["signature"] == str(f) + ".sig"
+        assert r["key"] == "release-p384"
+        assert r["key_version"] == 1
+        assert r["scheme"] == "ecdsa"
+        assert r["digest_algorithm"] == "sha384"
+        assert r["digest"] == hashlib.sha384(f.read_bytes()).hexdigest()
+        result = openssl(
+            "dgst",
+            "-sha384",
+            "-verify",
+            public_keys["release-p384"],
+            "-signature",
+            r["signature"],
+            f,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.stdout.strip() == "Verified OK"
+
+
+@pytest.mark.parametrize(
+    ("scheme", "sigopts"),
+    [
+        pytest.param(None, [], id="rsa-pkcs1v15-default"),
+        pytest.param(
+            "rsa-pss",
+            ["-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:digest"],
+            id="rsa-pss",
+        ),
+    ],
+)
+def test_sign_raw_rsa_verifies_with_openssl(
+    cli: Cli,
+    world: dict[str, Any],
+    public_keys: dict[str, Path],
+    scheme: str | None,
+    sigopts: list[str],
+) -> None:
+    f = write_file(cli.work / f"rsa-{scheme or 'default'}.bin", os.urandom(10_000))
+    [r] = cli.sign_build("release-rsa", f, extra=("--scheme", scheme) if scheme else ())
+    assert r["scheme"] == (scheme or "rsa-pkcs1v15")
+    assert r["digest_algorithm"] == "sha256"
+    assert len(Path(r["signature"]).read_bytes()) == 384, "RSA-3072 signature octets"
+    verify = ["dgst", "-sha256", *sigopts, "-verify", public_keys["release-rsa"]]
+    result = openssl(*verify, "-signature", r["signature"], f)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "Verified OK"
+    # The other padding must not verify: the scheme really was applied.
+    other = [] if sigopts else ["-sigopt", "rsa_padding_mode:pss"]
+    wrong = openssl("dgst", "-sha256", *other, "-verify", public_keys["release-rsa"],
+                    "-signature", r["signature"], f)  # fmt: skip
+    assert wrong.returncode != 0
+    assert "Verified OK" not in wrong.stdout
+
+
+def test_verify_accepts_then_rejects_a_modified_file(cli: Cli, world: dict[str, Any]) -> None:
+    f = write_file(cli.work / "to-modify.bin", b"original content\n")
+    cli.sign_build("release-p384", f)
+    [ok] = cli.json("verify", "--key", "release-p384", f, profile="build")
+    assert ok["valid"] is True
+    assert ok["signature"] == str(f) + ".sig"
+
+    f.write_bytes(b"original content!\n")
+    result = cli.run("verify", "--key", "release-p384", f, "--json", profile="build")
+    assert result.returncode == 1, result.stdout + result.stderr
+    [bad] = json.loads(result.stdout)
+    assert bad["valid"] is False
+    assert "signature_invalid" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_digest_only_prints_local_digests_and_signs_nothing(
+    cli: Cli, world: dict[str, Any]
+) -> None:
+    f = write_file(cli.work / "digest-only.bin", os.urandom(3000))
+    [d256] = cli.json("sign", "--key", "release-p384", "--digest-only", f, profile="build")
+    assert d256 == {
+        "file": str(f),
+        "digest_algorithm": "sha256",
+        "digest": hashlib.sha256(f.read_bytes()).hexdigest(),
+    }
+    sha512 = ("--digest-only", "--digest-algorithm", "sha512")
+    [d512] = cli.json("sign", "--key", "release-p384", *sha512, f, profile="build")
+    assert d512["digest"] == hashlib.sha512(f.read_bytes()).hexdigest()
+    human = cli.ok("sign", "--key", "release-p384", "--digest-only", f, profile="build")
+    assert human.stdout.split() == [d256["digest"], str(f)]
+    assert not Path(str(f) + ".sig").exists()
+    events = cli.json("audit", "list", "--kind", "signing.sign", "--limit", "1000")
+    assert d256["digest"] not in {e["digest"] for e in events}
+
+
+def test_audit_has_one_event_per_signed_file(
+    cli: Cli, world: dict[str, Any], ec_signed: tuple[list[Path], list[Any]]
+) -> None:
+    assert cli.ledger, "nothing was signed before the audit check"
+    events = cli.json("audit", "list", "--limit", "1000")
+    signed = [
+        e
+        for e in events
+        if e["kind"] == "signing.sign.succeeded" and e["principal"]["id"] == world["account"]["id"]
+    ]
+    assert len(signed) == len(cli.ledger)
+    by_digest = {e["digest"]: e for e in signed}
+    assert len(by_digest) == len(signed), "every signed file had distinct content"
+    keys = {"release-p384": world["ec_key"]["id"], "release-rsa": world["rsa_key"]["id"]}
+    for _file, key, digest_algorithm, digest in cli.ledger:
+        event = by_digest[digest]
+        assert event["outcome"] == "succeeded"
+        assert event["key_id"] == keys[key]
+        assert event["key_version"] == 1
+        assert event["details"]["digest_algorithm"] == digest_algorithm
+        assert event["client_tool"].startswith("signery-cli/")
+
+
+def test_usage_counts_every_signature(
+    cli: Cli, world: dict[str, Any], ec_signed: tuple[list[Path], list[Any]]
+) -> None:
+    counters = {(c["subject_type"], c["subject_id"]): c for c in cli.json("usage")["counters"]}
+    account = counters[("account", world["account"]["id"])]
+    assert account["successes"] == len(cli.ledger)
+    for name, key in (("release-p384", world["ec_key"]), ("release-rsa", world["rsa_key"])):
+        signed_with = sum(1 for _, k, _, _ in cli.ledger if k == name)
+        assert counters[("key", key["id"])]["successes"] == signed_with
+    assert ("key", world["sibling_key"]["id"]) not in counters or (
+        counters[("key", world["sibling_key"]["id"])]["successes"] == 0
+    )
+
+
+def test_disabled_account_cannot_sign_until_enabled(
+    cli: Cli, world: dict[str, Any], ec_signed: tuple[list[Path], list[Any]]
+) -> None:
+    client_id = world["account"]["client_id"]
+    signed_file = ec_signed[0][0]
+    sig = Path(str(signed_file) + ".sig")
+    before = (sig.read_bytes(), sig.stat().st_mtime_ns)
+    fresh = write_file(cli.work / "while-disabled.bin", b"not to be signed")
+
+    assert cli.json("account", "disable", client_id)["status"] == "disabled"
+    try:
+        stderr = cli.fails("sign", "--key", "release-p384", signed_file, fresh, profile="build")
+        # A new CLI process asks for a token first; the token endpoint refuses a
+        # disabled account with its own code (RFC 6749 invalid_grant family).
+        assert "client_disabled" in stderr
+        assert (sig.read_bytes(), sig.stat().st_mtime_ns) == before
+        assert not Path(str(fresh) + ".sig").exists()
+    finally:
+        assert cli.json("account", "enable", client_id)["status"] == "active"
+    [r] = cli.sign_build("release-p384", fresh)
+    assert Path(r["signature"]).stat().st_size > 0
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_unknown_key_is_key_not_found(cli: Cli, world: dict[str, Any]) -> None:
+    f = write_file(cli.work / "unknown-key.bin", b"x")
+    stderr = cli.fails("sign", "--key", "no-such-key", f, profile="build")
+    assert "key_not_found" in stderr
+    assert not Path(str(f) + ".sig").exists()
+    # A key in a sibling TSG is as invisible as a missing one.
+    stderr = cli.fails("sign", "--key", world["sibling_key"]["id"], f, profile="build")
+    assert "key_not_found" in stderr
+
+
+def test_signing_a_missing_file_is_a_clear_error(cli: Cli, world: dict[str, Any]) -> None:
+    missing = cli.work / "does-not-exist.bin"
+    stderr = cli.fails("sign", "--key", "release-p384", missing, profile="build")
+    assert str(missing) in stderr
+    assert "not a readable file" in stderr
+
+
+def test_unknown_profile_is_a_clear_error(cli: Cli, world: dict[str, Any]) -> None:
+    """A mistyped --profile is named as such, with the way to create it."""
+    stderr = cli.fails("keys", profile="nosuch")
+    assert "no profile named 'nosuch'" in stderr
+    assert "login" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_login_with_a_wrong_api_token_saves_nothing(
+    cli: Cli, admin: dict[str, Any], server: ServerProcess
+) -> None:
+    before = cli.profiles_file.read_bytes()
+    stderr = cli.fails(
+        "login", "--server", server.url, "--api-token", "sgy_not-a-real-token", profile="wrong"
+    )
+    assert "invalid_token" in stderr
+    assert cli.profiles_file.read_bytes() == before
+    assert "wrong" not in json.loads(before)["profiles"]
+
+
+def test_profiles_file_is_0600_and_holds_no_private_key(
+    cli: Cli, world: dict[str, Any], ec_signed: tuple[list[Path], list[Any]]
+) -> None:
+    text = cli.profiles_file.read_text()
+    assert mode_of(cli.profiles_file) == 0o600
+    profiles = json.loads(text)["profiles"]
+    assert profiles["build"]["key_file"] == str(world["key_file"].resolve())
+    assert profiles["build"]["client_id"] == world["account"]["client_id"]
+    assert "PRIVATE KEY" not in text
+    for line in world["key_file"].read_text().splitlines()[1:-1]:
+        assert line not in text
+    assert not [p.name for p in cli.home.iterdir() if p.name != "profiles.json"]

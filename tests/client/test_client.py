@@ -1,0 +1,284 @@
+"""signery.client against a real ``signery serve`` process (SQLite and PostgreSQL).
+
+Signatures are checked with pyca/cryptography against the certificate the server
+issued; errors must come back as the SigneryError subclass named by the problem
+document's code, and transport failures as ServerUnreachable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from signery import errors
+from signery import protocol as p
+from signery.client import (
+    AccountCredentials,
+    Client,
+    RemoteSigner,
+    ServerUnreachable,
+)
+from signery.crypto import hash_bytes
+from signery.errors import ClientError, SigneryError
+from signery.protocol import DigestAlgorithm, SignatureScheme
+from tests.support import Account, Api, ServerProcess, free_port
+
+pytestmark = pytest.mark.e2e
+
+SHA256 = DigestAlgorithm.SHA256
+
+
+@pytest.fixture(scope="module")
+def world(server_api: Api) -> dict[str, Any]:
+    """team ── child; sibling. The account lives in `team`; `dup` names two keys."""
+    api = server_api
+    team = api.create_tsg()
+    child = api.create_tsg(parent=team["id"])
+    sibling = api.create_tsg()
+    dup = api.unique("dup")
+    return {
+        "team": team,
+        "account": api.create_account(team["id"]),
+        "ec_key": api.create_key(team["id"], "EC_P256"),
+        "rsa_key": api.create_key(team["id"], "RSA_2048"),
+        "child_key": api.create_key(child["id"], "EC_P384", ca="none"),
+        "sibling_key": api.create_key(sibling["id"], "EC_P256", ca="none"),
+        "dup_name": dup,
+        "dup_keys": [
+            api.create_key(team["id"], "EC_P256", ca="none", name=dup),
+            api.create_key(child["id"], "EC_P256", ca="none", name=dup),
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess, world: dict[str, Any]) -> Iterator[Client]:
+    with Client(server.url, credentials=world["account"].credentials()) as c:
+        yield c
+
+
+def leaf_certificate(signer: RemoteSigner) -> x509.Certificate:
+    assert signer.certificate_chain, "a key certified by the built-in CA has a chain"
+    return signer.certificate_chain[0]
+
+
+# ------------------------------------------------------------------ keys and signatures
+
+
+def test_keys_are_exactly_those_of_the_account_subtree(
+    client: Client, world: dict[str, Any]
+) -> None:
+    usable = client.keys()
+    ids = {k.id for k in usable}
+    assert len(ids) == len(usable)
+    expected = {world[k]["id"] for k in ("ec_key", "rsa_key", "child_key")}
+    expected |= {k["id"] for k in world["dup_keys"]}
+    assert ids == expected
+    assert world["sibling_key"]["id"] not in ids
+
+
+def test_ecdsa_signature_verifies_with_the_leaf_certificate(
+    client: Client, world: dict[str, Any]
+) -> None:
+    signer = client.signer(world["ec_key"]["name"])
+    data = b"release artifact, EC P-256"
+    signature = signer.sign(hash_bytes(data, SHA256))
+    leaf_key = leaf_certificate(signer).public_key()
+    assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
+    # Raises InvalidSignature if the server signed anything but sha256(data).
+    leaf_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+    assert signer.last_response is not None
+    assert signer.last_response.key_version == 1
+    assert signer.last_response.key_id == world["ec_key"]["id"]
+    assert signer.last_response.scheme is SignatureScheme.ECDSA
+    with pytest.raises(InvalidSignature):
+        leaf_key.verify(signature, data + b"!", ec.ECDSA(hashes.SHA256()))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "rsa_padding"),
+    [
+        pytest.param(SignatureScheme.RSA_PKCS1V15, padding.PKCS1v15(), id="pkcs1v15"),
+        pytest.param(
+            SignatureScheme.RSA_PSS,
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+            id="pss",
+        ),
+    ],
+)
+def test_rsa_signature_verifies_with_the_leaf_certificate(
+    client: Client, world: dict[str, Any], scheme: SignatureScheme, rsa_padding: Any
+) -> None:
+    signer = client.signer(world["rsa_key"]["name"])
+    data = f"release artifact, RSA {scheme.value}".encode()
+    signature = signer.sign(hash_bytes(data, SHA256), scheme)
+    leaf_key = leaf_certificate(signer).public_key()
+    assert isinstance(leaf_key, rsa.RSAPublicKey)
+    assert leaf_key.public_numbers() == signer.public_key.public_numbers()
+    leaf_key.verify(signature, data, rsa_padding, hashes.SHA256())
+    assert len(signature) == 256
+
+
+def test_access_token_is_fetched_once_and_reused(
+    server: ServerProcess, server_api: Api, world: dict[str, Any]
+) -> None:
+    seq = server_api.last_seq()
+    artifacts = [f"artifact {i}".encode() for i in range(5)]
+    with Client(server.url, credentials=world["account"].credentials()) as c:
+        signer = c.signer(world["ec_key"]["name"])
+        for data in artifacts:
+            signer.sign(hash_bytes(data, SHA256))
+        c.keys()
+    kinds = [e["kind"] for e in server_api.events_after(seq)]
+    assert kinds.count("auth.token.issued") == 1, kinds
+    assert kinds.count("signing.sign.succeeded") == len(artifacts), kinds
+
+
+# ------------------------------------------------------------------ error mapping
+
+
+def _sign(key: str, scheme: SignatureScheme = SignatureScheme.ECDSA) -> Callable[[Client], Any]:
+    return lambda c: c.sign(key, hash_bytes(b"x", SHA256), scheme)
+
+
+ERROR_CASES = [
+    pytest.param(lambda w: _sign("no-such-key"), errors.KeyNotFound, id="server-unknown-key-name"),
+    pytest.param(
+        lambda w: lambda c: c.signer("no-such-key"), errors.KeyNotFound, id="client-unknown-key"
+    ),
+    pytest.param(
+        lambda w: _sign(w["sibling_key"]["id"]), errors.KeyNotFound, id="sibling-key-by-id"
+    ),
+    pytest.param(
+        lambda w: _sign(w["dup_name"]), errors.KeyNameAmbiguous, id="server-ambiguous-name"
+    ),
+    pytest.param(
+        lambda w: lambda c: c.key(w["dup_name"]),
+        errors.KeyNameAmbiguous,
+        id="client-ambiguous-name",
+    ),
+    pytest.param(
+        lambda w: _sign(w["ec_key"]["name"], SignatureScheme.RSA_PSS),
+        errors.SchemeNotAllowed,
+        id="rsa-pss-with-ec-key",
+    ),
+    pytest.param(
+        lambda w: _sign(w["rsa_key"]["name"], SignatureScheme.ECDSA),
+        errors.SchemeNotAllowed,
+        id="ecdsa-with-rsa-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_call", "expected"), ERROR_CASES)
+def test_refusals_map_to_the_error_class_of_their_code(
+    client: Client,
+    world: dict[str, Any],
+    make_call: Callable[[dict[str, Any]], Callable[[Client], Any]],
+    expected: type[SigneryError],
+) -> None:
+    with pytest.raises(SigneryError) as caught:
+        make_call(world)(client)
+    assert type(caught.value) is expected
+    assert caught.value.code == expected.code
+
+
+def test_unknown_client_id_is_unknown_client(server: ServerProcess, world: dict[str, Any]) -> None:
+    stranger = AccountCredentials(
+        "00000000-0000-4000-8000-000000000000", world["account"].credentials().private_key
+    )
+    with Client(server.url, credentials=stranger) as c, pytest.raises(errors.UnknownClient) as e:
+        c.keys()
+    assert e.value.code == "unknown_client"
+    assert isinstance(e.value, errors.InvalidGrant)
+
+
+def test_wrong_private_key_is_assertion_signature_invalid(
+    server: ServerProcess, server_api: Api, world: dict[str, Any]
+) -> None:
+    other: Account = server_api.create_account(world["team"]["id"])
+    impostor = AccountCredentials(world["account"].client_id, other.credentials().private_key)
+    with (
+        Client(server.url, credentials=impostor) as c,
+        pytest.raises(errors.AssertionSignatureInvalid),
+    ):
+        c.keys()
+
+
+def test_wrong_api_token_is_invalid_token(server: ServerProcess) -> None:
+    with (
+        Client(server.url, api_token="sgy_not-a-real-token") as c,
+        pytest.raises(errors.InvalidToken) as e,
+    ):
+        c.call("GET", f"{p.API_PREFIX}/users/me", p.User)
+    assert e.value.code == "invalid_token"
+
+
+def test_missing_credentials_are_client_errors(server: ServerProcess) -> None:
+    with Client(server.url) as c:
+        with pytest.raises(ClientError, match="no account credentials"):
+            c.keys()
+        with pytest.raises(ClientError, match="no API token"):
+            c.call("GET", f"{p.API_PREFIX}/users/me", p.User)
+
+
+def test_disabled_account_is_refused_with_and_without_a_live_token(
+    server: ServerProcess, server_api: Api, world: dict[str, Any]
+) -> None:
+    account = server_api.create_account(world["team"]["id"])
+    key = world["ec_key"]["name"]
+    with Client(server.url, credentials=account.credentials()) as live:
+        signer = live.signer(key)  # the access token is now held by `live`
+        server_api.ok(
+            server_api.http.post(f"/api/v1/accounts/{account.id}/disable", headers=server_api.admin)
+        )
+        # A live token stops working at once, on the signing endpoint.
+        with pytest.raises(errors.AccountDisabled):
+            signer.sign(hash_bytes(b"after disable", SHA256))
+    # A new client cannot even get a token.
+    with (
+        Client(server.url, credentials=account.credentials()) as fresh,
+        pytest.raises(errors.ClientDisabled),
+    ):
+        fresh.keys()
+
+
+# ------------------------------------------------------------------ transport and input
+
+
+def test_server_down_is_server_unreachable(world: dict[str, Any]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with Client(url, credentials=world["account"].credentials(), timeout=5) as c:
+        with pytest.raises(ServerUnreachable) as e:
+            c.keys()
+        assert e.value.code == "server_unreachable"
+        assert url in e.value.detail
+        with pytest.raises(ServerUnreachable):
+            c.metadata()
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://127.0.0.1/", "127.0.0.1:8443", "file:///etc/passwd", "", "HTTPS//x"]
+)
+def test_client_refuses_a_non_http_url(url: str) -> None:
+    with pytest.raises(ClientError, match="must start with https://"):
+        Client(url)
+
+
+@pytest.mark.parametrize(
+    "key", ["a/b", "../sign", "..", ".", "", "k?x=1", "k#frag", "k%2Fx", "a\\b"]
+)
+def test_key_reference_that_could_change_the_path_is_refused_before_any_request(
+    client: Client, server_api: Api, key: str
+) -> None:
+    seq = server_api.last_seq()
+    with pytest.raises(ClientError, match="invalid key reference") as e:
+        client.sign(key, hash_bytes(b"x", SHA256), SignatureScheme.ECDSA)
+    assert type(e.value) is ClientError
+    assert server_api.events_after(seq) == [], "the refusal must happen before any request"
