@@ -10,12 +10,13 @@ import re
 import secrets
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from argon2 import PasswordHasher
 from argon2.exceptions import VerifyMismatchError
@@ -23,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, inspect, text
+from sqlalchemy.engine import make_url
 
 from signery.crypto import algorithm_of_public_key
 from signery.errors import ConfigurationError
@@ -32,7 +34,7 @@ from signery.server.app import create_app
 from signery.server.bootstrap import InitResult, initialize
 from signery.server.config import Settings, load_settings
 from signery.server.db import make_engine
-from tests.support import database_url_for, require_tool
+from tests.support import PG_ADMIN_DSN, database_url_for, postgres_database, require_tool
 
 BACKENDS = ["sqlite", "postgresql"]
 TOKEN_SHAPE = re.compile(r"sgy_pat_(?P<id>[0-9a-f]{16})_(?P<secret>[A-Za-z0-9_-]+)")
@@ -50,19 +52,23 @@ def mode_of(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def inspection_engine(settings: Settings) -> Iterator[Engine]:
-    engine = make_engine(settings.resolved_database_url, pool_size=1)
+def inspection_engine_for(url: str) -> Iterator[Engine]:
+    engine = make_engine(url, pool_size=1)
     try:
         yield engine
     finally:
         engine.dispose()
 
 
+def inspection_engine(settings: Settings) -> contextlib.AbstractContextManager[Engine]:
+    return inspection_engine_for(settings.resolved_database_url)
+
+
 def snapshot(settings: Settings) -> dict[str, list[str]]:
     """Every row of every table (alembic_version included), order-independent."""
     with inspection_engine(settings) as engine, engine.connect() as conn:
         return {
-            name: sorted(repr(tuple(row)) for row in conn.execute(text(f'SELECT * FROM "{name}"')))
+            name: sorted(repr(tuple(row)) for row in conn.execute(text(f'SELECT * FROM "{name}"')))  # noqa: S608
             for name in inspect(conn).get_table_names()
         }
 
@@ -72,7 +78,8 @@ def stored_values(settings: Settings) -> list[bytes]:
     values: list[bytes] = []
     with inspection_engine(settings) as engine, engine.connect() as conn:
         for name in inspect(conn).get_table_names():
-            for row in conn.execute(text(f'SELECT * FROM "{name}"')):
+            # Table names come from the database's own catalog.
+            for row in conn.execute(text(f'SELECT * FROM "{name}"')):  # noqa: S608
                 for value in row:
                     if isinstance(value, bytes | bytearray | memoryview):
                         values.append(bytes(value))
@@ -132,11 +139,34 @@ class Blank:
         )
 
 
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    with postgres_database() as url:
+        yield url
+
+
+def empty_postgres(url: str) -> None:
+    # Cheaper than a new database per test (DROP DATABASE forces a checkpoint).
+    with inspection_engine_for(url) as engine, engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
+
+
 @pytest.fixture(params=BACKENDS)
-def blank(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Blank]:
+def blank(request: pytest.FixtureRequest, tmp_path: Path) -> Blank:
     data_dir = tmp_path / "data"
-    with database_url_for(request.param, data_dir) as url:
-        yield Blank(request.param, data_dir, url)
+    if request.param == "sqlite":
+        return Blank("sqlite", data_dir, None)
+    url: str = request.getfixturevalue("pg_url")
+    empty_postgres(url)
+    return Blank("postgresql", data_dir, url)
+
+
+def assert_refused(start: Callable[[], object], match: str) -> None:
+    """``start`` (a create_app call) must refuse with ConfigurationError (and, as
+    test_a_refused_start_leaves_no_connection_open shows, close what it opened)."""
+    with pytest.raises(ConfigurationError, match=match):
+        start()
 
 
 def b64_key() -> str:
@@ -243,23 +273,30 @@ def test_an_initialized_database_whose_key_file_is_gone_is_refused(blank: Blank)
     assert not key_file.exists()
     assert list(blank.data_dir.glob("*.key")) == []
     assert snapshot(settings) == rows_before
-    with pytest.raises(ConfigurationError):
-        create_app(settings)
+    assert_refused(lambda: create_app(settings), "does not exist")
 
 
-def test_a_different_master_key_is_refused(blank: Blank) -> None:
+def test_a_different_master_key_is_refused_by_init_and_by_the_server(blank: Blank) -> None:
     settings = blank.settings()
     first = initialize(settings)
+    with TestClient(create_app(settings)) as client:  # the right key is accepted
+        assert client.get("/readyz").status_code == 200
     key_file = settings.resolved_master_key_file
     key_file.unlink()
-    other = MasterKey.generate()
-    other.write_new(key_file)
+    MasterKey.generate().write_new(key_file)
     other_file = key_file.read_bytes()
 
     with pytest.raises(ConfigurationError, match="another master key"):
         initialize(settings)
     with pytest.raises(ConfigurationError, match="another master key"):
         initialize(blank.settings(master_key=b64_key()))
+    assert_refused(lambda: create_app(settings), "master key does not match")
+    assert_refused(
+        lambda: create_app(blank.settings(master_key=b64_key())), "master key does not match"
+    )
+    assert_refused(
+        lambda: create_app(settings, master_key=MasterKey.generate()), "master key does not match"
+    )
 
     assert key_file.read_bytes() == other_file
     assert meta_value(settings, "master_key_id") == first.master_key_id
@@ -269,38 +306,42 @@ def test_a_different_master_key_is_refused(blank: Blank) -> None:
 
 
 def test_the_server_refuses_an_uninitialized_database(blank: Blank) -> None:
-    key = b64_key()
     blank.data_dir.mkdir(mode=0o700)
-    settings = blank.settings(master_key=key)
+    settings = blank.settings(master_key=b64_key())
 
-    with pytest.raises(ConfigurationError, match="signery init"):
-        create_app(settings)  # empty database
-
+    assert_refused(lambda: create_app(settings), "empty; run `signery init`")
     with inspection_engine(settings) as engine:
         migrate.upgrade(engine)
-    with pytest.raises(ConfigurationError, match="not initialized"):
-        create_app(settings)  # schema, but no installation
+    assert_refused(lambda: create_app(settings), "not initialized; run `signery init`")
 
+    # The same settings are served once the database is initialized.
     initialize(settings)
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
 
 
-def test_the_server_refuses_a_database_of_another_master_key(blank: Blank) -> None:
-    settings = blank.settings()
-    initialize(settings)
-    with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").status_code == 200
+def open_connections(database_url: str) -> int:
+    with psycopg.connect(PG_ADMIN_DSN) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+            (make_url(database_url).database,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
 
-    with pytest.raises(ConfigurationError, match="master key"):
-        create_app(settings, master_key=MasterKey.generate())
-    with pytest.raises(ConfigurationError, match="master key"):
-        create_app(blank.settings(master_key=b64_key()))
-    key_file = settings.resolved_master_key_file
-    key_file.unlink()
-    MasterKey.generate().write_new(key_file)
-    with pytest.raises(ConfigurationError, match="master key"):
+
+def test_a_refused_start_leaves_no_connection_open(pg_url: str, tmp_path: Path) -> None:
+    """A server that refuses to start must not keep database connections open
+    (create_app is also called in-process: tests, embedding, `uvicorn --factory`)."""
+    empty_postgres(pg_url)
+    settings = load_settings(
+        data_dir=tmp_path / "data", database_url=pg_url, master_key=b64_key(), access_log=False
+    )
+    assert open_connections(pg_url) == 0
+
+    with pytest.raises(ConfigurationError, match="empty"):
         create_app(settings)
+    assert open_connections(pg_url) == 0
 
 
 # ------------------------------------------------------------------ secrets at rest

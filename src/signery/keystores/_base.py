@@ -99,7 +99,10 @@ class KeyStore(ABC):
         return self._guard(lambda: self._public_key(handle))
 
     def destroy(self, handle: KeyHandle) -> None:
-        """Erase the key pair. Signing with the handle afterwards raises KeyMaterialMissing."""
+        """Erase the key pair. Signing with the handle through this store afterwards
+        raises KeyMaterialMissing; stores in other processes may keep a decrypted
+        copy for a bounded time (see each backend), which is why callers check the
+        key's status before every signing."""
         self._check_handle(handle)
         self._guard(lambda: self._destroy(handle))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from datetime import UTC, datetime
@@ -30,7 +31,12 @@ from sqlalchemy.orm import Mapped, mapped_column
 from signery.crypto import Hashed, PublicKey, signature_padding
 from signery.errors import KeyMaterialMissing, KeyStoreUnavailable
 from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
-from signery.keystores._masterkey import GCM_NONCE_BYTES, MasterKey, MasterKeyMismatch
+from signery.keystores._masterkey import (
+    GCM_NONCE_BYTES,
+    GCM_TAG_BYTES,
+    MasterKey,
+    MasterKeyMismatch,
+)
 from signery.protocol import Algorithm, SignatureScheme
 from signery.server.db import Base, UtcDateTime, table, writer
 
@@ -38,6 +44,11 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 DEK_BYTES = 32
 CACHE_SIZE = 4096
+# How long a decrypted key stays in one process's memory without a look at its
+# row. Destroying a key erases the row; other processes (replicas) forget the
+# key within this time. Signing with a destroyed key is refused before that by
+# the key's status, which every signing reads.
+CACHE_TTL_SECONDS = 300.0
 # Public exponent 65537: FIPS 186-5 §A.1.1 and what every verifier expects.
 RSA_PUBLIC_EXPONENT = 65537
 _RSA_BITS = {Algorithm.RSA_2048: 2048, Algorithm.RSA_3072: 3072, Algorithm.RSA_4096: 4096}
@@ -72,11 +83,19 @@ class BuiltinKeyStore(KeyStore):
     kind = "builtin"
     supported_algorithms = frozenset(Algorithm)
 
-    def __init__(self, engine: Engine, master_key: MasterKey, *, name: str = "builtin") -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        master_key: MasterKey,
+        *,
+        name: str = "builtin",
+        cache_ttl: float = CACHE_TTL_SECONDS,
+    ) -> None:
         super().__init__(name)
         self._engine = engine
         self._master = master_key
-        self._cache: OrderedDict[tuple[str, KeyContext], PrivateKey] = OrderedDict()
+        self._cache_ttl = cache_ttl
+        self._cache: OrderedDict[tuple[str, KeyContext], tuple[PrivateKey, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def signs_inline(self, algorithm: Algorithm) -> bool:
@@ -165,10 +184,10 @@ class BuiltinKeyStore(KeyStore):
     def _private_key(self, handle: KeyHandle) -> PrivateKey:
         cache_key = (handle.ref, handle.context)
         with self._lock:
-            key = self._cache.get(cache_key)
-            if key is not None:
+            cached = self._cache.get(cache_key)
+            if cached is not None and time.monotonic() - cached[1] < self._cache_ttl:
                 self._cache.move_to_end(cache_key)
-                return key
+                return cached[0]
         try:
             with self._engine.connect() as conn:
                 row = conn.execute(
@@ -186,6 +205,8 @@ class BuiltinKeyStore(KeyStore):
         # from another key, version or TSG raises MasterKeyMismatch here.
         dek = self._master.decrypt(row.wrapped_dek, handle.context.associated_data("dek"))
         blob: bytes = row.ciphertext
+        if len(blob) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
+            raise MasterKeyMismatch("ciphertext is truncated")
         try:
             plaintext = AESGCM(dek).decrypt(
                 blob[:GCM_NONCE_BYTES],
@@ -203,7 +224,7 @@ class BuiltinKeyStore(KeyStore):
 
     def _remember(self, handle: KeyHandle, key: PrivateKey) -> None:
         with self._lock:
-            self._cache[(handle.ref, handle.context)] = key
+            self._cache[(handle.ref, handle.context)] = (key, time.monotonic())
             self._cache.move_to_end((handle.ref, handle.context))
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)

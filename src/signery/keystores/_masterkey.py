@@ -26,6 +26,7 @@ from signery.errors import ConfigurationError, KeyStoreError
 
 MASTER_KEY_BYTES = 32  # AES-256
 GCM_NONCE_BYTES = 12  # NIST SP 800-38D §8.2: 96-bit random nonces
+GCM_TAG_BYTES = 16
 FILE_MODE = 0o600
 
 
@@ -106,6 +107,8 @@ class MasterKey:
         return nonce + self._aead.encrypt(nonce, plaintext, associated_data)
 
     def decrypt(self, blob: bytes, associated_data: bytes) -> bytes:
+        if len(blob) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
+            raise MasterKeyMismatch("ciphertext is truncated")
         try:
             return self._aead.decrypt(
                 blob[:GCM_NONCE_BYTES], blob[GCM_NONCE_BYTES:], associated_data

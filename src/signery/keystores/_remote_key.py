@@ -115,6 +115,23 @@ class RemoteRsaKey(rsa.RSAPrivateKey):
         from cryptography.hazmat.primitives.asymmetric import padding as _padding
 
         if isinstance(padding, _padding.PSS):
+            # The store signs PSS with MGF1 over the same hash and a salt as long as
+            # the digest; the builder writes the caller's parameters into the
+            # certificate, so anything else would yield a signature that never verifies.
+            hash_name = getattr(algorithm, "name", None)
+            mgf = padding.mgf
+            salt = padding._salt_length
+            if (
+                not isinstance(mgf, _padding.MGF1)
+                or mgf._algorithm.name != hash_name
+                or not (
+                    salt is _padding.PSS.DIGEST_LENGTH
+                    or salt == getattr(algorithm, "digest_size", -1)
+                )
+            ):
+                raise KeyStoreError(
+                    "key stores sign RSA-PSS with MGF1(same hash) and salt = digest length only"
+                )
             scheme = SignatureScheme.RSA_PSS
         elif isinstance(padding, _padding.PKCS1v15):
             scheme = SignatureScheme.RSA_PKCS1V15

@@ -41,7 +41,12 @@ def create_app(
     """Build a Signery server. Refuses (ConfigurationError) an uninitialized or
     mismatched installation before serving anything. ``core`` lets a caller pass
     its own collaborators (e.g. another key store implementation)."""
-    services = Services(core or Core.build(settings, clock=clock, master_key=master_key))
+    core = core or Core.build(settings, clock=clock, master_key=master_key)
+    try:
+        services = Services(core)
+    except BaseException:
+        core.db.dispose()  # a refused start leaves no connection open
+        raise
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -1,0 +1,169 @@
+"""The error vocabulary: stable, unique codes; one HTTP status per kind; and the
+client rebuilds the server's error class from a problem document."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pkgutil
+import re
+from collections import defaultdict
+
+import pytest
+
+import signery
+import signery.client
+import signery.server.app
+from signery.errors import (
+    AssertionReplayed,
+    DigestLengthMismatch,
+    ErrorKind,
+    InvalidGrant,
+    KeyDisabled,
+    KeyMaterialMissing,
+    SigneryError,
+    error_from_problem,
+)
+from signery.server.problems import STATUS_BY_KIND, problem_response
+
+# Codes that two classes may share on purpose. There are none: the client maps a
+# code to exactly one class, so a shared code would rebuild the wrong one.
+INTENTIONAL_DUPLICATES: dict[str, set[str]] = {}
+CODE_SHAPE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
+
+
+def import_every_module() -> None:
+    """Load every module of the package so that every SigneryError subclass exists."""
+    for module in pkgutil.walk_packages(signery.__path__, "signery."):
+        importlib.import_module(module.name)
+
+
+def all_error_classes() -> list[type[SigneryError]]:
+    import_every_module()
+    seen: list[type[SigneryError]] = []
+    stack: list[type[SigneryError]] = [SigneryError]
+    while stack:
+        cls = stack.pop()
+        if cls not in seen:
+            seen.append(cls)
+            stack.extend(cls.__subclasses__())
+    # Test modules may define their own subclasses; only the product's count.
+    return sorted(
+        (c for c in seen if c.__module__.split(".")[0] == "signery"), key=lambda c: c.__qualname__
+    )
+
+
+ERROR_CLASSES = all_error_classes()
+
+
+def test_the_walk_finds_errors_of_every_part_of_the_product() -> None:
+    modules = {c.__module__ for c in ERROR_CLASSES}
+    # errors.py, but also classes defined next to the code that raises them.
+    assert {
+        "signery.errors",
+        "signery.keystores._masterkey",
+        "signery.keystores._registry",
+        "signery.formats",
+        "signery.client._client",
+        "signery.server.users.service",
+        "signery.server.signing.service",
+    } <= modules
+    assert len(ERROR_CLASSES) > 50
+
+
+def test_every_error_code_is_unique() -> None:
+    by_code: dict[str, set[str]] = defaultdict(set)
+    for cls in ERROR_CLASSES:
+        by_code[cls.code].add(f"{cls.__module__}.{cls.__qualname__}")
+
+    duplicates = {code: names for code, names in by_code.items() if len(names) > 1}
+    assert duplicates == INTENTIONAL_DUPLICATES
+
+
+@pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.__qualname__)
+def test_every_error_declares_its_own_code_title_and_kind(cls: type[SigneryError]) -> None:
+    # A subclass that inherits its parent's code would be indistinguishable on the wire.
+    assert "code" in cls.__dict__
+    assert CODE_SHAPE.fullmatch(cls.code)
+    assert cls.title
+    assert isinstance(cls.kind, ErrorKind)
+
+
+def test_every_kind_has_an_http_status() -> None:
+    assert set(STATUS_BY_KIND) == set(ErrorKind)
+    for kind, status in STATUS_BY_KIND.items():
+        assert 400 <= status <= 599, kind
+    assert STATUS_BY_KIND[ErrorKind.INTERNAL] == 500
+    assert STATUS_BY_KIND[ErrorKind.UNAVAILABLE] == 503
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("digest_length_mismatch", DigestLengthMismatch),
+        ("key_disabled", KeyDisabled),
+        ("assertion_replayed", AssertionReplayed),
+        ("invalid_grant", InvalidGrant),
+        ("key_material_missing", KeyMaterialMissing),
+    ],
+)
+def test_error_from_problem_rebuilds_the_class(code: str, cls: type[SigneryError]) -> None:
+    problem = {
+        "type": "about:blank",
+        "title": cls.title,
+        "status": STATUS_BY_KIND[cls.kind],
+        "detail": f"the server said {code}",
+        "code": code,
+        "request_id": "req-1",
+    }
+
+    err = error_from_problem(problem)
+
+    assert type(err) is cls
+    assert err.code == code
+    assert err.detail == f"the server said {code}"
+    assert err.extra["request_id"] == "req-1"
+    assert err.extra["status"] == STATUS_BY_KIND[cls.kind]
+
+
+def test_error_from_problem_finds_classes_defined_outside_errors_py() -> None:
+    for cls in ERROR_CLASSES:
+        if cls.__module__ != "signery.errors":
+            assert type(error_from_problem({"code": cls.code, "detail": "x"})) is cls
+
+
+def test_an_unknown_code_stays_a_signery_error_with_its_code() -> None:
+    err = error_from_problem(
+        {"title": "Teapot", "status": 418, "detail": "short and stout", "code": "teapot_refused"}
+    )
+
+    assert type(err) is SigneryError
+    assert err.code == "teapot_refused"
+    assert err.detail == "short and stout"
+    assert err.extra["status"] == 418
+
+
+def test_a_problem_without_a_code_or_detail_is_still_an_error() -> None:
+    err = error_from_problem({"title": "Bad Gateway", "status": 502})
+
+    assert type(err) is SigneryError
+    assert err.code == "internal_error"
+    assert err.detail == "Bad Gateway"
+
+
+@pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.__qualname__)
+def test_every_error_survives_the_trip_from_server_to_client(cls: type[SigneryError]) -> None:
+    """The server's problem+json rendering, read back by the client, gives the
+    same class, code and detail (the HTTP layer in between adds nothing)."""
+    sent = cls("something specific happened", hint="try again")
+    response = problem_response(sent, request_id="req-2", path="/api/v1/anything")
+    body = json.loads(bytes(response.body))
+
+    received = error_from_problem(body)
+
+    assert response.status_code == STATUS_BY_KIND[cls.kind]
+    assert type(received) is cls
+    assert received.code == sent.code
+    assert received.detail == "something specific happened"
+    assert received.extra["hint"] == "try again"
+    assert received.extra["request_id"] == "req-2"

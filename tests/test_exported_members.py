@@ -1,0 +1,80 @@
+"""Each public package has one door: a sorted ``__all__`` that lists every public
+class and function it offers, and nothing that is not there (after httpx's
+tests/test_exported_members.py)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from types import ModuleType
+
+import pytest
+
+import signery.client
+import signery.formats
+import signery.keystores
+
+PACKAGES = [signery.client, signery.keystores, signery.formats]
+
+
+def isort_style(name: str) -> tuple[int, list[str | int]]:
+    """The order ruff's RUF022 keeps ``__all__`` in: SCREAMING_SNAKE_CASE constants,
+    then CamelCase classes, then everything else; natural sort within each group."""
+    if len(name) > 1 and name.isupper():
+        group = 0
+    elif name[:1].isupper():
+        group = 1
+    else:
+        group = 2
+    natural = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return group, natural
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda m: m.__name__)
+def test_all_is_sorted(package: ModuleType) -> None:
+    exported = list(package.__all__)
+
+    assert exported == sorted(exported, key=isort_style)
+    assert len(set(exported)) == len(exported)
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda m: m.__name__)
+def test_every_exported_name_exists(package: ModuleType) -> None:
+    missing = [name for name in package.__all__ if not hasattr(package, name)]
+
+    assert missing == []
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda m: m.__name__)
+def test_every_public_class_and_function_is_exported(package: ModuleType) -> None:
+    offered = {
+        name
+        for name, value in vars(package).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and value.__module__.startswith(package.__name__)
+    }
+
+    assert offered - set(package.__all__) == set()
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda m: m.__name__)
+def test_exported_classes_and_functions_come_from_the_package(package: ModuleType) -> None:
+    """The door re-exports the package's own names, not other packages' (which
+    callers should import from where they live)."""
+    foreign = [
+        name
+        for name in package.__all__
+        if (inspect.isclass(obj := getattr(package, name)) or inspect.isfunction(obj))
+        and not obj.__module__.startswith(package.__name__)
+    ]
+
+    assert foreign == []
+
+
+def test_the_implementation_modules_are_private() -> None:
+    for package in PACKAGES:
+        submodules = {
+            name for name, value in vars(package).items() if isinstance(value, ModuleType)
+        }
+        assert all(name.startswith("_") for name in submodules), (package.__name__, submodules)
