@@ -128,6 +128,41 @@ def new_installation(backend: str, data_dir: Path, **overrides: Any) -> Iterator
         yield Installation(settings, initialize(settings), backend)
 
 
+@contextlib.contextmanager
+def inserts_fail(installation: Installation, table: str) -> Iterator[None]:
+    """Make every INSERT into ``table`` fail inside the database, as a full or
+    broken disk would: a real trigger, on SQLite and PostgreSQL alike."""
+    from signery.server.db import make_engine
+
+    name = f"{table}_down"
+    engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
+                    "BEGIN SELECT RAISE(ABORT, 'storage full'); END"
+                )
+            else:
+                conn.exec_driver_sql(
+                    f"CREATE FUNCTION {name}() RETURNS trigger AS $$ "
+                    "BEGIN RAISE EXCEPTION 'storage full'; END $$ LANGUAGE plpgsql"
+                )
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
+                    f"FOR EACH ROW EXECUTE FUNCTION {name}()"
+                )
+        yield
+    finally:
+        with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
+            else:
+                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+                conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {name}()")
+        engine.dispose()
+
+
 # ------------------------------------------------------------------ server processes
 
 

@@ -79,7 +79,13 @@ def test_concurrent_replay_on_two_replicas_yields_one_token(
         codes: list[int] = []
         lock = threading.Lock()
 
-        def attempt(url: str, assertion: str = assertion) -> None:
+        def attempt(
+            url: str,
+            assertion: str,
+            barrier: threading.Barrier,
+            codes: list[int],
+            lock: threading.Lock,
+        ) -> None:
             with httpx.Client(base_url=url, timeout=30) as http:
                 barrier.wait()
                 r = http.post(
@@ -93,7 +99,9 @@ def test_concurrent_replay_on_two_replicas_yields_one_token(
                 codes.append(r.status_code)
 
         threads = [
-            threading.Thread(target=attempt, args=(str(api.http.base_url),))
+            threading.Thread(
+                target=attempt, args=(str(api.http.base_url), assertion, barrier, codes, lock)
+            )
             for api in (a, b, a, b, a, b)
         ]
         for t in threads:

@@ -76,7 +76,10 @@ def test_uploaded_public_key_gets_no_private_key_back(api: Api, tsg: dict[str, A
 @pytest.mark.parametrize(
     "pem",
     [
-        pytest.param(lambda: public_pem(rsa.generate_private_key(65537, 1024)), id="rsa-1024"),
+        pytest.param(
+            lambda: public_pem(rsa.generate_private_key(65537, 1024)),  # noqa: S505 - under test
+            id="rsa-1024",
+        ),
         pytest.param(lambda: public_pem(rsa.generate_private_key(3, 2048)), id="rsa-e3"),
         pytest.param(lambda: public_pem(ec.generate_private_key(ec.SECP256K1())), id="secp256k1"),
         pytest.param(lambda: public_pem(dsa.generate_private_key(2048)), id="dsa"),

@@ -33,7 +33,7 @@ def events(api: Api, **params: Any) -> list[dict[str, Any]]:
 
 def test_filters(api: Api, scene: dict[str, Any]) -> None:
     by_key = events(api, key_id=scene["key"]["id"])
-    assert [e["kind"] for e in by_key][0] == "key.created"
+    assert by_key[0]["kind"] == "key.created"
     assert [e["outcome"] for e in by_key[1:]] == ["succeeded"] * 5 + ["invalid"]
     assert [e["reason"] for e in events(api, key_id=scene["key"]["id"], outcome="invalid")] == [
         "digest_length_mismatch"

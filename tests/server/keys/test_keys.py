@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.db import make_engine
 from signery.server.keys.models import SigningKeyRow
-from tests.support import Api, Installation, require_tool
+from tests.support import Api, Installation, inserts_fail, require_tool
 
 
 @pytest.fixture(scope="module")
@@ -189,43 +189,16 @@ def test_no_half_created_key_when_the_database_write_fails(
     generated material is destroyed again."""
     material_before = count(installation, BuiltinKeyMaterialRow)
     keys_before = count(installation, SigningKeyRow)
-    engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
-    try:
-        with engine.begin() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.execute(
-                    text(
-                        "CREATE TRIGGER versions_down BEFORE INSERT ON key_versions BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-                    )
-                )
-            else:
-                conn.execute(
-                    text(
-                        "CREATE FUNCTION versions_down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ LANGUAGE plpgsql"
-                    )
-                )
-                conn.execute(
-                    text(
-                        "CREATE TRIGGER versions_down BEFORE INSERT ON key_versions FOR EACH ROW EXECUTE FUNCTION versions_down()"
-                    )
-                )
-        body = {
-            "name": api.unique("k"),
-            "tsg_id": tsg["id"],
-            "algorithm": "RSA_2048",
-            "certificate_authority": "builtin",
-        }
+    body = {
+        "name": api.unique("k"),
+        "tsg_id": tsg["id"],
+        "algorithm": "RSA_2048",
+        "certificate_authority": "builtin",
+    }
+    with inserts_fail(installation, "key_versions"):
         r = api.http.post("/api/v1/keys", json=body, headers=api.admin)
         assert r.status_code >= 500
-        assert "disk full" not in r.text
-    finally:
-        with engine.begin() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.execute(text("DROP TRIGGER IF EXISTS versions_down"))
-            else:
-                conn.execute(text("DROP TRIGGER IF EXISTS versions_down ON key_versions"))
-                conn.execute(text("DROP FUNCTION IF EXISTS versions_down()"))
-        engine.dispose()
+        assert "storage full" not in r.text, "database messages are not passed to clients"
     assert count(installation, BuiltinKeyMaterialRow) == material_before
     assert count(installation, SigningKeyRow) == keys_before
     names = {k["name"] for k in api.ok(api.http.get("/api/v1/keys", headers=api.admin))}

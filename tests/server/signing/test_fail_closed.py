@@ -5,59 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
 
 from signery.crypto import Hashed
 from signery.keystores import BuiltinKeyStore, KeyHandle, KeyStoreRegistry
 from signery.protocol import SignatureScheme
 from signery.server.app import create_app
 from signery.server.container import Core
-from signery.server.db import make_engine
-from tests.support import Api, Installation
+from tests.support import Api, Installation, inserts_fail
 
 DIGEST = hashlib.sha256(b"fail closed").digest()
 
 
-@contextlib.contextmanager
-def audit_writes_fail(installation: Installation) -> Iterator[None]:
-    """Make every INSERT into audit_events fail, as a full or broken disk would."""
-    engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
-    try:
-        with engine.begin() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.execute(
-                    text(
-                        "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events "
-                        "BEGIN SELECT RAISE(ABORT, 'audit storage full'); END"
-                    )
-                )
-            else:
-                conn.execute(
-                    text(
-                        "CREATE FUNCTION audit_down() RETURNS trigger AS $$ "
-                        "BEGIN RAISE EXCEPTION 'audit storage full'; END $$ LANGUAGE plpgsql"
-                    )
-                )
-                conn.execute(
-                    text(
-                        "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events "
-                        "FOR EACH ROW EXECUTE FUNCTION audit_down()"
-                    )
-                )
-        yield
-    finally:
-        with engine.begin() as conn:
-            if engine.dialect.name == "sqlite":
-                conn.execute(text("DROP TRIGGER IF EXISTS audit_down"))
-            else:
-                conn.execute(text("DROP TRIGGER IF EXISTS audit_down ON audit_events"))
-                conn.execute(text("DROP FUNCTION IF EXISTS audit_down()"))
-        engine.dispose()
+def audit_writes_fail(installation: Installation) -> contextlib.AbstractContextManager[None]:
+    return inserts_fail(installation, "audit_events")
 
 
 @pytest.fixture(scope="module")
