@@ -67,14 +67,15 @@ def create_app(
     )
     app.state.services = services
     install_problem_handlers(app)
-    app.include_router(ops_router)
+    # The signing plane first: routes are matched in order, and it is the hot path.
     for router in (
+        signing_router,
+        accounts_router,
+        ops_router,
         tsg_router,
         users_router,
-        accounts_router,
         keys_router,
         ca_router,
-        signing_router,
         audit_router,
     ):
         app.include_router(router)

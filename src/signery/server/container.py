@@ -155,6 +155,7 @@ class Services:
 
     def stop(self) -> None:
         self.recorder.stop()
+        self.signing.close()
         self.db.dispose()
 
     # ------------------------------------------------------------ edge helpers

@@ -12,19 +12,32 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import DateTime, Dialect, Engine, MetaData, Table, create_engine, event, func
+from sqlalchemy import (
+    DateTime,
+    Dialect,
+    Engine,
+    MetaData,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.orm import Session as Session
-from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeDecorator
 
 from signery.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from signery.server.direct import DirectConnections
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 
@@ -73,22 +86,27 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """Create an engine; SQLite gets WAL + synchronous=FULL + busy timeout + foreign keys."""
+def make_engine(url: str, *, pool_size: int = 10, pooled: bool = True) -> Engine:
+    """Create an engine; SQLite gets WAL + synchronous=FULL + busy timeout + foreign keys.
+
+    ``pooled=False`` gives an engine without a pool, for connections that a
+    caller keeps for the life of a thread (signery.server.direct)."""
+    pool: dict[str, Any] = (
+        {"pool_size": pool_size, "max_overflow": pool_size * 2}
+        if pooled
+        else {"poolclass": NullPool}
+    )
     try:
         if url.startswith("sqlite"):
             engine = create_engine(
                 url,
-                pool_size=pool_size,
-                max_overflow=pool_size * 2,
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+                **pool,
             )
             event.listen(engine, "connect", _sqlite_on_connect)
             event.listen(engine, "begin", _sqlite_on_begin)
         elif url.startswith("postgresql"):
-            engine = create_engine(
-                url, pool_size=pool_size, max_overflow=pool_size * 2, pool_pre_ping=True
-            )
+            engine = create_engine(url, pool_pre_ping=pooled, **pool)
         else:
             raise ConfigurationError(
                 "database_url must be a sqlite:// or postgresql+psycopg:// URL"
@@ -138,41 +156,42 @@ def make_sessionmaker(engine: Engine, *, write: bool = True) -> sessionmaker[Ses
     return sessionmaker(bind=bind, expire_on_commit=False, autoflush=False)
 
 
-def upsert(
-    conn_or_session: Connection | Session,
+def upsert_statement(
+    dialect: str,
     table: Table,
-    rows: Sequence[Mapping[str, Any]],
     *,
     key: Sequence[str],
     increment: Sequence[str] = (),
     replace: Sequence[str] = (),
     keep_if_null: Sequence[str] = (),
-) -> None:
-    """INSERT ... ON CONFLICT (key) DO UPDATE, portable between SQLite and PostgreSQL.
+) -> Insert:
+    """INSERT ... ON CONFLICT (key) DO UPDATE, for SQLite and PostgreSQL, with one
+    bind parameter per column (named after it) so it can run with executemany.
 
     ``increment`` columns are added to the stored value, ``replace`` columns
-    overwrite it, ``keep_if_null`` columns overwrite it unless the new value is
-    NULL. Rows are applied in key order so that concurrent writers lock rows in
-    the same order (no deadlock on PostgreSQL).
+    overwrite it, ``keep_if_null`` columns overwrite it unless the new value is NULL.
     """
-    if not rows:
-        return
-    bind = conn_or_session.get_bind() if isinstance(conn_or_session, Session) else conn_or_session
-    dialect = bind.dialect.name
-    ins: Insert
+    ins: Any
     if dialect == "postgresql":
         ins = postgresql.insert(table)
     elif dialect == "sqlite":
         ins = sqlite.insert(table)
     else:  # pragma: no cover - make_engine refuses other databases
         raise ConfigurationError(f"unsupported database {dialect}")
+    columns = [*key, *increment, *replace, *keep_if_null]
+    ins = ins.values({c: bindparam(c) for c in columns})
     excluded = ins.excluded
     set_: dict[str, Any] = {c: table.c[c] + excluded[c] for c in increment}
     set_.update({c: excluded[c] for c in replace})
     set_.update({c: func.coalesce(excluded[c], table.c[c]) for c in keep_if_null})
-    stmt = ins.on_conflict_do_update(index_elements=list(key), set_=set_)
-    ordered = sorted(rows, key=lambda r: tuple(str(r[k]) for k in key))
-    conn_or_session.execute(stmt, ordered)
+    stmt: Insert = ins.on_conflict_do_update(index_elements=list(key), set_=set_)
+    return stmt
+
+
+def sorted_by_key(rows: Sequence[Mapping[str, Any]], key: Sequence[str]) -> list[Mapping[str, Any]]:
+    """Rows in key order, so that concurrent writers lock rows in the same order
+    (no deadlock on PostgreSQL)."""
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in key))
 
 
 def utcnow() -> datetime:
@@ -191,6 +210,16 @@ class Database:
         self.engine = engine
         self._write = make_sessionmaker(engine, write=True)
         self._read = make_sessionmaker(engine, write=False)
+        self._direct: list[DirectConnections] = []
+
+    def direct(self, *, autocommit: bool) -> DirectConnections:
+        """Per-thread raw connections for the hot path (see signery.server.direct)."""
+        from signery.server.direct import DirectConnections
+
+        twin = make_engine(self.engine.url.render_as_string(hide_password=False), pooled=False)
+        connections = DirectConnections(twin, autocommit=autocommit)
+        self._direct.append(connections)
+        return connections
 
     @property
     def dialect(self) -> str:
@@ -229,6 +258,8 @@ class Database:
         return True
 
     def dispose(self) -> None:
+        for connections in self._direct:
+            connections.close()
         self.engine.dispose()
 
 

@@ -18,18 +18,25 @@ from signery.server.authz import Principal
 from signery.server.container import Services
 from signery.server.context import RequestContext
 
+# Dependencies are ``async def`` even when they do not await: FastAPI runs a plain
+# ``def`` dependency in a worker thread, a thread hop per dependency per request.
 
-def get_services(request: Request) -> Services:
+
+async def get_services(request: Request) -> Services:
+    return services_of(request)
+
+
+async def get_context(request: Request) -> RequestContext:
+    return services_of(request).context(request)
+
+
+def services_of(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
 
-def get_context(request: Request) -> RequestContext:
-    return get_services(request).context(request)
-
-
 async def _audit_auth_failure(request: Request, error: AuthenticationFailed) -> None:
-    services = get_services(request)
+    services = services_of(request)
     await services.recorder.commit(
         AuditRecord(
             EventKind.AUTHENTICATION_FAILED,
@@ -44,7 +51,7 @@ async def _audit_auth_failure(request: Request, error: AuthenticationFailed) -> 
 
 
 async def _principal(request: Request, *, allow_password: bool) -> Principal:
-    services = get_services(request)
+    services = services_of(request)
     header = request.headers.get("authorization")
     try:
         principal = await anyio.to_thread.run_sync(
@@ -67,7 +74,7 @@ async def principal_or_password(request: Request) -> Principal:
 
 async def access_claims(request: Request) -> AccessClaims:
     """Signing plane: a verified access token (no database work here)."""
-    services = get_services(request)
+    services = services_of(request)
     try:
         return services.authn.access_claims(request.headers.get("authorization"))
     except AuthenticationFailed as e:

@@ -18,12 +18,9 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import anyio.to_thread
 from pydantic import ValidationError
-from sqlalchemy import Row, Select, select
-from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.crypto import (
@@ -58,7 +55,6 @@ from signery.protocol import (
     KeyStatus,
     PrincipalType,
 )
-from signery.server.accounts.models import AccountRow
 from signery.server.accounts.tokens import AccessClaims
 from signery.server.audit.recorder import (
     SIGN_KIND_BY_OUTCOME,
@@ -70,19 +66,13 @@ from signery.server.audit.recorder import (
 )
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
-from signery.server.db import Database, table
-from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.db import Database
 from signery.server.keys.service import UUID_RE, chain_list, load_public_key_der
 from signery.server.ops.metrics import Metrics
-from signery.server.tsg.models import TsgRow
+from signery.server.signing.reads import AccountState, KeyState, SigningReads
 
 log = logging.getLogger("signery.signing")
 
-_K = table(SigningKeyRow)
-_V = table(KeyVersionRow)
-_T = table(TsgRow)
-_A = table(AccountRow)
-_C = table(CertificateRow)
 VERSION_CACHE_SIZE = 4096
 
 
@@ -179,7 +169,7 @@ class SigningService:
         keystores: KeyStoreRegistry,
         metrics: Metrics,
     ) -> None:
-        self._db = db
+        self._reads = SigningReads(db)
         self._recorder = recorder
         self._clock = clock
         self._keystores = keystores
@@ -245,7 +235,7 @@ class SigningService:
     async def _sign_checked(
         self, claims: AccessClaims, key_ref: str, body: bytes, attempt: _Attempt
     ) -> _Signed:
-        account, key = await anyio.to_thread.run_sync(self._lookup, claims, key_ref, attempt)
+        account, key = await self._reads.run(lambda: self._lookup(claims, key_ref, attempt))
         parsed = parse_sign_request(body)
         attempt.hashed = parsed.hashed
         check_scheme(key.algorithm, parsed.scheme)
@@ -265,11 +255,16 @@ class SigningService:
     def _lookup(
         self, claims: AccessClaims, key_ref: str, attempt: _Attempt
     ) -> tuple[SigningAccount, UsableKey]:
-        """One database read: the account is still enabled, and the key it asks for."""
-        with self._db.read() as s:
-            attempt.account = self._account(s, claims)
-            attempt.key = self._usable_key(s, attempt.account, key_ref)
-            return attempt.account, attempt.key
+        """The account is still enabled, and the key it asks for (one statement)."""
+        row, keys = self._reads.account_and_keys(
+            claims.account_id, key_ref, by_id=bool(UUID_RE.match(key_ref))
+        )
+        attempt.account = self._checked_account(row, claims)
+        attempt.key = self._checked_key(keys, key_ref)
+        return attempt.account, attempt.key
+
+    def close(self) -> None:
+        self._reads.close()
 
     async def _refused(
         self,
@@ -312,18 +307,14 @@ class SigningService:
     # ------------------------------------------------------------ key listing (signing plane)
 
     async def usable_keys(self, claims: AccessClaims) -> list[p.SigningKeySummary]:
-        return await anyio.to_thread.run_sync(self._usable_keys, claims)
+        return await self._reads.run(lambda: self._usable_keys(claims))
 
     def _usable_keys(self, claims: AccessClaims) -> list[p.SigningKeySummary]:
-        with self._db.read() as s:
-            account = self._account(s, claims)
-            rows = s.execute(
-                self._key_query()
-                .where(_T.c.path.startswith(account.tsg_path, autoescape=True))
-                .where(_K.c.status == KeyStatus.ACTIVE.value)
-                .order_by(_K.c.tsg_id, _K.c.name)
-            ).all()
-            keys = [self._to_usable(s, r) for r in rows]
+        account = self._account(claims)
+        keys = [
+            self._to_usable(k)
+            for k in self._reads.active_keys(account.tsg_path, KeyStatus.ACTIVE.value)
+        ]
         return [
             p.SigningKeySummary(
                 id=k.id,
@@ -341,20 +332,10 @@ class SigningService:
 
     # ------------------------------------------------------------ lookups
 
-    def _account(self, s: Session, claims: AccessClaims) -> SigningAccount:
-        row = s.execute(
-            select(
-                _A.c.id,
-                _A.c.client_id,
-                _A.c.name,
-                _A.c.tsg_id,
-                _A.c.status,
-                _A.c.valid_until,
-                _T.c.path,
-            )
-            .join(_T, _T.c.id == _A.c.tsg_id)
-            .where(_A.c.id == claims.account_id)
-        ).first()
+    def _account(self, claims: AccessClaims) -> SigningAccount:
+        return self._checked_account(self._reads.account(claims.account_id), claims)
+
+    def _checked_account(self, row: AccountState | None, claims: AccessClaims) -> SigningAccount:
         # Checked on every request, on every replica: disabling an account stops
         # its tokens at once, without waiting for them to expire.
         if row is None or row.client_id != claims.client_id or row.tsg_id != claims.tsg_id:
@@ -365,37 +346,7 @@ class SigningService:
             raise AccountExpired()
         return SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)
 
-    def _key_query(self) -> Select[Any]:
-        return (
-            select(
-                _K.c.id,
-                _K.c.name,
-                _K.c.tsg_id,
-                _K.c.algorithm,
-                _K.c.storage,
-                _K.c.status,
-                _T.c.path,
-                _V.c.id.label("version_id"),
-                _V.c.version,
-                _V.c.store_ref,
-                _V.c.public_key_der,
-                _V.c.certificate_id,
-            )
-            .join(_T, _T.c.id == _K.c.tsg_id)
-            .join(_V, (_V.c.key_id == _K.c.id) & (_V.c.version == _K.c.current_version))
-        )
-
-    def _usable_key(self, s: Session, account: SigningAccount, key_ref: str) -> UsableKey:
-        match = (
-            (_K.c.id == key_ref) | (_K.c.name == key_ref)
-            if UUID_RE.match(key_ref)
-            else _K.c.name == key_ref
-        )
-        rows = s.execute(
-            self._key_query()
-            .where(match)
-            .where(_T.c.path.startswith(account.tsg_path, autoescape=True))
-        ).all()
+    def _checked_key(self, rows: list[KeyState], key_ref: str) -> UsableKey:
         if not rows:
             # Keys outside the account's subtree are indistinguishable from missing ones.
             raise KeyNotFound()
@@ -408,11 +359,11 @@ class SigningService:
             raise KeyDisabled()
         if row.status != KeyStatus.ACTIVE.value:
             raise KeyNotActive(f"the key is {row.status}")
-        return self._to_usable(s, row)
+        return self._to_usable(row)
 
-    def _to_usable(self, s: Session, r: Row[Any]) -> UsableKey:
-        """A row of _key_query() -> UsableKey, with the parsed public key and chain
-        cached per (version, certificate): both are immutable once written."""
+    def _to_usable(self, r: KeyState) -> UsableKey:
+        """A key row -> UsableKey, with the parsed public key and chain cached per
+        (version, certificate): both are immutable once written."""
         cache_key = (r.version_id, r.certificate_id)
         with self._lock:
             cached = self._versions.get(cache_key)
@@ -420,9 +371,7 @@ class SigningService:
             public_key = load_public_key_der(r.public_key_der)
             chain: tuple[str, ...] = ()
             if r.certificate_id:
-                chain = tuple(
-                    chain_list(s.scalar(select(_C.c.chain_pem).where(_C.c.id == r.certificate_id)))
-                )
+                chain = tuple(chain_list(self._reads.chain_pem(r.certificate_id)))
             cached = (public_key, chain)
             with self._lock:
                 self._versions[cache_key] = cached
