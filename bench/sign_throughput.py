@@ -7,8 +7,8 @@ What is measured
    A 2-thread RSA-3072 rate (RSA signing releases the GIL) and the raw cost of
    sign + verify (the server verifies every signature before returning it) are
    printed as context.
-2. **Over HTTP**: a real ``signery serve`` process (one uvicorn worker, SQLite in a
-   temporary data directory, access log off) signs the same kind of digest with a
+2. **Over HTTP**: a real ``signery serve --workers N`` (N = one per cpu by default,
+   SQLite in a temporary data directory, access log off) signs the same kind of digest with a
    built-in key through ``POST /api/v1/signing/keys/{key}/sign``, driven by ``wrk``
    (or, when wrk cannot be had, a small asyncio keep-alive client in this file).
    Every 200 answer means: token checked, account and key looked up in the
@@ -29,11 +29,11 @@ cost little next to the private-key operation); the EC P-256 target is absolute
 (>= 2,000 signatures/s: the raw operation is so cheap that the server's own
 per-request cost is what is being measured).
 
-The load generator shares the 2 cores with the server. Before each measured
-run, short trials compare pinning (server on one core, load generator on the
-other, with ``taskset``) against no pinning, for each connection count asked
-for; the best trial's setting is used for the measured run, which is a fresh
-measurement, and the output says which setting won.
+The load generator shares the 2 cores with the server. With one worker
+(``--workers 1``), short trials before each measured run compare pinning (server
+on one core, load generator on the other, with ``taskset``) against no pinning,
+for each connection count asked for; the best trial's setting is used for the
+measured run, which is a fresh measurement, and the output says which won.
 
 Each run also reports where the CPU went (from /proc): the server process, the
 load generator, and every other process on the machine. A busy neighbour shows
@@ -116,10 +116,24 @@ def _system_busy_ticks() -> int:
 
 
 def _process_ticks(pid: int) -> int:
-    """user + system clock ticks of a process (all its threads)."""
+    """user + system clock ticks of a process (all its threads) and of its live
+    descendants (the worker processes of ``signery serve --workers N``)."""
     with open(f"/proc/{pid}/stat") as f:
         after_name = f.read().rsplit(")", 1)[1].split()
-    return int(after_name[11]) + int(after_name[12])  # utime, stime (fields 14, 15)
+    ticks = int(after_name[11]) + int(after_name[12])  # utime, stime (fields 14, 15)
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            ticks += _process_ticks(child)
+    return ticks
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    return found
 
 
 def _own_and_children_seconds() -> float:
@@ -345,7 +359,8 @@ def free_port() -> int:
 class Server:
     """``signery init`` + ``signery serve`` on a temporary data directory."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, workers: int = 1) -> None:
+        self.workers = workers
         bindir = Path(sys.executable).parent
         exe = bindir / "signery"
         self.signery = str(exe if exe.exists() else ROOT / ".venv" / "bin" / "signery")
@@ -382,6 +397,8 @@ class Server:
             str(self.port),
             "--log-level",
             "warning",
+            "--workers",
+            str(self.workers),
         ]
         with self.log_path.open("wb") as logfile:
             self.proc = subprocess.Popen(
@@ -1026,6 +1043,7 @@ def environment(load_tool: str, cpus: Cpus, args: argparse.Namespace) -> dict[st
         "trial_s": args.trial_duration,
         "connections_tried": args.connections,
         "pin_mode": args.pin,
+        "server_workers": args.workers,
     }
 
 
@@ -1052,6 +1070,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="pin the server and the load generator to separate cores: auto tries both "
         "(default), yes/no forces one",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="server worker processes (signery serve --workers); default: one per cpu "
+        "(with 1, the server can be pinned to one core and the load generator to another)",
     )
     ap.add_argument("--warmup", type=int, default=2, help="warm-up seconds (default 2)")
     ap.add_argument(
@@ -1103,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cpus = Cpus.detect()
     workdir = Path(tempfile.mkdtemp(prefix="signery-bench-"))
-    server = Server(workdir)
+    server = Server(workdir, args.workers)
     try:
         wrk = find_wrk(allow_install=args.loadgen == "auto") if args.loadgen != "python" else None
         if args.loadgen == "wrk" and wrk is None:
@@ -1111,7 +1136,10 @@ def main(argv: list[str] | None = None) -> int:
         load: WrkLoad | PythonLoad = (
             WrkLoad(wrk, server.url, workdir, cpus) if wrk else PythonLoad(cpus).target(server.url)
         )
-        if args.pin == "auto":
+        if args.workers > 1:
+            # Several server processes share the cores with the load generator.
+            pin_options = [False]
+        elif args.pin == "auto":
             pin_options = [False, True] if cpus.available else [False]
         else:
             pin_options = [args.pin == "yes" and cpus.available]
@@ -1120,7 +1148,11 @@ def main(argv: list[str] | None = None) -> int:
             f"Signery signing benchmark: Python {meta['python']}, cryptography "
             f"{meta['cryptography']} ({meta['openssl']}), {meta['cpus']} cpus"
         )
-        log(f"load generator: {load.name}; pinning: {meta['pinning']}; --pin {args.pin}")
+        log(
+            f"server: signery serve --workers {args.workers}; load generator: {load.name}; "
+            f"pinning: {meta['pinning'] if args.workers == 1 else 'off (several workers)'}"
+            f"; --pin {args.pin}"
+        )
 
         busy = wait_quiet(args.wait_quiet)
         meta["other_cpu_before_start"] = round(busy, 3)

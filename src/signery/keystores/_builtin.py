@@ -99,9 +99,10 @@ class BuiltinKeyStore(KeyStore):
         self._lock = threading.Lock()
 
     def signs_inline(self, algorithm: Algorithm) -> bool:
-        # An EC signature costs ~25-250 µs; RSA-3072/4096 cost ~1-2 ms and release
-        # the GIL, so they go to worker threads and use every core.
-        return algorithm.is_ec
+        # Local CPU work: an EC signature costs ~25-250 µs, RSA-3072 ~0.8 ms. A hop
+        # to a worker thread costs more CPU than it saves (measured with make bench);
+        # several cores are used by running several server processes (--workers).
+        return True
 
     # ------------------------------------------------------------ backend hooks
 

@@ -26,6 +26,7 @@ from signery.server.middleware import EdgeMiddleware, Scope
 from signery.server.ops.logging import configure_logging
 from signery.server.ops.routes import router as ops_router
 from signery.server.problems import install_problem_handlers, problem_response
+from signery.server.signing.routes import SignDispatcher
 from signery.server.signing.routes import router as signing_router
 from signery.server.tsg.routes import router as tsg_router
 from signery.server.users.routes import router as users_router
@@ -104,6 +105,7 @@ def create_app(
         limits_by_prefix={f"{API_PREFIX}/signing/": settings.max_sign_body_bytes},
         on_too_large=on_too_large,
         access_log_enabled=settings.access_log,
+        fast_route=SignDispatcher(services),
     )
     return app
 

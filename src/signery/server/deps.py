@@ -9,6 +9,7 @@ from typing import Annotated
 
 import anyio.to_thread
 from fastapi import Depends, Request
+from starlette.requests import HTTPConnection
 
 from signery.errors import AuthenticationFailed
 from signery.protocol import AuditOutcome
@@ -35,8 +36,9 @@ def services_of(request: Request) -> Services:
     return services
 
 
-async def _audit_auth_failure(request: Request, error: AuthenticationFailed) -> None:
-    services = services_of(request)
+async def _audit_auth_failure(
+    services: Services, request: HTTPConnection, error: AuthenticationFailed
+) -> None:
     await services.recorder.commit(
         AuditRecord(
             EventKind.AUTHENTICATION_FAILED,
@@ -44,7 +46,7 @@ async def _audit_auth_failure(request: Request, error: AuthenticationFailed) -> 
             ANONYMOUS,
             reason=error.code,
             context=services.context(request),
-            details={"method": request.method, "path": request.url.path[:256]},
+            details={"method": request.scope.get("method"), "path": request.url.path[:256]},
         )
     )
     error.audited = True
@@ -58,7 +60,7 @@ async def _principal(request: Request, *, allow_password: bool) -> Principal:
             lambda: services.authn.principal(header, allow_password=allow_password)
         )
     except AuthenticationFailed as e:
-        await _audit_auth_failure(request, e)
+        await _audit_auth_failure(services, request, e)
         raise
     request.scope.setdefault("state", {})["principal"] = principal
     return principal
@@ -74,11 +76,14 @@ async def principal_or_password(request: Request) -> Principal:
 
 async def access_claims(request: Request) -> AccessClaims:
     """Signing plane: a verified access token (no database work here)."""
-    services = services_of(request)
+    return await signing_claims(services_of(request), request)
+
+
+async def signing_claims(services: Services, conn: HTTPConnection) -> AccessClaims:
     try:
-        return services.authn.access_claims(request.headers.get("authorization"))
+        return services.authn.access_claims(conn.headers.get("authorization"))
     except AuthenticationFailed as e:
-        await _audit_auth_failure(request, e)
+        await _audit_auth_failure(services, conn, e)
         raise
 
 

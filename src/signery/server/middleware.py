@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.responses import Response
 
@@ -29,6 +29,18 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 access_log = logging.getLogger("signery.access")
+
+
+class FastRoute(Protocol):
+    """A route served by the middleware itself, before the framework (see SignDispatcher)."""
+
+    path: str
+
+    def match(self, scope: Scope) -> str | None: ...
+
+    async def __call__(self, key: str, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -42,7 +54,9 @@ class EdgeMiddleware:
         limits_by_prefix: dict[str, int],
         on_too_large: Callable[[Scope, RequestTooLarge], Awaitable[Response]],
         access_log_enabled: bool = True,
+        fast_route: FastRoute | None = None,
     ) -> None:
+        self.fast_route = fast_route
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
@@ -101,7 +115,12 @@ class EdgeMiddleware:
                 else:
                     await self.app(scope, _replay(body, receive), send_wrapper)
             else:
-                await self.app(scope, _counting(receive, limit), send_wrapper)
+                fast_key = self.fast_route.match(scope) if self.fast_route else None
+                if fast_key is not None and self.fast_route is not None:
+                    scope["route"] = self.fast_route
+                    await self.fast_route(fast_key, scope, _counting(receive, limit), send_wrapper)
+                else:
+                    await self.app(scope, _counting(receive, limit), send_wrapper)
         finally:
             elapsed = time.perf_counter() - started
             route = scope.get("route")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from signery.errors import (
@@ -23,6 +24,9 @@ from signery.errors import (
     ValidationFailed,
 )
 from signery.protocol import API_PREFIX, PROBLEM_MEDIA_TYPE, Problem
+
+if TYPE_CHECKING:
+    from signery.server.container import Services
 
 log = logging.getLogger("signery.http")
 
@@ -91,13 +95,20 @@ def from_validation_error(exc: RequestValidationError) -> SigneryError:
     )
 
 
+async def error_response(
+    services: Services, request: HTTPConnection, error: SigneryError
+) -> Response:
+    """The answer to a refused or failed request, after auditing it if no service did."""
+    if not error.audited and status_of(error) < 500:
+        await services.audit_refusal(request, error)
+    elif status_of(error) >= 500:
+        log.warning("request failed", extra={"code": error.code, "path": request.url.path})
+    return problem_response(error, request_id=_request_id(request), path=request.url.path)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def audit_and_respond(request: Request, error: SigneryError) -> Response:
-        if not error.audited and status_of(error) < 500:
-            await app.state.services.audit_refusal(request, error)
-        elif status_of(error) >= 500:
-            log.warning("request failed", extra={"code": error.code, "path": request.url.path})
-        return problem_response(error, request_id=_request_id(request), path=request.url.path)
+        return await error_response(app.state.services, request, error)
 
     @app.exception_handler(SigneryError)
     async def _signery(request: Request, exc: SigneryError) -> Response:
@@ -125,12 +136,14 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-        return problem_response(
-            SigneryError(), request_id=_request_id(request), path=request.url.path
-        )
+        return unexpected_error_response(request, exc)
 
 
-def _request_id(request: Request) -> str | None:
+def unexpected_error_response(request: HTTPConnection, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return problem_response(SigneryError(), request_id=_request_id(request), path=request.url.path)
+
+
+def _request_id(request: HTTPConnection) -> str | None:
     rid = request.scope.get("state", {}).get("request_id")
     return rid if isinstance(rid, str) else None
