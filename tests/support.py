@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -186,6 +187,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -201,21 +204,35 @@ def server_env(installation: Installation, **extra: str) -> dict[str, str]:
     return env
 
 
+def _announced_url(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> str:
+    assert process.stdout is not None
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout)
+    if not lines or not lines[0]:
+        process.kill()
+        raise RuntimeError(
+            f"server did not announce its URL:\n{log.read_text(errors='replace')[-3000:]}"
+        )
+    return str(json.loads(lines[0])["url"])
+
+
 @contextlib.contextmanager
 def running_server(
     installation: Installation, *, node: str = "node-a", **env: str
 ) -> Iterator[ServerProcess]:
-    """A real `signery serve` process on a free loopback port."""
-    port = free_port()
-    log = installation.settings.data_dir / f"server-{node}-{port}.log"
+    """A real `signery serve` process on a loopback port it picks itself (port 0;
+    the URL is read from its `--json` announcement, so no port race)."""
+    log = installation.settings.data_dir / f"server-{node}-{uuid.uuid4().hex[:8]}.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            [SIGNERY, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [SIGNERY, "serve", "--host", "127.0.0.1", "--port", "0", "--json"],
             env=server_env(installation, SIGNERY_NODE_ID=node, **env),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
         )
-    server = ServerProcess(f"http://127.0.0.1:{port}", process, log)
+    server = ServerProcess(_announced_url(process, log), process, log)
     try:
         deadline = time.monotonic() + 30
         while True:

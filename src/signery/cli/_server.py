@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -117,11 +118,16 @@ def serve(
         int | None, typer.Option(help="Port (0 picks a free one). Env: SIGNERY_PORT.")
     ] = None,
     workers: Annotated[
-        int | None, typer.Option(help="Worker processes. Env: SIGNERY_WORKERS.")
+        int | None,
+        typer.Option(help="Worker processes (one per core for throughput). Env: SIGNERY_WORKERS."),
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Announce the listening URL as one JSON line on stdout."),
+    ] = False,
 ) -> None:
-    """Run the Signery server (FastAPI on uvicorn)."""
+    """Run the Signery server (FastAPI on uvicorn). Logs are JSON lines on stderr."""
     import os
 
     import uvicorn
@@ -139,34 +145,50 @@ def serve(
         log_level=log_level,
     )
     configure_logging(settings.log_level)
-    common = {
-        "host": settings.host,
-        "port": settings.port,
+    app = create_app(settings) if settings.workers == 1 else None  # refuses a bad setup early
+    # Bind here, so that port 0 (any free port) can be announced before serving.
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as e:
+        raise ConfigurationError(
+            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
+        ) from e
+    bound_port = sock.getsockname()[1]
+    shown_host = f"[{settings.host}]" if family == socket.AF_INET6 else settings.host
+    url = f"http://{shown_host}:{bound_port}"
+    if as_json:
+        print(json.dumps({"url": url, "pid": os.getpid(), "workers": settings.workers}), flush=True)
+    else:
+        err.print(f"Signery listening on {url} ({settings.workers} worker(s))", highlight=False)
+    common: dict[str, object] = {
+        "fd": sock.fileno(),
         "log_config": None,
         "access_log": False,
         "server_header": False,
         "proxy_headers": False,  # client addresses come from trusted_proxies only
         "timeout_graceful_shutdown": 10,
     }
-    if settings.workers > 1:
-        # Each worker builds its app from the environment: hand the settings down.
-        for key, value in settings.model_dump(exclude_none=True).items():
-            if key in ("master_key",):
-                continue
-            os.environ[f"SIGNERY_{key.upper()}"] = (
-                json.dumps(value) if isinstance(value, list) else str(value)
-            )
-        if config is not None:
-            os.environ["SIGNERY_CONFIG"] = str(config)
-        uvicorn.run(
-            "signery.server.app:create_app_from_env",
-            factory=True,
-            workers=settings.workers,
-            **common,  # type: ignore[arg-type]
-        )
-    else:
-        app = create_app(settings)
+    if app is not None:
         uvicorn.run(app, **common)  # type: ignore[arg-type]
+        return
+    # Each worker builds its app from the environment: hand the settings down.
+    for key, value in settings.model_dump(exclude_none=True).items():
+        if key == "master_key":
+            continue  # already in the environment if it was set there
+        os.environ[f"SIGNERY_{key.upper()}"] = (
+            json.dumps(value) if isinstance(value, list) else str(value)
+        )
+    if config is not None:
+        os.environ["SIGNERY_CONFIG"] = str(config)
+    uvicorn.run(
+        "signery.server.app:create_app_from_env",
+        factory=True,
+        workers=settings.workers,
+        **common,  # type: ignore[arg-type]
+    )
 
 
 @db_app.command("upgrade")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import HTTPConnection
+from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.responses import Response
 
 from signery.errors import (
@@ -133,6 +133,13 @@ def install_problem_handlers(app: FastAPI) -> None:
         return Response(
             json.dumps(body), status_code=exc.status_code, media_type=PROBLEM_MEDIA_TYPE
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up while sending its body: nobody will read an answer,
+        # and it is not a server error worth a traceback in the log.
+        log.debug("client disconnected", extra={"path": request.url.path})
+        return Response(status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -18,6 +18,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_DROPPED = {"color_message"}  # uvicorn's terminal-colour copy of the message
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +33,7 @@ class JsonFormatter(logging.Formatter):
         if rid is not None:
             out["request_id"] = rid
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key not in _STANDARD and key not in _DROPPED and not key.startswith("_"):
                 out[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             out["error_type"] = record.exc_info[0].__name__
