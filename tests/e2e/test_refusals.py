@@ -246,7 +246,13 @@ def test_disabled_account_gets_no_token_and_its_tokens_stop_at_once(
         server_api.http.post(f"/api/v1/accounts/{account.id}/disable", headers=server_api.admin)
     )
 
-    with refused_once(server_api, reason="account_disabled", kind="signing.sign.denied"):
+    with refused_once(
+        server_api,
+        reason="account_disabled",
+        kind="signing.sign.denied",
+        account_id=account.id,
+        failures_counted=True,
+    ):
         response = server_api.sign(token, key["name"], DIGEST)
         assert_no_signature(response, 401, "account_disabled")
         assert response.headers["www-authenticate"].startswith("Bearer")

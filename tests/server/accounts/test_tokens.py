@@ -133,8 +133,14 @@ def test_expired_account_is_refused_at_once(
     clock.advance(86400 - 60)  # the access token (15 min) would still be valid...
     token = api.access_token(account, now=clock.now().timestamp())
     clock.advance(120)  # ...but the account has now expired
-    with refused_once(api, reason="account_expired"):
+    with refused_once(api, reason="account_expired", account_id=account.id, failures_counted=True):
         assert api.sign(token, key["name"], DIGEST).status_code == 401
+    newest = api.http.get(
+        "/api/v1/audit/events", params={"order": "desc", "limit": 1}, headers=api.admin
+    )
+    event = api.ok(newest)["events"][0]
+    assert event["reason"] == "account_expired"
+    assert event["tsg_id"] == tsg["id"], "the refusal is recorded in the account's TSG"
     with refused_once(api, reason="client_expired"):
         assert (
             api.token_response(

@@ -122,6 +122,7 @@ class _Attempt:
     account: SigningAccount | None = None
     key: UsableKey | None = None
     hashed: Hashed | None = None
+    client: p.ClientInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +238,7 @@ class SigningService:
     ) -> _Signed:
         account, key = await self._reads.run(lambda: self._lookup(claims, key_ref, attempt))
         parsed = parse_sign_request(body)
-        attempt.hashed = parsed.hashed
+        attempt.hashed, attempt.client = parsed.hashed, parsed.client
         check_scheme(key.algorithm, parsed.scheme)
         store = self._keystores.get(key.handle.store)
         if store.signs_inline(key.algorithm):
@@ -259,9 +260,13 @@ class SigningService:
         row, keys = self._reads.account_and_keys(
             claims.account_id, key_ref, by_id=bool(UUID_RE.match(key_ref))
         )
-        attempt.account = self._checked_account(row, claims)
+        if row is not None and row.client_id == claims.client_id and row.tsg_id == claims.tsg_id:
+            # Known before its status is checked, so that a refusal of a disabled
+            # or expired account is recorded in its TSG and counted against it.
+            attempt.account = SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)
+        account = self._checked_account(row, claims)
         attempt.key = self._checked_key(keys, key_ref)
-        return attempt.account, attempt.key
+        return account, attempt.key
 
     def close(self) -> None:
         self._reads.close()
@@ -275,6 +280,8 @@ class SigningService:
         ctx: RequestContext,
     ) -> None:
         account, key, hashed = attempt.account, attempt.key, attempt.hashed
+        if attempt.client is not None:
+            ctx = ctx.with_client(attempt.client.machine, attempt.client.tool)
         outcome = outcome_of(error)
         actor = (
             Actor(PrincipalType.ACCOUNT, account.id, account.name)
