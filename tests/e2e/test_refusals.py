@@ -433,6 +433,16 @@ def test_management_token_cannot_sign(server_api: Api, world: dict[str, Any]) ->
         )
 
 
+def test_events_record_the_real_peer_address(server_api: Api, world: dict[str, Any]) -> None:
+    """Regression: a server handed a bare file descriptor took its TCP socket for a
+    UNIX one, lost client addresses (and TCP_NODELAY)."""
+    token = server_api.access_token(world["ec_account"])
+    seq = server_api.last_seq()
+    assert server_api.sign(token, world["ec_key"]["name"], DIGEST).status_code == 200
+    [event] = server_api.events_after(seq)
+    assert event["client_ip"] == "127.0.0.1"
+
+
 def _sign_claims(account: Account, claims: dict[str, Any]) -> str:
     import jwt
 

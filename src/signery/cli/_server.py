@@ -6,7 +6,7 @@ import json
 import socket
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -163,16 +163,20 @@ def serve(
         print(json.dumps({"url": url, "pid": os.getpid(), "workers": settings.workers}), flush=True)
     else:
         err.print(f"Signery listening on {url} ({settings.workers} worker(s))", highlight=False)
-    common: dict[str, object] = {
-        "fd": sock.fileno(),
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": bound_port,
         "log_config": None,
         "access_log": False,
         "server_header": False,
         "proxy_headers": False,  # client addresses come from trusted_proxies only
         "timeout_graceful_shutdown": 10,
     }
+    # Hand uvicorn the TCP socket itself (as uvicorn.run does after binding), not
+    # its file descriptor: uvicorn takes a bare fd for a UNIX socket, and would
+    # then neither set TCP_NODELAY nor see client addresses.
     if app is not None:
-        uvicorn.run(app, **common)  # type: ignore[arg-type]
+        uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[sock])
         return
     # Each worker builds its app from the environment: hand the settings down.
     for key, value in settings.model_dump(exclude_none=True).items():
@@ -183,12 +187,12 @@ def serve(
         )
     if config is not None:
         os.environ["SIGNERY_CONFIG"] = str(config)
-    uvicorn.run(
-        "signery.server.app:create_app_from_env",
-        factory=True,
-        workers=settings.workers,
-        **common,  # type: ignore[arg-type]
+    from uvicorn.supervisors import Multiprocess
+
+    worker_config = uvicorn.Config(
+        "signery.server.app:create_app_from_env", factory=True, workers=settings.workers, **common
     )
+    Multiprocess(worker_config, sockets=[sock]).run()
 
 
 @db_app.command("upgrade")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -113,5 +114,9 @@ def create_app(
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` worker processes: settings from the environment."""
     settings = load_settings()
+    if settings.node_id:
+        # Several workers share the configured name: each is a node of its own in
+        # the audit trail (its events, its sequence), so it gets its pid appended.
+        settings = settings.model_copy(update={"node_id": f"{settings.node_id}:{os.getpid()}"})
     configure_logging(settings.log_level)
     return create_app(settings)
