@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -134,6 +133,7 @@ def serve(
 
     from signery.server.app import create_app
     from signery.server.ops.logging import configure_logging
+    from signery.server.supervisor import Supervisor, reuseport_socket
 
     settings = _settings(
         config,
@@ -147,36 +147,33 @@ def serve(
     configure_logging(settings.log_level)
     app = create_app(settings) if settings.workers == 1 else None  # refuses a bad setup early
     # Bind here, so that port 0 (any free port) can be announced before serving.
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # With several workers this socket only holds the port: each worker listens
+    # on a socket of its own (signery.server.supervisor).
     try:
-        sock.bind((settings.host, settings.port))
+        sock = reuseport_socket(settings.host, settings.port)
     except OSError as e:
         raise ConfigurationError(
             f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
         ) from e
     bound_port = sock.getsockname()[1]
-    shown_host = f"[{settings.host}]" if family == socket.AF_INET6 else settings.host
+    shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"http://{shown_host}:{bound_port}"
     if as_json:
         print(json.dumps({"url": url, "pid": os.getpid(), "workers": settings.workers}), flush=True)
     else:
         err.print(f"Signery listening on {url} ({settings.workers} worker(s))", highlight=False)
-    common: dict[str, Any] = {
-        "host": settings.host,
-        "port": bound_port,
+    options: dict[str, Any] = {
         "log_config": None,
         "access_log": False,
         "server_header": False,
         "proxy_headers": False,  # client addresses come from trusted_proxies only
         "timeout_graceful_shutdown": 10,
     }
-    # Hand uvicorn the TCP socket itself (as uvicorn.run does after binding), not
-    # its file descriptor: uvicorn takes a bare fd for a UNIX socket, and would
-    # then neither set TCP_NODELAY nor see client addresses.
     if app is not None:
-        uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[sock])
+        # The TCP socket itself, as uvicorn.run would pass it after binding (a bare
+        # fd would be taken for a UNIX socket: no TCP_NODELAY, no client address).
+        server_config = uvicorn.Config(app, host=settings.host, port=bound_port, **options)
+        uvicorn.Server(server_config).run(sockets=[sock])
         return
     # Each worker builds its app from the environment: hand the settings down.
     for key, value in settings.model_dump(exclude_none=True).items():
@@ -187,12 +184,10 @@ def serve(
         )
     if config is not None:
         os.environ["SIGNERY_CONFIG"] = str(config)
-    from uvicorn.supervisors import Multiprocess
-
-    worker_config = uvicorn.Config(
-        "signery.server.app:create_app_from_env", factory=True, workers=settings.workers, **common
-    )
-    Multiprocess(worker_config, sockets=[sock]).run()
+    status = Supervisor(settings.host, bound_port, settings.workers, options).run()
+    sock.close()
+    if status:
+        raise typer.Exit(status)
 
 
 @db_app.command("upgrade")
