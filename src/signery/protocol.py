@@ -444,6 +444,14 @@ class UsageReport(ResponseModel):
     counters: list[UsageCounter]
 
 
+class KeyStoreInfo(ResponseModel):
+    name: str
+    kind: str
+    healthy: bool
+    detail: str
+    algorithms: list[Algorithm]
+
+
 class Health(ResponseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)

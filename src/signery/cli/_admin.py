@@ -35,6 +35,7 @@ account_app = typer.Typer(
 key_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit events.", no_args_is_help=True)
 ca_app = typer.Typer(help="The built-in CA.", no_args_is_help=True)
+keystore_app = typer.Typer(help="Key stores: where private keys live.", no_args_is_help=True)
 user_app.add_typer(token_app, name="token")
 
 
@@ -571,6 +572,25 @@ def key_chain(
 ) -> None:
     """The key's certificate chain (PEM, leaf first and root last)."""
     _pem_command(ctx, f"{API}/keys/{key}/chain", output, tsg, as_json, "chain_pem")
+
+
+@keystore_app.command("list")
+def keystore_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The key stores of the server, with their health."""
+    with connection(ctx).admin() as c:
+        stores = c.call("GET", f"{API}/keystores", list[p.KeyStoreInfo])
+    emit(
+        stores,
+        as_json,
+        lambda: table(
+            None,
+            ["name", "kind", "healthy", "detail", "algorithms"],
+            [
+                (s.name, s.kind, s.healthy, s.detail, ", ".join(a.value for a in s.algorithms))
+                for s in stores
+            ],
+        ),
+    )
 
 
 @ca_app.command("chain")

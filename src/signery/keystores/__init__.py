@@ -4,7 +4,15 @@ Backends register under a kind (``builtin``; ``aws-kms`` and ``pkcs11`` follow)
 and are looked up by the name the server's configuration gives them.
 """
 
-from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
+from signery.keystores._base import (
+    DestroyNotCancellable,
+    DigestNotAllowed,
+    GeneratedKey,
+    KeyContext,
+    KeyHandle,
+    KeyStore,
+    StoreHealth,
+)
 from signery.keystores._builtin import BuiltinKeyStore
 from signery.keystores._masterkey import MasterKey, MasterKeyMismatch
 from signery.keystores._registry import KeyStoreRegistry, UnknownKeyStore
@@ -12,6 +20,8 @@ from signery.keystores._remote_key import remote_private_key
 
 __all__ = [
     "BuiltinKeyStore",
+    "DestroyNotCancellable",
+    "DigestNotAllowed",
     "GeneratedKey",
     "KeyContext",
     "KeyHandle",

@@ -10,14 +10,30 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
 from signery.crypto import Hashed, PublicKey, check_scheme
-from signery.errors import KeyStoreError, SigneryError, UnsupportedAlgorithm
-from signery.protocol import Algorithm, SignatureScheme
+from signery.errors import (
+    Conflict,
+    InvalidRequest,
+    KeyStoreError,
+    SigneryError,
+    UnsupportedAlgorithm,
+)
+from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
 T = TypeVar("T")
+
+
+class DigestNotAllowed(InvalidRequest):
+    code = "digest_not_allowed"
+    title = "This key store does not sign this digest with this key type"
+
+
+class DestroyNotCancellable(Conflict):
+    code = "destroy_not_cancellable"
+    title = "This key store cannot cancel a destruction"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +48,9 @@ class KeyContext:
     key_id: str
     version: int
     tsg_id: str
+    # A human name for stores that label their objects (KMS alias and tags,
+    # PKCS#11 CKA_LABEL). Not part of the key's identity nor of any AAD.
+    label: str = field(default="", compare=False)
 
     def associated_data(self, purpose: str) -> bytes:
         # JSON with sorted keys: an unambiguous, canonical encoding of the fields.
@@ -84,7 +103,7 @@ class KeyStore(ABC):
         """Create a new key pair inside the store and return its handle and public key."""
         if algorithm not in self.supported_algorithms:
             raise UnsupportedAlgorithm(
-                f"key store {self.name!r} cannot hold {algorithm.value} keys"
+                f"key store {self.name!r} cannot hold {str(algorithm)[:32]} keys"
             )
         return self._guard(lambda: self._generate(algorithm, context))
 
@@ -92,7 +111,19 @@ class KeyStore(ABC):
         """Sign a digest. ``hashed`` already has the right length (see :class:`Hashed`)."""
         self._check_handle(handle)
         check_scheme(handle.algorithm, scheme)
+        allowed = self.digests_for(handle.algorithm)
+        if hashed.algorithm not in allowed:
+            # Refused here, before any call to the store (AWS KMS ties the hash to
+            # the curve: P-384 signs only SHA-384 digests, P-521 only SHA-512).
+            raise DigestNotAllowed(
+                f"{self.kind} signs {handle.algorithm.value} digests with "
+                f"{', '.join(d.value for d in allowed)} only"
+            )
         return self._guard(lambda: self._sign(handle, hashed, scheme))
+
+    def digests_for(self, algorithm: Algorithm) -> tuple[DigestAlgorithm, ...]:
+        """Digest algorithms this store signs with a key of ``algorithm``."""
+        return tuple(DigestAlgorithm)
 
     def public_key(self, handle: KeyHandle) -> PublicKey:
         self._check_handle(handle)
@@ -105,6 +136,14 @@ class KeyStore(ABC):
         key's status before every signing."""
         self._check_handle(handle)
         self._guard(lambda: self._destroy(handle))
+
+    def cancel_destroy(self, handle: KeyHandle) -> None:
+        """Undo a destroy() whose erasure is still pending (stores that schedule it)."""
+        self._check_handle(handle)
+        self._guard(lambda: self._cancel_destroy(handle))
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most stores hold nothing open
+        """Release connections and sessions (server shutdown)."""
 
     def health(self) -> StoreHealth:
         try:
@@ -136,6 +175,11 @@ class KeyStore(ABC):
 
     @abstractmethod
     def _health(self) -> StoreHealth: ...
+
+    def _cancel_destroy(self, handle: KeyHandle) -> None:
+        raise DestroyNotCancellable(
+            f"key store {self.name!r} erases keys at once; nothing to cancel"
+        )
 
     # ------------------------------------------------------------ helpers
 

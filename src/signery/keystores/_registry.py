@@ -31,3 +31,10 @@ class KeyStoreRegistry:
 
     def health(self) -> dict[str, StoreHealth]:
         return {name: store.health() for name, store in sorted(self._stores.items())}
+
+    def all(self) -> list[KeyStore]:
+        return [self._stores[name] for name in self.names()]
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()

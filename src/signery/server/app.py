@@ -22,6 +22,7 @@ from signery.server.ca.routes import router as ca_router
 from signery.server.clock import Clock
 from signery.server.config import Settings, load_settings
 from signery.server.container import Core, Services
+from signery.server.keys.routes import keystores_router
 from signery.server.keys.routes import router as keys_router
 from signery.server.middleware import EdgeMiddleware, Scope
 from signery.server.ops.logging import configure_logging
@@ -77,6 +78,7 @@ def create_app(
         tsg_router,
         users_router,
         keys_router,
+        keystores_router,
         ca_router,
         audit_router,
     ):

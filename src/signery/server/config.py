@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from signery.errors import ConfigurationError
+from signery.keystores._settings import AwsKmsSettings, Pkcs11Settings
 from signery.protocol import Algorithm
 
 ENV_PREFIX = "SIGNERY_"
@@ -31,7 +32,11 @@ class Settings(BaseSettings):
     """Everything a Signery server can be told. Unknown keys are refused."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
     )
 
     data_dir: Path = Field(
@@ -71,6 +76,17 @@ class Settings(BaseSettings):
     ca_algorithm: Algorithm = Algorithm.EC_P384
     ca_organization: str = "Signery"
     leaf_max_validity_days: int = Field(default=460, ge=1, le=3650)
+
+    aws_kms: AwsKmsSettings | None = Field(
+        default=None, description="Enables the aws-kms key store ([aws_kms] / SIGNERY_AWS_KMS__*)"
+    )
+    pkcs11: Pkcs11Settings | None = Field(
+        default=None, description="Enables the pkcs11 key store ([pkcs11] / SIGNERY_PKCS11__*)"
+    )
+    master_key_kms_key_id: str | None = Field(
+        default=None,
+        description="Wrap the master key with this AWS KMS symmetric key (needs [aws_kms])",
+    )
 
     db_pool_size: int = Field(default=10, ge=1, le=200)
     audit_batch_max: int = Field(default=512, ge=1, le=10_000)

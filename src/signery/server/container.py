@@ -9,7 +9,7 @@ from alembic.runtime.migration import MigrationContext
 from starlette.requests import HTTPConnection
 
 from signery.errors import ConfigurationError, SigneryError
-from signery.keystores import BuiltinKeyStore, KeyStoreRegistry, MasterKey
+from signery.keystores import BuiltinKeyStore, KeyStore, KeyStoreRegistry, MasterKey
 from signery.server import meta
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
@@ -42,6 +42,33 @@ ACCESS_TOKEN_PURPOSE = "access-token/v1"
 MAX_USER_AGENT = 256
 
 
+def build_keystores(settings: Settings, db: Database, master_key: MasterKey) -> KeyStoreRegistry:
+    """The built-in store, and each optional store the settings enable.
+
+    Optional SDKs are imported only when their store is configured, with an
+    install hint when missing; a store that cannot be opened stops the start
+    with one clear ConfigurationError."""
+    stores: list[KeyStore] = [BuiltinKeyStore(db.engine, master_key)]
+    if settings.aws_kms is not None:
+        try:
+            from signery.keystores._awskms import AwsKmsKeyStore
+        except ImportError as e:
+            raise ConfigurationError("[aws_kms] is configured: pip install 'signery[aws]'") from e
+        stores.append(AwsKmsKeyStore(settings.aws_kms))
+    if settings.pkcs11 is not None:
+        try:
+            from signery.keystores._pkcs11 import Pkcs11KeyStore
+        except ImportError as e:
+            raise ConfigurationError("[pkcs11] is configured: pip install 'signery[pkcs11]'") from e
+        try:
+            stores.append(Pkcs11KeyStore(settings.pkcs11))
+        except BaseException:
+            for store in stores:
+                store.close()
+            raise
+    return KeyStoreRegistry(stores)
+
+
 def load_master_key(settings: Settings) -> MasterKey:
     if settings.master_key is not None:
         return MasterKey.from_base64(settings.master_key.get_secret_value())
@@ -69,7 +96,11 @@ class Core:
         clock = clock or SystemClock()
         db = Database(make_engine(settings.resolved_database_url, pool_size=settings.db_pool_size))
         master_key = master_key or load_master_key(settings)
-        keystores = KeyStoreRegistry([BuiltinKeyStore(db.engine, master_key)])
+        try:
+            keystores = build_keystores(settings, db, master_key)
+        except BaseException:
+            db.dispose()
+            raise
         return cls(
             settings=settings,
             db=db,
@@ -156,6 +187,7 @@ class Services:
     def stop(self) -> None:
         self.recorder.stop()
         self.signing.close()
+        self.core.keystores.close()
         self.db.dispose()
 
     # ------------------------------------------------------------ edge helpers

@@ -47,3 +47,12 @@ def chain(
 ) -> PlainTextResponse:
     """The current certificate chain as PEM, leaf first and root last."""
     return PlainTextResponse(services.keys.chain_pem(principal, key, tsg_id), media_type=PEM)
+
+
+keystores_router = APIRouter(prefix=f"{API_PREFIX}/keystores", tags=["keys"])
+
+
+@keystores_router.get("", response_model=list[p.KeyStoreInfo])
+def list_keystores(principal: PrincipalDep, services: ServicesDep) -> list[p.KeyStoreInfo]:
+    """The key stores this server is configured with, with their health."""
+    return services.keys.keystores(principal)

@@ -20,10 +20,11 @@ from signery.errors import (
     KeyNotFound,
     NameTaken,
     NotFound,
+    PermissionDenied,
     TsgNotFound,
 )
 from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
-from signery.protocol import Algorithm, AuditOutcome, CertificateAuthority, KeyStatus
+from signery.protocol import Algorithm, AuditOutcome, CertificateAuthority, KeyStatus, PrincipalType
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
@@ -143,7 +144,7 @@ class KeyService:
                 raise NameTaken(f"a key named {req.name!r} already exists in TSG {tsg_id}")
 
         key_id, version_id = new_id(), new_id()
-        generated = store.generate(req.algorithm, KeyContext(key_id, 1, tsg_id))
+        generated = store.generate(req.algorithm, KeyContext(key_id, 1, tsg_id, label=req.name))
         try:
             issued: IssuedCertificate | None = None
             if req.certificate_authority is CertificateAuthority.BUILTIN:
@@ -221,6 +222,25 @@ class KeyService:
         return wire
 
     # ------------------------------------------------------------ read
+
+    def keystores(self, principal: Principal) -> list[p.KeyStoreInfo]:
+        """The key stores this server is configured with, and whether each is up.
+        (Server configuration, not tenant data: any user may see it.)"""
+        if principal.type is not PrincipalType.USER:
+            raise PermissionDenied("key stores are listed for users")
+        out = []
+        for store in self._keystores.all():
+            health = store.health()
+            out.append(
+                p.KeyStoreInfo(
+                    name=store.name,
+                    kind=store.kind,
+                    healthy=health.ok,
+                    detail=health.detail,
+                    algorithms=sorted(store.supported_algorithms),
+                )
+            )
+        return out
 
     def get(self, principal: Principal, ref: str, tsg_id: str | None = None) -> p.SigningKey:
         with self._db.read() as s:
