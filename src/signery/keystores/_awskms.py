@@ -7,8 +7,5 @@ from signery.keystores._base import KeyStore
 from signery.keystores._settings import AwsKmsSettings
 
 
-class AwsKmsKeyStore(KeyStore):
-    kind = "aws-kms"
-
-    def __init__(self, settings: AwsKmsSettings) -> None:
-        raise ConfigurationError("the aws-kms key store is not available in this build yet")
+def open_store(settings: AwsKmsSettings) -> KeyStore:
+    raise ConfigurationError("the aws-kms key store is not available in this build yet")

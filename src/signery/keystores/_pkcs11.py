@@ -7,8 +7,5 @@ from signery.keystores._base import KeyStore
 from signery.keystores._settings import Pkcs11Settings
 
 
-class Pkcs11KeyStore(KeyStore):
-    kind = "pkcs11"
-
-    def __init__(self, settings: Pkcs11Settings) -> None:
-        raise ConfigurationError("the pkcs11 key store is not available in this build yet")
+def open_store(settings: Pkcs11Settings) -> KeyStore:
+    raise ConfigurationError("the pkcs11 key store is not available in this build yet")

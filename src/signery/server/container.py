@@ -51,17 +51,17 @@ def build_keystores(settings: Settings, db: Database, master_key: MasterKey) -> 
     stores: list[KeyStore] = [BuiltinKeyStore(db.engine, master_key)]
     if settings.aws_kms is not None:
         try:
-            from signery.keystores._awskms import AwsKmsKeyStore
+            from signery.keystores._awskms import open_store as open_aws_kms
         except ImportError as e:
             raise ConfigurationError("[aws_kms] is configured: pip install 'signery[aws]'") from e
-        stores.append(AwsKmsKeyStore(settings.aws_kms))
+        stores.append(open_aws_kms(settings.aws_kms))
     if settings.pkcs11 is not None:
         try:
-            from signery.keystores._pkcs11 import Pkcs11KeyStore
+            from signery.keystores._pkcs11 import open_store as open_pkcs11
         except ImportError as e:
             raise ConfigurationError("[pkcs11] is configured: pip install 'signery[pkcs11]'") from e
         try:
-            stores.append(Pkcs11KeyStore(settings.pkcs11))
+            stores.append(open_pkcs11(settings.pkcs11))
         except BaseException:
             for store in stores:
                 store.close()
