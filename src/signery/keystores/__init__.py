@@ -14,6 +14,7 @@ from signery.keystores._base import (
     StoreHealth,
 )
 from signery.keystores._builtin import BuiltinKeyStore
+from signery.keystores._keyring import Keyring, KeyringEntry, KeyringFile
 from signery.keystores._masterkey import MasterKey, MasterKeyMismatch
 from signery.keystores._registry import KeyStoreRegistry, UnknownKeyStore
 from signery.keystores._remote_key import remote_private_key
@@ -27,6 +28,9 @@ __all__ = [
     "KeyHandle",
     "KeyStore",
     "KeyStoreRegistry",
+    "Keyring",
+    "KeyringEntry",
+    "KeyringFile",
     "MasterKey",
     "MasterKeyMismatch",
     "StoreHealth",

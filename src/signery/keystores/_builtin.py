@@ -24,13 +24,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, LargeBinary, String, delete, select, text
+from sqlalchemy import Engine, LargeBinary, String, delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from signery.crypto import Hashed, PublicKey, signature_padding
 from signery.errors import KeyMaterialMissing, KeyStoreUnavailable
 from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
+from signery.keystores._keyring import Keyring
 from signery.keystores._masterkey import (
     GCM_NONCE_BYTES,
     GCM_TAG_BYTES,
@@ -86,14 +87,14 @@ class BuiltinKeyStore(KeyStore):
     def __init__(
         self,
         engine: Engine,
-        master_key: MasterKey,
+        master_key: MasterKey | Keyring,
         *,
         name: str = "builtin",
         cache_ttl: float = CACHE_TTL_SECONDS,
     ) -> None:
         super().__init__(name)
         self._engine = engine
-        self._master = master_key
+        self._keyring = master_key if isinstance(master_key, Keyring) else Keyring(master_key)
         self._cache_ttl = cache_ttl
         self._cache: OrderedDict[tuple[str, KeyContext], tuple[PrivateKey, float]] = OrderedDict()
         self._lock = threading.Lock()
@@ -122,7 +123,12 @@ class BuiltinKeyStore(KeyStore):
         dek = secrets.token_bytes(DEK_BYTES)
         nonce = secrets.token_bytes(GCM_NONCE_BYTES)
         ciphertext = nonce + AESGCM(dek).encrypt(nonce, plaintext, context.associated_data("key"))
-        wrapped = self._master.encrypt(dek, context.associated_data("dek"))
+        # The newest primary: a master-key rotation may have started meanwhile in
+        # another process, and new material must never be wrapped by a key that
+        # the rotation is retiring.
+        self._keyring.refresh()
+        master = self._keyring.primary
+        wrapped = master.encrypt(dek, context.associated_data("dek"))
         del plaintext, dek
         row = {
             "ref": ref,
@@ -130,7 +136,7 @@ class BuiltinKeyStore(KeyStore):
             "version": context.version,
             "tsg_id": context.tsg_id,
             "algorithm": algorithm.value,
-            "master_key_id": self._master.key_id,
+            "master_key_id": master.key_id,
             "wrapped_dek": wrapped,
             "ciphertext": ciphertext,
             "public_key_der": public_key.public_bytes(
@@ -170,15 +176,70 @@ class BuiltinKeyStore(KeyStore):
     def _health(self) -> StoreHealth:
         try:
             with self._engine.connect() as conn:
-                foreign = conn.execute(
-                    select(_T.c.ref).where(_T.c.master_key_id != self._master.key_id).limit(1)
-                ).first()
-                conn.execute(text("SELECT 1"))
+                used = {r[0] for r in conn.execute(select(_T.c.master_key_id).distinct())}
         except SQLAlchemyError:
             return StoreHealth(False, "database unreachable")
-        if foreign is not None:
-            return StoreHealth(False, "material wrapped by another master key")
-        return StoreHealth(True, f"master key {self._master.key_id}")
+        unknown = used - set(self._keyring.key_ids())
+        if unknown and self._keyring.refresh():
+            unknown = used - set(self._keyring.key_ids())
+        if unknown:
+            return StoreHealth(
+                False, f"material wrapped by unknown master key(s) {sorted(unknown)}"
+            )
+        pending = used - {self._keyring.primary.key_id}
+        detail = f"master key {self._keyring.primary.key_id}"
+        if pending:
+            detail += f" (rotation pending from {', '.join(sorted(pending))})"
+        return StoreHealth(True, detail)
+
+    # ------------------------------------------------------------ master key rotation
+
+    def material_not_under_primary(self, limit: int = 1000) -> list[str]:
+        """References of material still wrapped by an older master key."""
+        self._keyring.refresh()
+        with self._engine.connect() as conn:
+            return [
+                r[0]
+                for r in conn.execute(
+                    select(_T.c.ref)
+                    .where(_T.c.master_key_id != self._keyring.primary.key_id)
+                    .order_by(_T.c.ref)
+                    .limit(limit)
+                )
+            ]
+
+    def rewrap(self, ref: str) -> bool:
+        """Re-wrap one data key under the primary master key, in its own transaction.
+
+        Only the wrapped DEK changes: the encrypted private key stays as it is.
+        The AAD is rebuilt from the row's own key id, version and TSG, so material
+        that was moved between rows fails here (MasterKeyMismatch) instead of
+        being re-wrapped for the wrong key. Returns False if nothing was to do."""
+        primary = self._keyring.primary
+        with writer(self._engine).begin() as conn:
+            query = select(_T).where(_T.c.ref == ref)
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            row = conn.execute(query).first()
+            if row is None or row.master_key_id == primary.key_id:
+                return False
+            old = self._keyring.get(row.master_key_id)
+            if old is None:
+                raise MasterKeyMismatch(
+                    f"material {ref} is wrapped by unknown master key {row.master_key_id}"
+                )
+            context = KeyContext(row.key_id, row.version, row.tsg_id)
+            dek = old.decrypt(row.wrapped_dek, context.associated_data("dek"))
+            conn.execute(
+                update(_T)
+                .where(_T.c.ref == ref, _T.c.master_key_id == row.master_key_id)
+                .values(
+                    wrapped_dek=primary.encrypt(dek, context.associated_data("dek")),
+                    master_key_id=primary.key_id,
+                )
+            )
+            del dek
+        return True
 
     # ------------------------------------------------------------ internals
 
@@ -192,9 +253,9 @@ class BuiltinKeyStore(KeyStore):
         try:
             with self._engine.connect() as conn:
                 row = conn.execute(
-                    select(_T.c.wrapped_dek, _T.c.ciphertext, _T.c.algorithm).where(
-                        _T.c.ref == handle.ref
-                    )
+                    select(
+                        _T.c.wrapped_dek, _T.c.ciphertext, _T.c.algorithm, _T.c.master_key_id
+                    ).where(_T.c.ref == handle.ref)
                 ).first()
         except SQLAlchemyError as e:
             raise KeyStoreUnavailable("the built-in key store is unreachable") from e
@@ -204,7 +265,13 @@ class BuiltinKeyStore(KeyStore):
             raise KeyMaterialMissing("stored key material does not match the key's algorithm")
         # Both decryptions authenticate the caller's context (AAD): a row copied
         # from another key, version or TSG raises MasterKeyMismatch here.
-        dek = self._master.decrypt(row.wrapped_dek, handle.context.associated_data("dek"))
+        master = self._keyring.get(row.master_key_id)
+        if master is None:
+            raise MasterKeyMismatch(
+                f"key material is wrapped by master key {row.master_key_id}, which this server "
+                "does not have; check the master key file"
+            )
+        dek = master.decrypt(row.wrapped_dek, handle.context.associated_data("dek"))
         blob: bytes = row.ciphertext
         if len(blob) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
             raise MasterKeyMismatch("ciphertext is truncated")

@@ -30,6 +30,25 @@ GCM_TAG_BYTES = 16
 FILE_MODE = 0o600
 
 
+def read_key_file(path: Path) -> str:
+    """The text of a master key file, refusing one that others could read."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"master key file {path} does not exist; run `signery init` first"
+        ) from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(
+            f"master key file {path} is accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
+        )
+    try:
+        return path.read_text("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigurationError(f"master key file {path} is not readable base64 text") from e
+
+
 class MasterKeyMismatch(KeyStoreError):
     code = "master_key_mismatch"
     title = "Ciphertext does not decrypt under this master key and context"
@@ -53,6 +72,11 @@ class MasterKey:
     def __repr__(self) -> str:
         return f"MasterKey(key_id={self.key_id!r})"
 
+    def secret_bytes(self) -> bytes:
+        """The key itself: only for writing it into the keyring file (or wrapping
+        it with KMS). Never logged, never sent anywhere else."""
+        return self._key
+
     # ------------------------------------------------------------ construction
 
     @classmethod
@@ -69,22 +93,8 @@ class MasterKey:
 
     @classmethod
     def load(cls, path: Path) -> MasterKey:
-        """Read a master key file, refusing one that others could read."""
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ConfigurationError(
-                f"master key file {path} does not exist; run `signery init` first"
-            ) from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigurationError(
-                f"master key file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
-            )
-        try:
-            return cls.from_base64(path.read_text("ascii"))
-        except UnicodeDecodeError as e:
-            raise ConfigurationError(f"master key file {path} is not base64 text") from e
+        """Read a single-key master key file, refusing one that others could read."""
+        return cls.from_base64(read_key_file(path))
 
     def write_new(self, path: Path) -> None:
         """Create ``path`` with mode 0600; never overwrite an existing key file."""

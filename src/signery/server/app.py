@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from signery import __version__
 from signery.errors import AuthenticationFailed, RequestTooLarge
-from signery.keystores import MasterKey
+from signery.keystores import Keyring, MasterKey
 from signery.protocol import API_PREFIX
 from signery.server.accounts.routes import router as accounts_router
 from signery.server.audit.routes import router as audit_router
@@ -38,7 +38,7 @@ def create_app(
     settings: Settings,
     *,
     clock: Clock | None = None,
-    master_key: MasterKey | None = None,
+    master_key: MasterKey | Keyring | None = None,
     core: Core | None = None,
 ) -> FastAPI:
     """Build a Signery server. Refuses (ConfigurationError) an uninitialized or

@@ -16,13 +16,13 @@ import uuid
 from dataclasses import dataclass
 
 from signery.errors import ConfigurationError
-from signery.keystores import MasterKey
+from signery.keystores import Keyring, KeyringFile, MasterKey
 from signery.protocol import AuditOutcome, PrincipalType, Role
 from signery.server import meta, migrate
 from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, EventKind
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
-from signery.server.container import Core
+from signery.server.container import Core, load_keyring
 from signery.server.db import Database, make_engine
 from signery.server.tsg.service import insert_tsg, new_tsg_id
 from signery.server.users.service import GENERATED_PASSWORD_BYTES
@@ -75,9 +75,10 @@ def initialize(
         migrate.upgrade(db.engine)
         with db.read() as s:
             existing = meta.read_meta(s)
-        master_key, key_file = _master_key(settings, initialized=meta.INITIALIZED_AT in existing)
+        keyring, key_file = _keyring(settings, initialized=meta.INITIALIZED_AT in existing)
+        master_key = keyring.primary
         if meta.INITIALIZED_AT in existing:
-            if existing.get(meta.MASTER_KEY_ID) != master_key.key_id:
+            if keyring.get(existing.get(meta.MASTER_KEY_ID, "")) is None:
                 raise ConfigurationError(
                     "this database was initialized with another master key; refusing to continue"
                 )
@@ -90,17 +91,17 @@ def initialize(
                 master_key_id=master_key.key_id,
                 master_key_file=key_file,
             )
-        return _create(settings, db, master_key, key_file, admin_username, clock)
+        return _create(settings, db, keyring, key_file, admin_username, clock)
     finally:
         db.dispose()
 
 
-def _master_key(settings: Settings, *, initialized: bool) -> tuple[MasterKey, str | None]:
+def _keyring(settings: Settings, *, initialized: bool) -> tuple[Keyring, str | None]:
     if settings.master_key is not None:
-        return MasterKey.from_base64(settings.master_key.get_secret_value()), None
+        return load_keyring(settings), None
     path = settings.resolved_master_key_file
     if path.exists():
-        return MasterKey.load(path), str(path)
+        return load_keyring(settings), str(path)
     if initialized:
         # Creating a new key now would orphan every key in the database.
         raise ConfigurationError(
@@ -109,18 +110,19 @@ def _master_key(settings: Settings, *, initialized: bool) -> tuple[MasterKey, st
         )
     key = MasterKey.generate()
     key.write_new(path)
-    return key, str(path)
+    return Keyring(key, source=KeyringFile(path)), str(path)
 
 
 def _create(
     settings: Settings,
     db: Database,
-    master_key: MasterKey,
+    keyring: Keyring,
     key_file: str | None,
     admin_username: str,
     clock: Clock,
 ) -> InitResult:
-    core = Core.build(settings, clock=clock, master_key=master_key)
+    core = Core.build(settings, clock=clock, master_key=keyring)
+    master_key = keyring.primary
     try:
         installation_id = str(uuid.uuid4())
         root_tsg_id = new_tsg_id()

@@ -9,7 +9,14 @@ from alembic.runtime.migration import MigrationContext
 from starlette.requests import HTTPConnection
 
 from signery.errors import ConfigurationError, SigneryError
-from signery.keystores import BuiltinKeyStore, KeyStore, KeyStoreRegistry, MasterKey
+from signery.keystores import (
+    BuiltinKeyStore,
+    Keyring,
+    KeyringFile,
+    KeyStore,
+    KeyStoreRegistry,
+    MasterKey,
+)
 from signery.server import meta
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
@@ -29,6 +36,7 @@ from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
 from signery.server.context import RequestContext
 from signery.server.db import Database, make_engine
+from signery.server.installation_secrets import access_token_secret
 from signery.server.keys.service import KeyService
 from signery.server.migrate import head_revision
 from signery.server.ops.metrics import Metrics
@@ -38,17 +46,16 @@ from signery.server.users.service import UserService, password_hasher
 
 log = logging.getLogger("signery.server")
 
-ACCESS_TOKEN_PURPOSE = "access-token/v1"
 MAX_USER_AGENT = 256
 
 
-def build_keystores(settings: Settings, db: Database, master_key: MasterKey) -> KeyStoreRegistry:
+def build_keystores(settings: Settings, db: Database, keyring: Keyring) -> KeyStoreRegistry:
     """The built-in store, and each optional store the settings enable.
 
     Optional SDKs are imported only when their store is configured, with an
     install hint when missing; a store that cannot be opened stops the start
     with one clear ConfigurationError."""
-    stores: list[KeyStore] = [BuiltinKeyStore(db.engine, master_key)]
+    stores: list[KeyStore] = [BuiltinKeyStore(db.engine, keyring)]
     if settings.aws_kms is not None:
         try:
             from signery.keystores._awskms import open_store as open_aws_kms
@@ -69,10 +76,11 @@ def build_keystores(settings: Settings, db: Database, master_key: MasterKey) -> 
     return KeyStoreRegistry(stores)
 
 
-def load_master_key(settings: Settings) -> MasterKey:
+def load_keyring(settings: Settings) -> Keyring:
+    """The master keyring: SIGNERY_MASTER_KEY (one key), or the master key file."""
     if settings.master_key is not None:
-        return MasterKey.from_base64(settings.master_key.get_secret_value())
-    return MasterKey.load(settings.resolved_master_key_file)
+        return Keyring(MasterKey.from_base64(settings.master_key.get_secret_value()))
+    return Keyring.load(KeyringFile(settings.resolved_master_key_file))
 
 
 @dataclass
@@ -82,7 +90,7 @@ class Core:
     settings: Settings
     db: Database
     clock: Clock
-    master_key: MasterKey
+    keyring: Keyring
     keystores: KeyStoreRegistry
     recorder: AuditRecorder
     directory: TsgDirectory
@@ -91,13 +99,21 @@ class Core:
 
     @classmethod
     def build(
-        cls, settings: Settings, clock: Clock | None = None, master_key: MasterKey | None = None
+        cls,
+        settings: Settings,
+        clock: Clock | None = None,
+        master_key: MasterKey | Keyring | None = None,
     ) -> Core:
         clock = clock or SystemClock()
         db = Database(make_engine(settings.resolved_database_url, pool_size=settings.db_pool_size))
-        master_key = master_key or load_master_key(settings)
+        if master_key is None:
+            keyring = load_keyring(settings)
+        elif isinstance(master_key, MasterKey):
+            keyring = Keyring(master_key)
+        else:
+            keyring = master_key
         try:
-            keystores = build_keystores(settings, db, master_key)
+            keystores = build_keystores(settings, db, keyring)
         except BaseException:
             db.dispose()
             raise
@@ -105,7 +121,7 @@ class Core:
             settings=settings,
             db=db,
             clock=clock,
-            master_key=master_key,
+            keyring=keyring,
             keystores=keystores,
             recorder=AuditRecorder(
                 db, settings.resolved_node_id, clock, batch_max=settings.audit_batch_max
@@ -135,7 +151,7 @@ class Services:
         self.issuer = core.settings.issuer or installation[meta.ISSUER]
         self.metrics = Metrics()
         codec = AccessTokenCodec(
-            core.master_key.derive(ACCESS_TOKEN_PURPOSE), self.issuer, core.clock
+            access_token_secret(core.db, core.keyring), self.issuer, core.clock
         )
         self.codec = codec
         self.tsgs = TsgService(core.db, core.authz, core.recorder, core.clock, core.directory)
@@ -174,10 +190,11 @@ class Services:
             values = meta.read_meta(s)
         if meta.INITIALIZED_AT not in values:
             raise ConfigurationError("the database is not initialized; run `signery init`")
-        if values.get(meta.MASTER_KEY_ID) != self.core.master_key.key_id:
+        expected = values.get(meta.MASTER_KEY_ID, "")
+        if self.core.keyring.get(expected) is None:
             raise ConfigurationError(
-                "the master key does not match this database (key id "
-                f"{self.core.master_key.key_id}, database expects {values.get(meta.MASTER_KEY_ID)})"
+                "the master key does not match this database (keys "
+                f"{', '.join(self.core.keyring.key_ids())}, database expects {expected})"
             )
         return values
 

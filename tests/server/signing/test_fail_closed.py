@@ -97,7 +97,7 @@ def test_a_signature_that_does_not_verify_is_never_returned(
     api: Api, installation: Installation, setup: dict[str, Any], module_clock: Any
 ) -> None:
     core = Core.build(installation.settings, clock=module_clock)
-    core.keystores = KeyStoreRegistry([CorruptingStore(core.db.engine, core.master_key)])
+    core.keystores = KeyStoreRegistry([CorruptingStore(core.db.engine, core.keyring)])
     app = create_app(installation.settings, core=core)
     with TestClient(app, base_url="http://faulty.test") as client:
         faulty = Api(client, api.admin_token, api.issuer, api.root_tsg_id)
