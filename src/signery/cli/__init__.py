@@ -93,6 +93,7 @@ app.add_typer(_admin.account_app, name="account")
 app.add_typer(_admin.key_app, name="key")
 app.add_typer(_admin.audit_app, name="audit")
 app.add_typer(_admin.ca_app, name="ca")
+_admin.keystore_app.command("rotate-master-key")(_server.rotate_master_key)
 app.add_typer(_admin.keystore_app, name="keystore")
 app.command()(_admin.usage)
 

@@ -190,6 +190,45 @@ def serve(
         raise typer.Exit(status)
 
 
+def rotate_master_key(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    database_url: DbUrlOpt = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="At most this many data keys re-wrapped per second (default: no limit)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-wrap every data key under a new master key, while servers keep signing.
+
+    Safe to interrupt: every key stays usable, and running the command again
+    finishes the rotation it finds in progress. With several hosts, every host
+    must see the same master key file."""
+    from signery.server.rotation import rotate_master_key as rotate
+
+    settings = _settings(config, data_dir=data_dir, database_url=database_url)
+    show = not as_json and err.is_terminal
+
+    def progress(done: int, total: int) -> None:
+        if show:
+            err.print(f"\rre-wrapped {done}/{total}", end="")
+
+    report = rotate(settings, rate=rate, progress=progress)
+    if show:
+        err.print()
+    emit(
+        asdict(report),
+        as_json,
+        lambda: out.print(
+            f"master key {report.new_key_id} is now the only key "
+            f"({report.rewrapped} data keys re-wrapped"
+            f"{', finishing an interrupted rotation' if report.resumed else ''}; "
+            f"retired: {', '.join(report.previous_key_ids) or 'none'})"
+        ),
+    )
+
+
 @db_app.command("upgrade")
 def db_upgrade(
     data_dir: DataDirOpt = None,

@@ -73,6 +73,7 @@ class EventKind(StrEnum):
     ACCOUNT_ENABLED = "account.enabled"
     ACCOUNT_KEY_ADDED = "account.key.added"
     KEY_CREATED = "key.created"
+    MASTER_KEY_ROTATED = "keystore.master_key.rotated"
     CA_CREATED = "ca.created"
     CERTIFICATE_ISSUED = "ca.certificate.issued"
 
