@@ -314,6 +314,21 @@ class KeyMaterialMissing(KeyStoreError):
     title = "Key material is missing or destroyed in its store"
 
 
+class KeyStoreKeyDisabled(Conflict):
+    code = "keystore_key_disabled"
+    title = "The key is disabled in its key store"
+
+
+class KeyStoreKeyPendingDeletion(Conflict):
+    code = "keystore_key_pending_deletion"
+    title = "The key is scheduled for deletion in its key store"
+
+
+class KeyStoreAccessDenied(KeyStoreError):
+    code = "keystore_access_denied"
+    title = "The key store refused Signery's credentials for this operation"
+
+
 class SignatureVerificationFailed(KeyStoreError):
     code = "signature_self_check_failed"
     title = "The key store returned a signature that does not verify; nothing was returned"

@@ -16,6 +16,8 @@ from pathlib import Path
 from signery.keystores import BuiltinKeyStore, KeyStore, MasterKey
 from signery.server import migrate
 from signery.server.db import make_engine
+from tests.keystores.moto import aws_kms_store
+from tests.keystores.softhsm import pkcs11_store
 
 StoreFactory = Callable[[Path], AbstractContextManager[KeyStore]]
 
@@ -32,4 +34,5 @@ def builtin_store(tmp: Path) -> Iterator[KeyStore]:
         engine.dispose()
 
 
-FACTORIES: dict[str, StoreFactory] = {"builtin": builtin_store}
+FACTORIES: dict[str, StoreFactory] = {"builtin": builtin_store, "pkcs11": pkcs11_store}
+FACTORIES["aws-kms"] = aws_kms_store

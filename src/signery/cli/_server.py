@@ -13,6 +13,8 @@ from signery.cli._common import JsonOpt, details, emit, err, out
 from signery.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from signery.server.bootstrap import InitResult
     from signery.server.config import Settings
 
@@ -145,7 +147,14 @@ def serve(
         log_level=log_level,
     )
     configure_logging(settings.log_level)
-    app = create_app(settings) if settings.workers == 1 else None  # refuses a bad setup early
+    # Opening the app refuses a bad setup before anything listens. With several
+    # workers this is a dry run, so that a bad configuration (a wrong HSM PIN!)
+    # is refused once here instead of being tried by every worker.
+    opened = create_app(settings)
+    app: FastAPI | None = opened
+    if settings.workers > 1:
+        opened.state.services.stop()
+        app = None
     # Bind here, so that port 0 (any free port) can be announced before serving.
     # With several workers this socket only holds the port: each worker listens
     # on a socket of its own (signery.server.supervisor).
@@ -175,13 +184,19 @@ def serve(
         server_config = uvicorn.Config(app, host=settings.host, port=bound_port, **options)
         uvicorn.Server(server_config).run(sockets=[sock])
         return
-    # Each worker builds its app from the environment: hand the settings down.
-    for key, value in settings.model_dump(exclude_none=True).items():
-        if key == "master_key":
-            continue  # already in the environment if it was set there
-        os.environ[f"SIGNERY_{key.upper()}"] = (
-            json.dumps(value) if isinstance(value, list) else str(value)
-        )
+    # Each worker reads the same environment and config file; only the flags of
+    # this command are handed down (as the environment variables they stand for).
+    flags = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "log_level": log_level,
+    }
+    for key, value in flags.items():
+        if value is not None:
+            os.environ[f"SIGNERY_{key.upper()}"] = str(value)
     if config is not None:
         os.environ["SIGNERY_CONFIG"] = str(config)
     status = Supervisor(settings.host, bound_port, settings.workers, options).run()

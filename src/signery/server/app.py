@@ -48,7 +48,9 @@ def create_app(
     try:
         services = Services(core)
     except BaseException:
-        core.db.dispose()  # a refused start leaves no connection open
+        # A refused start leaves nothing open: no connection, no HSM session.
+        core.keystores.close()
+        core.db.dispose()
         raise
 
     @asynccontextmanager

@@ -16,13 +16,13 @@ import uuid
 from dataclasses import dataclass
 
 from signery.errors import ConfigurationError
-from signery.keystores import Keyring, KeyringFile, MasterKey
+from signery.keystores import Keyring, KeyringEntry, KeyringFile, MasterKey
 from signery.protocol import AuditOutcome, PrincipalType, Role
 from signery.server import meta, migrate
 from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, EventKind
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
-from signery.server.container import Core, load_keyring
+from signery.server.container import Core, keyring_file, load_keyring
 from signery.server.db import Database, make_engine
 from signery.server.tsg.service import insert_tsg, new_tsg_id
 from signery.server.users.service import GENERATED_PASSWORD_BYTES
@@ -109,6 +109,11 @@ def _keyring(settings: Settings, *, initialized: bool) -> tuple[Keyring, str | N
             "restore it from backup or set SIGNERY_MASTER_KEY"
         )
     key = MasterKey.generate()
+    if settings.master_key_kms_key_id is not None:
+        # The file holds only what KMS can unwrap (never the key in clear).
+        source = keyring_file(settings)
+        source.write(key.key_id, [KeyringEntry(key, settings.master_key_kms_key_id)])
+        return Keyring.load(source), str(path)
     key.write_new(path)
     return Keyring(key, source=KeyringFile(path)), str(path)
 
@@ -121,7 +126,9 @@ def _create(
     admin_username: str,
     clock: Clock,
 ) -> InitResult:
-    core = Core.build(settings, clock=clock, master_key=keyring)
+    # Only the built-in store: the CA keys live there, and init must not need a
+    # reachable HSM or KMS (nor log in to one).
+    core = Core.build(settings, clock=clock, master_key=keyring, optional_stores=False)
     master_key = keyring.primary
     try:
         installation_id = str(uuid.uuid4())
@@ -231,4 +238,5 @@ def _create(
             ca_root_subject=created_ca.root.subject.rfc4514_string(),
         )
     finally:
+        core.keystores.close()
         core.db.dispose()

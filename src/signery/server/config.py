@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=200)
     audit_batch_max: int = Field(default=512, ge=1, le=10_000)
     jti_retention_seconds: int = Field(default=3600, ge=600)
+
+    @model_validator(mode="after")
+    def _kms_master_key(self) -> Settings:
+        if self.master_key_kms_key_id is not None and self.aws_kms is None:
+            raise ValueError(
+                "master_key_kms_key_id needs the [aws_kms] settings (region, endpoint)"
+            )
+        return self
 
     @field_validator("log_level")
     @classmethod

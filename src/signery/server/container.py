@@ -17,6 +17,7 @@ from signery.keystores import (
     KeyStoreRegistry,
     MasterKey,
 )
+from signery.keystores._keyring import KeyWrapper
 from signery.server import meta
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
@@ -49,38 +50,58 @@ log = logging.getLogger("signery.server")
 MAX_USER_AGENT = 256
 
 
-def build_keystores(settings: Settings, db: Database, keyring: Keyring) -> KeyStoreRegistry:
+def build_keystores(
+    settings: Settings, db: Database, keyring: Keyring, *, optional_stores: bool = True
+) -> KeyStoreRegistry:
     """The built-in store, and each optional store the settings enable.
 
     Optional SDKs are imported only when their store is configured, with an
     install hint when missing; a store that cannot be opened stops the start
     with one clear ConfigurationError."""
     stores: list[KeyStore] = [BuiltinKeyStore(db.engine, keyring)]
+    if not optional_stores:
+        return KeyStoreRegistry(stores)
+    try:
+        if settings.aws_kms is not None:
+            try:
+                from signery.keystores._awskms import open_store as open_aws_kms
+            except ImportError as e:
+                raise ConfigurationError(
+                    "[aws_kms] is configured: pip install 'signery[aws]'"
+                ) from e
+            stores.append(open_aws_kms(settings.aws_kms))
+        if settings.pkcs11 is not None:
+            try:
+                from signery.keystores._pkcs11 import open_store as open_pkcs11
+            except ImportError as e:
+                raise ConfigurationError(
+                    "[pkcs11] is configured: pip install 'signery[pkcs11]'"
+                ) from e
+            stores.append(open_pkcs11(settings.pkcs11))
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return KeyStoreRegistry(stores)
+
+
+def keyring_file(settings: Settings) -> KeyringFile:
+    """The master key file, able to unwrap keys wrapped by AWS KMS when [aws_kms] is set."""
+    wrapper: KeyWrapper | None = None
     if settings.aws_kms is not None:
         try:
-            from signery.keystores._awskms import open_store as open_aws_kms
+            from signery.keystores._awskms import open_key_wrapper
         except ImportError as e:
             raise ConfigurationError("[aws_kms] is configured: pip install 'signery[aws]'") from e
-        stores.append(open_aws_kms(settings.aws_kms))
-    if settings.pkcs11 is not None:
-        try:
-            from signery.keystores._pkcs11 import open_store as open_pkcs11
-        except ImportError as e:
-            raise ConfigurationError("[pkcs11] is configured: pip install 'signery[pkcs11]'") from e
-        try:
-            stores.append(open_pkcs11(settings.pkcs11))
-        except BaseException:
-            for store in stores:
-                store.close()
-            raise
-    return KeyStoreRegistry(stores)
+        wrapper = open_key_wrapper(settings.aws_kms)
+    return KeyringFile(settings.resolved_master_key_file, wrapper)
 
 
 def load_keyring(settings: Settings) -> Keyring:
     """The master keyring: SIGNERY_MASTER_KEY (one key), or the master key file."""
     if settings.master_key is not None:
         return Keyring(MasterKey.from_base64(settings.master_key.get_secret_value()))
-    return Keyring.load(KeyringFile(settings.resolved_master_key_file))
+    return Keyring.load(keyring_file(settings))
 
 
 @dataclass
@@ -103,6 +124,8 @@ class Core:
         settings: Settings,
         clock: Clock | None = None,
         master_key: MasterKey | Keyring | None = None,
+        *,
+        optional_stores: bool = True,
     ) -> Core:
         clock = clock or SystemClock()
         db = Database(make_engine(settings.resolved_database_url, pool_size=settings.db_pool_size))
@@ -113,7 +136,7 @@ class Core:
         else:
             keyring = master_key
         try:
-            keystores = build_keystores(settings, db, keyring)
+            keystores = build_keystores(settings, db, keyring, optional_stores=optional_stores)
         except BaseException:
             db.dispose()
             raise

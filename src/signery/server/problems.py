@@ -71,7 +71,12 @@ def problem_response(error: SigneryError, *, request_id: str | None, path: str |
         # RFC 6750 §3
         headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
     if status == 503:
-        headers["Retry-After"] = RETRY_AFTER_SECONDS
+        retry_after = error.extra.get("retry_after")
+        headers["Retry-After"] = (
+            str(int(retry_after))
+            if isinstance(retry_after, int | float) and retry_after > 0
+            else RETRY_AFTER_SECONDS
+        )
     return Response(
         json.dumps(body), status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
     )

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from signery.errors import ConfigurationError
-from signery.keystores import BuiltinKeyStore, Keyring, KeyringEntry, KeyringFile, MasterKey
+from signery.keystores import BuiltinKeyStore, Keyring, KeyringEntry, MasterKey
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.protocol import AuditOutcome
 from signery.server import meta
 from signery.server.audit.recorder import SYSTEM, AuditRecord, AuditRecorder, EventKind
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
+from signery.server.container import keyring_file
 from signery.server.db import Database, make_engine, table
 from signery.server.installation_secrets import rewrap_access_token_secret
 
@@ -63,7 +64,7 @@ def rotate_master_key(
             "the master key comes from SIGNERY_MASTER_KEY: rotation needs the master key file"
         )
     clock = clock or SystemClock()
-    source = KeyringFile(settings.resolved_master_key_file)
+    source = keyring_file(settings)
     db = Database(make_engine(settings.resolved_database_url, pool_size=2))
     try:
         with db.read() as s:
@@ -76,7 +77,7 @@ def rotate_master_key(
         if not resumed:
             # Step 1: the new primary, with the old keys kept beside it.
             new = MasterKey.generate()
-            source.write(new.key_id, [KeyringEntry(new), *entries])
+            source.write(new.key_id, [KeyringEntry(new, settings.master_key_kms_key_id), *entries])
             previous = [e.key.key_id for e in entries]
         keyring = Keyring.load(source)
         store = BuiltinKeyStore(db.engine, keyring)

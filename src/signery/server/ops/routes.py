@@ -23,7 +23,10 @@ async def healthz() -> p.Health:
 
 @router.get("/readyz", response_model=p.Health)
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Ready to serve: database reachable, every key store healthy, audit writer running."""
+    """Ready to serve: database reachable, built-in key store and audit writer up
+    (503 otherwise). An external key store that is down (KMS, HSM) is reported
+    ("degraded", still 200): the node serves every other key, and taking it out of
+    the load balancer would not bring that store back."""
 
     def check() -> dict[str, str]:
         checks = {"database": "ok" if services.db.ping() else "unreachable"}
@@ -33,9 +36,12 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         return checks
 
     checks = await anyio.to_thread.run_sync(check)
-    ok = all(v == "ok" for v in checks.values())
-    body = p.Health(status="ok" if ok else "unavailable", checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+    essential = ("database", "keystore:builtin", "audit_writer")
+    ready = all(checks[name] == "ok" for name in essential)
+    degraded = ready and any(v != "ok" for v in checks.values())
+    status = "unavailable" if not ready else "degraded" if degraded else "ok"
+    body = p.Health(status=status, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
