@@ -218,3 +218,31 @@ def test_a_server_with_a_wrong_pin_exits_with_one_clear_line(
     assert "configuration_error" in lines[0]
     assert wrong_pin not in output
     assert token.pin not in output
+
+
+def test_several_workers_each_open_the_token(
+    hsm_installation: Installation, token: SoftHsmToken
+) -> None:
+    """Regression: workers once got the parent's nested settings as a Python repr
+    in the environment and could not start with [pkcs11] configured."""
+    with (
+        running_server(
+            hsm_installation, node="hsm-workers", SIGNERY_WORKERS="2", **pkcs11_env(token)
+        ) as server,
+        httpx.Client(base_url=server.url, timeout=60) as http,
+    ):
+        init = hsm_installation.init
+        api = Api(http, hsm_installation.admin_token, init.issuer, init.root_tsg_id)
+        stores = {
+            s["name"]: s["healthy"]
+            for s in api.ok(http.get("/api/v1/keystores", headers=api.admin))
+        }
+        assert stores == {"builtin": True, "pkcs11": True}
+        tsg = api.create_tsg()
+        key = api.create_key(tsg["id"], "EC_P256", ca="none", storage="pkcs11")
+        token_ = api.access_token(api.create_account(tsg["id"]))
+        for i in range(20):
+            assert (
+                api.sign(token_, key["name"], hashlib.sha256(bytes([i])).digest()).status_code
+                == 200
+            )

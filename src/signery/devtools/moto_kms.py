@@ -24,7 +24,8 @@ Corrected, each as the AWS KMS API reference describes it (``Sign``, ``Verify``)
 (d) ECC_NIST_P384 signs only with ECDSA_SHA_384 and ECC_NIST_P521 only with
     ECDSA_SHA_512. moto 5.2.5 already enforces this (``Key.signing_algorithms``);
     the patched signing keeps moto's check and the tests pin it.
-(e) ``Sign``, ``Verify`` and ``GetPublicKey`` on a key that is not enabled are
+(e) ``Sign``, ``Verify``, ``GetPublicKey``, ``Encrypt`` and ``Decrypt`` (the
+    latter two wrap Signery's master key) on a key that is not enabled are
     refused as KMS refuses them (developer guide, "Key states of AWS KMS keys"):
     ``DisabledException`` for a disabled key, ``KMSInvalidStateException`` for a
     key pending deletion. moto 5.2.5 signs with disabled and doomed keys alike,
@@ -212,8 +213,9 @@ def apply_kms_corrections() -> None:
             @functools.wraps(handler)
             def checked(self: KmsResponse) -> str:
                 key_id = self._get_param("KeyId")
-                self._validate_key_id(key_id)  # moto's NotFoundException, unchanged
-                require_enabled(self.kms_backend.describe_key(key_id))
+                if key_id is not None:  # Decrypt may leave KeyId out
+                    self._validate_key_id(key_id)  # moto's NotFoundException, unchanged
+                    require_enabled(self.kms_backend.describe_key(key_id))
                 if not reads_message_type:
                     return handler(self)
                 message_type = self._get_param("MessageType") or "RAW"
@@ -237,6 +239,8 @@ def apply_kms_corrections() -> None:
         response.get_public_key = enabled_key_only(  # type: ignore[method-assign]
             response.get_public_key, reads_message_type=False
         )
+        response.encrypt = enabled_key_only(response.encrypt, reads_message_type=False)  # type: ignore[method-assign]
+        response.decrypt = enabled_key_only(response.decrypt, reads_message_type=False)  # type: ignore[method-assign]
         kms_utils.RSAPrivateKey.sign = rsa_sign  # type: ignore[method-assign]
         kms_utils.RSAPrivateKey.verify = rsa_verify  # type: ignore[method-assign]
         kms_utils.ECDSAPrivateKey.sign = ecdsa_sign  # type: ignore[method-assign]
