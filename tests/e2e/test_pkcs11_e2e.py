@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.keystores.softhsm import SoftHsmToken, claim_token
+from tests.keystores.softhsm import SoftHsmToken, claim_token, pkcs11_tool
 from tests.support import (
     SIGNERY,
     Api,
@@ -117,7 +117,7 @@ def test_keystores_lists_builtin_and_pkcs11_as_healthy(api: Api, token: SoftHsmT
 def test_a_token_backed_key_is_certified_and_lives_on_the_token(
     world: dict[str, Any], token: SoftHsmToken
 ) -> None:
-    listing = token.pkcs11_tool("--list-objects")
+    listing = pkcs11_tool(token, "--list-objects")
     assert listing.returncode == 0, listing.stderr
     for algorithm, key in world["keys"].items():
         assert key["storage"] == "pkcs11"

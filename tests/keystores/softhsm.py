@@ -16,122 +16,50 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import secrets
 import shutil
 import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from signery.devtools.softhsm import SoftHsm, SoftHsmToken
+from signery.devtools.softhsm import available as softhsm_available
 from signery.keystores import KeyStore
-from signery.keystores._settings import Pkcs11Settings
 from tests.support import missing
 
-MODULE_CANDIDATES = (
-    Path("/usr/lib/softhsm/libsofthsm2.so"),
-    Path("/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so"),
-    Path("/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so"),
-    Path("/usr/local/lib/softhsm/libsofthsm2.so"),
-)
-# Tokens made before the library is first loaded: one per store a test run opens.
+__all__ = ["SoftHsm", "SoftHsmToken", "claim_token", "pkcs11_store", "pkcs11_tool"]
+
 TOKENS_PER_PROCESS = 24
-SO_PIN_BYTES = 8
 
 
-@dataclass(frozen=True)
-class SoftHsmToken:
-    """An initialised token: where it is, and the secrets to use it."""
-
-    module: Path
-    conf: Path
-    label: str
-    pin: str
-    so_pin: str
-    pin_file: Path
-
-    def settings(self, *, sessions: int = 4) -> Pkcs11Settings:
-        return Pkcs11Settings(
-            module=self.module, token_label=self.label, pin_file=self.pin_file, sessions=sessions
-        )
-
-    def env(self) -> dict[str, str]:
-        """The environment a process needs to see this token."""
-        return {"SOFTHSM2_CONF": str(self.conf)}
-
-    def pkcs11_tool(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run OpenSC's pkcs11-tool against this token, logged in as the user."""
-        tool = shutil.which("pkcs11-tool")
-        if tool is None:
-            missing("pkcs11-tool (OpenSC)")
-        assert tool is not None
-        return subprocess.run(
-            [
-                tool,
-                *("--module", str(self.module), "--token-label", self.label),
-                *("--login", "--pin", self.pin),
-                *args,
-            ],
-            env={**os.environ, **self.env()},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-
-def softhsm_module() -> Path:
-    """The SoftHSM2 PKCS#11 library; a skip (a failure in CI) when absent."""
-    for path in MODULE_CANDIDATES:
-        if path.is_file():
-            return path
-    missing("SoftHSM2 (libsofthsm2.so)")
-    raise AssertionError("unreachable")
-
-
-class SoftHsm:
-    """A SoftHSM2 installation in its own directory (config file + token store)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.util = shutil.which("softhsm2-util")
-        if self.util is None:
-            missing("SoftHSM2 (softhsm2-util)")
-        self.module = softhsm_module()
-        self.directory = directory
-        tokens = directory / "tokens"
-        tokens.mkdir(parents=True, exist_ok=True)
-        self.conf = directory / "softhsm2.conf"
-        self.conf.write_text(
-            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-        )
-
-    def init_token(self, label: str) -> SoftHsmToken:
-        """A new token in a free slot, with a fresh random user PIN (and a PIN file)."""
-        assert self.util is not None
-        pin = f"pin-{secrets.token_hex(8)}"
-        so_pin = secrets.token_hex(SO_PIN_BYTES)
-        subprocess.run(
-            [
-                self.util,
-                *("--init-token", "--free", "--label", label),
-                *("--pin", pin, "--so-pin", so_pin),
-            ],
-            env={**os.environ, "SOFTHSM2_CONF": str(self.conf)},
-            capture_output=True,
-            check=True,
-            timeout=60,
-        )
-        pin_file = self.directory / f"{label}.pin"
-        pin_file.touch(mode=0o600)
-        pin_file.write_text(pin + "\n")
-        return SoftHsmToken(self.module, self.conf, label, pin, so_pin, pin_file)
+def pkcs11_tool(token: SoftHsmToken, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run OpenSC's pkcs11-tool against a token, logged in as the user."""
+    tool = shutil.which("pkcs11-tool")
+    if tool is None:
+        missing("pkcs11-tool (OpenSC)")
+    assert tool is not None
+    return subprocess.run(
+        [
+            tool,
+            *("--module", str(token.module), "--token-label", token.label),
+            *("--login", "--pin", token.pin),
+            *args,
+        ],
+        env={**os.environ, **token.env()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 class _InProcess:
     """The SoftHSM of this test process and the tokens not yet claimed."""
 
     def __init__(self) -> None:
+        if not softhsm_available():
+            missing("SoftHSM2 (softhsm2-util, libsofthsm2.so)")
         directory = Path(tempfile.mkdtemp(prefix="signery-softhsm-"))
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         self.hsm = SoftHsm(directory)

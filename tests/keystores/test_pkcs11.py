@@ -47,7 +47,7 @@ from signery.keystores._pkcs11 import (
 )
 from signery.keystores._settings import Pkcs11Settings
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
-from tests.keystores.softhsm import SoftHsmToken, claim_token
+from tests.keystores.softhsm import SoftHsmToken, claim_token, pkcs11_tool
 
 TSG = "1234567890"
 HASHES = {
@@ -209,7 +209,7 @@ def test_objects_are_labelled_with_the_key_identity(store: Pkcs11KeyStore) -> No
 def test_pkcs11_tool_sees_the_keys_with_their_labels_and_access(
     store: Pkcs11KeyStore, token: SoftHsmToken, keys: dict[Algorithm, GeneratedKey]
 ) -> None:
-    result = token.pkcs11_tool("--list-objects")
+    result = pkcs11_tool(token, "--list-objects")
     assert result.returncode == 0, result.stderr
     blocks = re.split(r"\n(?=\S)", result.stdout)
     private_blocks = [b for b in blocks if b.startswith("Private Key Object")]
@@ -256,7 +256,7 @@ def test_a_key_deleted_by_another_process_cannot_sign(
             store.sign(generated.handle, hashed, SignatureScheme.ECDSA),
         )
     ref = generated.handle.ref
-    result = token.pkcs11_tool("--delete-object", "--type", "privkey", "--id", ref)
+    result = pkcs11_tool(token, "--delete-object", "--type", "privkey", "--id", ref)
     assert result.returncode == 0, result.stderr
     for _ in range(2 * store._pool.size):
         with pytest.raises(KeyMaterialMissing):
