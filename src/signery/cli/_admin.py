@@ -451,7 +451,10 @@ def key_create(
     ca: Annotated[
         p.CertificateAuthority, typer.Option("--ca", help="Who certifies the key: builtin or none.")
     ] = p.CertificateAuthority.NONE,
-    storage: Annotated[str, typer.Option(help="Key store.")] = "builtin",
+    storage: Annotated[
+        str,
+        typer.Option(help="Key store: builtin, aws-kms or pkcs11 (see `signery keystore list`)."),
+    ] = "builtin",
     cn: Annotated[
         str | None, typer.Option("--cn", help="Certificate common name (default: the key name).")
     ] = None,
