@@ -1,44 +1,82 @@
-"""Signatures per second over HTTP, next to raw ``cryptography`` signing in the same run.
+"""Signatures per second over HTTP per key store, next to raw in-process signing in the same run.
 
 What is measured
 ----------------
-1. **Baseline**: in-process ``cryptography`` signing of a 32-byte prehashed SHA-256
-   digest, one thread, about 3 s per algorithm: ECDSA P-256 and RSA-3072 PKCS#1 v1.5.
-   A 2-thread RSA-3072 rate (RSA signing releases the GIL) and the raw cost of
-   sign + verify (the server verifies every signature before returning it) are
-   printed as context.
+1. **Baselines, in this process, one thread** (about 3 s each), over a 32-byte
+   prehashed SHA-256 digest, ECDSA P-256 and RSA-3072 PKCS#1 v1.5:
+
+   * ``cryptography`` signing (the builtin rows' baseline). A 2-thread RSA-3072
+     rate (RSA signing releases the GIL) and the raw cost of sign + verify (the
+     server verifies every signature before returning it) are printed as context.
+   * **pkcs11**: the ``pkcs11`` key store's own ``sign()`` (session pool, ``C_Sign``,
+     DER encoding: the code the server runs) on a SoftHSM2 token of its own, made
+     in the run's temporary directory next to the server's token.
+   * **aws-kms**: the ``aws-kms`` key store's own ``sign()``, i.e. one boto3 KMS
+     ``Sign`` call per signature, against the same moto server the server uses.
+
+   A key is generated in each store for the purpose, the first signature is
+   verified, and the key is destroyed afterwards.
 2. **Over HTTP**: a real ``signery serve --workers N`` (N = one per cpu by default,
-   SQLite in a temporary data directory, access log off) signs the same kind of digest with a
-   built-in key through ``POST /api/v1/signing/keys/{key}/sign``, driven by ``wrk``
+   SQLite in a temporary data directory, access log off) with every available key
+   store configured, one key per (store, algorithm) made through ``POST
+   /api/v1/keys`` (``"storage"``, certified by the built-in CA), signs the same kind
+   of digest through ``POST /api/v1/signing/keys/{key}/sign``, driven by ``wrk``
    (or, when wrk cannot be had, a small asyncio keep-alive client in this file).
    Every 200 answer means: token checked, account and key looked up in the
-   database, digest signed, signature verified, audit event and usage counters
-   durably committed (group commit). After each run the key's ``successes``
-   counter from ``GET /api/v1/usage`` must have grown by at least the number of
-   200 answers the load generator saw; any failed request or a short counter
-   fails the benchmark.
+   database, digest signed by the key's store, signature verified, audit event and
+   usage counters durably committed (group commit). After each measured run the
+   key's ``successes`` counter from ``GET /api/v1/usage`` must have grown by at
+   least the number of 200 answers the load generator saw; any failed request (in
+   any run, warm-up and trials included) or a short counter fails the benchmark.
+   These honesty checks apply to every (store, algorithm) pair.
+
+Key stores
+----------
+``--stores builtin,pkcs11,aws-kms`` (default: all). ``pkcs11`` needs SoftHSM2
+(``softhsm2-util``, ``libsofthsm2.so``) and python-pkcs11: the benchmark makes a
+token in its temporary directory (``signery.devtools.softhsm``) and starts the
+server with ``SIGNERY_PKCS11__*``. ``aws-kms`` needs ``moto[server]`` and boto3: the
+benchmark starts ``python -m signery.devtools.moto_kms`` (moto corrected to sign
+like KMS; ``--exit-with-parent``), gives the server ``SIGNERY_AWS_KMS__*`` and dummy
+AWS credentials, and stops moto in the same ``finally`` as the server. A store
+whose tools are missing or do not start is skipped, and the output says which and
+why; that never fails the run. To keep ``make bench`` short, only builtin gets
+trials over connection counts and placements; pkcs11 and aws-kms get a warm-up
+and one shorter measured run at one connection count (``--store-connections``,
+``--store-duration``; a comma list of connection counts gives them trials too).
+
+moto is a functional stand-in for AWS KMS, not a performance one (its server does
+~150-230 Sign/s here and boto3 costs ~2.4 ms of CPU per call): the aws-kms rows
+measure Signery's overhead around a slow KMS double on the same 2 cores, never
+AWS KMS's speed. SoftHSM2 is a software token whose crypto runs in the server's
+own CPU. The output says both under the table. moto's CPU is metered on its own
+("moto"), outside the server's CPU per signature and outside "other".
 
 Why ratios against a same-run baseline
 --------------------------------------
 Absolute rates on a shared 2-core machine drift by +-20 % from one run to the
 next (CPU frequency, neighbours, OpenSSL build). The raw rate measured minutes
 earlier on the same machine absorbs most of that drift, so "HTTP rate / raw rate"
-is the figure to compare across runs and machines. The RSA-3072 target is such a
-ratio (>= 80 % of the raw 1-thread rate: the HTTP stack, database and audit must
-cost little next to the private-key operation); the EC P-256 target is absolute
-(>= 2,000 signatures/s: the raw operation is so cheap that the server's own
-per-request cost is what is being measured).
+is the figure to compare across runs and machines; for pkcs11 and aws-kms the raw
+rate is the store's own in-process rate, so the ratio shows what the HTTP stack,
+database and audit cost around that store. The targets are judged on the builtin
+rows only. The RSA-3072 target is such a ratio (>= 80 % of the raw 1-thread
+rate: the HTTP stack, database and audit must cost little next to the private-key
+operation); the EC P-256 target is absolute (>= 2,000 signatures/s: the raw
+operation is so cheap that the server's own per-request cost is what is being
+measured).
 
 The load generator shares the 2 cores with the server. With one worker
-(``--workers 1``), short trials before each measured run compare pinning (server
-on one core, load generator on the other, with ``taskset``) against no pinning,
-for each connection count asked for; the best trial's setting is used for the
-measured run, which is a fresh measurement, and the output says which won.
+(``--workers 1``), short trials before each builtin measured run compare pinning
+(server on one core, load generator on the other, with ``taskset``) against no
+pinning, for each connection count asked for; the best trial's setting is used
+for the measured run, which is a fresh measurement, and the output says which
+won.
 
 Each run also reports where the CPU went (from /proc): the server process, the
-load generator, and every other process on the machine. A busy neighbour shows
-up as "other" and makes a low rate recognisable as such; the server's CPU time
-per signature is the figure least disturbed by neighbours.
+load generator, moto (aws-kms), and every other process on the machine. A busy
+neighbour shows up as "other" and makes a low rate recognisable as such; the
+server's CPU time per signature is the figure least disturbed by neighbours.
 
 Usage: ``make bench`` or ``.venv/bin/python bench/sign_throughput.py --help``.
 """
@@ -50,6 +88,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -59,12 +98,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import cryptography
 import httpx
@@ -73,6 +114,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
 from signery.client import AccountCredentials
+from signery.crypto import Hashed, verify_signature
+from signery.errors import SigneryError
+from signery.keystores import KeyContext, KeyStore
+from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
+
+if TYPE_CHECKING:
+    from signery.devtools.softhsm import SoftHsmToken
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_FILE = ROOT / "bench-out" / "sign_throughput.json"
@@ -84,6 +132,35 @@ ALGORITHMS: dict[str, str] = {"EC_P256": "ecdsa", "RSA_3072": "rsa-pkcs1v15"}
 KEY_NAMES: dict[str, str] = {"EC_P256": "p256", "RSA_3072": "rsa3072"}
 RSA_TARGET_RATIO = 0.80
 EC_TARGET_RATE = 2000.0
+
+# Key stores a run can measure. builtin is always there; the others need their tools.
+STORES: tuple[str, ...] = ("builtin", "pkcs11", "aws-kms")
+BUILTIN = "builtin"
+# What the "raw" figure of each store's rows is (one thread, in this process, same run).
+RAW_SOURCES: dict[str, str] = {
+    "builtin": "cryptography",
+    "pkcs11": "store+SoftHSM2",
+    "aws-kms": "store+boto3+moto",
+}
+RAW_SOURCE_NOTES: dict[str, str] = {
+    "builtin": "cryptography's sign() on a key in memory",
+    "pkcs11": "the pkcs11 key store's sign() on a SoftHSM2 token "
+    "(session pool, C_Sign, DER encoding), the code the server runs",
+    "aws-kms": "the aws-kms key store's sign(): one boto3 KMS Sign call to the same moto "
+    "server per signature",
+}
+KMS_REGION = "us-east-1"
+# Dummy credentials for the moto double. The AWS files point nowhere and instance
+# metadata is off, so a developer's own AWS configuration is never read.
+KMS_DUMMY_ENV: dict[str, str] = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": KMS_REGION,
+    "AWS_CONFIG_FILE": "/nonexistent/signery-bench-aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/signery-bench-aws-credentials",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+MOTO_START_SECONDS = 60.0
 
 
 class BenchError(Exception):
@@ -106,6 +183,9 @@ class CpuUse:
     server: float
     load: float
     other: float
+    # The moto server standing in for AWS KMS (a child of this process, still running,
+    # so neither "load" nor "server"); 0 when there is none.
+    moto: float = 0.0
 
 
 def _system_busy_ticks() -> int:
@@ -148,35 +228,42 @@ class CpuMeter:
     The machine may be shared: "other" shows how much of it was not ours, so a
     low figure caused by a neighbour is recognisable as such."""
 
-    def __init__(self, server_pid: int | None = None) -> None:
+    def __init__(self, server_pid: int | None = None, moto_pid: int | None = None) -> None:
         self.server_pid = server_pid
+        self.moto_pid = moto_pid
         self.use: CpuUse | None = None
         self._tick = os.sysconf("SC_CLK_TCK")
 
-    def _server_ticks(self) -> int:
-        if self.server_pid is None:
+    @staticmethod
+    def _ticks(pid: int | None) -> int:
+        if pid is None:
             return 0
         try:
-            return _process_ticks(self.server_pid)
+            return _process_ticks(pid)
         except OSError:
             return 0
 
     def __enter__(self) -> CpuMeter:
         self._wall = time.perf_counter()
         self._busy = _system_busy_ticks()
-        self._server = self._server_ticks()
+        self._server = self._ticks(self.server_pid)
+        self._moto = self._ticks(self.moto_pid)
         self._ours = _own_and_children_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self._wall
         busy = (_system_busy_ticks() - self._busy) / self._tick
-        server = (self._server_ticks() - self._server) / self._tick
+        server = (self._ticks(self.server_pid) - self._server) / self._tick
+        moto = (self._ticks(self.moto_pid) - self._moto) / self._tick
         load = _own_and_children_seconds() - self._ours
         if wall > 0:
-            other = max(0.0, busy - server - load)
+            other = max(0.0, busy - server - load - moto)
             self.use = CpuUse(
-                round(server / wall, 3), round(load / wall, 3), round(other / wall, 3)
+                round(server / wall, 3),
+                round(load / wall, 3),
+                round(other / wall, 3),
+                round(moto / wall, 3),
             )
 
     def note(self) -> str:
@@ -294,6 +381,290 @@ def measure_baselines(seconds: float) -> dict[str, Baseline]:
     return out
 
 
+# ---------------------------------------------------------------- other key stores
+
+
+class StoreUnavailable(Exception):
+    """A key store's tools are missing or would not start: the store is skipped."""
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without what would change a run: no inherited
+    SIGNERY_* setting, AWS configuration or SoftHSM2 configuration."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SIGNERY_", "AWS_")) and k != "SOFTHSM2_CONF"
+    }
+
+
+def missing_tools(store: str) -> str | None:
+    """Why ``store`` cannot be measured on this machine, or None when it can."""
+    if store == "pkcs11":
+        if importlib.util.find_spec("pkcs11") is None:
+            return "python-pkcs11 is not installed (pip install 'signery[pkcs11]')"
+        from signery.devtools import softhsm
+
+        if not softhsm.available():
+            return (
+                "SoftHSM2 is not installed (softhsm2-util, libsofthsm2.so: "
+                "apt-get install softhsm2)"
+            )
+    elif store == "aws-kms":
+        for module, package in (("boto3", "signery[aws]"), ("moto", "moto[server]")):
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed (pip install '{package}')"
+        if importlib.util.find_spec("moto.server") is None:
+            return "moto's server is not installed (pip install 'moto[server]')"
+    return None
+
+
+class MotoKms:
+    """The corrected moto server (``python -m signery.devtools.moto_kms``), a child of
+    this process standing in for AWS KMS. ``--exit-with-parent``: it goes away even
+    if this benchmark is killed."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.log_path = workdir / "moto.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self, timeout: float = MOTO_START_SECONDS) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "signery.devtools.moto_kms",
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--exit-with-parent",
+        ]
+        with self.log_path.open("wb") as logfile:
+            self.proc = subprocess.Popen(
+                cmd,
+                env={**clean_env(), **KMS_DUMMY_ENV},
+                stdout=subprocess.PIPE,
+                stderr=logfile,
+            )
+        # It prints one JSON line, {"url": ...}, once it answers (port 0: no port race).
+        stdout = self.proc.stdout
+        assert stdout is not None
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        try:
+            self.url = str(json.loads(lines[0])["url"])
+        except (IndexError, ValueError, KeyError, TypeError):
+            self.stop()
+            raise StoreUnavailable(
+                f"the moto server did not start within {timeout:g} s: {self.log_tail()}"
+            ) from None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no moto log)"
+        return " | ".join(text.splitlines()[-lines:]) or "(moto log is empty)"
+
+
+@dataclass
+class StoreSetup:
+    """The key stores of this run and what the server needs to have them."""
+
+    active: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    server_env: dict[str, str] = field(default_factory=dict)
+    detail: dict[str, str] = field(default_factory=dict)
+    # A second SoftHSM2 token for the in-process baseline (the server has its own).
+    raw_token: SoftHsmToken | None = None
+    moto: MotoKms | None = None
+
+    @property
+    def moto_pid(self) -> int | None:
+        return self.moto.pid if self.moto is not None else None
+
+    def stop(self) -> None:
+        if self.moto is not None:
+            self.moto.stop()
+
+
+def prepare_stores(requested: list[str], workdir: Path) -> StoreSetup:
+    """Make what each requested store needs: a SoftHSM2 token in ``workdir`` (pkcs11),
+    a moto server (aws-kms). A store whose tools are missing or do not start is
+    skipped with the reason, never an error. The caller stops the setup (moto) in
+    its ``finally``."""
+    setup = StoreSetup()
+    for store in requested:
+        if store == BUILTIN:
+            setup.active.append(store)
+            setup.detail[store] = "the server's own store (keys wrapped by the master key)"
+            continue
+        why = missing_tools(store)
+        if why is not None:
+            setup.skipped[store] = why
+            continue
+        try:
+            if store == "pkcs11":
+                from signery.devtools.softhsm import SoftHsm
+
+                hsm = SoftHsm(workdir / "softhsm")
+                # Both tokens exist before any process loads SoftHSM2 (it reads its
+                # token directory once, when loaded).
+                token = hsm.init_token("bench")
+                setup.raw_token = hsm.init_token("bench-raw")
+                setup.server_env.update(token.server_env())
+                setup.detail[store] = f"SoftHSM2 token {token.label!r} in {hsm.directory}"
+            else:
+                setup.moto = MotoKms(workdir)
+                setup.moto.start()
+                setup.server_env.update(
+                    {
+                        "SIGNERY_AWS_KMS__REGION": KMS_REGION,
+                        "SIGNERY_AWS_KMS__ENDPOINT_URL": setup.moto.url,
+                        **KMS_DUMMY_ENV,
+                    }
+                )
+                setup.detail[store] = (
+                    f"moto server at {setup.moto.url} standing in for AWS KMS ({KMS_REGION})"
+                )
+        except subprocess.CalledProcessError as e:
+            stderr = (e.stderr or b"").decode(errors="replace").strip()
+            setup.skipped[store] = f"{' '.join(map(str, e.cmd[:2]))} failed: {stderr[:300]}"
+            continue
+        except StoreUnavailable as e:
+            setup.skipped[store] = str(e)[:500]
+            continue
+        except (OSError, subprocess.SubprocessError) as e:
+            setup.skipped[store] = f"{type(e).__name__}: {e}"[:500]
+            continue
+        setup.active.append(store)
+    return setup
+
+
+@dataclass
+class StoreBaseline:
+    """Signatures per second through a key store in this process, one thread."""
+
+    store: str
+    algorithm: str
+    sign_per_s: float
+    other_cpu: float = 0.0
+    moto_cpu: float = 0.0
+
+
+def _open_store_in_process(store: str, setup: StoreSetup) -> KeyStore:
+    if store == "pkcs11":
+        assert setup.raw_token is not None
+        # SoftHSM2 reads SOFTHSM2_CONF when this process first loads it (just below).
+        os.environ["SOFTHSM2_CONF"] = str(setup.raw_token.conf)
+        from signery.keystores._pkcs11 import open_store as open_pkcs11
+
+        return open_pkcs11(setup.raw_token.settings())
+    assert setup.moto is not None
+    from pydantic import SecretStr
+
+    from signery.keystores._awskms import open_store as open_aws_kms
+    from signery.keystores._settings import AwsKmsSettings
+
+    return open_aws_kms(
+        AwsKmsSettings(
+            region=KMS_REGION,
+            endpoint_url=setup.moto.url,
+            access_key_id=KMS_DUMMY_ENV["AWS_ACCESS_KEY_ID"],
+            secret_access_key=SecretStr(KMS_DUMMY_ENV["AWS_SECRET_ACCESS_KEY"]),
+            alias_prefix="alias/signery-bench-raw",
+        )
+    )
+
+
+def measure_store_baselines(
+    setup: StoreSetup, algorithms: list[str], seconds: float
+) -> dict[str, dict[str, StoreBaseline]]:
+    """For each active store but builtin: a key per algorithm made in the store, then
+    ``store.sign()`` of a SHA-256 digest in a loop, one thread, as ``raw_rate`` does
+    for cryptography. The first signature is verified; the keys are destroyed after."""
+    out: dict[str, dict[str, StoreBaseline]] = {}
+    for store_name in setup.active:
+        if store_name == BUILTIN:
+            continue
+        try:
+            store = _open_store_in_process(store_name, setup)
+        except SigneryError as e:
+            raise BenchError(f"{store_name}: the key store does not open in-process: {e}") from e
+        out[store_name] = {}
+        try:
+            health = store.health()
+            if not health.ok:
+                raise BenchError(f"{store_name}: the key store is not healthy: {health.detail}")
+            for algorithm in algorithms:
+                out[store_name][algorithm] = _store_baseline(
+                    store, store_name, algorithm, seconds, setup.moto_pid
+                )
+        finally:
+            store.close()
+    return out
+
+
+def _store_baseline(
+    store: KeyStore, store_name: str, algorithm: str, seconds: float, moto_pid: int | None
+) -> StoreBaseline:
+    context = KeyContext(str(uuid.uuid4()), 1, "bench", label=f"bench-raw-{KEY_NAMES[algorithm]}")
+    try:
+        generated = store.generate(Algorithm(algorithm), context)
+    except SigneryError as e:
+        raise BenchError(f"{store_name} {algorithm}: generating a key failed: {e}") from e
+    try:
+        hashed = Hashed(DigestAlgorithm.SHA256, os.urandom(32))
+        scheme = SignatureScheme(ALGORITHMS[algorithm])
+        sign = functools.partial(store.sign, generated.handle, hashed, scheme)
+        if not verify_signature(generated.public_key, hashed, scheme, sign()):
+            raise BenchError(f"{store_name} {algorithm}: the store's signature does not verify")
+        with CpuMeter(moto_pid=moto_pid) as meter:
+            rate = raw_rate(sign, seconds)
+    except SigneryError as e:
+        raise BenchError(f"{store_name} {algorithm}: signing in-process failed: {e}") from e
+    finally:
+        with contextlib.suppress(SigneryError):
+            store.destroy(generated.handle)
+    use = meter.use
+    moto = f"  (moto used {use.moto:.2f} cpu)" if use and store_name == "aws-kms" else ""
+    log(
+        f"  {algorithm:<9} {store_name:<7} 1 thread: {rate:>8,.0f} sign/s   "
+        f"({RAW_SOURCES[store_name]}){moto}" + meter.note()
+    )
+    return StoreBaseline(
+        store_name,
+        algorithm,
+        rate,
+        other_cpu=use.other if use else 0.0,
+        moto_cpu=use.moto if use else 0.0,
+    )
+
+
 # ---------------------------------------------------------------- CPU placement
 
 
@@ -369,9 +740,14 @@ class Server:
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        # Only what this benchmark sets: no inherited SIGNERY_* setting changes the run.
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNERY_")}
+        # Only what this benchmark sets: no inherited SIGNERY_* setting (nor AWS or
+        # SoftHSM2 configuration) changes the run. The stores add theirs (add_env).
+        self.env = clean_env()
         self.env["SIGNERY_ACCESS_LOG"] = "false"
+
+    def add_env(self, env: dict[str, str]) -> None:
+        """Settings for ``init`` and ``serve`` (e.g. the pkcs11 and aws-kms stores)."""
+        self.env.update(env)
 
     def init(self) -> Installation:
         done = subprocess.run(
@@ -440,11 +816,17 @@ class Server:
 
 @dataclass
 class Fixture:
-    """What the REST setup created: a TSG, an account and one key per algorithm."""
+    """What the REST setup created: a TSG, an account and one key per (store, algorithm)."""
 
     tsg_id: str
     credentials: AccountCredentials
-    key_ids: dict[str, str]
+    key_ids: dict[tuple[str, str], str]
+
+
+def key_name(store: str, algorithm: str) -> str:
+    """The name of the key a (store, algorithm) pair signs with (builtin: p256, rsa3072)."""
+    base = KEY_NAMES[algorithm]
+    return base if store == BUILTIN else f"{store}-{base}"
 
 
 def _expect(response: httpx.Response, status: int, what: str) -> dict[str, Any]:
@@ -454,7 +836,25 @@ def _expect(response: httpx.Response, status: int, what: str) -> dict[str, Any]:
     return body
 
 
-def set_up(admin: httpx.Client) -> Fixture:
+def check_stores(admin: httpx.Client, stores: list[str]) -> dict[str, str]:
+    """Every store of the run is configured on the server and healthy; returns each
+    store's health detail."""
+    response = admin.get(f"{API}/keystores")
+    if response.status_code != 200:
+        raise BenchError(f"list key stores: HTTP {response.status_code}: {response.text[:500]}")
+    listed = {s["name"]: s for s in response.json()}
+    for store in stores:
+        if store not in listed:
+            raise BenchError(
+                f"the server has no {store!r} key store (it lists {sorted(listed)}); "
+                "see the server log"
+            )
+        if not listed[store]["healthy"]:
+            raise BenchError(f"the {store!r} key store is not healthy: {listed[store]['detail']}")
+    return {store: str(listed[store]["detail"]) for store in stores}
+
+
+def set_up(admin: httpx.Client, pairs: list[tuple[str, str]]) -> Fixture:
     tsg = _expect(admin.post(f"{API}/tsgs", json={"name": "bench"}), 201, "create TSG")
     account = _expect(
         admin.post(f"{API}/accounts", json={"name": "bench", "tsg_id": tsg["id"]}),
@@ -463,23 +863,28 @@ def set_up(admin: httpx.Client) -> Fixture:
     )
     key = serialization.load_pem_private_key(account["private_key_pem"].encode(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    key_ids: dict[str, str] = {}
-    for algorithm in ALGORITHMS:
+    key_ids: dict[tuple[str, str], str] = {}
+    for store, algorithm in pairs:
         created = _expect(
             admin.post(
                 f"{API}/keys",
                 json={
-                    "name": KEY_NAMES[algorithm],
+                    "name": key_name(store, algorithm),
                     "tsg_id": tsg["id"],
                     "algorithm": algorithm,
                     "certificate_authority": "builtin",
+                    "storage": store,
                 },
                 timeout=120.0,
             ),
             201,
-            f"create {algorithm} key",
+            f"create {algorithm} key in {store}",
         )
-        key_ids[algorithm] = created["id"]
+        if created.get("storage") != store:
+            raise BenchError(
+                f"{algorithm} key asked for in {store} was made in {created.get('storage')!r}"
+            )
+        key_ids[(store, algorithm)] = created["id"]
     return Fixture(tsg["id"], AccountCredentials(account["client_id"], key), key_ids)
 
 
@@ -838,6 +1243,7 @@ class Trial:
 
 @dataclass
 class HttpResult:
+    store: str
     algorithm: str
     load: LoadResult
     trials: list[Trial]
@@ -856,7 +1262,8 @@ def check_load(result: LoadResult, what: str) -> None:
         raise BenchError(f"{what}: no request succeeded")
 
 
-def bench_algorithm(
+def bench_pair(
+    store: str,
     algorithm: str,
     *,
     server: Server,
@@ -870,7 +1277,12 @@ def bench_algorithm(
     duration: int,
     warmup: int,
     trial_seconds: int,
+    moto_pid: int | None = None,
 ) -> HttpResult:
+    """Warm-up, trials over the connection counts and placements (when there are
+    several), then a fresh measured run with the best; the honesty checks on each."""
+    what_pair = f"{store} {algorithm}"
+    key_id = fixture.key_ids[(store, algorithm)]
     token = access_token(server.url, fixture.credentials, issuer)
     body = json.dumps(
         {
@@ -880,20 +1292,21 @@ def bench_algorithm(
         },
         separators=(",", ":"),
     ).encode("ascii")
-    call = SignCall(f"{API}/signing/keys/{KEY_NAMES[algorithm]}/sign", token, body)
+    call = SignCall(f"{API}/signing/keys/{key_name(store, algorithm)}/sign", token, body)
 
     def run(connections: int, pinned: bool, seconds: int, what: str) -> LoadResult:
         cpus.place_server(server.pid, pinned)
-        with CpuMeter(server.pid) as meter:
+        with CpuMeter(server.pid, moto_pid) as meter:
             result = load.run(call, connections, seconds, pinned)
         result.cpu = meter.use
-        check_load(result, f"{algorithm} {what}")
+        check_load(result, f"{what_pair} {what}")
         return result
 
     def line(label: str, r: LoadResult, extra: str = "") -> None:
         cpu = r.cpu
+        moto = f" moto {cpu.moto:.2f}" if cpu and store == "aws-kms" else ""
         usage = (
-            f"  cpu: server {cpu.server:.2f} load {cpu.load:.2f} other {cpu.other:.2f}"
+            f"  cpu: server {cpu.server:.2f} load {cpu.load:.2f}{moto} other {cpu.other:.2f}"
             if cpu
             else ""
         )
@@ -921,46 +1334,105 @@ def bench_algorithm(
             if r.rate > best_rate:
                 best, best_rate = (connections, pinned), r.rate
     connections, pinned = best
-    before, failures_before = key_counter(admin, fixture.key_ids[algorithm])
+    before, failures_before = key_counter(admin, key_id)
     result = run(connections, pinned, duration, "measured run")
-    after, failures_after = key_counter(admin, fixture.key_ids[algorithm])
+    after, failures_after = key_counter(admin, key_id)
     line("MEASURED", result, f"  ({result.ok:,} in {result.seconds:.1f} s)")
     # Every 200 carried a signature whose audit event and counters were committed first.
     if after - before < result.ok:
         raise BenchError(
-            f"{algorithm}: the key's successes counter grew by {after - before:,} but the "
+            f"{what_pair}: the key's successes counter grew by {after - before:,} but the "
             f"load generator received {result.ok:,} signatures: signatures left the server "
             "without a committed audit event"
         )
     if failures_after != failures_before:
         raise BenchError(
-            f"{algorithm}: the key's failures counter grew by {failures_after - failures_before}"
+            f"{what_pair}: the key's failures counter grew by {failures_after - failures_before}"
         )
     log(
         f"  audit check  successes counter +{after - before:,} >= {result.ok:,} signatures "
         "received: OK"
     )
-    return HttpResult(algorithm, result, trials, before, after, failures_after - failures_before)
+    return HttpResult(
+        store, algorithm, result, trials, before, after, failures_after - failures_before
+    )
 
 
 # ---------------------------------------------------------------- report
 
 
+def store_notes(setup: StoreSetup, baselines: dict[str, Baseline]) -> list[str]:
+    """What to read the table with: what "raw" is per store, what the stand-ins are."""
+    measured = setup.active
+    notes: list[str] = []
+    others = any(s != BUILTIN for s in measured)
+    if measured:
+        notes.append(
+            "raw = the same signing operation in this process, one thread, this run: "
+            + "; ".join(f"{s}: {RAW_SOURCE_NOTES[s]}" for s in measured)
+            + "."
+            + (
+                " HTTP runs are concurrent and use every server worker, so HTTP/raw can "
+                "exceed 100 % where the raw caller mostly waits (SoftHSM2 RSA, moto)."
+                if others
+                else ""
+            )
+        )
+    if others:
+        notes.append(
+            "targets apply to the builtin rows only; raw cryptography for comparison: "
+            + ", ".join(f"{a} {b.sign_per_s:,.0f}/s" for a, b in baselines.items())
+            + "."
+        )
+    if "pkcs11" in measured:
+        notes.append(
+            "pkcs11 = SoftHSM2, a software token whose crypto runs inside the server "
+            "process on the same 2 cores (measured by hand here: ~1,400-1,600 RSA-2048 or "
+            "~14,000 P-256 signs/s via python-pkcs11). A real HSM has its own rate and "
+            "usually a network round trip per signature."
+        )
+    if "aws-kms" in measured:
+        notes.append(
+            "aws-kms = the moto server standing in for AWS KMS. moto is a FUNCTIONAL "
+            "stand-in, NOT a performance one: these rows are NOT AWS KMS's speed. moto's "
+            "server does ~150-230 Sign/s on this machine and boto3 costs ~2.4 ms of CPU per "
+            "call; moto shares the 2 cores with the server and the load generator (its CPU "
+            "is shown as 'moto' and is not in the server's CPU per signature). Real KMS "
+            "adds a network round trip per signature and is bounded by the account's KMS "
+            "request quotas."
+        )
+    for store, why in setup.skipped.items():
+        notes.append(f"skipped {store}: {why}")
+    return notes
+
+
 def report(
-    baselines: dict[str, Baseline], results: dict[str, HttpResult], meta: dict[str, Any]
+    baselines: dict[str, Baseline],
+    store_baselines: dict[str, dict[str, StoreBaseline]],
+    results: list[HttpResult],
+    meta: dict[str, Any],
+    notes: list[str],
 ) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
-    for algorithm, http in results.items():
-        raw = baselines[algorithm].sign_per_s
-        two = baselines[algorithm].sign_per_s_2threads
+    for http in results:
+        algorithm, store = http.algorithm, http.store
+        crypto = baselines[algorithm]
+        builtin = store == BUILTIN
+        raw = crypto.sign_per_s if builtin else store_baselines[store][algorithm].sign_per_s
+        two = crypto.sign_per_s_2threads if builtin else None
         rows.append(
             {
+                "store": store,
                 "algorithm": algorithm,
+                "raw_source": RAW_SOURCE_NOTES[store],
                 "raw_sign_per_s_1thread": round(raw, 1),
-                "raw_sign_verify_per_s_1thread": round(baselines[algorithm].sign_verify_per_s, 1),
+                "raw_sign_verify_per_s_1thread": (
+                    round(crypto.sign_verify_per_s, 1) if builtin else None
+                ),
                 "raw_sign_per_s_2threads": (
                     None if two is None else round(two, 1)  # measured for RSA_3072 only
                 ),
+                "cryptography_raw_sign_per_s_1thread": round(crypto.sign_per_s, 1),
                 "http_sign_per_s": round(http.load.rate, 1),
                 "http_over_raw": round(http.load.rate / raw, 4),
                 "server_cpu_ms_per_signature": (
@@ -976,14 +1448,18 @@ def report(
                 "seconds": round(http.load.seconds, 3),
                 "usage_counter_delta": http.counter_after - http.counter_before,
                 "cpu_cores": asdict(http.load.cpu) if http.load.cpu else None,
-                "baseline_other_cpu": round(baselines[algorithm].other_cpu, 3),
+                "baseline_other_cpu": round(
+                    crypto.other_cpu if builtin else store_baselines[store][algorithm].other_cpu,
+                    3,
+                ),
                 "load_generator": http.load.tool,
                 "trials": [asdict(t) for t in http.trials],
             }
         )
+    builtin_rows = {r["algorithm"]: r for r in rows if r["store"] == BUILTIN}
     targets: list[dict[str, Any]] = []
-    if "RSA_3072" in results:
-        ratio = next(r["http_over_raw"] for r in rows if r["algorithm"] == "RSA_3072")
+    if "RSA_3072" in builtin_rows:
+        ratio = builtin_rows["RSA_3072"]["http_over_raw"]
         targets.append(
             {
                 "target": f"RSA_3072 over HTTP >= {RSA_TARGET_RATIO:.0%} of raw rate",
@@ -991,8 +1467,8 @@ def report(
                 "met": ratio >= RSA_TARGET_RATIO,
             }
         )
-    if "EC_P256" in results:
-        rate = results["EC_P256"].load.rate
+    if "EC_P256" in builtin_rows:
+        rate = builtin_rows["EC_P256"]["http_sign_per_s"]
         targets.append(
             {
                 "target": f"EC_P256 >= {EC_TARGET_RATE:,.0f} signatures/s",
@@ -1006,24 +1482,37 @@ def report(
         return "-" if v is None else f"{v:.3f}"
 
     header = (
-        f"{'algorithm':<9}  {'raw sign/s':>10}  {'HTTP sign/s':>11}  {'HTTP/raw':>8}  "
-        f"{'p50 ms':>7}  {'p99 ms':>7}  {'srv cpu ms/sig':>14}  {'conns':>5}  placement"
+        f"{'store':<7}  {'algorithm':<9}  {'raw sign/s':>10}  {'raw measured as':<16}  "
+        f"{'HTTP sign/s':>11}  {'HTTP/raw':>8}  {'p50 ms':>7}  {'p99 ms':>7}  "
+        f"{'srv cpu ms/sig':>14}  {'conns':>5}  placement"
     )
     log("\n" + "=" * len(header))
     log(header)
     log("-" * len(header))
     for r in rows:
         log(
-            f"{r['algorithm']:<9}  {r['raw_sign_per_s_1thread']:>10,.0f}  "
+            f"{r['store']:<7}  {r['algorithm']:<9}  {r['raw_sign_per_s_1thread']:>10,.0f}  "
+            f"{RAW_SOURCES[r['store']]:<16}  "
             f"{r['http_sign_per_s']:>11,.0f}  {r['http_over_raw']:>8.1%}  "
             f"{r['p50_ms']:>7.2f}  {r['p99_ms']:>7.2f}  {cpu_ms(r):>14}  {r['connections']:>5}  "
             f"{'pinned' if r['pinned'] else 'unpinned'}"
         )
+    if not rows:
+        log("(no store was measured)")
     log("-" * len(header))
+    if BUILTIN not in {r["store"] for r in rows}:
+        log("targets: not judged (they apply to the builtin rows, which were not measured)")
     for t in targets:
-        log(f"target: {t['target']:<42} {t['value']:>9}  {'met' if t['met'] else 'NOT MET'}")
+        log(
+            f"target (builtin): {t['target']:<42} {t['value']:>9}  "
+            f"{'met' if t['met'] else 'NOT MET'}"
+        )
+    if notes:
+        log("-" * len(header))
+        for note in notes:
+            log(textwrap.fill(f"note: {note}", len(header), subsequent_indent="      "))
     log("=" * len(header))
-    return {"meta": meta, "results": rows, "targets": targets}
+    return {"meta": meta, "results": rows, "targets": targets, "notes": notes}
 
 
 def environment(load_tool: str, cpus: Cpus, args: argparse.Namespace) -> dict[str, Any]:
@@ -1044,6 +1533,9 @@ def environment(load_tool: str, cpus: Cpus, args: argparse.Namespace) -> dict[st
         "connections_tried": args.connections,
         "pin_mode": args.pin,
         "server_workers": args.workers,
+        "stores_requested": args.stores,
+        "store_duration_s": args.store_duration,
+        "store_connections_tried": args.store_connections,
     }
 
 
@@ -1052,7 +1544,8 @@ def environment(load_tool: str, cpus: Cpus, args: argparse.Namespace) -> dict[st
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        description="Signing throughput over HTTP next to raw cryptography signing."
+        description="Signing throughput over HTTP per key store, next to raw in-process "
+        "signing (cryptography, and each store's own sign()) measured in the same run."
     )
     ap.add_argument(
         "--duration", type=int, default=10, help="seconds of each measured run (default 10)"
@@ -1109,6 +1602,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="on a shared machine, wait up to this long for other processes to go quiet "
         "before measuring (default 0: do not wait)",
     )
+    ap.add_argument(
+        "--stores",
+        type=lambda s: [a.strip() for a in s.split(",") if a.strip()],
+        default=list(STORES),
+        help="comma list among builtin,pkcs11,aws-kms (default: all; a store whose tools "
+        "are missing is skipped with the reason: pkcs11 needs SoftHSM2 and python-pkcs11, "
+        "aws-kms needs moto[server] and boto3)",
+    )
+    ap.add_argument(
+        "--store-duration",
+        type=int,
+        default=5,
+        help="seconds of the measured run of each pkcs11 / aws-kms pair (default 5)",
+    )
+    ap.add_argument(
+        "--store-connections",
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+        default=[16],
+        help="connection counts for the pkcs11 / aws-kms pairs; one value (default 16): "
+        "no trials, a comma list: trials as for builtin",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
         "--strict", action="store_true", help="also exit with status 2 when a target is not met"
@@ -1117,18 +1631,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for a in args.algorithms:
         if a not in ALGORITHMS:
             ap.error(f"unknown algorithm {a!r}")
-    if not args.connections or min(args.connections) < 1:
-        ap.error("--connections needs positive integers")
-    if min(args.duration, args.warmup, args.trial_duration) < 1:
+    for st in args.stores:
+        if st not in STORES:
+            ap.error(f"unknown store {st!r} (known: {', '.join(STORES)})")
+    args.stores = [st for st in STORES if st in args.stores]  # table order, no repeats
+    if not args.stores:
+        ap.error("--stores needs at least one store")
+    if not args.algorithms:
+        ap.error("--algorithms needs at least one algorithm")
+    for name, counts in (
+        ("connections", args.connections),
+        ("store-connections", args.store_connections),
+    ):
+        if not counts or min(counts) < 1:
+            ap.error(f"--{name} needs positive integers")
+    if min(args.duration, args.warmup, args.trial_duration, args.store_duration) < 1:
         ap.error("durations are whole seconds >= 1 (wrk takes whole seconds)")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.monotonic()
     cpus = Cpus.detect()
     workdir = Path(tempfile.mkdtemp(prefix="signery-bench-"))
     server = Server(workdir, args.workers)
+    setup = StoreSetup()
     try:
         wrk = find_wrk(allow_install=args.loadgen == "auto") if args.loadgen != "python" else None
         if args.loadgen == "wrk" and wrk is None:
@@ -1154,6 +1682,17 @@ def main(argv: list[str] | None = None) -> int:
             f"; --pin {args.pin}"
         )
 
+        setup = prepare_stores(args.stores, workdir)
+        for store in setup.active:
+            log(f"store {store:<7}: {setup.detail[store]}")
+        for store, why in setup.skipped.items():
+            log(f"store {store:<7}: SKIPPED, {why}")
+        meta["stores_measured"] = setup.active
+        meta["stores_skipped"] = setup.skipped
+        server.add_env(setup.server_env)
+        if not setup.active:
+            log("nothing to measure over HTTP: every store asked for was skipped")
+
         busy = wait_quiet(args.wait_quiet)
         meta["other_cpu_before_start"] = round(busy, 3)
         log(
@@ -1166,43 +1705,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
-        log(f"\n[1/3] raw cryptography signing, {args.baseline_duration:g} s each")
+        log(f"\n[1/3] raw in-process signing, {args.baseline_duration:g} s each: cryptography")
         baselines = measure_baselines(args.baseline_duration)
+        if any(store != BUILTIN for store in setup.active):
+            log("  through the key stores themselves (a key made in each, then store.sign()):")
+        store_baselines = measure_store_baselines(setup, args.algorithms, args.baseline_duration)
 
-        log(f"\n[2/3] starting signery serve on {server.url} (data in {workdir})")
-        install = server.init()
-        server.start()
-        results: dict[str, HttpResult] = {}
-        with httpx.Client(
-            base_url=server.url,
-            headers={"Authorization": f"Bearer {install.admin_token}"},
-            timeout=30.0,
-        ) as admin:
-            fixture = set_up(admin)
-            log(f"  TSG {fixture.tsg_id}, account {fixture.credentials.client_id}, keys ready")
-            log(
-                f"\n[3/3] signing over HTTP: warm-up {args.warmup} s, trials {args.trial_duration}"
-                f" s over connections {args.connections} x "
-                f"{['unpinned' if not p else 'pinned' for p in pin_options]}, "
-                f"measured run {args.duration} s"
-            )
-            for algorithm in args.algorithms:
-                log(f" {algorithm}")
-                results[algorithm] = bench_algorithm(
-                    algorithm,
-                    server=server,
-                    admin=admin,
-                    fixture=fixture,
-                    issuer=install.issuer,
-                    load=load,
-                    cpus=cpus,
-                    connection_options=args.connections,
-                    pin_options=pin_options,
-                    duration=args.duration,
-                    warmup=args.warmup,
-                    trial_seconds=args.trial_duration,
-                )
-        summary = report(baselines, results, meta)
+        results: list[HttpResult] = []
+        if setup.active:
+            results = bench_over_http(args, setup, server, workdir, load, cpus, pin_options)
+        summary = report(baselines, store_baselines, results, meta, store_notes(setup, baselines))
         log(
             "context: RSA_3072 raw with 2 threads "
             f"{baselines['RSA_3072'].sign_per_s_2threads or 0:,.0f}/s; every HTTP signature "
@@ -1210,11 +1722,13 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{a} {b.sign_verify_per_s:,.0f}/s" for a, b in baselines.items())
             + ")"
         )
-        OUT_FILE.parent.mkdir(parents=True, exist_ok=True)
-        OUT_FILE.write_text(json.dumps(summary, indent=2) + "\n")
-        log(f"wrote {OUT_FILE.relative_to(ROOT)}")
         if server.proc is not None and server.proc.poll() is not None:
             raise BenchError(f"the server exited during the run:\n{server.log_tail()}")
+        elapsed = time.monotonic() - started
+        summary["meta"]["elapsed_s"] = round(elapsed, 1)
+        OUT_FILE.parent.mkdir(parents=True, exist_ok=True)
+        OUT_FILE.write_text(json.dumps(summary, indent=2) + "\n")
+        log(f"wrote {OUT_FILE.relative_to(ROOT)} ({elapsed:.0f} s in all)")
         if args.strict and not all(t["met"] for t in summary["targets"]):
             return 2
         return 0
@@ -1225,10 +1739,80 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         server.stop()
+        setup.stop()
         if args.keep:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench_over_http(
+    args: argparse.Namespace,
+    setup: StoreSetup,
+    server: Server,
+    workdir: Path,
+    load: WrkLoad | PythonLoad,
+    cpus: Cpus,
+    pin_options: list[bool],
+) -> list[HttpResult]:
+    """Steps 2 and 3: the server with every active store, its keys, and each
+    (store, algorithm) pair driven over HTTP."""
+    # pkcs11 / aws-kms: no placement trials (moto floats on both cores anyway).
+    store_pin_options = pin_options if args.pin != "auto" else [False]
+    log(f"\n[2/3] starting signery serve on {server.url} (data in {workdir})")
+    install = server.init()
+    server.start()
+    results: list[HttpResult] = []
+    with httpx.Client(
+        base_url=server.url,
+        headers={"Authorization": f"Bearer {install.admin_token}"},
+        timeout=30.0,
+    ) as admin:
+        health = check_stores(admin, setup.active)
+        for store in setup.active:
+            log(f"  key store {store:<7} healthy: {health[store]}")
+        pairs = [(st, a) for st in setup.active for a in args.algorithms]
+        fixture = set_up(admin, pairs)
+        log(
+            f"  TSG {fixture.tsg_id}, account {fixture.credentials.client_id}, "
+            f"{len(pairs)} keys ready: " + ", ".join(key_name(st, a) for st, a in pairs)
+        )
+        log(
+            f"\n[3/3] signing over HTTP: warm-up {args.warmup} s each;"
+            f" builtin: trials {args.trial_duration} s over connections {args.connections}"
+            f" x {['unpinned' if not p else 'pinned' for p in pin_options]}, "
+            f"measured run {args.duration} s"
+            + (
+                f"; pkcs11/aws-kms: connections {args.store_connections}, measured run "
+                f"{args.store_duration} s"
+                if any(st != BUILTIN for st in setup.active)
+                else ""
+            )
+        )
+        for store, algorithm in pairs:
+            builtin = store == BUILTIN
+            log(f" {store} {algorithm}")
+            results.append(
+                bench_pair(
+                    store,
+                    algorithm,
+                    server=server,
+                    admin=admin,
+                    fixture=fixture,
+                    issuer=install.issuer,
+                    load=load,
+                    cpus=cpus,
+                    connection_options=args.connections if builtin else args.store_connections,
+                    pin_options=pin_options if builtin else store_pin_options,
+                    duration=args.duration if builtin else args.store_duration,
+                    warmup=args.warmup,
+                    trial_seconds=args.trial_duration,
+                    moto_pid=setup.moto_pid,
+                )
+            )
+            if store == "aws-kms" and setup.moto is not None and not setup.moto.running:
+                raise BenchError(f"the moto server exited: {setup.moto.log_tail()}")
+    return results
 
 
 if __name__ == "__main__":
