@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from signery.errors import ConfigurationError, KeyStoreError
+from signery.keystores._files import read_secret_file
 
 MASTER_KEY_BYTES = 32  # AES-256
 GCM_NONCE_BYTES = 12  # NIST SP 800-38D §8.2: 96-bit random nonces
@@ -32,21 +32,9 @@ FILE_MODE = 0o600
 
 def read_key_file(path: Path) -> str:
     """The text of a master key file, refusing one that others could read."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ConfigurationError(
-            f"master key file {path} does not exist; run `signery init` first"
-        ) from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigurationError(
-            f"master key file {path} is accessible by group or others "
-            f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
-        )
-    try:
-        return path.read_text("ascii").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigurationError(f"master key file {path} is not readable base64 text") from e
+    return read_secret_file(
+        path, "master key file", missing_hint="; run `signery init` first"
+    ).strip()
 
 
 class MasterKeyMismatch(KeyStoreError):

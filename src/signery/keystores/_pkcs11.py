@@ -33,7 +33,6 @@ import itertools
 import logging
 import queue
 import secrets
-import stat
 import sys
 import threading
 import time
@@ -69,6 +68,7 @@ from signery.errors import (
     UnsupportedAlgorithm,
 )
 from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
+from signery.keystores._files import read_secret_file
 from signery.keystores._settings import Pkcs11Settings
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
@@ -403,25 +403,8 @@ def _read_pin(settings: Pkcs11Settings) -> _Pin:
         pin = settings.pin.get_secret_value()
     else:
         assert settings.pin_file is not None  # Pkcs11Settings requires one of them
-        path = settings.pin_file
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise ConfigurationError(f"PKCS#11 PIN file {path} does not exist") from None
-        except OSError as e:
-            raise ConfigurationError(
-                f"PKCS#11 PIN file {path} is not readable: {e.strerror}"
-            ) from None
         # Same rule as the master key file: a secret others can read is refused.
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigurationError(
-                f"PKCS#11 PIN file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
-            )
-        try:
-            pin = path.read_text("utf-8")
-        except (OSError, UnicodeDecodeError):
-            raise ConfigurationError(f"PKCS#11 PIN file {path} is not readable text") from None
+        pin = read_secret_file(settings.pin_file, "PKCS#11 PIN file")
         # Line breaks around it are the file's, not the PIN's (spaces may be the PIN's).
         pin = pin.strip("\r\n")
     if not pin:
