@@ -11,15 +11,30 @@ logs in as the account, signs sample artifacts, verifies them, shows a refusal,
 shows the audit events and usage counters, and stops the server. It prints each
 step and exits 0 only if every step succeeded.
 
+Hardware key stores, when this machine has what they need: with SoftHSM2 and
+python-pkcs11 the demo initializes a SoftHSM2 token in its temporary directory
+and gives the server the ``pkcs11`` store on it; with moto (and boto3) it starts
+moto's AWS KMS double (``signery.devtools.moto_kms``, on loopback, log in the
+temporary directory) and gives the server the ``aws-kms`` store on it. For each,
+it creates an EC P-256 key in that store with a built-in CA certificate, signs
+``app.bin`` with it as the account and verifies the signature with openssl. A
+store whose tools are missing is skipped, and the demo says why; ``--no-hardware``
+skips both (the demo is then what it was without them).
+
 Outputs left in the ``--out`` directory: the sample artifacts and their ``.sig``
 files, ``pubkey.pem`` and ``pubkey-rsa.pem``, ``chain.pem`` (leaf first, root
 last) split into ``leaf.pem``, ``issuing-ca.pem`` and ``root-ca.pem``,
-``audit-events.json``, ``usage.json`` and ``server.log``.
+``audit-events.json``, ``usage.json`` and ``server.log``; with the pkcs11 store
+``pubkey-hsm.pem``, ``leaf-hsm.pem`` and ``app.bin.hsm.sig``; with the aws-kms
+store ``pubkey-kms.pem``, ``leaf-kms.pem``, ``app.bin.kms.sig`` (and ``moto.log``
+if the double logged anything).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import re
@@ -32,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -47,10 +63,13 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from signery.devtools import softhsm
+
 COMMAND_TIMEOUT = 120.0  # seconds for one CLI or openssl command
 READY_TIMEOUT = 60.0  # seconds for the server to answer /readyz
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
 START_ATTEMPTS = 3  # a free port can be taken between probing and binding it
+MOTO_START_TIMEOUT = 30.0  # seconds for the AWS KMS double to announce its URL
 MARKER = ".signery-demo"  # marks a directory this demo may wipe and recreate
 OUTPUTS = frozenset(
     {
@@ -60,8 +79,14 @@ OUTPUTS = frozenset(
         "app.bin",
         "app.bin.sig",
         "app.bin.rsa.sig",
+        "app.bin.hsm.sig",
+        "app.bin.kms.sig",
         "pubkey.pem",
         "pubkey-rsa.pem",
+        "pubkey-hsm.pem",
+        "pubkey-kms.pem",
+        "leaf-hsm.pem",
+        "leaf-kms.pem",
         "chain.pem",
         "leaf.pem",
         "issuing-ca.pem",
@@ -69,6 +94,7 @@ OUTPUTS = frozenset(
         "audit-events.json",
         "usage.json",
         "server.log",
+        "moto.log",
     }
 )
 
@@ -78,6 +104,9 @@ EC_KEY = "release-ec"
 RSA_KEY = "release-rsa"
 BUILD_PROFILE = "build"
 REFUSAL_CODES = ("account_disabled", "client_disabled")
+HSM_TOKEN_LABEL = "signery-demo"
+KMS_REGION = "us-east-1"
+KMS_ACCESS_KEY_ID = "testing"  # a dummy: moto accepts any credentials
 CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----\s.*?-----END CERTIFICATE-----\s*", re.DOTALL)
 
 
@@ -88,6 +117,43 @@ class StepFailed(Exception):
         super().__init__(message)
         self.message = message
         self.output = output
+
+
+@dataclass(frozen=True)
+class HardwareStore:
+    """A key store outside the server that the demo can stand up on this machine."""
+
+    storage: str  # the key store's name on the server
+    device: str  # what plays the hardware here
+    key: str  # the demo key created in it
+    cn: str  # the common name of its certificate
+    suffix: str  # in the names of its outputs: pubkey-SUFFIX.pem, app.bin.SUFFIX.sig
+
+
+PKCS11 = HardwareStore(
+    "pkcs11", "SoftHSM2 token", "release-hsm", "Signery Demo Release (HSM)", "hsm"
+)
+AWS_KMS = HardwareStore(
+    "aws-kms", "moto KMS double", "release-kms", "Signery Demo Release (KMS)", "kms"
+)
+
+
+def hardware_stores(wanted: bool) -> tuple[list[HardwareStore], dict[str, str]]:
+    """The hardware key stores this machine can run, and why each other one is skipped."""
+    if not wanted:
+        return [], {s.storage: "asked with --no-hardware" for s in (PKCS11, AWS_KMS)}
+    missing: dict[HardwareStore, list[str]] = {PKCS11: [], AWS_KMS: []}
+    if not softhsm.available():
+        missing[PKCS11].append("SoftHSM2 is not installed (no softhsm2-util or libsofthsm2.so)")
+    if importlib.util.find_spec("pkcs11") is None:
+        missing[PKCS11].append("python-pkcs11 is not installed (pip install 'signery[pkcs11]')")
+    if not all(importlib.util.find_spec(m) for m in ("moto", "flask", "flask_cors")):
+        missing[AWS_KMS].append("moto's server is not installed (pip install 'moto[server]')")
+    if importlib.util.find_spec("boto3") is None:
+        missing[AWS_KMS].append("boto3 is not installed (pip install 'signery[aws]')")
+    available = [store for store, why in missing.items() if not why]
+    skipped = {store.storage: "; ".join(why) for store, why in missing.items() if why}
+    return available, skipped
 
 
 @dataclass
@@ -176,7 +242,15 @@ def prepare_out_dir(out: Path) -> None:
 class Demo:
     """One run of the demo: a temporary installation, a server and the walk."""
 
-    def __init__(self, console: Console, out: Path, tmp: Path, debug_break: str | None) -> None:
+    def __init__(
+        self,
+        console: Console,
+        out: Path,
+        tmp: Path,
+        debug_break: str | None,
+        *,
+        hardware: bool = True,
+    ) -> None:
         self.console = console
         self.out = out.resolve()
         self.tmp = tmp
@@ -189,14 +263,25 @@ class Demo:
         self.server: subprocess.Popen[bytes] | None = None
         self.server_log_file: IO[bytes] | None = None
         self.killed = False
+        self.moto: subprocess.Popen[bytes] | None = None
+        self.moto_log = tmp / "moto.log"
+        self.moto_log_file: IO[bytes] | None = None
         self.state = State()
         self.secrets: list[str] = []
         self.env = self._child_env()
+        # What the server process gets on top of self.env: the hardware stores' settings.
+        self.server_env: dict[str, str] = {}
+        self.hardware, self.skipped = hardware_stores(hardware)
         self.steps: list[tuple[str, Callable[[], None]]] = [
             ("Check the tools", self.step_tools),
             ("Initialize an installation in a temporary data directory", self.step_init),
+        ]
+        if self.hardware:
+            self.steps.append((self.hardware_title(), self.step_hardware))
+        self.steps += [
             ("Start the server on 127.0.0.1", self.step_serve),
             ("Log in as the administrator", self.step_admin_login),
+            ("Show the key stores and their health", self.step_keystores),
             ("Create a child TSG", self.step_tsg),
             ("Create a built-in account with a generated key pair", self.step_account),
             ("Create an EC P-256 signing key with a built-in CA certificate", self.step_ec_key),
@@ -209,11 +294,21 @@ class Demo:
             ("Sign the binary with the RSA key as well", self.step_sign_rsa),
             ("Verify the signatures with signery", self.step_verify_signery),
             ("Verify the signatures with openssl", self.step_verify_openssl),
+        ]
+        for store in self.hardware:
+            self.steps.append(
+                (
+                    f"Sign with an EC P-256 key in the {store.storage} store ({store.device})",
+                    functools.partial(self.step_hardware_key, store),
+                )
+            )
+        stop = "Stop the server and the AWS KMS double" if AWS_KMS in self.hardware else ""
+        self.steps += [
             ("Disable the account: signing is refused", self.step_refusal),
             ("Enable the account again: signing works", self.step_reenable),
             ("Show the audit events", self.step_audit),
             ("Show the usage counters", self.step_usage),
-            ("Stop the server", self.step_stop),
+            (stop or "Stop the server", self.step_stop),
         ]
         self.results = [StepResult(i, title) for i, (title, _) in enumerate(self.steps, 1)]
 
@@ -222,7 +317,8 @@ class Demo:
     def _child_env(self) -> dict[str, str]:
         # No inherited SIGNERY_* setting may point the demo at a real installation
         # (SIGNERY_DATABASE_URL, SIGNERY_CONFIG...) or at the user's profiles.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNERY_")}
+        # Nor may an inherited AWS_* setting (profile, credentials) reach a real AWS account.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGNERY_", "AWS_"))}
         env["SIGNERY_HOME"] = str(self.home)
         env["COLUMNS"] = str(max(self.console.width - 4, 60))  # output is indented by 4
         env["PYTHONUNBUFFERED"] = "1"
@@ -322,6 +418,34 @@ class Demo:
         if not condition:
             raise StepFailed(message, output)
 
+    def hardware_title(self) -> str:
+        """The title of the step that stands up the hardware key stores."""
+        parts = []
+        if PKCS11 in self.hardware:
+            parts.append("create a SoftHSM2 token")
+        if AWS_KMS in self.hardware:
+            parts.append("start the AWS KMS double (moto)")
+        title = " and ".join(parts)
+        return title[:1].upper() + title[1:]
+
+    def skipped_line(self) -> str:
+        """One line naming the hardware key stores that are skipped, and why."""
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.skipped.items():
+            by_reason.setdefault(why, []).append(name)
+        return "skipped " + "; ".join(
+            f"the {' and '.join(names)} store{'s' if len(names) > 1 else ''}: {why}"
+            for why, names in by_reason.items()
+        )
+
+    def moto_log_tail(self, lines: int = 20) -> str:
+        """The last lines of the AWS KMS double's log (for a failure report)."""
+        try:
+            text = self.moto_log.read_text("utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
     def server_log_tail(self, lines: int = 20) -> str:
         """The last lines of the server's log, JSON records shortened (for a failure report)."""
         try:
@@ -382,6 +506,10 @@ class Demo:
         if self.server is not None and tail:
             self.console.print("  [red]last lines of the server log:[/]")
             self.print_output(tail, "dim red")
+        tail = self.moto_log_tail()
+        if self.moto is not None and tail:
+            self.console.print("  [red]last lines of the AWS KMS double's log:[/]")
+            self.print_output(tail, "dim red")
 
     # ------------------------------------------------------------ steps
 
@@ -396,6 +524,15 @@ class Demo:
             f"  [green]✓[/] temporary directory: {escape(str(self.tmp))} (shown as $DEMO_TMP); "
             "profiles live in $DEMO_TMP/home (SIGNERY_HOME), never in ~/.config/signery"
         )
+        if PKCS11 in self.hardware:
+            self.note(
+                f"pkcs11 store: SoftHSM2 ({escape(str(softhsm.softhsm_module()))}) "
+                "and python-pkcs11"
+            )
+        if AWS_KMS in self.hardware:
+            self.note("aws-kms store: moto's AWS KMS double (signery.devtools.moto_kms) and boto3")
+        if self.skipped:
+            self.console.print(f"  [yellow]-[/] {escape(self.skipped_line())}", highlight=False)
 
     def step_init(self) -> None:
         info = self.cli_json("init", "--data-dir", self.data_dir)
@@ -413,6 +550,129 @@ class Demo:
         self.note(f"superuser [bold]{escape(username)}[/], password *** and API token ***")
         self.note(f"built-in CA: {escape(str(info.get('ca_root_subject')))}")
         self.note(f"database: {escape(self.redact(str(info.get('database_url'))))}")
+
+    def step_hardware(self) -> None:
+        # moto starts (about half a second) while softhsm2-util initializes the token.
+        if AWS_KMS in self.hardware:
+            self.start_moto()
+        if PKCS11 in self.hardware:
+            self.create_token()
+        if AWS_KMS in self.hardware:
+            self.wait_moto()
+        self.note("`signery serve` gets this environment on top of the usual one:")
+        self.print_output("\n".join(f"{k}={shlex.quote(v)}" for k, v in self.server_env.items()))
+
+    def create_token(self) -> None:
+        """A SoftHSM2 token of its own in $DEMO_TMP/softhsm, as the server's pkcs11 store."""
+        hsm = softhsm.SoftHsm(self.tmp / "softhsm")
+        self.console.print(
+            Text(
+                "  $ "
+                + self.redact(
+                    f"SOFTHSM2_CONF={hsm.conf} {Path(hsm.util).name} --init-token --free "
+                    f"--label {HSM_TOKEN_LABEL} --pin *** --so-pin ***"
+                ),
+                style="bold cyan",
+            )
+        )
+        try:
+            token = hsm.init_token(HSM_TOKEN_LABEL)
+        except subprocess.CalledProcessError as e:
+            output = (e.stderr or b"") + (e.stdout or b"")
+            raise StepFailed(
+                f"softhsm2-util exited with status {e.returncode}",
+                output.decode("utf-8", errors="replace"),
+            ) from e
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise StepFailed(f"cannot initialize a SoftHSM2 token: {e}") from e
+        self.secrets += [token.pin, token.so_pin]
+        self.server_env.update(token.server_env())
+        self.note(
+            f"token [bold]{token.label}[/] in $DEMO_TMP/softhsm/tokens, "
+            f"user PIN *** and SO PIN *** (random)"
+        )
+        self.note(
+            f"the server reads the user PIN from {self.redact(str(token.pin_file))} "
+            f"(mode {stat.S_IMODE(token.pin_file.stat().st_mode):o})"
+        )
+
+    def start_moto(self) -> None:
+        """Start moto's AWS KMS double on a port it picks; wait_moto() reads its URL."""
+        argv = [
+            sys.executable,
+            "-m",
+            "signery.devtools.moto_kms",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--exit-with-parent",
+        ]
+        self.console.print(Text("  $ " + self.shown(argv) + " &", style="bold cyan"))
+        if self.moto_log_file is None:
+            self.moto_log_file = self.moto_log.open("ab")
+        try:
+            self.moto = subprocess.Popen(  # noqa: S603 - fixed argv: this interpreter, our module
+                argv,
+                cwd=self.tmp,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self.moto_log_file,
+                start_new_session=True,  # Ctrl-C reaches the demo, which then stops it
+            )
+        except OSError as e:
+            raise StepFailed(f"cannot start the AWS KMS double: {e}") from e
+
+    def wait_moto(self) -> None:
+        """Read the URL the AWS KMS double announces once it answers; set the KMS settings."""
+        proc = self.moto
+        assert proc is not None
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        lines: list[bytes] = []
+        reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(MOTO_START_TIMEOUT)
+        # On failure, report_failure() shows the end of its log.
+        if not lines:
+            raise StepFailed(
+                f"the AWS KMS double did not announce its URL in {MOTO_START_TIMEOUT:.0f} s"
+            )
+        if not lines[0]:  # end of its output: it is exiting
+            try:
+                status: int | None = proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                status = None
+            raise StepFailed(
+                f"the AWS KMS double exited with status {status} before it was ready"
+                if status is not None
+                else "the AWS KMS double closed its output without announcing its URL"
+            )
+        try:
+            url = str(json.loads(lines[0])["url"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise StepFailed(
+                "the AWS KMS double announced something other than its URL",
+                lines[0].decode("utf-8", errors="replace"),
+            ) from e
+        secret = f"dummy-{os.urandom(8).hex()}"
+        self.secrets.append(secret)
+        self.server_env.update(
+            {
+                "SIGNERY_AWS_KMS__REGION": KMS_REGION,
+                "SIGNERY_AWS_KMS__ENDPOINT_URL": url,
+                # Dummy credentials through the standard AWS chain; no AWS files, no
+                # instance metadata: nothing of a real AWS account is ever read.
+                "AWS_ACCESS_KEY_ID": KMS_ACCESS_KEY_ID,
+                "AWS_SECRET_ACCESS_KEY": secret,
+                "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "AWS_EC2_METADATA_DISABLED": "true",
+            }
+        )
+        self.note(f"AWS KMS double process {proc.pid} listening on [bold]{url}[/]")
+        self.note("its log goes to $DEMO_TMP/moto.log; its keys live in its memory only")
 
     def start_server(self, port: int) -> subprocess.Popen[bytes]:
         """Start ``signery serve`` on ``port`` with its output going to the server log."""
@@ -432,7 +692,7 @@ class Demo:
         return subprocess.Popen(  # noqa: S603 - fixed argv of our own CLI, no shell
             argv,
             cwd=self.tmp,
-            env={**self.env, "SIGNERY_ACCESS_LOG": "false"},
+            env={**self.env, "SIGNERY_ACCESS_LOG": "false", **self.server_env},
             stdin=subprocess.DEVNULL,
             stdout=self.server_log_file,
             stderr=subprocess.STDOUT,
@@ -484,6 +744,25 @@ class Demo:
     def step_admin_login(self) -> None:
         self.cli("login", "--server", self.state.url, "--api-token", self.state.admin_token)
 
+    def step_keystores(self) -> None:
+        self.cli("keystore", "list")
+        stores = self.cli_json("keystore", "list")  # the same list, for a robust check
+        listed = {str(s.get("name")): s for s in stores}
+        for name in ("builtin", *(store.storage for store in self.hardware)):
+            found = listed.get(name)
+            self.expect(
+                found is not None,
+                f"`signery keystore list` does not list the {name} store",
+                json.dumps(stores, indent=2),
+            )
+            assert found is not None
+            self.expect(
+                found.get("healthy") is True,
+                f"the {name} store is not healthy: {found.get('detail')}",
+                json.dumps(stores, indent=2),
+            )
+            self.note(f"[bold]{name}[/] is healthy: {escape(str(found.get('detail')))}")
+
     def step_tsg(self) -> None:
         tsg = self.cli_json("tsg", "create", TSG_NAME)
         self.state.tsg_id = str(tsg["id"])
@@ -522,8 +801,9 @@ class Demo:
             "the server does not keep it"
         )
 
-    def create_key(self, name: str, algorithm: str, cn: str) -> None:
-        """Create a signing key certified by the built-in CA and describe it."""
+    def create_key(self, name: str, algorithm: str, cn: str, storage: str = "builtin") -> None:
+        """Create a signing key in ``storage``, certified by the built-in CA, and describe it."""
+        where: tuple[str, ...] = () if storage == "builtin" else ("--storage", storage)
         key = self.cli_json(
             "key",
             "create",
@@ -538,10 +818,16 @@ class Demo:
             cn,
             "--org",
             "Signery Demo",
+            *where,
         )
         self.state.key_ids[name] = str(key["id"])
         chain = key.get("certificate_chain") or []
         self.expect(key.get("status") == "active", f"key {name} is not active", json.dumps(key))
+        self.expect(
+            key.get("storage") == storage,
+            f"key {name} is in the {key.get('storage')} store, not in {storage}",
+            json.dumps(key),
+        )
         self.expect(len(chain) >= 2, f"key {name} has no certificate chain", json.dumps(key))
         cert = next(
             (v.get("certificate") for v in key.get("versions", []) if v.get("version") == 1), None
@@ -712,6 +998,50 @@ class Demo:
         self.note("openssl verifies all three signatures (ECDSA P-256 and RSA PKCS#1 v1.5)")
         self.note("and rejects hello.txt.sig for a copy of hello.txt with one byte added")
 
+    def step_hardware_key(self, store: HardwareStore) -> None:
+        name = store.key
+        pub = f"pubkey-{store.suffix}.pem"
+        leaf = f"leaf-{store.suffix}.pem"
+        sig = f"app.bin.{store.suffix}.sig"
+        chain = self.tmp / f"chain-{store.suffix}.pem"
+        self.create_key(name, "EC_P256", store.cn, store.storage)
+        self.cli("key", "public-key", name, "-o", pub)
+        self.cli("key", "chain", name, "-o", chain)
+        certs = split_certificates(chain.read_text("ascii"))
+        self.expect(bool(certs), f"the chain of {name} holds no certificate", chain.read_text())
+        (self.out / leaf).write_text(certs[0], "ascii")
+        self.cli(
+            "sign", "--key", name, "--format", "raw", "-o", sig, "app.bin", profile=BUILD_PROFILE
+        )
+        done = self.openssl_run(
+            "dgst", "-sha256", "-verify", pub, "-signature", sig, "app.bin", check=False
+        )
+        self.expect(
+            done.returncode == 0 and "Verified OK" in done.stdout,
+            f"openssl does not verify {sig} (status {done.returncode})",
+            done.stdout + done.stderr,
+        )
+        done = self.openssl_run(
+            "verify", "-CAfile", "root-ca.pem", "-untrusted", "issuing-ca.pem", leaf
+        )
+        self.expect(f"{leaf}: OK" in done.stdout, f"openssl did not say `{leaf}: OK`")
+        done = self.openssl_run("x509", "-in", leaf, "-noout", "-pubkey")
+        exported = (self.out / pub).read_text("ascii").strip()
+        self.expect(
+            done.stdout.strip() == exported,
+            f"the certificate of {name} does not certify the exported public key ({pub})",
+            done.stdout,
+        )
+        self.expect(
+            exported != (self.out / "pubkey.pem").read_text("ascii").strip(),
+            f"{name} has the same public key as {EC_KEY}",
+        )
+        self.note(f"openssl verifies {sig} with {pub}, the key generated in {store.storage}")
+        self.note(
+            f"{leaf} (the first certificate of `key chain`) chains up to the built-in root "
+            f"and certifies the same public key as {pub}"
+        )
+
     def step_refusal(self) -> None:
         self.state.disabled_at = time.time()
         self.cli("account", "disable", self.state.client_id)
@@ -765,7 +1095,10 @@ class Demo:
             and e.get("outcome") == "succeeded"
             and by_account(e)
         ]
-        self.expect(len(ok) >= 4, f"expected at least 4 successful signings, found {len(ok)}")
+        least = 4 + len(self.hardware)
+        self.expect(
+            len(ok) >= least, f"expected at least {least} successful signings, found {len(ok)}"
+        )
         refusals = [
             e
             for e in events
@@ -836,7 +1169,12 @@ class Demo:
             )
         self.console.print(Padding(table, (0, 0, 0, 4), expand=False))
         by_name = {(c.get("subject_type"), c.get("name")): c for c in counters}
-        expected = {("key", EC_KEY): 3, ("key", RSA_KEY): 1, ("account", ACCOUNT_NAME): 4}
+        expected = {
+            ("key", EC_KEY): 3,
+            ("key", RSA_KEY): 1,
+            **{("key", store.key): 1 for store in self.hardware},
+            ("account", ACCOUNT_NAME): 4 + len(self.hardware),
+        }
         for (kind, name), least in expected.items():
             found = by_name.get((kind, name))
             successes = int(found.get("successes", 0)) if found else 0
@@ -859,6 +1197,16 @@ class Demo:
             self.server_log_tail(),
         )
         self.note(f"server stopped cleanly within {STOP_TIMEOUT:.0f} s (exit status {status})")
+        if self.moto is not None:
+            self.console.print(Text(f"  $ kill -TERM {self.moto.pid}", style="bold cyan"))
+            status = self.stop_moto()
+            # It catches SIGTERM and exits 0; -15 if the signal came before its handler.
+            self.expect(
+                status in (0, -signal.SIGTERM),
+                f"the AWS KMS double did not stop cleanly (exit status {status})",
+                self.moto_log_tail(),
+            )
+            self.note(f"AWS KMS double stopped (exit status {status})")
 
     # ------------------------------------------------------------ cleanup
 
@@ -884,10 +1232,36 @@ class Demo:
             self.server_log_file = None
         return status
 
+    def stop_moto(self) -> int | None:
+        """Stop the AWS KMS double (SIGTERM, then SIGKILL after a grace period); its status."""
+        proc, self.moto = self.moto, None
+        status: int | None = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    self.console.print(
+                        f"  [yellow]the AWS KMS double did not stop in {STOP_TIMEOUT:.0f} s; "
+                        "killing it[/]"
+                    )
+                    proc.kill()
+                    proc.wait()
+            status = proc.returncode
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if self.moto_log_file is not None:
+            self.moto_log_file.close()
+            self.moto_log_file = None
+        return status
+
     def collect_log(self) -> None:
-        """Copy the server log into the output directory."""
+        """Copy the server log (and the KMS double's, if it said anything) into the output."""
         if self.server_log.exists() and self.out.is_dir():
             shutil.copyfile(self.server_log, self.out / "server.log")
+        if self.moto_log.is_file() and self.moto_log.stat().st_size > 0 and self.out.is_dir():
+            shutil.copyfile(self.moto_log, self.out / "moto.log")
 
     def summary(self, ok: bool) -> None:
         """The table of steps, the outputs and the verdict."""
@@ -908,6 +1282,12 @@ class Demo:
             self.console.print(f"\n  outputs in [bold]{escape(str(self.out))}[/]:")
             for p in files:
                 self.console.print(f"    {escape(p.name):<22} {p.stat().st_size:>8} bytes")
+        stores = ", ".join(
+            ["builtin", *(f"{store.storage} ({store.device})" for store in self.hardware)]
+        )
+        if self.skipped:
+            stores += f"; skipped: {', '.join(self.skipped)} (see step 1)"
+        self.console.print(f"\n  key stores of this run: {escape(stores)}", highlight=False)
         passed = sum(r.status == "ok" for r in self.results)
         if ok:
             self.console.print(
@@ -940,6 +1320,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="keep the temporary data directory (database, master key, profiles)",
     )
+    parser.add_argument(
+        "--no-hardware",
+        action="store_true",
+        help="skip the pkcs11 (SoftHSM2) and aws-kms (moto) key stores even where available",
+    )
     # Makes a step fail on purpose, to check that the demo then exits 1.
     parser.add_argument("--debug-break", choices=["sign-key", "signature"], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -963,12 +1348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(str(e))}")
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="signery-demo-")).resolve()
-    demo = Demo(console, args.out, tmp, args.debug_break)
+    demo = Demo(console, args.out, tmp, args.debug_break, hardware=not args.no_hardware)
     console.rule("[bold]Signery demo", align="left")
+    extra = {
+        PKCS11: "the pkcs11 key store on a SoftHSM2 token",
+        AWS_KMS: "the aws-kms key store on moto's AWS KMS double",
+    }
+    also = " and ".join(extra[store] for store in demo.hardware)
     console.print(
         "  A real `signery serve` on 127.0.0.1 with a temporary data directory "
-        "(SQLite, builtin key store, built-in CA), driven with the `signery` CLI "
-        "and checked with openssl."
+        "(SQLite, builtin key store, built-in CA"
+        + (f"; also {also}" if also else "")
+        + "), driven with the `signery` CLI and checked with openssl.",
+        highlight=False,
     )
     ok = False
     try:
@@ -980,6 +1372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = demo.stop_server()
         if status is not None:
             console.print(f"  server stopped (exit status {status})")
+        status = demo.stop_moto()
+        if status is not None:
+            console.print(f"  AWS KMS double stopped (exit status {status})")
         demo.collect_log()
         if args.keep:
             console.print(f"  kept the temporary directory {escape(str(tmp))}")
