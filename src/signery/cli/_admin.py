@@ -550,7 +550,8 @@ def _pem_command(
     elif output is None:
         out.print(pem, end="", highlight=False)
     else:
-        out.print(f"{what} written to {output}")
+        label = {"public_key_pem": "public key", "chain_pem": "certificate chain"}.get(what, what)
+        out.print(f"{label} written to {output}")
 
 
 @key_app.command("public-key")
