@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from signery.server.db import make_engine
 from signery.server.users.models import ApiTokenRow, UserRow
+from signery.server.users.service import parse_api_token
 from tests.support import Api, Installation, refused_once
 
 
@@ -83,8 +84,10 @@ def test_secrets_are_stored_only_as_hashes(
         engine.dispose()
     assert user.password_hash.startswith("$argon2id$")
     assert person.password not in user.password_hash
-    secret = person.token.rsplit("_", 1)[1]
-    assert secret not in token.secret_hash
+    parsed = parse_api_token(person.token)  # the secret may itself contain "_"
+    assert parsed is not None
+    assert len(parsed.secret) >= 43
+    assert parsed.secret not in token.secret_hash
     assert len(token.secret_hash) == 64
 
 
@@ -289,3 +292,13 @@ def test_validation_errors_never_echo_secrets(api: Api) -> None:
     assert r.status_code == 400
     assert r.json()["code"] == "validation_failed"
     assert "short-secret" not in r.text
+
+
+def test_token_secrets_may_contain_underscores() -> None:
+    """token_urlsafe() secrets contain "_" now and then; only the first one after
+    the id separates id and secret."""
+    parsed = parse_api_token("sgy_pat_0123456789abcdef_a_b_c")
+    assert parsed is not None
+    assert (parsed.token_id, parsed.secret) == ("0123456789abcdef", "a_b_c")
+    assert parse_api_token("sgy_pat_0123456789abcdeg_x") is None  # not hex
+    assert parse_api_token("sgy_pat_0123456789abcdef") is None  # no secret
