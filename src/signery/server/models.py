@@ -4,9 +4,14 @@
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
 from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
-from signery.server.ca.models import CaAuthorityRow
+from signery.server.ca.models import CaAuthorityRow, CaConnectorRow, CrlRow
 from signery.server.db import Base
-from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.keys.models import (
+    CertificateRequestRow,
+    CertificateRow,
+    KeyVersionRow,
+    SigningKeyRow,
+)
 from signery.server.meta import ServerMetaRow
 from signery.server.tsg.models import TsgRow
 from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow
@@ -19,7 +24,10 @@ __all__ = [
     "Base",
     "BuiltinKeyMaterialRow",
     "CaAuthorityRow",
+    "CaConnectorRow",
+    "CertificateRequestRow",
     "CertificateRow",
+    "CrlRow",
     "KeyVersionRow",
     "RoleBindingRow",
     "ServerMetaRow",

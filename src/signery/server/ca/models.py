@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import LargeBinary, String
+from sqlalchemy import Boolean, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from signery.server.db import Base, UtcDateTime
@@ -20,4 +20,35 @@ class CaAuthorityRow(Base):
     store_ref: Mapped[str] = mapped_column(String(512))
     tsg_id: Mapped[str] = mapped_column(String(10))
     certificate_der: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class CrlRow(Base):
+    """Certificate revocation lists of the issuing CA; the highest number is current."""
+
+    __tablename__ = "crls"
+
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    der: Mapped[bytes] = mapped_column(LargeBinary)
+    this_update: Mapped[datetime] = mapped_column(UtcDateTime)
+    next_update: Mapped[datetime] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class CaConnectorRow(Base):
+    """An external CA, configured on a TSG and usable by keys in its subtree."""
+
+    __tablename__ = "ca_connectors"
+    __table_args__ = (UniqueConstraint("tsg_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    tsg_id: Mapped[str] = mapped_column(ForeignKey("tsgs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # csr | est
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Trust anchors the issued chains must reach (PEM bundle).
+    roots_pem: Mapped[str] = mapped_column(Text)
+    config_json: Mapped[str] = mapped_column(Text)  # non-secret settings (EST URL, username...)
+    # Secrets (EST password, TLS client key) encrypted under the master key.
+    secrets_wrapped: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -19,7 +19,8 @@ class SigningKeyRow(Base):
     tsg_id: Mapped[str] = mapped_column(ForeignKey("tsgs.id"), index=True)
     algorithm: Mapped[str] = mapped_column(String(16))
     storage: Mapped[str] = mapped_column(String(32))
-    certificate_authority: Mapped[str] = mapped_column(String(64))
+    certificate_authority: Mapped[str] = mapped_column(String(64))  # none | builtin | connector
+    ca_connector_id: Mapped[str | None] = mapped_column(ForeignKey("ca_connectors.id"), index=True)
     status: Mapped[str] = mapped_column(String(16))
     current_version: Mapped[int] = mapped_column(Integer)
     description: Mapped[str | None] = mapped_column(Text)
@@ -58,4 +59,26 @@ class CertificateRow(Base):
     fingerprint_sha256: Mapped[str] = mapped_column(String(64))
     # The whole chain as PEM, leaf first and root last: what clients embed.
     chain_pem: Mapped[str] = mapped_column(Text)
+    # "builtin", or the id of the CA connector the certificate came through.
+    source: Mapped[str] = mapped_column(String(64), default="builtin")
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revocation_reason: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class CertificateRequestRow(Base):
+    """A CSR sent (or to be sent) to an external CA for a key version."""
+
+    __tablename__ = "certificate_requests"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_version_id: Mapped[str] = mapped_column(ForeignKey("key_versions.id"), index=True)
+    connector_id: Mapped[str] = mapped_column(ForeignKey("ca_connectors.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(16))  # enroll | renew | reissue
+    subject_json: Mapped[str] = mapped_column(Text)
+    csr_pem: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # pending | issued | failed
+    error: Mapped[str | None] = mapped_column(Text)
+    certificate_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
