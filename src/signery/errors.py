@@ -252,6 +252,16 @@ class KeyNameAmbiguous(Conflict):
     title = "Several visible keys have this name; use the key id"
 
 
+class CertificateExpired(Conflict):
+    code = "certificate_expired"
+    title = "The key's certificate has expired; renew it"
+
+
+class CertificateRevoked(Conflict):
+    code = "certificate_revoked"
+    title = "The key's certificate is revoked; renew or reissue it"
+
+
 class AlreadyInitialized(Conflict):
     code = "already_initialized"
     title = "Signery is already initialized"

@@ -321,6 +321,37 @@ class CertificateInfo(ResponseModel):
     fingerprint_sha256: str
 
 
+class CertificateRecord(CertificateInfo):
+    """A certificate of a key, current or not (renewals keep the old ones)."""
+
+    key_version: int
+    status: str = Field(description="current, superseded, revoked or expired")
+    source: str = Field(description="builtin, or the CA connector it came through")
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+    chain: list[str] = Field(default_factory=list, description="PEM, leaf first")
+
+
+class CertificateRenew(WireModel):
+    validity_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class CertificateReissue(WireModel):
+    subject: KeySubject
+    validity_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class CertificateRevoke(WireModel):
+    serial: str | None = Field(
+        default=None, description="Hex; the current certificate when omitted"
+    )
+    reason: str = Field(
+        default="unspecified",
+        description="RFC 5280 reason: unspecified, keyCompromise, superseded, "
+        "cessationOfOperation...",
+    )
+
+
 class KeyVersion(ResponseModel):
     version: int
     status: KeyStatus

@@ -126,9 +126,11 @@ def _create(
     admin_username: str,
     clock: Clock,
 ) -> InitResult:
-    # Only the built-in store: the CA keys live there, and init must not need a
-    # reachable HSM or KMS (nor log in to one).
-    core = Core.build(settings, clock=clock, master_key=keyring, optional_stores=False)
+    # Only the built-in store, unless the CA's keys go elsewhere (ca_storage): init
+    # must not need a reachable HSM or KMS (nor log in to one) it does not use.
+    core = Core.build(
+        settings, clock=clock, master_key=keyring, optional_stores=settings.ca_storage != "builtin"
+    )
     master_key = keyring.primary
     try:
         installation_id = str(uuid.uuid4())

@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     ca_algorithm: Algorithm = Algorithm.EC_P384
     ca_organization: str = "Signery"
     leaf_max_validity_days: int = Field(default=460, ge=1, le=3650)
+    ca_storage: str = Field(default="builtin", description="Key store of the built-in CA's keys")
+    crl_validity_hours: int = Field(default=168, ge=2, le=24 * 90, description="CRL nextUpdate")
 
     aws_kms: AwsKmsSettings | None = Field(
         default=None, description="Enables the aws-kms key store ([aws_kms] / SIGNERY_AWS_KMS__*)"

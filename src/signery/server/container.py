@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
 from alembic.runtime.migration import MigrationContext
 from starlette.requests import HTTPConnection
@@ -152,7 +153,13 @@ class Core:
             directory=TsgDirectory(),
             authz=Authorizer(),
             ca=BuiltinCa(
-                db, keystores, clock, max_leaf_validity_days=settings.leaf_max_validity_days
+                db,
+                keystores,
+                clock,
+                max_leaf_validity_days=settings.leaf_max_validity_days,
+                storage=settings.ca_storage,
+                public_url=settings.public_url,
+                crl_validity=timedelta(hours=settings.crl_validity_hours),
             ),
         )
 

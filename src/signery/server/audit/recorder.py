@@ -76,6 +76,9 @@ class EventKind(StrEnum):
     MASTER_KEY_ROTATED = "keystore.master_key.rotated"
     CA_CREATED = "ca.created"
     CERTIFICATE_ISSUED = "ca.certificate.issued"
+    CERTIFICATE_RENEWED = "key.certificate.renewed"
+    CERTIFICATE_REISSUED = "key.certificate.reissued"
+    CERTIFICATE_REVOKED = "key.certificate.revoked"
 
 
 def outcome_of(error: SigneryError) -> AuditOutcome:

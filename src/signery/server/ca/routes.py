@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives import serialization
 from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from signery.protocol import API_PREFIX
 from signery.server.deps import ServicesDep
@@ -19,3 +19,16 @@ def ca_chain(services: ServicesDep) -> PlainTextResponse:
         c.public_bytes(serialization.Encoding.PEM).decode() for c in services.core.ca.chain()
     )
     return PlainTextResponse(pem, media_type="application/x-pem-file")
+
+
+@router.get("/crl", response_class=Response)
+def ca_crl(services: ServicesDep) -> Response:
+    """The issuing CA's current CRL (DER, RFC 5280), made anew before nextUpdate."""
+    return Response(services.core.ca.current_crl(), media_type="application/pkix-crl")
+
+
+@router.get("/issuing.der", response_class=Response)
+def issuing_certificate(services: ServicesDep) -> Response:
+    """The issuing CA certificate (DER), as named by the AIA extension of leaf certificates."""
+    der = services.core.ca.issuing_certificate().public_bytes(serialization.Encoding.DER)
+    return Response(der, media_type="application/pkix-cert")

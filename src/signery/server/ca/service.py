@@ -17,12 +17,13 @@ from datetime import timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from sqlalchemy import select
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.crypto import PublicKey
-from signery.errors import ConfigurationError, InvalidRequest
+from signery.errors import ConfigurationError, DatabaseError, InvalidRequest
 from signery.keystores import (
     GeneratedKey,
     KeyContext,
@@ -31,9 +32,10 @@ from signery.keystores import (
     remote_private_key,
 )
 from signery.protocol import Algorithm
-from signery.server.ca.models import CaAuthorityRow
+from signery.server.ca.models import CaAuthorityRow, CrlRow
 from signery.server.clock import Clock
 from signery.server.db import Database, new_id
+from signery.server.keys.models import CertificateRow
 
 ROOT_VALIDITY = timedelta(days=20 * 365)
 ISSUING_VALIDITY = timedelta(days=10 * 365)
@@ -42,6 +44,12 @@ BACKDATE = timedelta(minutes=5)
 SERIAL_BYTES = 16
 ROOT = "root"
 ISSUING = "issuing"
+CRL_PATH = "/api/v1/ca/crl"
+ISSUER_CERT_PATH = "/api/v1/ca/issuing.der"
+# Publish the next CRL this long before the current one's nextUpdate, so relying
+# parties never see an expired one.
+CRL_REFRESH_MARGIN = timedelta(hours=12)
+REASONS: dict[str, x509.ReasonFlags] = {r.value: r for r in x509.ReasonFlags}
 
 
 def random_serial() -> int:
@@ -113,7 +121,11 @@ class BuiltinCa:
         *,
         max_leaf_validity_days: int,
         storage: str = "builtin",
+        public_url: str | None = None,
+        crl_validity: timedelta = timedelta(days=7),
     ) -> None:
+        self.public_url = public_url
+        self.crl_validity = crl_validity
         self._db = db
         self._keystores = keystores
         self._clock = clock
@@ -261,6 +273,84 @@ class BuiltinCa:
             self._authorities = found
             return found
 
+    def issuing_certificate(self) -> x509.Certificate:
+        return self._load()[ISSUING].certificate
+
+    # ------------------------------------------------------------ revocation list
+
+    def current_crl(self) -> bytes:
+        """The newest CRL (DER), made anew when there is none or it nears nextUpdate."""
+        now = self._clock.now()
+        with self._db.read() as s:
+            row = s.scalars(select(CrlRow).order_by(CrlRow.number.desc()).limit(1)).first()
+        if row is not None and row.next_update - CRL_REFRESH_MARGIN > now:
+            return row.der
+        try:
+            with self._db.write() as s:
+                return self.publish_crl(s)
+        except DatabaseError:
+            # Another replica published one at the same moment: serve theirs.
+            with self._db.read() as s:
+                row = s.scalars(select(CrlRow).order_by(CrlRow.number.desc()).limit(1)).first()
+            if row is None:
+                raise
+            return row.der
+
+    def publish_crl(self, session: Session) -> bytes:
+        """Sign a new CRL listing every revoked, unexpired certificate this CA issued,
+        and store it in ``session``'s transaction (so it commits with a revocation)."""
+        issuing = self._load()[ISSUING]
+        now = self._clock.now()
+        last = session.scalar(select(func.max(CrlRow.number)))
+        number = (last or 0) + 1
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuing.certificate.subject)
+            .last_update(now)
+            .next_update(now + self.crl_validity)
+            .add_extension(x509.CRLNumber(number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    _ca_public_key(issuing.certificate)
+                ),
+                critical=False,
+            )
+        )
+        revoked = session.scalars(
+            select(CertificateRow).where(
+                CertificateRow.revoked_at.is_not(None),
+                CertificateRow.source == "builtin",
+                CertificateRow.not_after > now,
+            )
+        )
+        for cert in revoked:
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(cert.serial, 16))
+                .revocation_date(cert.revoked_at or now)
+            )
+            reason = REASONS.get(cert.revocation_reason or "")
+            if reason is not None:
+                entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
+        store = self._keystores.get(issuing.handle.store)
+        crl = builder.sign(
+            remote_private_key(store, issuing.handle, _ca_public_key(issuing.certificate)),
+            signature_hash(issuing.algorithm),
+        )
+        der = crl.public_bytes(serialization.Encoding.DER)
+        session.add(
+            CrlRow(
+                number=number,
+                der=der,
+                this_update=now,
+                next_update=now + self.crl_validity,
+                created_at=now,
+            )
+        )
+        session.flush()
+        return der
+
     def chain(self) -> tuple[x509.Certificate, x509.Certificate]:
         """(issuing CA, root CA) certificates."""
         a = self._load()
@@ -317,6 +407,33 @@ class BuiltinCa:
         if subject.email:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([x509.RFC822Name(subject.email)]), critical=False
+            )
+        if self.public_url:
+            # RFC 5280 §4.2.1.13 and §4.2.2.1: where relying parties find the CRL
+            # and the issuer's certificate (Signery's own endpoints).
+            base = self.public_url.rstrip("/")
+            builder = builder.add_extension(
+                x509.CRLDistributionPoints(
+                    [
+                        x509.DistributionPoint(
+                            full_name=[x509.UniformResourceIdentifier(f"{base}{CRL_PATH}")],
+                            relative_name=None,
+                            reasons=None,
+                            crl_issuer=None,
+                        )
+                    ]
+                ),
+                critical=False,
+            ).add_extension(
+                x509.AuthorityInformationAccess(
+                    [
+                        x509.AccessDescription(
+                            AuthorityInformationAccessOID.CA_ISSUERS,
+                            x509.UniformResourceIdentifier(f"{base}{ISSUER_CERT_PATH}"),
+                        )
+                    ]
+                ),
+                critical=False,
             )
         store = self._keystores.get(issuing.handle.store)
         ca_public = _ca_public_key(issuing.certificate)

@@ -22,9 +22,14 @@ def create_key(
 
 @router.get("", response_model=list[p.SigningKey])
 def list_keys(
-    principal: PrincipalDep, services: ServicesDep, tsg_id: str | None = None
+    principal: PrincipalDep,
+    services: ServicesDep,
+    tsg_id: str | None = None,
+    expiring_within_days: int | None = None,
 ) -> list[p.SigningKey]:
-    return services.keys.list_keys(principal, tsg_id)
+    """Keys you can see; ``expiring_within_days`` keeps those whose current
+    certificate ends within that many days (expired ones included)."""
+    return services.keys.list_keys(principal, tsg_id, expiring_within_days)
 
 
 @router.get("/{key}", response_model=p.SigningKey)
@@ -47,6 +52,54 @@ def chain(
 ) -> PlainTextResponse:
     """The current certificate chain as PEM, leaf first and root last."""
     return PlainTextResponse(services.keys.chain_pem(principal, key, tsg_id), media_type=PEM)
+
+
+@router.get("/{key}/certificates", response_model=list[p.CertificateRecord])
+def certificates(
+    key: str, principal: PrincipalDep, services: ServicesDep, tsg_id: str | None = None
+) -> list[p.CertificateRecord]:
+    """Every certificate of the key, newest first."""
+    return services.keys.certificates(principal, key, tsg_id)
+
+
+@router.post("/{key}/renew", response_model=p.SigningKey)
+def renew(
+    key: str,
+    body: p.CertificateRenew,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """A new certificate for the same key pair and subject."""
+    return services.keys.renew(principal, key, body, ctx, tsg_id)
+
+
+@router.post("/{key}/reissue", response_model=p.SigningKey)
+def reissue(
+    key: str,
+    body: p.CertificateReissue,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """A new certificate for the same key pair, with another subject."""
+    return services.keys.reissue(principal, key, body, ctx, tsg_id)
+
+
+@router.post("/{key}/revoke-certificate", response_model=p.CertificateRecord)
+def revoke_certificate(
+    key: str,
+    body: p.CertificateRevoke,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.CertificateRecord:
+    """Revoke a certificate (the current one by default); built-in CA certificates go
+    on the CRL at once."""
+    return services.keys.revoke_certificate(principal, key, body, ctx, tsg_id)
 
 
 keystores_router = APIRouter(prefix=f"{API_PREFIX}/keystores", tags=["keys"])

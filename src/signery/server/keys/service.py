@@ -6,7 +6,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import or_, select
@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from signery import protocol as p
 from signery.crypto import PublicKey, public_key_pem, schemes_for
 from signery.errors import (
+    Conflict,
     InvalidRequest,
     KeyNameAmbiguous,
     KeyNotFound,
@@ -40,6 +41,21 @@ class NoCertificate(NotFound):
     code = "certificate_not_found"
     title = "This key has no certificate"
 
+
+# RFC 5280 §5.3.1 CRLReason names (x509.ReasonFlags values), without removeFromCRL.
+REVOCATION_REASONS = frozenset(
+    {
+        "unspecified",
+        "keyCompromise",
+        "cACompromise",
+        "affiliationChanged",
+        "superseded",
+        "cessationOfOperation",
+        "certificateHold",
+        "privilegeWithdrawn",
+        "aACompromise",
+    }
+)
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -247,11 +263,226 @@ class KeyService:
             resolved = self.resolve(s, principal, ref, Permission.KEY_READ, tsg_id)
             return self._wire(s, resolved.row)
 
-    def list_keys(self, principal: Principal, tsg_id: str | None = None) -> list[p.SigningKey]:
+    def list_keys(
+        self,
+        principal: Principal,
+        tsg_id: str | None = None,
+        expiring_within_days: int | None = None,
+    ) -> list[p.SigningKey]:
+        """Keys the principal may see; with ``expiring_within_days``, only those whose
+        current certificate ends within that many days (expired ones included)."""
         scopes = self._authz.scopes(principal, Permission.KEY_READ)
         with self._db.read() as s:
-            rows = self._rows_in(s, scopes, tsg_id)
-            return [self._wire(s, r) for r in rows]
+            keys = [self._wire(s, r) for r in self._rows_in(s, scopes, tsg_id)]
+        if expiring_within_days is None:
+            return keys
+        if expiring_within_days < 0:
+            raise InvalidRequest("expiring_within_days must not be negative")
+        horizon = self._clock.now() + timedelta(days=expiring_within_days)
+        out = []
+        for key in keys:
+            current = next(v for v in key.versions if v.version == key.current_version)
+            if current.certificate is not None and current.certificate.not_after <= horizon:
+                out.append(key)
+        return out
+
+    # ------------------------------------------------------------ certificates
+
+    def certificates(
+        self, principal: Principal, ref: str, tsg_id: str | None = None
+    ) -> list[p.CertificateRecord]:
+        """Every certificate the key ever had, newest first (renewals keep the old ones)."""
+        with self._db.read() as s:
+            key = self.resolve(s, principal, ref, Permission.KEY_READ, tsg_id).row
+            rows = s.execute(
+                select(CertificateRow, KeyVersionRow)
+                .join(KeyVersionRow, KeyVersionRow.id == CertificateRow.key_version_id)
+                .where(KeyVersionRow.key_id == key.id)
+                .order_by(CertificateRow.created_at.desc())
+            ).all()
+        now = self._clock.now()
+        return [self._record(cert, version, now) for cert, version in rows]
+
+    def _record(
+        self, cert: CertificateRow, version: KeyVersionRow, now: datetime
+    ) -> p.CertificateRecord:
+        if cert.revoked_at is not None:
+            status = "revoked"
+        elif cert.not_after <= now:
+            status = "expired"
+        elif version.certificate_id == cert.id:
+            status = "current"
+        else:
+            status = "superseded"
+        return p.CertificateRecord(
+            **cert_info(cert).model_dump(),
+            key_version=version.version,
+            status=status,
+            source=cert.source,
+            revoked_at=cert.revoked_at,
+            revocation_reason=cert.revocation_reason,
+            chain=chain_list(cert.chain_pem),
+        )
+
+    def renew(
+        self,
+        principal: Principal,
+        ref: str,
+        req: p.CertificateRenew,
+        ctx: RequestContext,
+        tsg_id: str | None = None,
+    ) -> p.SigningKey:
+        """A new certificate for the same key pair, same subject. Clients see it at
+        their next key listing; the old certificate stays listable."""
+        return self._recertify(
+            principal, ref, None, req.validity_days, EventKind.CERTIFICATE_RENEWED, ctx, tsg_id
+        )
+
+    def reissue(
+        self,
+        principal: Principal,
+        ref: str,
+        req: p.CertificateReissue,
+        ctx: RequestContext,
+        tsg_id: str | None = None,
+    ) -> p.SigningKey:
+        """A new certificate for the same key pair with a changed subject."""
+        return self._recertify(
+            principal,
+            ref,
+            req.subject,
+            req.validity_days,
+            EventKind.CERTIFICATE_REISSUED,
+            ctx,
+            tsg_id,
+        )
+
+    def _recertify(
+        self,
+        principal: Principal,
+        ref: str,
+        subject: p.KeySubject | None,
+        validity_days: int | None,
+        kind: EventKind,
+        ctx: RequestContext,
+        tsg_id: str | None,
+    ) -> p.SigningKey:
+        with self._db.read() as s:
+            resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
+            key = resolved.row
+            version = s.scalar(
+                select(KeyVersionRow).where(
+                    KeyVersionRow.key_id == key.id, KeyVersionRow.version == key.current_version
+                )
+            )
+            assert version is not None
+        if key.certificate_authority == CertificateAuthority.NONE.value:
+            raise InvalidRequest("this key has no certificate authority: nothing to renew")
+        new_subject = subject or p.KeySubject.model_validate_json(key.subject_json)
+        days = validity_days or key.validity_days
+        if key.certificate_authority != CertificateAuthority.BUILTIN.value:
+            raise InvalidRequest("renewal through a CA connector is not available yet")
+        # The CA signs through the key store: no private key moves, only the
+        # public key of the existing key pair is certified again.
+        issued = self._ca.issue_code_signing(
+            load_public_key_der(version.public_key_der), new_subject, key.name, days
+        )
+        now = self._clock.now()
+        with self._db.write() as s:
+            cert_row = certificate_row(issued, version.id, now)
+            s.add(cert_row)
+            s.flush()
+            live_version = s.get(KeyVersionRow, version.id)
+            live_key = s.get(SigningKeyRow, key.id)
+            assert live_version is not None
+            assert live_key is not None
+            previous = live_version.certificate_id
+            live_version.certificate_id = cert_row.id
+            live_key.subject_json = new_subject.model_dump_json()
+            live_key.validity_days = days
+            live_key.updated_at = now
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    kind,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=key.tsg_id,
+                    tsg_path=resolved.path,
+                    key_id=key.id,
+                    key_version=version.version,
+                    algorithm=key.algorithm,
+                    context=ctx,
+                    details={
+                        "certificate_serial": cert_row.serial,
+                        "certificate_subject": cert_row.subject,
+                        "not_after": cert_row.not_after.isoformat(),
+                        "previous_certificate_id": previous,
+                    },
+                ),
+            )
+            return self._wire(s, live_key)
+
+    def revoke_certificate(
+        self,
+        principal: Principal,
+        ref: str,
+        req: p.CertificateRevoke,
+        ctx: RequestContext,
+        tsg_id: str | None = None,
+    ) -> p.CertificateRecord:
+        """Revoke a certificate of the key (the current one by default). A certificate
+        of the built-in CA goes on the CRL, republished in the same transaction;
+        signing with a key whose current certificate is revoked is refused."""
+        if req.reason not in REVOCATION_REASONS:
+            raise InvalidRequest(f"reason must be one of {', '.join(sorted(REVOCATION_REASONS))}")
+        with self._db.write() as s:
+            resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
+            key = resolved.row
+            query = (
+                select(CertificateRow, KeyVersionRow)
+                .join(KeyVersionRow, KeyVersionRow.id == CertificateRow.key_version_id)
+                .where(KeyVersionRow.key_id == key.id)
+            )
+            if req.serial:
+                query = query.where(CertificateRow.serial == req.serial.lower().removeprefix("0x"))
+            else:
+                query = query.where(
+                    KeyVersionRow.version == key.current_version,
+                    CertificateRow.id == KeyVersionRow.certificate_id,
+                )
+            found = s.execute(query).first()
+            if found is None:
+                raise NoCertificate("no such certificate for this key")
+            cert, version = found
+            if cert.revoked_at is not None:
+                raise Conflict(f"certificate {cert.serial} is already revoked")
+            now = self._clock.now()
+            cert.revoked_at = now
+            cert.revocation_reason = req.reason
+            s.flush()
+            if cert.source == "builtin":
+                self._ca.publish_crl(s)
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.CERTIFICATE_REVOKED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=key.tsg_id,
+                    tsg_path=resolved.path,
+                    key_id=key.id,
+                    key_version=version.version,
+                    algorithm=key.algorithm,
+                    context=ctx,
+                    details={
+                        "certificate_serial": cert.serial,
+                        "reason": req.reason,
+                        "source": cert.source,
+                    },
+                ),
+            )
+            return self._record(cert, version, now)
 
     def public_key_pem(self, principal: Principal, ref: str, tsg_id: str | None = None) -> str:
         return self.get(principal, ref, tsg_id).public_key_pem

@@ -63,6 +63,8 @@ class KeyState(NamedTuple):
     store_ref: str
     public_key_der: bytes
     certificate_id: str | None
+    certificate_not_after: datetime | None
+    certificate_revoked_at: datetime | None
 
 
 def _keys() -> Select[Any]:
@@ -80,9 +82,12 @@ def _keys() -> Select[Any]:
             _V.c.store_ref,
             _V.c.public_key_der,
             _V.c.certificate_id,
+            _C.c.not_after,
+            _C.c.revoked_at,
         )
         .join(_T, _T.c.id == _K.c.tsg_id)
         .join(_V, (_V.c.key_id == _K.c.id) & (_V.c.version == _K.c.current_version))
+        .outerjoin(_C, _C.c.id == _V.c.certificate_id)
     )
 
 
@@ -90,8 +95,10 @@ def _account_and_keys(*, by_id: bool) -> Select[Any]:
     """accounts LEFT JOIN (the keys named :ref inside the account's subtree)."""
     account_tsg = _T.alias("account_tsg")
     key_tsg = _T.alias("key_tsg")
-    keys = _K.join(key_tsg, key_tsg.c.id == _K.c.tsg_id).join(
-        _V, (_V.c.key_id == _K.c.id) & (_V.c.version == _K.c.current_version)
+    keys = (
+        _K.join(key_tsg, key_tsg.c.id == _K.c.tsg_id)
+        .join(_V, (_V.c.key_id == _K.c.id) & (_V.c.version == _K.c.current_version))
+        .outerjoin(_C, _C.c.id == _V.c.certificate_id)
     )
     named = (
         (_K.c.id == bindparam("ref")) | (_K.c.name == bindparam("ref"))
@@ -121,6 +128,8 @@ def _account_and_keys(*, by_id: bool) -> Select[Any]:
             _V.c.store_ref,
             _V.c.public_key_der,
             _V.c.certificate_id,
+            _C.c.not_after,
+            _C.c.revoked_at,
         )
         .select_from(_A.join(account_tsg, account_tsg.c.id == _A.c.tsg_id).outerjoin(keys, visible))
         .where(_A.c.id == bindparam("account_id"))

@@ -34,6 +34,8 @@ from signery.crypto import (
 from signery.errors import (
     AccountDisabled,
     AccountExpired,
+    CertificateExpired,
+    CertificateRevoked,
     InvalidRequest,
     InvalidToken,
     KeyDisabled,
@@ -366,6 +368,13 @@ class SigningService:
             raise KeyDisabled()
         if row.status != KeyStatus.ACTIVE.value:
             raise KeyNotActive(f"the key is {row.status}")
+        # A key with a certificate signs only while it is valid: a signature whose
+        # certificate is expired or revoked would not verify anywhere. (A key without
+        # a certificate has nothing to expire.)
+        if row.certificate_revoked_at is not None:
+            raise CertificateRevoked()
+        if row.certificate_not_after is not None and row.certificate_not_after <= self._clock.now():
+            raise CertificateExpired()
         return self._to_usable(row)
 
     def _to_usable(self, r: KeyState) -> UsableKey:
