@@ -554,3 +554,106 @@ def test_profiles_file_is_0600_and_holds_no_private_key(
     for line in world["key_file"].read_text().splitlines()[1:-1]:
         assert line not in text
     assert not [p.name for p in cli.home.iterdir() if p.name != "profiles.json"]
+
+
+# ------------------------------------------------------------------ certificate lifecycle
+
+
+def test_renew_reissue_and_history_from_the_cli(cli: Cli, world: dict[str, Any]) -> None:
+    tsg = world["sibling"]["id"]
+    created = cli.json(
+        "key", "create", "lifecycle-p256", "--tsg", tsg, "--algorithm", "EC_P256",
+        "--ca", "builtin", "--cn", "Lifecycle", "--validity-days", "10",
+    )  # fmt: skip
+    soon = cli.json("key", "list", "--tsg", tsg, "--expiring-within", "30d")
+    assert [k["name"] for k in soon] == ["lifecycle-p256"]
+    assert cli.json("key", "list", "--tsg", tsg, "--expiring-within", "1w") == []
+    human = cli.ok("key", "list", "--tsg", tsg, "--expiring-within", "4w").stdout
+    assert "lifecycle-p256" in human
+    assert "until" in human
+
+    renewed = cli.json("key", "renew", "lifecycle-p256", "--tsg", tsg, "--validity-days", "200")
+    assert renewed["public_key_pem"] == created["public_key_pem"]
+    assert renewed["certificate_chain"][0] != created["certificate_chain"][0]
+    assert cli.json("key", "list", "--tsg", tsg, "--expiring-within", "30d") == []
+
+    reissued = cli.json(
+        "key", "reissue", "lifecycle-p256", "--tsg", tsg,
+        "--subject", r"CN=Example Release,O=Example\, Inc.", "--country", "DE",
+    )  # fmt: skip
+    leaf = x509.load_pem_x509_certificate(reissued["certificate_chain"][0].encode())
+    assert leaf.subject.rfc4514_string() == r"C=DE,O=Example\, Inc.,CN=Example Release"
+    assert (
+        leaf.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+        == created["public_key_pem"]
+    )
+
+    history = cli.json("key", "certificates", "lifecycle-p256", "--tsg", tsg)
+    assert [h["status"] for h in history] == ["current", "superseded", "superseded"]
+    assert history[0]["serial"] == format(leaf.serial_number, "x")
+    table = cli.ok("key", "certificates", "lifecycle-p256", "--tsg", tsg).stdout
+    assert history[2]["serial"] in table
+
+
+def test_revoke_certificate_and_fetch_the_crl_from_the_cli(cli: Cli, world: dict[str, Any]) -> None:
+    tsg = world["sibling"]["id"]
+    key = cli.json(
+        "key", "create", "revoked-p256", "--tsg", tsg, "--algorithm", "EC_P256", "--ca", "builtin"
+    )
+    chain = [c.encode() for c in key["certificate_chain"]]
+    leaf_file = write_file(cli.work / "revoked-leaf.pem", chain[0])
+    issuing_file = write_file(cli.work / "revoked-issuing.pem", chain[1])
+    root_file = write_file(cli.work / "revoked-root.pem", chain[2])
+    crl_file = cli.work / "ca.crl.pem"
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return openssl(
+            "verify", "-crl_check", "-CAfile", root_file, "-untrusted", issuing_file,
+            "-CRLfile", crl_file, leaf_file,
+        )  # fmt: skip
+
+    before = cli.json("ca", "crl", "-o", crl_file, "--pem")
+    assert verify().returncode == 0
+    record = cli.json(
+        "key", "revoke-certificate", "revoked-p256", "--tsg", tsg, "--reason", "keyCompromise"
+    )
+    assert record["status"] == "revoked"
+    after = cli.json("ca", "crl", "-o", crl_file, "--pem")
+    assert after["number"] > before["number"]
+    assert after["revoked"] == before["revoked"] + 1
+    refused = verify()
+    assert refused.returncode != 0
+    assert "certificate revoked" in refused.stdout + refused.stderr
+
+    der_file = cli.work / "ca.crl"
+    assert "written to" in cli.ok("ca", "crl", "-o", der_file).stdout
+    crl = x509.load_der_x509_crl(der_file.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(record["serial"], 16)) is not None
+
+    again = cli.fails("key", "revoke-certificate", "revoked-p256", "--tsg", tsg)
+    assert "already revoked" in again
+    bogus = cli.fails(
+        "key", "revoke-certificate", "lifecycle-p256", "--tsg", tsg, "--reason", "bored"
+    )
+    assert "invalid_request" in bogus
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("key", "list", "--expiring-within", "soon"), "not a duration"),
+        (("key", "reissue", "lifecycle-p256"), "give the new subject"),
+        (("key", "reissue", "lifecycle-p256", "--subject", "CN"), "expected NAME=value"),
+        (("key", "reissue", "x", "--subject", "CN=a", "--cn", "b"), "given both"),
+        (("key", "reissue", "x", "--subject", "XX=a"), "expected NAME=value"),
+    ],
+)
+def test_bad_lifecycle_arguments_are_usage_errors(
+    cli: Cli, world: dict[str, Any], args: tuple[str, ...], message: str
+) -> None:
+    result = cli.run(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

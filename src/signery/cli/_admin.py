@@ -495,20 +495,49 @@ def key_create(
         _key_details(key)
 
 
+DURATION_UNITS = {"d": 1, "w": 7, "y": 365}
+
+
+def parse_days(value: str) -> int:
+    """``30d``, ``4w``, ``1y`` or a bare number of days."""
+    text = value.strip().lower()
+    unit = text[-1:] if text[-1:] in DURATION_UNITS else "d"
+    number = text[:-1] if text[-1:] in DURATION_UNITS else text
+    if not number.isdigit() or int(number) > 100 * 365:
+        raise typer.BadParameter(f"{value!r} is not a duration such as 30d, 4w or 1y")
+    return int(number) * DURATION_UNITS[unit]
+
+
 @key_app.command("list")
 def key_list(
     ctx: typer.Context,
     tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    expiring_within: Annotated[
+        str | None,
+        typer.Option(
+            "--expiring-within",
+            help="Only keys whose current certificate ends within this time (30d, 4w, 1y); "
+            "expired ones included.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
+    params: dict[str, Any] = {"tsg_id": tsg}
+    if expiring_within is not None:
+        params["expiring_within_days"] = parse_days(expiring_within)
     with connection(ctx).admin() as c:
-        keys = c.call("GET", f"{API}/keys", list[p.SigningKey], params={"tsg_id": tsg})
+        keys = c.call("GET", f"{API}/keys", list[p.SigningKey], params=params)
+
+    def not_after(k: p.SigningKey) -> datetime | None:
+        current = next((v for v in k.versions if v.version == k.current_version), None)
+        return current.certificate.not_after if current and current.certificate else None
+
     emit(
         keys,
         as_json,
         lambda: table(
             None,
-            ["name", "id", "tsg", "algorithm", "storage", "status", "version", "CA"],
+            ["name", "id", "tsg", "algorithm", "storage", "status", "version", "CA", "until"],
             [
                 (
                     k.name,
@@ -519,6 +548,7 @@ def key_list(
                     k.status.value,
                     k.current_version,
                     k.certificate_authority.value,
+                    _day(not_after(k)),
                 )
                 for k in keys
             ],
@@ -578,6 +608,190 @@ def key_chain(
     _pem_command(ctx, f"{API}/keys/{key}/chain", output, tsg, as_json, "chain_pem")
 
 
+def _day(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M") if moment else ""
+
+
+def _subject(
+    cn: str | None, org: str | None, ou: str | None, country: str | None, email: str | None
+) -> dict[str, str]:
+    subject = {
+        "common_name": cn,
+        "organization": org,
+        "organizational_unit": ou,
+        "country": country,
+        "email": email,
+    }
+    return {k: v for k, v in subject.items() if v is not None}
+
+
+SUBJECT_KEYS = {
+    "cn": "common_name",
+    "o": "organization",
+    "ou": "organizational_unit",
+    "c": "country",
+    "email": "email",
+    "emailaddress": "email",
+}
+
+
+def parse_subject(text: str) -> dict[str, str]:
+    """``CN=Example Release,O=Example Inc,OU=Build,C=DE,email=rel@example.com``.
+
+    A comma inside a value is written ``\\,`` (as in RFC 4514)."""
+    subject: dict[str, str] = {}
+    parts, current, escaped = [], "", False
+    for ch in text:
+        if escaped:
+            current += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ",":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    for part in parts:
+        name, sep, value = part.partition("=")
+        field = SUBJECT_KEYS.get(name.strip().lower())
+        if not sep or field is None or not value.strip():
+            raise typer.BadParameter(
+                f"{part.strip()!r}: expected NAME=value with NAME one of CN, O, OU, C, email"
+            )
+        if field in subject:
+            raise typer.BadParameter(f"{name.strip()} is given twice")
+        subject[field] = value.strip()
+    return subject
+
+
+@key_app.command("renew")
+def key_renew(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    validity_days: Annotated[
+        int | None, typer.Option(help="Validity of the new certificate (default: the key's).")
+    ] = None,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new certificate for the same key pair and subject; the old one stays listed."""
+    body = {"validity_days": validity_days} if validity_days is not None else {}
+    with connection(ctx).admin() as c:
+        renewed = c.call(
+            "POST", f"{API}/keys/{key}/renew", p.SigningKey, json=body, params={"tsg_id": tsg}
+        )
+    if as_json:
+        print_json(renewed)
+    else:
+        out.print(f"renewed the certificate of [bold]{renewed.name}[/]")
+        _key_details(renewed)
+
+
+@key_app.command("reissue")
+def key_reissue(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    subject: Annotated[
+        str | None,
+        typer.Option(help="New subject, e.g. 'CN=Example Release,O=Example Inc,C=DE'."),
+    ] = None,
+    cn: Annotated[str | None, typer.Option("--cn", help="Common name (CN).")] = None,
+    org: Annotated[str | None, typer.Option("--org", help="Organization (O).")] = None,
+    ou: Annotated[str | None, typer.Option("--ou", help="Organizational unit (OU).")] = None,
+    country: Annotated[str | None, typer.Option(help="Two-letter country code (C).")] = None,
+    email: Annotated[str | None, typer.Option(help="E-mail address (subjectAltName).")] = None,
+    validity_days: Annotated[int | None, typer.Option(help="Validity in days.")] = None,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new certificate for the same key pair with a changed subject."""
+    fields = parse_subject(subject) if subject else {}
+    for name, value in _subject(cn, org, ou, country, email).items():
+        if name in fields:
+            raise typer.BadParameter(f"{name} is given both in --subject and as an option")
+        fields[name] = value
+    if not fields:
+        raise typer.BadParameter("give the new subject: --subject 'CN=...,O=...' or --cn/--org/...")
+    body: dict[str, Any] = {"subject": fields}
+    if validity_days is not None:
+        body["validity_days"] = validity_days
+    with connection(ctx).admin() as c:
+        reissued = c.call(
+            "POST", f"{API}/keys/{key}/reissue", p.SigningKey, json=body, params={"tsg_id": tsg}
+        )
+    if as_json:
+        print_json(reissued)
+    else:
+        out.print(f"reissued the certificate of [bold]{reissued.name}[/]")
+        _key_details(reissued)
+
+
+@key_app.command("certificates")
+def key_certificates(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every certificate the key has had, newest first."""
+    with connection(ctx).admin() as c:
+        records = c.call(
+            "GET",
+            f"{API}/keys/{key}/certificates",
+            list[p.CertificateRecord],
+            params={"tsg_id": tsg},
+        )
+    emit(
+        records,
+        as_json,
+        lambda: table(
+            None,
+            ["serial", "status", "version", "subject", "not after", "source"],
+            [
+                (r.serial, r.status, r.key_version, r.subject, _day(r.not_after), r.source)
+                for r in records
+            ],
+        ),
+    )
+
+
+@key_app.command("revoke-certificate")
+def key_revoke_certificate(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    serial: Annotated[
+        str | None, typer.Option(help="Hex serial (default: the current certificate).")
+    ] = None,
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="RFC 5280 reason: unspecified, keyCompromise, superseded, "
+            "cessationOfOperation, affiliationChanged, privilegeWithdrawn..."
+        ),
+    ] = "unspecified",
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a certificate of the key; the built-in CA's CRL lists it at once."""
+    body: dict[str, Any] = {"reason": reason}
+    if serial is not None:
+        body["serial"] = serial
+    with connection(ctx).admin() as c:
+        record = c.call(
+            "POST",
+            f"{API}/keys/{key}/revoke-certificate",
+            p.CertificateRecord,
+            json=body,
+            params={"tsg_id": tsg},
+        )
+    if as_json:
+        print_json(record)
+    else:
+        out.print(f"revoked certificate [bold]{record.serial}[/] ({record.revocation_reason})")
+
+
 @keystore_app.command("list")
 def keystore_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """The key stores of the server, with their health."""
@@ -605,6 +819,41 @@ def ca_chain(
 ) -> None:
     """The built-in CA's issuing and root certificates (PEM)."""
     _pem_command(ctx, f"{API}/ca/chain", output, None, as_json, "chain_pem")
+
+
+@ca_app.command("crl")
+def ca_crl(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the CRL.")],
+    pem: Annotated[bool, typer.Option("--pem", help="PEM instead of DER.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The built-in CA's current certificate revocation list."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    with connection(ctx).admin() as c:
+        der = c.call_bytes(f"{API}/ca/crl")
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError as e:
+        raise ClientError("the server's answer is not a DER CRL") from e
+    output.write_bytes(crl.public_bytes(serialization.Encoding.PEM) if pem else der)
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    summary = {
+        "file": str(output),
+        "number": number,
+        "revoked": len(crl),
+        "this_update": crl.last_update_utc.isoformat(),
+        "next_update": crl.next_update_utc.isoformat() if crl.next_update_utc else None,
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(
+            f"CRL #{number} ({len(crl)} revoked, next update {_day(crl.next_update_utc)}) "
+            f"written to {output}"
+        )
 
 
 # ------------------------------------------------------------------ audit and usage

@@ -240,6 +240,10 @@ class Client:
     def call_empty(self, method: str, path: str) -> None:
         self._management(method, path)
 
+    def call_bytes(self, path: str, params: Mapping[str, Any] | None = None) -> bytes:
+        """A GET whose answer is binary (a DER CRL or certificate)."""
+        return self._management("GET", path, params=params).content
+
     # ------------------------------------------------------------ plumbing
 
     def _management(
