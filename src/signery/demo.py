@@ -294,6 +294,8 @@ class Demo:
             ("Sign the binary with the RSA key as well", self.step_sign_rsa),
             ("Verify the signatures with signery", self.step_verify_signery),
             ("Verify the signatures with openssl", self.step_verify_openssl),
+            ("Renew the EC key's certificate: same key pair, new certificate", self.step_renew),
+            ("Revoke the old certificate; the CRL lists it for openssl", self.step_crl),
         ]
         for store in self.hardware:
             self.steps.append(
@@ -1041,6 +1043,64 @@ class Demo:
             f"{leaf} (the first certificate of `key chain`) chains up to the built-in root "
             f"and certifies the same public key as {pub}"
         )
+
+    def step_renew(self) -> None:
+        before = self.cli_json("keys", profile=BUILD_PROFILE)
+        old_chain = next(k for k in before if k.get("name") == EC_KEY)["certificate_chain"]
+        self.cli("key", "renew", EC_KEY)
+        self.cli("key", "certificates", EC_KEY)
+        # The build machine changes nothing: its next listing carries the new chain.
+        after = self.cli_json("keys", profile=BUILD_PROFILE)
+        new_chain = next(k for k in after if k.get("name") == EC_KEY)["certificate_chain"]
+        self.expect(new_chain[0] != old_chain[0], "the account still sees the old certificate")
+        (self.out / "leaf-renewed.pem").write_text(new_chain[0], "ascii")
+        done = self.openssl_run(
+            "verify", "-CAfile", "root-ca.pem", "-untrusted", "issuing-ca.pem", "leaf-renewed.pem"
+        )
+        self.expect(
+            "leaf-renewed.pem: OK" in done.stdout, "the renewed certificate does not verify"
+        )
+        done = self.openssl_run("x509", "-in", "leaf-renewed.pem", "-noout", "-pubkey")
+        self.expect(
+            done.stdout.strip() == (self.out / "pubkey.pem").read_text("ascii").strip(),
+            "the renewed certificate certifies another key pair",
+            done.stdout,
+        )
+        self.cli(
+            "sign", "--key", EC_KEY, "-o", "app.bin.renewed.sig", "app.bin", profile=BUILD_PROFILE
+        )
+        done = self.openssl_run(
+            "dgst", "-sha256", "-verify", "pubkey.pem", "-signature", "app.bin.renewed.sig",
+            "app.bin",
+        )  # fmt: skip
+        self.expect("Verified OK" in done.stdout, "openssl does not verify app.bin.renewed.sig")
+        self.note("the new certificate certifies the same public key (pubkey.pem still verifies)")
+        self.note("and the account saw the new chain at its next `signery keys`")
+
+    def step_crl(self) -> None:
+        history = self.cli_json("key", "certificates", EC_KEY)
+        old = next((c for c in history if c.get("status") == "superseded"), None)
+        self.expect(old is not None, "the key's certificate history lacks the superseded one")
+        assert old is not None
+        self.cli("key", "revoke-certificate", EC_KEY, "--serial", old["serial"], "--reason",
+                 "superseded")  # fmt: skip
+        self.cli("ca", "crl", "-o", "ca.crl")
+        self.cli("ca", "crl", "-o", "ca.crl.pem", "--pem")
+        self.openssl_run("crl", "-in", "ca.crl.pem", "-noout", "-text")
+        verify = ("verify", "-crl_check", "-CAfile", "root-ca.pem", "-untrusted", "issuing-ca.pem",
+                  "-CRLfile", "ca.crl.pem")  # fmt: skip
+        done = self.openssl_run(*verify, "leaf.pem", check=False)
+        self.expect(
+            done.returncode != 0 and "certificate revoked" in done.stdout + done.stderr,
+            "openssl -crl_check still accepts the revoked certificate leaf.pem",
+            done.stdout + done.stderr,
+        )
+        done = self.openssl_run(*verify, "leaf-renewed.pem")
+        self.expect(
+            "leaf-renewed.pem: OK" in done.stdout, "the renewed certificate fails -crl_check"
+        )
+        self.note("ca.crl (DER) and ca.crl.pem list the old certificate as revoked (superseded);")
+        self.note("openssl -crl_check refuses leaf.pem and accepts leaf-renewed.pem")
 
     def step_refusal(self) -> None:
         self.state.disabled_at = time.time()
