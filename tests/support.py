@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -220,10 +221,15 @@ def _announced_url(process: subprocess.Popen[bytes], log: Path, timeout: float =
 
 @contextlib.contextmanager
 def running_server(
-    installation: Installation, *, node: str = "node-a", **env: str
+    installation: Installation,
+    *,
+    node: str = "node-a",
+    verify: ssl.SSLContext | bool = True,
+    **env: str,
 ) -> Iterator[ServerProcess]:
     """A real `signery serve` process on a loopback port it picks itself (port 0;
-    the URL is read from its `--json` announcement, so no port race)."""
+    the URL is read from its `--json` announcement, so no port race). ``verify``
+    checks the TLS certificate of a server started with SIGNERY_TLS_*."""
     log = installation.settings.data_dir / f"server-{node}-{uuid.uuid4().hex[:8]}.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(
@@ -239,7 +245,7 @@ def running_server(
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
             try:
-                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{server.url}/readyz", timeout=1, verify=verify).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

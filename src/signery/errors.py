@@ -162,6 +162,43 @@ class InvalidPublicKey(InvalidRequest):
     title = "Public key is not acceptable"
 
 
+class CertificateRejected(InvalidRequest):
+    """A certificate from an external CA was refused; the key stays as it was."""
+
+    code = "certificate_rejected"
+    title = "The certificate was refused"
+
+
+class CertificateMalformed(CertificateRejected):
+    code = "certificate_malformed"
+    title = "The certificate chain could not be read"
+
+
+class CertificateKeyMismatch(CertificateRejected):
+    code = "certificate_key_mismatch"
+    title = "No certificate in the chain certifies this key's public key"
+
+
+class CertificateEkuMissing(CertificateRejected):
+    code = "certificate_eku_missing"
+    title = "The certificate does not carry the codeSigning extended key usage"
+
+
+class CertificateUsageInvalid(CertificateRejected):
+    code = "certificate_usage_invalid"
+    title = "The certificate may not be used for code signing"
+
+
+class CertificateChainUntrusted(CertificateRejected):
+    code = "certificate_chain_untrusted"
+    title = "The chain does not reach the connector's trusted roots"
+
+
+class CsrInvalid(InvalidRequest):
+    code = "csr_invalid"
+    title = "The certificate signing request is not acceptable"
+
+
 # ----------------------------------------------------------------- 401 / 403
 
 
@@ -197,6 +234,11 @@ class PermissionDenied(SigneryError):
     title = "Permission denied"
 
 
+class HttpsRequired(PermissionDenied):
+    code = "https_required"
+    title = "This endpoint is served over HTTPS only"
+
+
 # ----------------------------------------------------------------- 404 / 409
 
 
@@ -224,6 +266,16 @@ class AccountNotFound(NotFound):
 class UserNotFound(NotFound):
     code = "user_not_found"
     title = "User not found"
+
+
+class ConnectorNotFound(NotFound):
+    code = "ca_connector_not_found"
+    title = "CA connector not found"
+
+
+class NoCertificateRequest(NotFound):
+    code = "certificate_request_not_found"
+    title = "The key has no such certificate request"
 
 
 class Conflict(SigneryError):
@@ -265,6 +317,21 @@ class CertificateRevoked(Conflict):
 class AlreadyInitialized(Conflict):
     code = "already_initialized"
     title = "Signery is already initialized"
+
+
+class ConnectorRequiresHardwareKey(Conflict):
+    code = "connector_requires_hardware_key"
+    title = "A public CA connector may only be used by keys in a hardware key store"
+
+
+class ConnectorInUse(Conflict):
+    code = "ca_connector_in_use"
+    title = "The CA connector is used by signing keys"
+
+
+class NoPendingRequest(Conflict):
+    code = "no_pending_certificate_request"
+    title = "The key has no pending certificate request"
 
 
 # ----------------------------------------------------------------- 413 / 415
@@ -309,6 +376,14 @@ class DatabaseError(SigneryError):
 class KeyStoreUnavailable(Unavailable):
     code = "keystore_unavailable"
     title = "Key store unavailable"
+
+
+class ConnectorFailed(Unavailable):
+    """The external CA could not be reached or refused the request (its answer is in
+    the detail, never a credential)."""
+
+    code = "ca_connector_failed"
+    title = "The external CA did not issue the certificate"
 
 
 class KeyStoreError(SigneryError):

@@ -67,6 +67,21 @@ class KeyStatus(StrEnum):
 class CertificateAuthority(StrEnum):
     NONE = "none"
     BUILTIN = "builtin"
+    CONNECTOR = "connector"
+
+
+class ConnectorKind(StrEnum):
+    """How an external CA connector obtains certificates (DESIGN.md §5)."""
+
+    CSR = "csr"  # an administrator downloads the CSR and uploads the issued chain
+    EST = "est"  # RFC 7030 enrollment over HTTPS
+
+
+class CertificateRequestStatus(StrEnum):
+    PENDING = "pending"
+    ISSUED = "issued"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
 
 
 class AccountStatus(StrEnum):
@@ -307,6 +322,12 @@ class KeyCreate(WireModel):
     algorithm: Algorithm
     storage: str = "builtin"
     certificate_authority: CertificateAuthority = CertificateAuthority.NONE
+    ca_connector: str | None = Field(
+        default=None,
+        max_length=128,
+        description="With certificate_authority=connector: the connector's name or id "
+        "(configured on the key's TSG or an ancestor)",
+    )
     subject: KeySubject | None = None
     validity_days: int = Field(default=365, ge=1, le=3650)
     description: str | None = Field(default=None, max_length=1024)
@@ -352,6 +373,20 @@ class CertificateRevoke(WireModel):
     )
 
 
+class CertificateRequest(ResponseModel):
+    """A CSR made (and signed) through the key's store for its CA connector."""
+
+    id: str
+    key_version: int
+    connector_id: str
+    purpose: str = Field(description="enroll, renew or reissue")
+    status: CertificateRequestStatus
+    error: str | None = None
+    csr_pem: str
+    created_at: datetime
+    updated_at: datetime
+
+
 class KeyVersion(ResponseModel):
     version: int
     status: KeyStatus
@@ -375,6 +410,10 @@ class SigningKey(ResponseModel):
     certificate_chain: list[str] = Field(description="PEM certificates, leaf first, root last")
     versions: list[KeyVersion]
     created_at: datetime
+    ca_connector_id: str | None = None
+    certificate_request: CertificateRequest | None = Field(
+        default=None, description="The newest request to the key's CA connector, if any"
+    )
 
 
 class SigningKeySummary(ResponseModel):
@@ -389,6 +428,88 @@ class SigningKeySummary(ResponseModel):
     schemes: list[SignatureScheme]
     public_key_pem: str
     certificate_chain: list[str]
+
+
+# ------------------------------------------------------------------ external CA connectors
+
+
+class EstSettings(WireModel):
+    """An RFC 7030 EST server. Secrets are write-only: never returned by the API."""
+
+    url: str = Field(
+        max_length=2048,
+        description="EST base URL, https only: https://ca.example/.well-known/est "
+        "(or .../.well-known/est/<label>)",
+    )
+    username: str | None = Field(default=None, max_length=256, description="HTTP basic auth")
+    password: str | None = Field(default=None, max_length=1024, description="Write-only")
+    tls_ca_pem: str | None = Field(
+        default=None,
+        max_length=256 * 1024,
+        description="CA certificates that verify the EST server's TLS certificate "
+        "(default: the system's trust store)",
+    )
+    client_certificate_pem: str | None = Field(
+        default=None, max_length=256 * 1024, description="TLS client certificate (chain), PEM"
+    )
+    client_key_pem: str | None = Field(
+        default=None, max_length=64 * 1024, description="TLS client private key, PEM; write-only"
+    )
+    timeout_seconds: float = Field(default=30, gt=0, le=300)
+
+
+class CaConnectorCreate(WireModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tsg_id: str | None = None
+    kind: ConnectorKind
+    public: bool = Field(
+        default=False, description="A public CA: only keys in a hardware store may use it"
+    )
+    roots_pem: str = Field(
+        min_length=1,
+        max_length=1024 * 1024,
+        description="Trust anchors (PEM) every issued chain must reach",
+    )
+    est: EstSettings | None = Field(default=None, description="Required for kind=est")
+
+
+class CaConnectorUpdate(WireModel):
+    """Fields to change; omitted fields keep their value. In ``est`` too (the url
+    excepted, always given): an omitted setting or secret is kept, null removes it."""
+
+    public: bool | None = None
+    roots_pem: str | None = Field(default=None, min_length=1, max_length=1024 * 1024)
+    est: EstSettings | None = None
+
+
+class EstSettingsInfo(ResponseModel):
+    url: str
+    username: str | None
+    has_password: bool
+    tls_ca_pem: str | None
+    client_certificate_pem: str | None
+    has_client_key: bool
+    timeout_seconds: float
+
+
+class CaConnector(ResponseModel):
+    id: str
+    name: str
+    tsg_id: str
+    kind: ConnectorKind
+    public: bool
+    roots_pem: str
+    roots: list[CertificateInfo]
+    est: EstSettingsInfo | None = None
+    created_at: datetime
+
+
+class CertificateUpload(WireModel):
+    chain_pem: str = Field(
+        min_length=1,
+        max_length=1024 * 1024,
+        description="The issued certificate and its chain (PEM, any order)",
+    )
 
 
 # ------------------------------------------------------------------ signing

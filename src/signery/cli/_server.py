@@ -136,6 +136,7 @@ def serve(
     from signery.server.app import create_app
     from signery.server.ops.logging import configure_logging
     from signery.server.supervisor import Supervisor, reuseport_socket
+    from signery.server.tls import uvicorn_tls_options
 
     settings = _settings(
         config,
@@ -147,6 +148,7 @@ def serve(
         log_level=log_level,
     )
     configure_logging(settings.log_level)
+    tls = uvicorn_tls_options(settings)
     # Opening the app refuses a bad setup before anything listens. With several
     # workers this is a dry run, so that a bad configuration (a wrong HSM PIN!)
     # is refused once here instead of being tried by every worker.
@@ -166,7 +168,7 @@ def serve(
         ) from e
     bound_port = sock.getsockname()[1]
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{shown_host}:{bound_port}"
+    url = f"{'https' if tls else 'http'}://{shown_host}:{bound_port}"
     if as_json:
         print(json.dumps({"url": url, "pid": os.getpid(), "workers": settings.workers}), flush=True)
     else:
@@ -177,6 +179,7 @@ def serve(
         "server_header": False,
         "proxy_headers": False,  # client addresses come from trusted_proxies only
         "timeout_graceful_shutdown": 10,
+        **tls,
     }
     if app is not None:
         # The TCP socket itself, as uvicorn.run would pass it after binding (a bare

@@ -18,10 +18,13 @@ from signery.protocol import API_PREFIX
 from signery.server.accounts.routes import router as accounts_router
 from signery.server.audit.routes import router as audit_router
 from signery.server.authz import Principal
+from signery.server.ca.connector_routes import router as ca_connectors_router
+from signery.server.ca.est_routes import router as est_router
 from signery.server.ca.routes import router as ca_router
 from signery.server.clock import Clock
 from signery.server.config import Settings, load_settings
 from signery.server.container import Core, Services
+from signery.server.keys.request_routes import router as key_requests_router
 from signery.server.keys.routes import keystores_router
 from signery.server.keys.routes import router as keys_router
 from signery.server.middleware import EdgeMiddleware, Scope
@@ -80,8 +83,11 @@ def create_app(
         tsg_router,
         users_router,
         keys_router,
+        key_requests_router,
         keystores_router,
         ca_router,
+        ca_connectors_router,
+        est_router,
         audit_router,
     ):
         app.include_router(router)

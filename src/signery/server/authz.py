@@ -29,6 +29,11 @@ class Permission(StrEnum):
     KEY_READ = "signery.signing_key.read"
     KEY_CREATE = "signery.signing_key.create"
     KEY_MANAGE = "signery.signing_key.manage"
+    CA_CONNECTOR_READ = "signery.ca_connector.read"
+    CA_CONNECTOR_MANAGE = "signery.ca_connector.manage"
+    # EST enrollment at the built-in CA: a certificate for a key Signery does not
+    # hold. Only superusers have it (no narrower role grants it).
+    CA_ENROLL = "signery.ca.enroll"
     AUDIT_READ = "signery.audit.read"
     USAGE_READ = "signery.usage.read"
     SIGN = "signery.signing.sign"
@@ -41,12 +46,27 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     # so that every signature is attributable to a machine identity.
     Role.SUPERUSER: frozenset(p for p in Permission if p is not _P.SIGN),
     Role.KEY_ADMIN: frozenset(
-        {_P.TSG_READ, _P.KEY_READ, _P.KEY_CREATE, _P.KEY_MANAGE, _P.USAGE_READ}
+        {
+            _P.TSG_READ,
+            _P.KEY_READ,
+            _P.KEY_CREATE,
+            _P.KEY_MANAGE,
+            _P.USAGE_READ,
+            _P.CA_CONNECTOR_READ,
+        }
     ),
     Role.KEY_VIEWER: frozenset({_P.TSG_READ, _P.KEY_READ}),
     Role.ACCOUNT_ADMIN: frozenset({_P.TSG_READ, _P.ACCOUNT_READ, _P.ACCOUNT_MANAGE}),
     Role.AUDITOR: frozenset(
-        {_P.TSG_READ, _P.AUDIT_READ, _P.USAGE_READ, _P.KEY_READ, _P.ACCOUNT_READ, _P.USER_READ}
+        {
+            _P.TSG_READ,
+            _P.AUDIT_READ,
+            _P.USAGE_READ,
+            _P.KEY_READ,
+            _P.ACCOUNT_READ,
+            _P.USER_READ,
+            _P.CA_CONNECTOR_READ,
+        }
     ),
 }
 

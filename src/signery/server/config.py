@@ -94,12 +94,35 @@ class Settings(BaseSettings):
     audit_batch_max: int = Field(default=512, ge=1, le=10_000)
     jti_retention_seconds: int = Field(default=3600, ge=600)
 
+    # HTTPS for `signery serve` (EST, RFC 7030 §3.3, requires it).
+    tls_cert_file: Path | None = Field(
+        default=None, description="Serve HTTPS: certificate chain file (PEM), leaf first"
+    )
+    tls_key_file: Path | None = Field(default=None, description="Private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="Require TLS client certificates issued by these CAs (PEM)"
+    )
+    est_validity_days: int = Field(
+        default=365,
+        ge=1,
+        le=3650,
+        description="Validity of certificates issued over EST (capped by leaf_max_validity_days)",
+    )
+
     @model_validator(mode="after")
     def _kms_master_key(self) -> Settings:
         if self.master_key_kms_key_id is not None and self.aws_kms is None:
             raise ValueError(
                 "master_key_kms_key_id needs the [aws_kms] settings (region, endpoint)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
     @field_validator("log_level")

@@ -33,12 +33,15 @@ from signery.server.audit.recorder import (
 from signery.server.audit.service import AuditService
 from signery.server.authn import Authenticator
 from signery.server.authz import Authorizer, Principal
+from signery.server.ca.connectors import ConnectorService
+from signery.server.ca.est_server import EstService
 from signery.server.ca.service import BuiltinCa
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
 from signery.server.context import RequestContext
 from signery.server.db import Database, make_engine
 from signery.server.installation_secrets import access_token_secret
+from signery.server.keys.requests import CertificateRequests
 from signery.server.keys.service import KeyService
 from signery.server.migrate import head_revision
 from signery.server.ops.metrics import Metrics
@@ -190,8 +193,35 @@ class Services:
             core.db, core.authz, core.recorder, core.clock, core.directory
         )
         self.tokens = TokenService(core.db, core.recorder, core.clock, core.directory, codec)
+        self.connectors = ConnectorService(
+            core.db,
+            core.authz,
+            core.recorder,
+            core.clock,
+            core.directory,
+            core.keyring,
+            core.keystores,
+        )
         self.keys = KeyService(
-            core.db, core.authz, core.recorder, core.clock, core.directory, core.keystores, core.ca
+            core.db,
+            core.authz,
+            core.recorder,
+            core.clock,
+            core.directory,
+            core.keystores,
+            core.ca,
+            CertificateRequests(
+                core.db, core.recorder, core.clock, core.keystores, self.connectors
+            ),
+        )
+        self.est = EstService(
+            core.db,
+            core.authz,
+            core.recorder,
+            core.clock,
+            core.directory,
+            core.ca,
+            validity_days=core.settings.est_validity_days,
         )
         self.signing = SigningService(
             core.db, core.recorder, core.clock, core.keystores, self.metrics

@@ -42,6 +42,8 @@ STATUS_BY_KIND: dict[ErrorKind, int] = {
     ErrorKind.INTERNAL: 500,
 }
 TOKEN_PATH = f"{API_PREFIX}/oauth/token"
+EST_PREFIX = "/.well-known/est/"
+EST_REALM = "Signery EST"
 RETRY_AFTER_SECONDS = "1"
 
 
@@ -68,8 +70,12 @@ def problem_response(error: SigneryError, *, request_id: str | None, path: str |
         )
         headers["Cache-Control"] = "no-store"
     if status == 401:
-        # RFC 6750 §3
-        headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+        # RFC 6750 §3; EST clients authenticate with HTTP basic auth (RFC 7030 §3.2.3).
+        headers["WWW-Authenticate"] = (
+            f'Basic realm="{EST_REALM}"'
+            if path and path.startswith(EST_PREFIX)
+            else 'Bearer error="invalid_token"'
+        )
     if status == 503:
         retry_after = error.extra.get("retry_after")
         headers["Retry-After"] = (

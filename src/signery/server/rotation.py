@@ -31,6 +31,7 @@ from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.protocol import AuditOutcome
 from signery.server import meta
 from signery.server.audit.recorder import SYSTEM, AuditRecord, AuditRecorder, EventKind
+from signery.server.ca.connectors import connectors_not_under, rewrap_connector_secrets
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
 from signery.server.container import keyring_file
@@ -94,6 +95,7 @@ def rotate_master_key(
                 if rate:
                     time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
         rewrap_access_token_secret(db, keyring)
+        rewrap_connector_secrets(db, keyring)
         # Step 3: the database follows, with its audit event.
         recorder = AuditRecorder(db, "signery-rotate", clock)
         try:
@@ -118,7 +120,7 @@ def rotate_master_key(
         # Step 4: retire the old keys, unless something slipped in under one.
         primary_entry = next(e for e in source.read()[1] if e.key.key_id == keyring.primary.key_id)
         source.write(keyring.primary.key_id, [primary_entry])
-        if store.material_not_under_primary(1):
+        if store.material_not_under_primary(1) or connectors_not_under(db, keyring.primary.key_id):
             # A key created with an old primary in the instant before step 1: put
             # the old keys back, and let the next run re-wrap it.
             source.write(keyring.primary.key_id, [primary_entry, *_others(entries, keyring)])

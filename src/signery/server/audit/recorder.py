@@ -79,6 +79,12 @@ class EventKind(StrEnum):
     CERTIFICATE_RENEWED = "key.certificate.renewed"
     CERTIFICATE_REISSUED = "key.certificate.reissued"
     CERTIFICATE_REVOKED = "key.certificate.revoked"
+    CERTIFICATE_REQUESTED = "key.certificate.requested"
+    CERTIFICATE_RECEIVED = "key.certificate.received"
+    ENROLLMENT_FAILED = "key.certificate.enrollment_failed"
+    CA_CONNECTOR_CREATED = "ca.connector.created"
+    CA_CONNECTOR_UPDATED = "ca.connector.updated"
+    CA_CONNECTOR_DELETED = "ca.connector.deleted"
 
 
 def outcome_of(error: SigneryError) -> AuditOutcome:

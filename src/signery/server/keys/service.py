@@ -25,7 +25,14 @@ from signery.errors import (
     TsgNotFound,
 )
 from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
-from signery.protocol import Algorithm, AuditOutcome, CertificateAuthority, KeyStatus, PrincipalType
+from signery.protocol import (
+    Algorithm,
+    AuditOutcome,
+    CertificateAuthority,
+    ConnectorKind,
+    KeyStatus,
+    PrincipalType,
+)
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
@@ -33,6 +40,7 @@ from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, flush_unique, new_id
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
 
@@ -121,7 +129,10 @@ class KeyService:
         directory: TsgDirectory,
         keystores: KeyStoreRegistry,
         ca: BuiltinCa,
+        requests: CertificateRequests | None = None,
     ) -> None:
+        # External CA connectors; without them, certificate_authority=connector is refused.
+        self._requests = requests
         self._db = db
         self._authz = authz
         self._recorder = recorder
@@ -152,6 +163,15 @@ class KeyService:
             if path is None:
                 raise TsgNotFound()
             self._authz.require(principal, Permission.KEY_CREATE, path, not_found=TsgNotFound)
+            connector = None
+            if req.certificate_authority is CertificateAuthority.CONNECTOR:
+                # Before any key pair exists: a refused connector (missing, not on
+                # this TSG's path, public with a software store) generates nothing.
+                connector = self._connector_requests().connector_for(
+                    s, req.ca_connector, path, store
+                )
+            elif req.ca_connector is not None:
+                raise InvalidRequest("ca_connector goes with certificate_authority=connector")
             if s.scalar(
                 select(SigningKeyRow.id).where(
                     SigningKeyRow.tsg_id == tsg_id, SigningKeyRow.name == req.name
@@ -163,10 +183,16 @@ class KeyService:
         generated = store.generate(req.algorithm, KeyContext(key_id, 1, tsg_id, label=req.name))
         try:
             issued: IssuedCertificate | None = None
+            csr = None
             if req.certificate_authority is CertificateAuthority.BUILTIN:
                 issued = self._ca.issue_code_signing(
                     generated.public_key, subject, req.name, req.validity_days
                 )
+            elif connector is not None:
+                # Signed by the key store: the CSR proves the key pair is there.
+                csr = build_csr(store, generated.handle, generated.public_key, subject, req.name)
+            # A connector's key waits for its certificate before it may sign.
+            status = KeyStatus.PENDING if connector is not None else KeyStatus.ACTIVE
             now = self._clock.now()
             with self._db.write() as s:
                 key = SigningKeyRow(
@@ -176,7 +202,8 @@ class KeyService:
                     algorithm=req.algorithm.value,
                     storage=store.name,
                     certificate_authority=req.certificate_authority.value,
-                    status=KeyStatus.ACTIVE.value,
+                    ca_connector_id=connector.id if connector is not None else None,
+                    status=status.value,
                     current_version=1,
                     description=req.description,
                     subject_json=subject.model_dump_json(),
@@ -193,7 +220,7 @@ class KeyService:
                     id=version_id,
                     key_id=key_id,
                     version=1,
-                    status=KeyStatus.ACTIVE.value,
+                    status=status.value,
                     store_ref=generated.handle.ref,
                     public_key_der=generated.public_key.public_bytes(
                         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -216,6 +243,14 @@ class KeyService:
                     version.certificate_id = cert_row.id
                     details["certificate_serial"] = cert_row.serial
                     details["certificate_subject"] = cert_row.subject
+                if connector is not None and csr is not None:
+                    request = self._connector_requests().new_request(
+                        version_id, connector, ENROLL, subject, csr, now
+                    )
+                    s.add(request)
+                    s.flush()
+                    details["ca_connector"] = connector.id
+                    details["certificate_request"] = request.id
                 self._recorder.record(
                     s,
                     AuditRecord(
@@ -235,6 +270,14 @@ class KeyService:
         except BaseException:
             store.destroy(generated.handle)
             raise
+        if connector is not None and connector.kind is ConnectorKind.EST:
+            # Enrolled at once; a failure leaves the key pending with the error noted
+            # on its request, for `POST /api/v1/keys/{key}/enroll` to retry.
+            self._connector_requests().try_enroll(principal, key_id, path, ctx)
+            with self._db.read() as s:
+                created = s.get(SigningKeyRow, key_id)
+                assert created is not None
+                wire = self._wire(s, created)
         return wire
 
     # ------------------------------------------------------------ read
@@ -380,8 +423,24 @@ class KeyService:
             raise InvalidRequest("this key has no certificate authority: nothing to renew")
         new_subject = subject or p.KeySubject.model_validate_json(key.subject_json)
         days = validity_days or key.validity_days
+        if key.certificate_authority == CertificateAuthority.CONNECTOR.value:
+            # The external CA decides validity; the current certificate stays in use
+            # until the new one is installed.
+            self._connector_requests().request_again(
+                principal,
+                key.id,
+                resolved.path,
+                handle_for(key, version),
+                new_subject,
+                RENEW if kind is EventKind.CERTIFICATE_RENEWED else REISSUE,
+                ctx,
+            )
+            with self._db.read() as s:
+                fresh = s.get(SigningKeyRow, key.id)
+                assert fresh is not None
+                return self._wire(s, fresh)
         if key.certificate_authority != CertificateAuthority.BUILTIN.value:
-            raise InvalidRequest("renewal through a CA connector is not available yet")
+            raise InvalidRequest(f"unknown certificate authority {key.certificate_authority!r}")
         # The CA signs through the key store: no private key moves, only the
         # public key of the existing key pair is certified again.
         issued = self._ca.issue_code_signing(
@@ -493,6 +552,44 @@ class KeyService:
             raise NoCertificate()
         return "".join(chain)
 
+    # ------------------------------------------------------------ external CA connectors
+
+    def csr_pem(self, principal: Principal, ref: str, tsg_id: str | None = None) -> str:
+        """The CSR of the key's pending certificate request (PEM)."""
+        with self._db.read() as s:
+            key = self.resolve(s, principal, ref, Permission.KEY_READ, tsg_id).row
+            return self._connector_requests().csr_pem(s, key)
+
+    def upload_certificate(
+        self,
+        principal: Principal,
+        ref: str,
+        chain_pem: str,
+        ctx: RequestContext,
+        tsg_id: str | None = None,
+    ) -> p.SigningKey:
+        """Install the chain issued for the key's pending request (checked first)."""
+        with self._db.read() as s:
+            resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
+        self._connector_requests().install(
+            principal, resolved.row.id, resolved.path, chain_pem, ctx
+        )
+        return self.get(principal, resolved.row.id)
+
+    def enroll(
+        self, principal: Principal, ref: str, ctx: RequestContext, tsg_id: str | None = None
+    ) -> p.SigningKey:
+        """Send the key's pending request to its EST connector again."""
+        with self._db.read() as s:
+            resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
+        self._connector_requests().enroll(principal, resolved.row.id, resolved.path, ctx)
+        return self.get(principal, resolved.row.id)
+
+    def _connector_requests(self) -> CertificateRequests:
+        if self._requests is None:
+            raise InvalidRequest("CA connectors are not available on this server")
+        return self._requests
+
     # ------------------------------------------------------------ helpers
 
     def _rows_in(
@@ -567,6 +664,7 @@ class KeyService:
         )
         wire_versions: list[p.KeyVersion] = []
         current_pem, current_chain = "", []
+        request: p.CertificateRequest | None = None
         for v in versions:
             pem = public_key_pem(load_public_key_der(v.public_key_der))
             cert = certs.get(v.certificate_id) if v.certificate_id else None
@@ -581,6 +679,8 @@ class KeyService:
             )
             if v.version == key.current_version:
                 current_pem, current_chain = pem, chain_list(cert.chain_pem if cert else None)
+                if key.ca_connector_id is not None and self._requests is not None:
+                    request = self._requests.newest(s, v)
         algorithm = Algorithm(key.algorithm)
         return p.SigningKey(
             id=key.id,
@@ -597,6 +697,8 @@ class KeyService:
             certificate_chain=current_chain,
             versions=wire_versions,
             created_at=key.created_at,
+            ca_connector_id=key.ca_connector_id,
+            certificate_request=request,
         )
 
 

@@ -1,0 +1,522 @@
+"""Certificates for signing keys from external CA connectors.
+
+A key bound to a connector gets a CSR made and signed through its key store
+(the CSR's signature is the proof that the private key exists there and never
+left), and waits ``pending`` until the CA's chain arrives: uploaded by an
+administrator (``csr`` connector) or fetched by RFC 7030 enrollment (``est``).
+The chain is checked (signery.server.ca.chains) before anything changes; then
+one transaction records the certificate, makes it current, activates the key
+and answers the request. A refused chain changes nothing; a failed EST
+enrollment only notes its error on the request, for the operator and a retry.
+
+Renewing or reissuing a connector key asks the CA again in the same way; the
+key keeps signing with its current certificate until the new one arrives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from signery import protocol as p
+from signery.crypto import PublicKey
+from signery.errors import (
+    Conflict,
+    ConnectorFailed,
+    InvalidRequest,
+    NoCertificateRequest,
+    NoPendingRequest,
+    SignatureVerificationFailed,
+    SigneryError,
+)
+from signery.keystores import KeyHandle, KeyStore, KeyStoreRegistry, remote_private_key
+from signery.protocol import (
+    AuditOutcome,
+    CertificateRequestStatus,
+    ConnectorKind,
+    KeyStatus,
+)
+from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind, outcome_of
+from signery.server.authz import Principal
+from signery.server.ca.chains import parse_certificates, pem_of, validate_issued_chain
+from signery.server.ca.connectors import Connector, ConnectorService
+from signery.server.ca.est import EstClient
+from signery.server.ca.service import signature_hash, subject_name
+from signery.server.clock import Clock
+from signery.server.context import RequestContext
+from signery.server.db import Database, flush_unique, new_id
+from signery.server.keys.models import (
+    CertificateRequestRow,
+    CertificateRow,
+    KeyVersionRow,
+    SigningKeyRow,
+)
+from signery.server.tsg.service import actor_of
+
+log = logging.getLogger("signery.keys")
+
+ENROLL = "enroll"
+RENEW = "renew"
+REISSUE = "reissue"
+MAX_ERROR_CHARS = 1000
+_PENDING = CertificateRequestStatus.PENDING.value
+
+
+def build_csr(
+    store: KeyStore,
+    handle: KeyHandle,
+    public_key: PublicKey,
+    subject: p.KeySubject,
+    default_cn: str,
+) -> x509.CertificateSigningRequest:
+    """A PKCS#10 request signed by the key store, asking for a code-signing profile
+    (RFC 2986 extensionRequest: EKU codeSigning, KU digitalSignature)."""
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(subject_name(subject, default_cn))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    if subject.email:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.RFC822Name(subject.email)]), critical=False
+        )
+    csr = builder.sign(
+        remote_private_key(store, handle, public_key), signature_hash(handle.algorithm)
+    )
+    # Verify-after-sign, as for every signature a store makes.
+    if not csr.is_signature_valid:
+        raise SignatureVerificationFailed("the key store's CSR signature does not verify")
+    return csr
+
+
+def request_wire(row: CertificateRequestRow, key_version: int) -> p.CertificateRequest:
+    return p.CertificateRequest(
+        id=row.id,
+        key_version=key_version,
+        connector_id=row.connector_id,
+        purpose=row.purpose,
+        status=CertificateRequestStatus(row.status),
+        error=row.error,
+        csr_pem=row.csr_pem,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """What an answer to a pending request is checked against."""
+
+    key_id: str
+    tsg_id: str
+    algorithm: str
+    version: int
+    request_id: str
+    purpose: str
+    csr_pem: str
+    public_key: PublicKey
+    connector: Connector
+
+
+class CertificateRequests:
+    def __init__(
+        self,
+        db: Database,
+        recorder: AuditRecorder,
+        clock: Clock,
+        keystores: KeyStoreRegistry,
+        connectors: ConnectorService,
+        *,
+        est_transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._db = db
+        self._recorder = recorder
+        self._clock = clock
+        self._keystores = keystores
+        self._connectors = connectors
+        self._est_transport = est_transport
+
+    # ------------------------------------------------------------ used by KeyService
+
+    def connector_for(
+        self, s: Session, ref: str | None, key_path: str, store: KeyStore
+    ) -> Connector:
+        if not ref:
+            raise InvalidRequest("certificate_authority=connector needs ca_connector (name or id)")
+        return self._connectors.for_key(s, ref, key_path, store.kind)
+
+    def new_request(
+        self,
+        version_id: str,
+        connector: Connector,
+        purpose: str,
+        subject: p.KeySubject,
+        csr: x509.CertificateSigningRequest,
+        now: datetime,
+    ) -> CertificateRequestRow:
+        return CertificateRequestRow(
+            id=new_id(),
+            key_version_id=version_id,
+            connector_id=connector.id,
+            purpose=purpose,
+            subject_json=subject.model_dump_json(),
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            status=_PENDING,
+            error=None,
+            certificate_id=None,
+            created_at=now,
+            updated_at=now,
+        )
+
+    def newest(self, s: Session, version: KeyVersionRow) -> p.CertificateRequest | None:
+        row = s.scalars(
+            select(CertificateRequestRow)
+            .where(CertificateRequestRow.key_version_id == version.id)
+            .order_by(CertificateRequestRow.created_at.desc(), CertificateRequestRow.id)
+            .limit(1)
+        ).first()
+        return request_wire(row, version.version) if row is not None else None
+
+    def csr_pem(self, s: Session, key: SigningKeyRow) -> str:
+        """The CSR of the key's pending request (PEM), for the administrator to take
+        to the CA."""
+        row = self._pending_row(s, key)
+        if row is None:
+            raise NoCertificateRequest("the key has no pending certificate request")
+        return row.csr_pem
+
+    def request_again(
+        self,
+        principal: Principal,
+        key_id: str,
+        tsg_path: str,
+        handle: KeyHandle,
+        subject: p.KeySubject,
+        purpose: str,
+        ctx: RequestContext,
+    ) -> None:
+        """Renew or reissue through the connector: a new CSR for the same key pair
+        (any older pending request is superseded). The current certificate stays in
+        use until the new one is installed."""
+        with self._db.read() as s:
+            key = self._key(s, key_id)
+            version = self._current_version(s, key)
+            connector = self._connectors.by_id(s, self._connector_id(key))
+        store = self._keystores.get(key.storage)
+        connector.check_store(store.kind)
+        public_key = _public_key(version.public_key_der)
+        csr = build_csr(store, handle, public_key, subject, key.name)
+        now = self._clock.now()
+        with self._db.write() as s:
+            older = s.scalars(
+                select(CertificateRequestRow).where(
+                    CertificateRequestRow.key_version_id == version.id,
+                    CertificateRequestRow.status == _PENDING,
+                )
+            ).all()
+            for previous in older:
+                previous.status = CertificateRequestStatus.SUPERSEDED.value
+                previous.updated_at = now
+            row = self.new_request(version.id, connector, purpose, subject, csr, now)
+            s.add(row)
+            s.flush()
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.CERTIFICATE_REQUESTED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=key.tsg_id,
+                    tsg_path=tsg_path,
+                    key_id=key.id,
+                    key_version=version.version,
+                    algorithm=key.algorithm,
+                    context=ctx,
+                    details={
+                        "certificate_request": row.id,
+                        "purpose": purpose,
+                        "ca_connector": connector.id,
+                        "subject": x509.load_pem_x509_csr(
+                            row.csr_pem.encode()
+                        ).subject.rfc4514_string(),
+                        "superseded": [r.id for r in older],
+                    },
+                ),
+            )
+        if connector.kind is ConnectorKind.EST:
+            self.try_enroll(principal, key_id, tsg_path, ctx)
+
+    # ------------------------------------------------------------ answers from the CA
+
+    def install(
+        self, principal: Principal, key_id: str, tsg_path: str, chain_text: str, ctx: RequestContext
+    ) -> None:
+        """Install the chain an administrator brought back from the CA (csr
+        connector; also accepted for an est connector whose CA answered out of band)."""
+        pending = self._pending(key_id)
+        certs = parse_certificates(chain_text)
+        chain = validate_issued_chain(
+            certs, pending.public_key, pending.connector.roots, self._clock.now()
+        )
+        self._install(principal, pending, chain, tsg_path, ctx)
+
+    def enroll(self, principal: Principal, key_id: str, tsg_path: str, ctx: RequestContext) -> None:
+        """Send the pending request to the connector's EST server and install what
+        comes back. A failure is noted on the request, audited, and raised."""
+        pending = self._pending(key_id)
+        connector = pending.connector
+        if connector.kind is not ConnectorKind.EST or connector.est is None:
+            raise InvalidRequest(
+                f"CA connector {connector.name!r} is a {connector.kind.value} connector: "
+                "upload the issued chain instead"
+            )
+        csr = x509.load_pem_x509_csr(pending.csr_pem.encode())
+        try:
+            with EstClient(connector.est, transport=self._est_transport) as est:
+                # RFC 7030 §4.2.2: a renewal (same subject) is a re-enrollment; a
+                # reissue changes the subject, so it is a new enrollment.
+                answer = est.enroll(csr, reenroll=pending.purpose == RENEW)
+                if answer.retry_after is not None:
+                    self._note(
+                        pending,
+                        f"accepted by the CA for approval; retry after {answer.retry_after} s",
+                    )
+                    return
+                try:
+                    # Intermediates the answer may leave out; never trust anchors.
+                    extra = est.cacerts()
+                except ConnectorFailed:
+                    extra = []
+            chain = validate_issued_chain(
+                [*answer.certificates, *extra],
+                pending.public_key,
+                connector.roots,
+                self._clock.now(),
+            )
+            self._install(principal, pending, chain, tsg_path, ctx)
+        except NoPendingRequest:
+            raise  # answered meanwhile (another enrollment won): nothing to note
+        except SigneryError as e:
+            self._failed(principal, pending, tsg_path, e, ctx)
+            raise
+
+    def try_enroll(
+        self, principal: Principal, key_id: str, tsg_path: str, ctx: RequestContext
+    ) -> None:
+        """Enroll now; a failure stays noted on the request (and audited) for a retry
+        with ``POST /api/v1/keys/{key}/enroll``, instead of failing the caller."""
+        try:
+            self.enroll(principal, key_id, tsg_path, ctx)
+        except SigneryError as e:
+            # Noted on the request and audited by enroll(); the caller sees the
+            # key pending with certificate_request.error.
+            log.info("EST enrollment failed", extra={"key_id": key_id, "code": e.code})
+
+    # ------------------------------------------------------------ internals
+
+    def _install(
+        self,
+        principal: Principal,
+        pending: _Pending,
+        chain: tuple[x509.Certificate, ...],
+        tsg_path: str,
+        ctx: RequestContext,
+    ) -> None:
+        leaf = chain[0]
+        now = self._clock.now()
+        serial = format(leaf.serial_number, "x")
+        with self._db.write() as s:
+            request = s.get(CertificateRequestRow, pending.request_id, with_for_update=True)
+            if request is None or request.status != _PENDING:
+                raise NoPendingRequest(
+                    "the certificate request was answered or superseded meanwhile"
+                )
+            version = s.get(KeyVersionRow, request.key_version_id)
+            key = s.get(SigningKeyRow, pending.key_id)
+            assert version is not None
+            assert key is not None
+            cert = CertificateRow(
+                id=new_id(),
+                key_version_id=version.id,
+                serial=serial,
+                subject=leaf.subject.rfc4514_string(),
+                issuer=leaf.issuer.rfc4514_string(),
+                not_before=leaf.not_valid_before_utc,
+                not_after=leaf.not_valid_after_utc,
+                fingerprint_sha256=hashlib.sha256(
+                    leaf.public_bytes(serialization.Encoding.DER)
+                ).hexdigest(),
+                chain_pem=pem_of(chain),
+                source=pending.connector.id,
+                created_at=now,
+            )
+            s.add(cert)
+            flush_unique(s, Conflict(f"a certificate with serial {serial} is already recorded"))
+            previous = version.certificate_id
+            version.certificate_id = cert.id
+            activated = key.status == KeyStatus.PENDING.value
+            if version.status == KeyStatus.PENDING.value:
+                version.status = KeyStatus.ACTIVE.value
+            if activated:
+                key.status = KeyStatus.ACTIVE.value
+            key.subject_json = request.subject_json
+            key.updated_at = now
+            request.status = CertificateRequestStatus.ISSUED.value
+            request.certificate_id = cert.id
+            request.error = None
+            request.updated_at = now
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.CERTIFICATE_RECEIVED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=key.tsg_id,
+                    tsg_path=tsg_path,
+                    key_id=key.id,
+                    key_version=version.version,
+                    algorithm=key.algorithm,
+                    context=ctx,
+                    details={
+                        "certificate_request": request.id,
+                        "purpose": request.purpose,
+                        "ca_connector": pending.connector.id,
+                        "certificate_serial": serial,
+                        "certificate_subject": cert.subject,
+                        "certificate_issuer": cert.issuer,
+                        "not_after": cert.not_after.isoformat(),
+                        "previous_certificate_id": previous,
+                        "key_activated": activated,
+                    },
+                ),
+            )
+
+    def _failed(
+        self,
+        principal: Principal,
+        pending: _Pending,
+        tsg_path: str,
+        error: SigneryError,
+        ctx: RequestContext,
+    ) -> None:
+        message = f"{error.code}: {error.detail}"[:MAX_ERROR_CHARS]
+        now = self._clock.now()
+        with self._db.write() as s:
+            request = s.get(CertificateRequestRow, pending.request_id, with_for_update=True)
+            if request is not None and request.status == _PENDING:
+                request.error = message
+                request.updated_at = now
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.ENROLLMENT_FAILED,
+                    outcome_of(error),
+                    actor_of(principal),
+                    reason=error.code,
+                    tsg_id=pending.tsg_id,
+                    tsg_path=tsg_path,
+                    key_id=pending.key_id,
+                    key_version=pending.version,
+                    algorithm=pending.algorithm,
+                    context=ctx,
+                    details={
+                        "certificate_request": pending.request_id,
+                        "ca_connector": pending.connector.id,
+                        "detail": error.detail[:MAX_ERROR_CHARS],
+                    },
+                ),
+            )
+        error.audited = True
+
+    def _note(self, pending: _Pending, message: str) -> None:
+        with self._db.write() as s:
+            request = s.get(CertificateRequestRow, pending.request_id, with_for_update=True)
+            if request is not None and request.status == _PENDING:
+                request.error = message
+                request.updated_at = self._clock.now()
+
+    def _pending(self, key_id: str) -> _Pending:
+        with self._db.read() as s:
+            key = self._key(s, key_id)
+            version = self._current_version(s, key)
+            request = self._pending_row(s, key)
+            if request is None:
+                raise NoPendingRequest(
+                    "the key has no pending certificate request: renew or reissue it to make one"
+                )
+            connector = self._connectors.by_id(s, self._connector_id(key))
+        return _Pending(
+            key_id=key.id,
+            tsg_id=key.tsg_id,
+            algorithm=key.algorithm,
+            version=version.version,
+            request_id=request.id,
+            purpose=request.purpose,
+            csr_pem=request.csr_pem,
+            public_key=_public_key(version.public_key_der),
+            connector=connector,
+        )
+
+    def _pending_row(self, s: Session, key: SigningKeyRow) -> CertificateRequestRow | None:
+        return s.scalars(
+            select(CertificateRequestRow)
+            .join(KeyVersionRow, KeyVersionRow.id == CertificateRequestRow.key_version_id)
+            .where(
+                KeyVersionRow.key_id == key.id,
+                KeyVersionRow.version == key.current_version,
+                CertificateRequestRow.status == _PENDING,
+            )
+            .order_by(CertificateRequestRow.created_at.desc())
+            .limit(1)
+        ).first()
+
+    @staticmethod
+    def _key(s: Session, key_id: str) -> SigningKeyRow:
+        key = s.get(SigningKeyRow, key_id)
+        assert key is not None
+        return key
+
+    @staticmethod
+    def _current_version(s: Session, key: SigningKeyRow) -> KeyVersionRow:
+        version = s.scalar(
+            select(KeyVersionRow).where(
+                KeyVersionRow.key_id == key.id, KeyVersionRow.version == key.current_version
+            )
+        )
+        assert version is not None
+        return version
+
+    @staticmethod
+    def _connector_id(key: SigningKeyRow) -> str:
+        if key.ca_connector_id is None:
+            raise InvalidRequest("this key is not certified through a CA connector")
+        return key.ca_connector_id
+
+
+def _public_key(der: bytes) -> PublicKey:
+    key: Any = serialization.load_der_public_key(der)
+    return key  # type: ignore[no-any-return]
