@@ -36,6 +36,10 @@ key_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
 audit_app = typer.Typer(help="Audit events.", no_args_is_help=True)
 ca_app = typer.Typer(help="The built-in CA.", no_args_is_help=True)
 keystore_app = typer.Typer(help="Key stores: where private keys live.", no_args_is_help=True)
+ca_connector_app = typer.Typer(
+    help="External CA connectors (csr, est), configured on a TSG for the keys below it.",
+    no_args_is_help=True,
+)
 user_app.add_typer(token_app, name="token")
 
 
@@ -449,8 +453,15 @@ def key_create(
     algorithm: Annotated[p.Algorithm, typer.Option(help="Key algorithm.")],
     tsg: TsgOpt = None,
     ca: Annotated[
-        p.CertificateAuthority, typer.Option("--ca", help="Who certifies the key: builtin or none.")
+        p.CertificateAuthority,
+        typer.Option("--ca", help="Who certifies the key: builtin, connector or none."),
     ] = p.CertificateAuthority.NONE,
+    connector: Annotated[
+        str | None,
+        typer.Option(
+            "--connector", help="CA connector (name or id) for --ca connector; implies it."
+        ),
+    ] = None,
     storage: Annotated[
         str,
         typer.Option(help="Key store: builtin, aws-kms or pkcs11 (see `signery keystore list`)."),
@@ -481,7 +492,12 @@ def key_create(
         "tsg_id": tsg,
         "algorithm": algorithm.value,
         "storage": storage,
-        "certificate_authority": ca.value,
+        "certificate_authority": (
+            p.CertificateAuthority.CONNECTOR
+            if connector and ca is p.CertificateAuthority.NONE
+            else ca
+        ).value,
+        "ca_connector": connector,
         "subject": {k: v for k, v in subject.items() if v is not None},
         "validity_days": validity_days,
         "description": description,
@@ -493,6 +509,7 @@ def key_create(
     else:
         out.print(f"created key [bold]{key.name}[/]")
         _key_details(key)
+        _request_note(key)
 
 
 DURATION_UNITS = {"d": 1, "w": 7, "y": 365}
@@ -790,6 +807,228 @@ def key_revoke_certificate(
         print_json(record)
     else:
         out.print(f"revoked certificate [bold]{record.serial}[/] ({record.revocation_reason})")
+
+
+def _request_note(key: p.SigningKey) -> None:
+    """What an administrator should do about a key waiting for its CA connector."""
+    request = key.certificate_request
+    if request is None or request.status is not p.CertificateRequestStatus.PENDING:
+        return
+    if request.error:
+        err.print(f"[yellow]certificate request {request.id}: {request.error}[/]", highlight=False)
+        err.print(f"retry with: signery key enroll {key.name}", highlight=False)
+    else:
+        err.print(
+            f"[yellow]waiting for the CA ({request.purpose}): get the CSR with "
+            f"`signery key csr {key.name} -o {key.name}.csr`, then "
+            f"`signery key upload-certificate {key.name} chain.pem`[/]",
+            highlight=False,
+        )
+
+
+@key_app.command("csr")
+def key_csr(
+    ctx: typer.Context,
+    key: str,
+    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The CSR of the key's pending certificate request (PEM), for the CA."""
+    _pem_command(ctx, f"{API}/keys/{key}/csr", output, tsg, as_json, "csr_pem")
+
+
+@key_app.command("upload-certificate")
+def key_upload_certificate(
+    ctx: typer.Context,
+    key: str,
+    chain: Annotated[Path, typer.Argument(help="PEM file: the issued certificate and its chain.")],
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Install the certificate a CA issued for the key's CSR. It must certify the key,
+    carry the codeSigning EKU and reach the connector's roots."""
+    try:
+        pem = chain.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClientError(f"cannot read {chain}") from e
+    with connection(ctx).admin() as c:
+        found = c.call(
+            "POST",
+            f"{API}/keys/{key}/certificate",
+            p.SigningKey,
+            json={"chain_pem": pem},
+            params={"tsg_id": tsg},
+        )
+
+    def human() -> None:
+        out.print(f"key {found.name}: {found.status.value}")
+        _key_details(found)
+
+    emit(found, as_json, human)
+
+
+@key_app.command("enroll")
+def key_enroll(
+    ctx: typer.Context,
+    key: str,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send the key's pending request to its EST connector again."""
+    with connection(ctx).admin() as c:
+        found = c.call("POST", f"{API}/keys/{key}/enroll", p.SigningKey, params={"tsg_id": tsg})
+
+    def human() -> None:
+        out.print(f"key {found.name}: {found.status.value}")
+        _key_details(found)
+        _request_note(found)
+
+    emit(found, as_json, human)
+
+
+# ------------------------------------------------------------------ CA connectors
+
+
+def _read_text(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text("ascii")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClientError(f"cannot read {what} {path}") from e
+
+
+def _connector_details(c: p.CaConnector) -> None:
+    rows: list[tuple[str, Any]] = [
+        ("id", c.id),
+        ("name", c.name),
+        ("tsg", c.tsg_id),
+        ("kind", c.kind.value),
+        ("public", c.public),
+        ("roots", "; ".join(f"{r.subject} ({r.fingerprint_sha256[:16]})" for r in c.roots)),
+    ]
+    if c.est is not None:
+        rows += [
+            ("EST URL", c.est.url),
+            ("EST user", c.est.username or "-"),
+            ("password", "set" if c.est.has_password else "none"),
+            ("TLS CA", "configured" if c.est.tls_ca_pem else "system trust store"),
+            ("client cert", "set" if c.est.has_client_key else "none"),
+        ]
+    details(rows)
+
+
+@ca_connector_app.command("create")
+def ca_connector_create(
+    ctx: typer.Context,
+    name: str,
+    kind: Annotated[p.ConnectorKind, typer.Option("--kind", help="csr or est.")],
+    roots: Annotated[
+        Path, typer.Option(help="PEM file: the trust anchors issued chains must reach.")
+    ],
+    tsg: TsgOpt = None,
+    public: Annotated[
+        bool, typer.Option("--public", help="A public CA: only hardware-store keys may use it.")
+    ] = False,
+    est_url: Annotated[
+        str | None,
+        typer.Option(help="EST base URL: https://host/.well-known/est (or .../est/LABEL)."),
+    ] = None,
+    est_username: Annotated[str | None, typer.Option(help="EST HTTP basic auth user.")] = None,
+    est_password_file: Annotated[
+        Path | None, typer.Option(help="File holding the EST password (- for stdin).")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA bundle for the EST server's TLS certificate.")
+    ] = None,
+    client_cert: Annotated[
+        Path | None, typer.Option(help="PEM TLS client certificate for the EST server.")
+    ] = None,
+    client_key: Annotated[Path | None, typer.Option(help="Its PEM private key.")] = None,
+    timeout: Annotated[float, typer.Option(help="EST request timeout in seconds.")] = 30,
+    as_json: JsonOpt = False,
+) -> None:
+    """Configure an external CA on a TSG. Secrets are stored encrypted, never shown."""
+    from signery.cli._common import read_secret_file
+
+    body: dict[str, Any] = {
+        "name": name,
+        "tsg_id": tsg,
+        "kind": kind.value,
+        "public": public,
+        "roots_pem": _read_text(roots, "roots"),
+    }
+    if kind is p.ConnectorKind.EST:
+        if not est_url:
+            raise ClientError("an est connector needs --est-url")
+        body["est"] = {
+            "url": est_url,
+            "username": est_username,
+            "password": read_secret_file(est_password_file) if est_password_file else None,
+            "tls_ca_pem": _read_text(tls_ca, "TLS CA bundle"),
+            "client_certificate_pem": _read_text(client_cert, "client certificate"),
+            "client_key_pem": _read_text(client_key, "client key"),
+            "timeout_seconds": timeout,
+        }
+    with connection(ctx).admin() as c:
+        created = c.call("POST", f"{API}/ca-connectors", p.CaConnector, json=body)
+
+    def human() -> None:
+        out.print(f"created CA connector [bold]{created.name}[/]")
+        _connector_details(created)
+
+    emit(created, as_json, human)
+
+
+@ca_connector_app.command("list")
+def ca_connector_list(
+    ctx: typer.Context,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """CA connectors you can see."""
+    with connection(ctx).admin() as c:
+        found = c.call("GET", f"{API}/ca-connectors", list[p.CaConnector], params={"tsg_id": tsg})
+    emit(
+        found,
+        as_json,
+        lambda: table(
+            None,
+            ["name", "id", "tsg", "kind", "public", "EST URL"],
+            [
+                (x.name, x.id, x.tsg_id, x.kind.value, x.public, x.est.url if x.est else "")
+                for x in found
+            ],
+        ),
+    )
+
+
+@ca_connector_app.command("show")
+def ca_connector_show(
+    ctx: typer.Context,
+    connector: str,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    with connection(ctx).admin() as c:
+        found = c.call(
+            "GET", f"{API}/ca-connectors/{connector}", p.CaConnector, params={"tsg_id": tsg}
+        )
+    emit(found, as_json, lambda: _connector_details(found))
+
+
+@ca_connector_app.command("delete")
+def ca_connector_delete(
+    ctx: typer.Context,
+    connector: str,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a connector that no key uses."""
+    with connection(ctx).admin() as c:
+        c.call_empty("DELETE", f"{API}/ca-connectors/{connector}", params={"tsg_id": tsg})
+    emit({"deleted": connector}, as_json, lambda: out.print(f"deleted CA connector {connector}"))
 
 
 @keystore_app.command("list")

@@ -237,8 +237,8 @@ class Client:
     def call_text(self, path: str, params: Mapping[str, Any] | None = None) -> str:
         return self._management("GET", path, params=params).text
 
-    def call_empty(self, method: str, path: str) -> None:
-        self._management(method, path)
+    def call_empty(self, method: str, path: str, params: Mapping[str, Any] | None = None) -> None:
+        self._management(method, path, params=params)
 
     def call_bytes(self, path: str, params: Mapping[str, Any] | None = None) -> bytes:
         """A GET whose answer is binary (a DER CRL or certificate)."""
