@@ -24,6 +24,7 @@ class ErrorKind(StrEnum):
     CONFLICT = "conflict"
     TOO_LARGE = "too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    TOO_MANY_REQUESTS = "too_many_requests"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -347,6 +348,17 @@ class UnsupportedMediaType(SigneryError):
     code = "unsupported_media_type"
     kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
     title = "Unsupported media type"
+
+
+# ----------------------------------------------------------------- 429
+
+
+class RateLimited(SigneryError):
+    """A rate limit refused the request; ``retry_after`` (seconds) says when to try again."""
+
+    code = "rate_limited"
+    kind = ErrorKind.TOO_MANY_REQUESTS
+    title = "Too many requests"
 
 
 # ----------------------------------------------------------------- 5xx

@@ -84,9 +84,10 @@ def test_rotation_rewraps_everything_and_retires_the_old_key(fresh: Installation
     [old_id] = wrapped_by(fresh)
     report = rotate_master_key(fresh.settings)
     assert report.previous_key_ids == [old_id]
-    assert report.rewrapped == 20 + 2  # the keys above and the CA's two keys
+    # The keys above, the CA's two keys and the time-stamping authority's key.
+    assert report.rewrapped == 20 + 3
     assert not report.resumed
-    assert wrapped_by(fresh) == {report.new_key_id: 22}
+    assert wrapped_by(fresh) == {report.new_key_id: 23}
     primary, entries = KeyringFile(fresh.settings.resolved_master_key_file).read()
     assert primary == report.new_key_id
     assert [e.key.key_id for e in entries] == [report.new_key_id]
@@ -106,7 +107,7 @@ def test_rotation_rewraps_everything_and_retires_the_old_key(fresh: Installation
         )
         [event] = events["events"]
         assert event["details"]["to"] == report.new_key_id
-        assert event["details"]["rewrapped"] == 22
+        assert event["details"]["rewrapped"] == 23
     db = Database(make_engine(fresh.settings.resolved_database_url, pool_size=1))
     try:
         with db.read() as s:
@@ -152,7 +153,7 @@ def test_a_rotation_killed_part_way_leaves_every_key_usable(fresh: Installation)
     report = rotate_master_key(fresh.settings)
     assert report.resumed
     assert report.previous_key_ids == [old_id]
-    assert wrapped_by(fresh) == {report.new_key_id: 302}
+    assert wrapped_by(fresh) == {report.new_key_id: 303}  # + the CA's 2 and the TSA's
     sign_all(fresh, handles)
 
 

@@ -21,6 +21,8 @@ from signery.server.authz import Principal
 from signery.server.ca.connector_routes import router as ca_connectors_router
 from signery.server.ca.est_routes import router as est_router
 from signery.server.ca.routes import router as ca_router
+from signery.server.ca.tsa import MAX_QUERY_BYTES
+from signery.server.ca.tsa_routes import router as tsa_router
 from signery.server.clock import Clock
 from signery.server.config import Settings, load_settings
 from signery.server.container import Core, Services
@@ -88,6 +90,7 @@ def create_app(
         ca_router,
         ca_connectors_router,
         est_router,
+        tsa_router,
         audit_router,
     ):
         app.include_router(router)
@@ -113,7 +116,10 @@ def create_app(
         EdgeMiddleware,
         metrics=services.metrics,
         max_body=settings.max_body_bytes,
-        limits_by_prefix={f"{API_PREFIX}/signing/": settings.max_sign_body_bytes},
+        limits_by_prefix={
+            f"{API_PREFIX}/signing/": settings.max_sign_body_bytes,
+            f"{API_PREFIX}/tsa": MAX_QUERY_BYTES,
+        },
         on_too_large=on_too_large,
         access_log_enabled=settings.access_log,
         fast_route=SignDispatcher(services),

@@ -2,9 +2,10 @@
 
 Creates, in this order: the data directory (0700), the database schema
 (Alembic), the master key file (0600, never overwritten), then in ONE
-transaction: the root TSG, the built-in CA's rows, the bootstrap superuser
-with an API token, and the installation facts. Running it again on an
-initialized installation changes nothing and prints no secret.
+transaction: the root TSG, the built-in CA's rows (and the time-stamping
+authority's), the bootstrap superuser with an API token, and the installation
+facts. Running it again on an initialized installation changes nothing and
+prints no secret.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from signery.keystores import Keyring, KeyringEntry, KeyringFile, MasterKey
 from signery.protocol import AuditOutcome, PrincipalType, Role
 from signery.server import meta, migrate
 from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, EventKind
+from signery.server.ca.tsa import TsaConfig, created_record, provision_at_init
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
 from signery.server.container import Core, keyring_file, load_keyring
@@ -142,6 +144,21 @@ def _create(
             organization=settings.ca_organization,
             installation=installation_id[:8],
         )
+        try:
+            # The TSA (RFC 3161), certified by the CA just made; None when its key
+            # store is not opened here (then it is made on first use).
+            created_tsa = provision_at_init(
+                core.keystores,
+                clock,
+                TsaConfig.of(settings),
+                created_ca,
+                root_tsg_id=root_tsg_id,
+                installation=installation_id[:8],
+            )
+        except BaseException:
+            for handle in created_ca.handles:
+                core.keystores.get(handle.store).destroy(handle)
+            raise
         users = core.users()
         password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
         password_hash = users.hash_password(password)
@@ -152,6 +169,8 @@ def _create(
                 s.flush()
                 for row in created_ca.rows:
                     s.add(row)
+                if created_tsa is not None:
+                    s.add(created_tsa.row)
                 user = users.insert_user(s, admin_username, password_hash, root.id)
                 users.insert_binding(s, user.id, Role.SUPERUSER, root.id)
                 token, token_row = users.insert_token(
@@ -221,10 +240,14 @@ def _create(
                     ),
                 ):
                     core.recorder.record(s, record)
+                if created_tsa is not None:
+                    core.recorder.record(s, created_record(created_tsa, root.path, when="init"))
         except BaseException:
-            store = core.keystores.get("builtin")
+            if created_tsa is not None:
+                core.keystores.get(created_tsa.handle.store).destroy(created_tsa.handle)
+            # Each handle in the store that made it (ca_storage may be an HSM or KMS).
             for handle in created_ca.handles:
-                store.destroy(handle)
+                core.keystores.get(handle.store).destroy(handle)
             raise
         return InitResult(
             created=True,

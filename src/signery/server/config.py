@@ -7,7 +7,9 @@ environment variables, a TOML file (``SIGNERY_CONFIG`` or ``--config``), default
 from __future__ import annotations
 
 import os
+import re
 import socket
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,21 @@ from signery.protocol import Algorithm
 ENV_PREFIX = "SIGNERY_"
 CONFIG_ENV = "SIGNERY_CONFIG"
 DEFAULT_DATA_DIR = Path("signery-data")
+# Signery's default TSA policy. An OID under 2.25 is a UUID written as one integer
+# (ITU-T X.667 §6.3, RFC 4122 §1): globally unique without a registration, where an
+# arc under 1.3.6.1.4.1 needs an IANA Private Enterprise Number Signery does not
+# have (a made-up one would squat on another organization's arc). Operators with a
+# written TSA policy of their own set its OID in tsa_policy_oid.
+DEFAULT_TSA_POLICY_OID = "2.25.170333272617973591476890118894301136840"
+OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+
+
+class TsaAccess(StrEnum):
+    """Who may ask the time-stamping authority for a timestamp."""
+
+    PUBLIC = "public"  # anyone, rate limited per client (like public TSAs)
+    AUTHENTICATED = "authenticated"  # an API token or an account's access token
+    DISABLED = "disabled"  # POST /api/v1/tsa answers 404
 
 
 class Settings(BaseSettings):
@@ -79,6 +96,31 @@ class Settings(BaseSettings):
     ca_storage: str = Field(default="builtin", description="Key store of the built-in CA's keys")
     crl_validity_hours: int = Field(default=168, ge=2, le=24 * 90, description="CRL nextUpdate")
 
+    # RFC 3161 time-stamping authority (POST /api/v1/tsa; signery.server.ca.tsa).
+    tsa_policy_oid: str = Field(
+        default=DEFAULT_TSA_POLICY_OID,
+        description="TSA policy OID written into every timestamp (RFC 3161 §2.4.2 policy)",
+    )
+    tsa_accuracy_seconds: int = Field(
+        default=1, ge=1, le=60, description="Accuracy of genTime (RFC 3161 §2.4.2 accuracy)"
+    )
+    tsa_rate_limit_per_minute: int = Field(
+        default=60,
+        ge=1,
+        le=1_000_000,
+        description="Timestamps per client address (IPv6: per /64) per minute, per process",
+    )
+    tsa_algorithm: Algorithm = Field(
+        default=Algorithm.EC_P256, description="Algorithm of the TSA key, chosen when it is made"
+    )
+    tsa_storage: str | None = Field(
+        default=None, description="Key store of the TSA key (default: ca_storage)"
+    )
+    tsa_access: TsaAccess = Field(
+        default=TsaAccess.PUBLIC,
+        description="Who may get timestamps: public (rate limited), authenticated, disabled",
+    )
+
     aws_kms: AwsKmsSettings | None = Field(
         default=None, description="Enables the aws-kms key store ([aws_kms] / SIGNERY_AWS_KMS__*)"
     )
@@ -124,6 +166,15 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
+
+    @field_validator("tsa_policy_oid")
+    @classmethod
+    def _policy_oid(cls, v: str) -> str:
+        arcs = v.split(".")
+        # X.660 §A.4: under the roots 0 and 1 the second arc is at most 39.
+        if not OID_RE.fullmatch(v) or len(v) > 200 or (arcs[0] != "2" and int(arcs[1]) > 39):
+            raise ValueError("tsa_policy_oid must be a dotted object identifier such as 2.25.1")
+        return v
 
     @field_validator("log_level")
     @classmethod

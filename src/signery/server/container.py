@@ -36,6 +36,7 @@ from signery.server.authz import Authorizer, Principal
 from signery.server.ca.connectors import ConnectorService
 from signery.server.ca.est_server import EstService
 from signery.server.ca.service import BuiltinCa
+from signery.server.ca.tsa import TsaConfig, TsaService
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
 from signery.server.context import RequestContext
@@ -227,6 +228,9 @@ class Services:
             core.db, core.recorder, core.clock, core.keystores, self.metrics
         )
         self.audit = AuditService(core.db, core.authz)
+        self.tsa = TsaService(
+            core.db, core.keystores, core.recorder, core.clock, TsaConfig.of(core.settings)
+        )
         self.authn = Authenticator(core.db, core.directory, codec, core.clock, self.users)
 
     def _check_installation(self) -> dict[str, str]:

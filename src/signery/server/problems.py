@@ -38,6 +38,7 @@ STATUS_BY_KIND: dict[ErrorKind, int] = {
     ErrorKind.CONFLICT: 409,
     ErrorKind.TOO_LARGE: 413,
     ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorKind.TOO_MANY_REQUESTS: 429,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
 }
@@ -76,7 +77,8 @@ def problem_response(error: SigneryError, *, request_id: str | None, path: str |
             if path and path.startswith(EST_PREFIX)
             else 'Bearer error="invalid_token"'
         )
-    if status == 503:
+    if status in (429, 503):
+        # RFC 9110 §10.2.3 (503) and RFC 6585 §4 (429): when to try again.
         retry_after = error.extra.get("retry_after")
         headers["Retry-After"] = (
             str(int(retry_after))

@@ -122,3 +122,33 @@ def test_certificates_and_crl_from_a_hardware_ca_verify_with_openssl(
     refused = verify()
     assert refused.returncode != 0
     assert "certificate revoked" in refused.stdout + refused.stderr
+
+
+def test_a_failed_init_leaves_no_ca_key_on_the_token(tmp_path: Path) -> None:
+    """No half-created CA: when init's transaction fails, the keys it generated in
+    the hardware store are destroyed there (not looked for in the built-in store)."""
+    from signery.errors import SigneryError
+    from signery.server import migrate
+    from signery.server.bootstrap import initialize
+    from signery.server.config import load_settings
+
+    token = claim_token()
+    settings = load_settings(
+        data_dir=tmp_path, pkcs11=token.settings(), ca_storage="pkcs11", access_log=False
+    )
+    tmp_path.mkdir(exist_ok=True)
+    engine = make_engine(settings.resolved_database_url, pool_size=1)
+    try:
+        migrate.upgrade(engine)
+        with engine.begin() as conn:  # the database refuses init's audit events
+            conn.exec_driver_sql(
+                "CREATE TRIGGER audit_down BEFORE INSERT ON audit_events "
+                "BEGIN SELECT RAISE(ABORT, 'storage full'); END"
+            )
+    finally:
+        engine.dispose()
+    with pytest.raises(SigneryError):
+        initialize(settings)
+    listed = pkcs11_tool(token, "--list-objects", "--type", "privkey")
+    assert listed.returncode == 0, listed.stderr
+    assert "Private Key Object" not in listed.stdout, listed.stdout

@@ -85,6 +85,9 @@ class EventKind(StrEnum):
     CA_CONNECTOR_CREATED = "ca.connector.created"
     CA_CONNECTOR_UPDATED = "ca.connector.updated"
     CA_CONNECTOR_DELETED = "ca.connector.deleted"
+    TSA_CREATED = "tsa.created"
+    TIMESTAMP_ISSUED = "tsa.timestamp.issued"
+    TIMESTAMP_REFUSED = "tsa.timestamp.refused"
 
 
 def outcome_of(error: SigneryError) -> AuditOutcome:

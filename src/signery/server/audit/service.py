@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import false, or_, select
+from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.errors import InvalidRequest
@@ -14,6 +15,8 @@ from signery.protocol import AuditOutcome, PrincipalType
 from signery.server.accounts.models import AccountRow
 from signery.server.audit.models import AuditEventRow, UsageCounterRow
 from signery.server.authz import Authorizer, Permission, Principal
+from signery.server.ca.models import CaAuthorityRow
+from signery.server.ca.tsa import TSA
 from signery.server.db import Database
 from signery.server.keys.models import SigningKeyRow
 from signery.server.tsg.models import TsgRow
@@ -118,8 +121,8 @@ class AuditService:
     def usage(
         self, principal: Principal, scope: str | None = None, tsg_id: str | None = None
     ) -> p.UsageReport:
-        if scope not in (None, "key", "account"):
-            raise InvalidRequest("scope must be key or account")
+        if scope not in (None, "key", "account", "tsa"):
+            raise InvalidRequest("scope must be key, account or tsa")
         scopes = self._authz.scopes(principal, Permission.USAGE_READ)
         out: list[p.UsageCounter] = []
         with self._db.read() as s:
@@ -151,5 +154,34 @@ class AuditService:
                             last_used_at=counter.last_used_at,
                         )
                     )
+            if scope in (None, "tsa"):
+                out.extend(self._tsa_usage(s, scopes, tsg_id))
         out.sort(key=lambda c: (c.subject_type, -c.successes, c.name or ""))
         return p.UsageReport(counters=out)
+
+    @staticmethod
+    def _tsa_usage(s: Session, scopes: list[str], tsg_id: str | None) -> list[p.UsageCounter]:
+        """The time-stamping authority's counters: timestamps issued (successes) and
+        queries refused (failures). The recorder counts them under the TSA's key id
+        (scope "key"); the TSA is found by its ``ca_authorities`` row."""
+        q = (
+            select(UsageCounterRow, CaAuthorityRow.tsg_id)
+            .join(CaAuthorityRow, CaAuthorityRow.id == UsageCounterRow.subject_id)
+            .join(TsgRow, TsgRow.id == CaAuthorityRow.tsg_id)
+            .where(UsageCounterRow.scope == "key", CaAuthorityRow.role == TSA)
+            .where(or_(false(), *[TsgRow.path.startswith(sc, autoescape=True) for sc in scopes]))
+        )
+        if tsg_id:
+            q = q.where(CaAuthorityRow.tsg_id == tsg_id)
+        return [
+            p.UsageCounter(
+                subject_type="tsa",
+                subject_id=counter.subject_id,
+                name=TSA,
+                tsg_id=owner_tsg,
+                successes=counter.successes,
+                failures=counter.failures,
+                last_used_at=counter.last_used_at,
+            )
+            for counter, owner_tsg in s.execute(q).all()
+        ]

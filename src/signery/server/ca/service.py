@@ -408,39 +408,48 @@ class BuiltinCa:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([x509.RFC822Name(subject.email)]), critical=False
             )
-        if self.public_url:
-            # RFC 5280 §4.2.1.13 and §4.2.2.1: where relying parties find the CRL
-            # and the issuer's certificate (Signery's own endpoints).
-            base = self.public_url.rstrip("/")
-            builder = builder.add_extension(
-                x509.CRLDistributionPoints(
-                    [
-                        x509.DistributionPoint(
-                            full_name=[x509.UniformResourceIdentifier(f"{base}{CRL_PATH}")],
-                            relative_name=None,
-                            reasons=None,
-                            crl_issuer=None,
-                        )
-                    ]
-                ),
-                critical=False,
-            ).add_extension(
-                x509.AuthorityInformationAccess(
-                    [
-                        x509.AccessDescription(
-                            AuthorityInformationAccessOID.CA_ISSUERS,
-                            x509.UniformResourceIdentifier(f"{base}{ISSUER_CERT_PATH}"),
-                        )
-                    ]
-                ),
-                critical=False,
-            )
+        builder = with_revocation_pointers(builder, self.public_url)
         store = self._keystores.get(issuing.handle.store)
         ca_public = _ca_public_key(issuing.certificate)
         cert = builder.sign(
             remote_private_key(store, issuing.handle, ca_public), signature_hash(issuing.algorithm)
         )
         return IssuedCertificate(cert, (cert, issuing.certificate, root.certificate))
+
+
+def with_revocation_pointers(
+    builder: x509.CertificateBuilder, public_url: str | None
+) -> x509.CertificateBuilder:
+    """Add the CRL distribution point and the AIA caIssuers URL of the built-in
+    issuing CA (RFC 5280 §4.2.1.13 and §4.2.2.1: where relying parties find the CRL
+    and the issuer's certificate, Signery's own endpoints); unchanged when the
+    server has no ``public_url`` to point at."""
+    if not public_url:
+        return builder
+    base = public_url.rstrip("/")
+    return builder.add_extension(
+        x509.CRLDistributionPoints(
+            [
+                x509.DistributionPoint(
+                    full_name=[x509.UniformResourceIdentifier(f"{base}{CRL_PATH}")],
+                    relative_name=None,
+                    reasons=None,
+                    crl_issuer=None,
+                )
+            ]
+        ),
+        critical=False,
+    ).add_extension(
+        x509.AuthorityInformationAccess(
+            [
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.CA_ISSUERS,
+                    x509.UniformResourceIdentifier(f"{base}{ISSUER_CERT_PATH}"),
+                )
+            ]
+        ),
+        critical=False,
+    )
 
 
 def _ca_key_usage() -> x509.KeyUsage:
