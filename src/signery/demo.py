@@ -296,6 +296,7 @@ class Demo:
             ("Verify the signatures with openssl", self.step_verify_openssl),
             ("Renew the EC key's certificate: same key pair, new certificate", self.step_renew),
             ("Revoke the old certificate; the CRL lists it for openssl", self.step_crl),
+            ("Timestamp the signature with Signery's RFC 3161 TSA", self.step_timestamp),
         ]
         for store in self.hardware:
             self.steps.append(
@@ -1101,6 +1102,29 @@ class Demo:
         )
         self.note("ca.crl (DER) and ca.crl.pem list the old certificate as revoked (superseded);")
         self.note("openssl -crl_check refuses leaf.pem and accepts leaf-renewed.pem")
+
+    def step_timestamp(self) -> None:
+        # Only the signature's SHA-256 leaves the machine; the reply is checked
+        # (granted, same hash, same nonce) before it is written.
+        self.cli("timestamp", "app.bin.sig", "--query-out", "app.bin.sig.tsq",
+                 profile=BUILD_PROFILE)  # fmt: skip
+        shown = self.openssl_run("ts", "-reply", "-in", "app.bin.sig.tsr", "-text")
+        self.expect("Status: Granted." in shown.stdout, "the TSA did not grant the timestamp")
+        self.expect("Nonce: " in shown.stdout, "the timestamp does not echo the nonce")
+        # -queryfile also checks the nonce and the policy; -data recomputes the hash.
+        # The token carries the TSA certificate and the issuing CA: the root suffices.
+        for source in (("-queryfile", "app.bin.sig.tsq"), ("-data", "app.bin.sig")):
+            done = self.openssl_run(
+                "ts", "-verify", *source, "-in", "app.bin.sig.tsr", "-CAfile", "root-ca.pem"
+            )
+            self.expect(
+                "Verification: OK" in done.stdout,
+                "openssl ts -verify does not accept app.bin.sig.tsr",
+                done.stdout + done.stderr,
+            )
+        self.note("app.bin.sig.tsr is an RFC 3161 reply over app.bin.sig, signed by the TSA key")
+        self.note("(certificate: EKU timeStamping only, critical; issued by the built-in CA);")
+        self.note("openssl ts -verify accepts it against root-ca.pem alone")
 
     def step_refusal(self) -> None:
         self.state.disabled_at = time.time()

@@ -657,3 +657,48 @@ def test_bad_lifecycle_arguments_are_usage_errors(
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ timestamps
+
+
+@pytest.mark.interop
+def test_timestamp_writes_a_reply_that_openssl_verifies(
+    cli: Cli, world: dict[str, Any], ec_signed: tuple[list[Path], list[Any]]
+) -> None:
+    root = write_file(cli.work / "ts-root.pem", world["ec_key"]["certificate_chain"][2].encode())
+    signature = Path(ec_signed[1][0]["signature"])  # timestamp a signature, as formats will
+    query = cli.work / "sig.tsq"
+    # The build profile: only the hash leaves the machine, with the account's token.
+    (answer,) = cli.json(
+        "timestamp", signature, "--digest-algorithm", "sha384", "--query-out", query,
+        profile="build",
+    )  # fmt: skip
+    reply = Path(answer["output"])
+    assert answer["ok"] is True
+    assert reply == signature.with_name(signature.name + ".tsr")
+    assert answer["digest_algorithm"] == "sha384"
+    for source in (("-data", signature), ("-queryfile", query)):  # -queryfile checks the nonce
+        done = openssl("ts", "-verify", *source, "-in", reply, "-CAfile", root)
+        assert "Verification: OK" in done.stdout, done.stdout + done.stderr
+    shown = openssl("ts", "-reply", "-in", reply, "-text").stdout
+    assert "Status: Granted." in shown
+    assert f"Serial number: 0x{answer['serial'].upper()}" in shown
+
+    # The admin profile (API token) works too, and names the output with -o.
+    other = cli.work / "other.tsr"
+    cli.ok("timestamp", signature, "-o", other)
+    done = openssl("ts", "-verify", "-data", signature, "-in", other, "-CAfile", root)
+    assert "Verification: OK" in done.stdout, done.stdout + done.stderr
+
+
+def test_timestamp_failures_are_per_file_and_write_nothing(cli: Cli, world: dict[str, Any]) -> None:
+    artifact = write_file(cli.work / "ts-unreachable.bin", b"artifact\n")
+    stderr = cli.fails("timestamp", artifact, "--tsa", "http://127.0.0.1:9/tsa")
+    assert "timestamp_failed" in stderr
+    assert not artifact.with_name(artifact.name + ".tsr").exists()
+    assert not list(cli.work.glob(".*.partial"))
+    usage = cli.fails("timestamp", artifact, artifact, "-o", cli.work / "x.tsr")
+    assert "exactly one file" in usage
+    missing_file = cli.fails("timestamp", cli.work / "no-such-file")
+    assert "not a readable file" in missing_file

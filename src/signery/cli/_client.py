@@ -1,4 +1,4 @@
-"""Build-machine commands: login, keys, sign, verify."""
+"""Build-machine commands: login, keys, sign, verify, timestamp."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ from signery.cli._common import (
     table,
 )
 from signery.client import AccountCredentials, Client, Profile
+from signery.client._timestamp import request_timestamp
 from signery.crypto import PublicKey, hash_file, load_public_key_pem
-from signery.errors import ClientError, SignatureInvalid
+from signery.errors import ClientError, SignatureInvalid, SigneryError
 from signery.formats import SignOptions, SignResult, VerifyResult, get_format
 
 LARGE_FILE = 64 * 1024 * 1024  # show a progress bar above this size (on a terminal)
@@ -329,3 +330,88 @@ def home_dir() -> Path:
         return Path(os.environ["SIGNERY_HOME"])
     base = os.environ.get("XDG_CONFIG_HOME")
     return (Path(base) if base else Path.home() / ".config") / "signery"
+
+
+def timestamp(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="Files (or signatures) to timestamp.")],
+    tsa: Annotated[
+        str | None,
+        typer.Option(help="Any RFC 3161 TSA URL. Default: the Signery server's /api/v1/tsa."),
+    ] = None,
+    digest_algorithm: Annotated[
+        p.DigestAlgorithm, typer.Option(help="Hash sent as the message imprint.")
+    ] = p.DigestAlgorithm.SHA256,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Reply file (one input only).")
+    ] = None,
+    query_output: Annotated[
+        Path | None,
+        typer.Option(
+            "--query-out",
+            help="Also write the query (one input only), for `openssl ts -verify -queryfile`.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Get an RFC 3161 timestamp for each file: FILE.tsr, the DER TimeStampResp.
+
+    Only the file's hash leaves this machine. The reply is checked (granted, same
+    hash, same nonce) before it is written; `openssl ts -verify -data FILE -in
+    FILE.tsr -CAfile ROOT` verifies it. Every file is tried; the exit status is 1
+    if any failed."""
+    _check_files(files)
+    if (output is not None or query_output is not None) and len(files) != 1:
+        raise ClientError("-o/--output and --query-out work with exactly one file")
+    url, verify, headers = connection(ctx).timestamping(tsa)
+    results: list[dict[str, object]] = []
+    for f in files:
+        target = output or f.with_name(f.name + ".tsr")
+        try:
+            query, stamp = request_timestamp(
+                url, hash_file(f, digest_algorithm), headers=headers, verify=verify
+            )
+            _write_atomically(target, stamp.reply)
+            if query_output is not None:
+                _write_atomically(query_output, query.der)
+        except SigneryError as e:
+            results.append({"file": str(f), "ok": False, "code": e.code, "detail": e.detail})
+            continue
+        results.append(
+            {
+                "file": str(f),
+                "ok": True,
+                "output": str(target),
+                "gen_time": stamp.gen_time.isoformat(),
+                "serial": f"{stamp.serial:x}",
+                "policy": stamp.policy,
+                "digest_algorithm": digest_algorithm.value,
+            }
+        )
+    if as_json:
+        print_json(results)
+    else:
+        for r in results:
+            if r["ok"]:
+                out.print(
+                    f"timestamped {r['file']} -> {r['output']} ({r['gen_time']}, "
+                    f"serial {r['serial']}, policy {r['policy']})",
+                    highlight=False,
+                )
+            else:
+                err.print(
+                    f"[red]failed[/] {r['file']}: {r['code']}: {r['detail']}", highlight=False
+                )
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(1)
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` next to ``target``, then rename: never a half-written file."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise ClientError(f"cannot write {target}: {e.strerror}") from None

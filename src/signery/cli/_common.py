@@ -85,6 +85,29 @@ class Connection:
         creds = AccountCredentials.from_key_file(client_id, key_file)
         return Client(server, credentials=creds, verify=self._verify(profile))
 
+    def timestamping(self, tsa: str | None) -> tuple[str, bool | str, dict[str, str]]:
+        """(TSA URL, TLS verification, headers) for ``signery timestamp``.
+
+        Without ``--tsa`` the TSA is the profile's Signery server, and the profile's
+        credentials go along (a server with ``tsa_access = "authenticated"`` wants
+        them); an explicit ``--tsa`` URL is a third party and gets none of them."""
+        profile = self.profile()
+        verify = self._verify(profile)
+        if tsa is not None:
+            return tsa, verify, {}
+        server = self.server or (profile.server if profile else None)
+        if not server:
+            raise ClientError("no TSA: pass --tsa URL, --server, or run `signery login`")
+        url = f"{server.rstrip('/')}/api/v1/tsa"
+        token = self.api_token or (profile.api_token if profile else None)
+        if token:
+            return url, verify, {"Authorization": f"Bearer {token}"}
+        client_id = self.client_id or (profile.client_id if profile else None)
+        if client_id and (self.key_file or (profile and profile.key_file)):
+            with self.signing() as c:
+                return url, verify, {"Authorization": f"Bearer {c.access_token()}"}
+        return url, verify, {}
+
 
 def connection(ctx: typer.Context) -> Connection:
     obj = ctx.find_root().obj

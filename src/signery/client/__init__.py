@@ -19,6 +19,15 @@ from signery.client._client import (
 )
 from signery.client._profiles import DEFAULT_PROFILE, Profile, ProfileStore
 from signery.client._signer import RemoteSigner
+from signery.client._timestamp import (
+    Timestamp,
+    TimestampFailed,
+    TimestampQuery,
+    TimestampRefused,
+    check_reply,
+    make_query,
+    request_timestamp,
+)
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -28,6 +37,13 @@ __all__ = [
     "ProfileStore",
     "RemoteSigner",
     "ServerUnreachable",
+    "Timestamp",
+    "TimestampFailed",
+    "TimestampQuery",
+    "TimestampRefused",
     "UnexpectedResponse",
+    "check_reply",
     "load_account_key",
+    "make_query",
+    "request_timestamp",
 ]
