@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-dev
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo serve test test-sqlite test-postgresql lint typecheck bench clean
+.PHONY: demo serve test test-sqlite test-postgresql lint typecheck bench bench-tsa clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ typecheck: $(STAMP)
 ## bench: signatures/s and latency over HTTP next to raw cryptography (not part of test)
 bench: $(STAMP)
 	$(PY) bench/sign_throughput.py
+
+## bench-tsa: RFC 3161 timestamps/s over HTTP next to raw signing (not part of test)
+bench-tsa: $(STAMP)
+	$(PY) bench/tsa_throughput.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .coverage
