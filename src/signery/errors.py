@@ -274,6 +274,11 @@ class ConnectorNotFound(NotFound):
     title = "CA connector not found"
 
 
+class CertificateNotFound(NotFound):
+    code = "certificate_not_found"
+    title = "No such certificate"
+
+
 class NoCertificateRequest(NotFound):
     code = "certificate_request_not_found"
     title = "The key has no such certificate request"

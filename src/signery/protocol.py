@@ -373,6 +373,28 @@ class CertificateRevoke(WireModel):
     )
 
 
+class CaCertificateRevoke(WireModel):
+    reason: str = Field(
+        default="unspecified",
+        description="RFC 5280 reason: unspecified, keyCompromise, superseded, "
+        "cessationOfOperation...",
+    )
+
+
+class CaCertificate(CertificateInfo):
+    """A certificate the built-in CA issued, as the CA records it."""
+
+    status: str = Field(description="valid, revoked or expired")
+    key_id: str | None = Field(
+        default=None,
+        description="The signing key it certifies; null for a certificate enrolled over EST "
+        "(Signery does not hold that key)",
+    )
+    key_version: int | None = None
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+
 class CertificateRequest(ResponseModel):
     """A CSR made (and signed) through the key's store for its CA connector."""
 

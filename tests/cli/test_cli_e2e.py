@@ -640,6 +640,42 @@ def test_revoke_certificate_and_fetch_the_crl_from_the_cli(cli: Cli, world: dict
     assert "invalid_request" in bogus
 
 
+def test_ca_revoke_by_the_serial_openssl_prints(cli: Cli, world: dict[str, Any]) -> None:
+    tsg = world["sibling"]["id"]
+    key = cli.json(
+        "key",
+        "create",
+        "ca-revoked-p256",
+        "--tsg",
+        tsg,
+        "--algorithm",
+        "EC_P256",
+        "--ca",
+        "builtin",
+    )
+    leaf_file = write_file(cli.work / "ca-revoked-leaf.pem", key["certificate_chain"][0].encode())
+    leaf = x509.load_pem_x509_certificate(leaf_file.read_bytes())
+    printed = openssl("x509", "-in", leaf_file, "-noout", "-serial").stdout.strip()
+    serial = printed.removeprefix("serial=")
+    crl_file = cli.work / "ca-revoke.crl.pem"
+
+    before = cli.json("ca", "crl", "-o", crl_file, "--pem")
+    said = cli.ok("ca", "revoke", serial, "--reason", "superseded").stdout
+    assert format(leaf.serial_number, "x") in said
+    assert key["id"] in said
+    after = cli.json("ca", "crl", "-o", crl_file, "--pem")
+    assert after["revoked"] == before["revoked"] + 1
+    crl = x509.load_pem_x509_crl(crl_file.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+    history = cli.json("key", "certificates", "ca-revoked-p256", "--tsg", tsg)
+    assert [(h["status"], h["revocation_reason"]) for h in history] == [("revoked", "superseded")]
+
+    again = cli.fails("ca", "revoke", serial, "--json")
+    assert "already revoked" in again
+    assert "invalid_request" in cli.fails("ca", "revoke", "not-a-serial")
+    assert "certificate_not_found" in cli.fails("ca", "revoke", "7" * 32)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 
@@ -1092,6 +1093,41 @@ def ca_crl(
         out.print(
             f"CRL #{number} ({len(crl)} revoked, next update {_day(crl.next_update_utc)}) "
             f"written to {output}"
+        )
+
+
+@ca_app.command("revoke")
+def ca_revoke(
+    ctx: typer.Context,
+    serial: Annotated[
+        str, typer.Argument(help="Hex serial, as `openssl x509 -serial -noout` prints it.")
+    ],
+    reason: Annotated[
+        str,
+        typer.Option(
+            help="RFC 5280 reason: unspecified, keyCompromise, superseded, "
+            "cessationOfOperation, affiliationChanged, privilegeWithdrawn..."
+        ),
+    ] = "unspecified",
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a certificate the built-in CA issued (over EST or for a key), by serial;
+    the CRL lists it at once. Needs signery.ca.revoke at the root TSG."""
+    with connection(ctx).admin() as c:
+        record = c.call(
+            "POST",
+            f"{API}/ca/certificates/{quote(serial, safe=':')}/revoke",
+            p.CaCertificate,
+            json={"reason": reason},
+        )
+    if as_json:
+        print_json(record)
+    else:
+        held = f" of key {record.key_id} v{record.key_version}" if record.key_id else ""
+        out.print(
+            f"revoked certificate [bold]{record.serial}[/]{held} ({record.revocation_reason}): "
+            f"{record.subject}",
+            highlight=False,
         )
 
 

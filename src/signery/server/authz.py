@@ -34,6 +34,9 @@ class Permission(StrEnum):
     # EST enrollment at the built-in CA: a certificate for a key Signery does not
     # hold. Only superusers have it (no narrower role grants it).
     CA_ENROLL = "signery.ca.enroll"
+    # Revoking any certificate the built-in CA issued, by serial: an act of the CA
+    # itself, so it is checked at the root TSG. Only superusers have it.
+    CA_REVOKE = "signery.ca.revoke"
     AUDIT_READ = "signery.audit.read"
     USAGE_READ = "signery.usage.read"
     SIGN = "signery.signing.sign"

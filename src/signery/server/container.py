@@ -35,6 +35,7 @@ from signery.server.authn import Authenticator
 from signery.server.authz import Authorizer, Principal
 from signery.server.ca.connectors import ConnectorService
 from signery.server.ca.est_server import EstService
+from signery.server.ca.revocation import RevocationService
 from signery.server.ca.service import BuiltinCa
 from signery.server.ca.tsa import TsaConfig, TsaService
 from signery.server.clock import Clock, SystemClock
@@ -223,6 +224,9 @@ class Services:
             core.directory,
             core.ca,
             validity_days=core.settings.est_validity_days,
+        )
+        self.revocation = RevocationService(
+            core.db, core.authz, core.recorder, core.clock, core.directory, core.ca
         )
         self.signing = SigningService(
             core.db, core.recorder, core.clock, core.keystores, self.metrics

@@ -76,6 +76,7 @@ class EventKind(StrEnum):
     MASTER_KEY_ROTATED = "keystore.master_key.rotated"
     CA_CREATED = "ca.created"
     CERTIFICATE_ISSUED = "ca.certificate.issued"
+    CA_CERTIFICATE_REVOKED = "ca.certificate.revoked"
     CERTIFICATE_RENEWED = "key.certificate.renewed"
     CERTIFICATE_REISSUED = "key.certificate.reissued"
     CERTIFICATE_REVOKED = "key.certificate.revoked"

@@ -15,12 +15,12 @@ from sqlalchemy.orm import Session
 from signery import protocol as p
 from signery.crypto import PublicKey, public_key_pem, schemes_for
 from signery.errors import (
+    CertificateNotFound,
     Conflict,
     InvalidRequest,
     KeyNameAmbiguous,
     KeyNotFound,
     NameTaken,
-    NotFound,
     PermissionDenied,
     TsgNotFound,
 )
@@ -43,12 +43,6 @@ from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKey
 from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
-
-
-class NoCertificate(NotFound):
-    code = "certificate_not_found"
-    title = "This key has no certificate"
-
 
 # RFC 5280 §5.3.1 CRLReason names (x509.ReasonFlags values), without removeFromCRL.
 REVOCATION_REASONS = frozenset(
@@ -512,7 +506,7 @@ class KeyService:
                 )
             found = s.execute(query).first()
             if found is None:
-                raise NoCertificate("no such certificate for this key")
+                raise CertificateNotFound("no such certificate for this key")
             cert, version = found
             if cert.revoked_at is not None:
                 raise Conflict(f"certificate {cert.serial} is already revoked")
@@ -549,7 +543,7 @@ class KeyService:
     def chain_pem(self, principal: Principal, ref: str, tsg_id: str | None = None) -> str:
         chain = self.get(principal, ref, tsg_id).certificate_chain
         if not chain:
-            raise NoCertificate()
+            raise CertificateNotFound("this key has no certificate")
         return "".join(chain)
 
     # ------------------------------------------------------------ external CA connectors
