@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +304,34 @@ def test_a_failed_audit_write_revokes_nothing(
 )
 def test_serials_are_read_in_the_forms_openssl_prints(text: str, expected: str) -> None:
     assert parse_serial(text) == expected
+
+
+# ------------------------------------------------------------------ concurrency
+
+
+def test_concurrent_revocations_each_publish_a_crl(server_api: Api, server: Any) -> None:
+    """Revocations racing on a real server (PostgreSQL: truly concurrent transactions)
+    all succeed; each publishes its own CRL number and the last CRL lists them all."""
+    api = server_api
+    tsg = api.create_tsg()["id"]
+    keys = [api.create_key(tsg) for _ in range(6)]
+    before = crl_number(crl(api))
+    barrier = threading.Barrier(len(keys))
+
+    def revoke_key(key: dict[str, Any]) -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            barrier.wait()
+            return http.post(
+                f"/api/v1/keys/{key['id']}/revoke-certificate",
+                json={"reason": "keyCompromise"},
+                headers=api.admin,
+            )
+
+    with ThreadPoolExecutor(max_workers=len(keys)) as pool:
+        answers = list(pool.map(revoke_key, keys))
+    assert [a.status_code for a in answers] == [200] * len(keys), [a.text for a in answers]
+    current = crl(api)
+    assert crl_number(current) == before + len(keys)
+    for key in keys:
+        leaf = x509.load_pem_x509_certificate(key["certificate_chain"][0].encode())
+        assert current.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None

@@ -300,6 +300,14 @@ class BuiltinCa:
         """Sign a new CRL listing every revoked, unexpired certificate this CA issued,
         and store it in ``session``'s transaction (so it commits with a revocation)."""
         issuing = self._load()[ISSUING]
+        # One publisher at a time: two revocations committing at once must make CRLs
+        # n and n+1, the later listing both (RFC 5280 §5.2.3: CRL numbers increase
+        # monotonically). PostgreSQL: a row lock on the issuing CA, held to commit;
+        # the statements after it see every revocation committed before it. SQLite:
+        # write transactions are already serial (BEGIN IMMEDIATE).
+        session.execute(
+            select(CaAuthorityRow.id).where(CaAuthorityRow.role == ISSUING).with_for_update()
+        )
         now = self._clock.now()
         last = session.scalar(select(func.max(CrlRow.number)))
         number = (last or 0) + 1
