@@ -738,3 +738,5 @@ def test_timestamp_failures_are_per_file_and_write_nothing(cli: Cli, world: dict
     assert "exactly one file" in usage
     missing_file = cli.fails("timestamp", cli.work / "no-such-file")
     assert "not a readable file" in missing_file
+    unwritable = cli.fails("timestamp", artifact, "-o", cli.work / "no-such-dir" / "x.tsr")
+    assert "cannot write" in unwritable

@@ -35,7 +35,7 @@ from signery.client import AccountCredentials, Client, Profile
 from signery.client._timestamp import request_timestamp
 from signery.crypto import PublicKey, hash_file, load_public_key_pem
 from signery.errors import ClientError, SignatureInvalid, SigneryError
-from signery.formats import SignOptions, SignResult, VerifyResult, get_format
+from signery.formats import SignOptions, SignResult, VerifyResult, get_format, write_atomically
 
 LARGE_FILE = 64 * 1024 * 1024  # show a progress bar above this size (on a terminal)
 
@@ -371,11 +371,15 @@ def timestamp(
             query, stamp = request_timestamp(
                 url, hash_file(f, digest_algorithm), headers=headers, verify=verify
             )
-            _write_atomically(target, stamp.reply)
+            write_atomically(target, stamp.reply)
             if query_output is not None:
-                _write_atomically(query_output, query.der)
+                write_atomically(query_output, query.der)
         except SigneryError as e:
             results.append({"file": str(f), "ok": False, "code": e.code, "detail": e.detail})
+            continue
+        except OSError as e:  # the reply could not be written: nothing half-written is left
+            detail = f"cannot write {target}: {e.strerror}"
+            results.append({"file": str(f), "ok": False, "code": "client_error", "detail": detail})
             continue
         results.append(
             {
@@ -404,14 +408,3 @@ def timestamp(
                 )
     if not all(r["ok"] for r in results):
         raise typer.Exit(1)
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write ``data`` next to ``target``, then rename: never a half-written file."""
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, target)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise ClientError(f"cannot write {target}: {e.strerror}") from None
