@@ -17,15 +17,14 @@ from datetime import datetime
 from typing import Any
 
 import httpx
-from asn1crypto import cms, core, tsp  # type: ignore[import-untyped]
+from asn1crypto import tsp  # type: ignore[import-untyped]
 
 from signery import __version__
 from signery.crypto import Hashed
 from signery.errors import ClientError
 from signery.protocol import DigestAlgorithm
+from signery.rfc3161 import QUERY_MEDIA_TYPE, REPLY_MEDIA_TYPE, TimeStampResp
 
-QUERY_MEDIA_TYPE = "application/timestamp-query"  # RFC 3161 §3.4
-REPLY_MEDIA_TYPE = "application/timestamp-reply"  # RFC 3161 §3.4
 MAX_REPLY_BYTES = 1024 * 1024  # a reply is a few KiB: refuse to buffer more
 DEFAULT_TIMEOUT = 30.0
 # asn1crypto's names of the SHA-2 digest algorithms (RFC 5754 §2).
@@ -49,16 +48,6 @@ class TimestampFailed(ClientError):
 
     code = "timestamp_failed"
     title = "No timestamp was obtained"
-
-
-class _Reply(core.Sequence):  # type: ignore[misc]
-    """TimeStampResp with the token OPTIONAL as RFC 3161 §2.4.2 has it (asn1crypto
-    1.5 declares it required, and a rejection carries none)."""
-
-    _fields = [
-        ("status", tsp.PKIStatusInfo),
-        ("time_stamp_token", cms.ContentInfo, {"optional": True}),
-    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +100,7 @@ def check_reply(query: TimestampQuery, der: bytes) -> Timestamp:
     Raises TimestampRefused for a rejection, TimestampFailed for anything that is
     not a reply to this query."""
     try:
-        reply = _Reply.load(der, strict=True)
+        reply = TimeStampResp.load(der, strict=True)
         status = reply["status"]
         state = status["status"].native
         texts = status["status_string"].native or []

@@ -69,6 +69,7 @@ from signery.keystores import (
     remote_private_key,
 )
 from signery.protocol import Algorithm, AuditOutcome, DigestAlgorithm, SignatureScheme
+from signery.rfc3161 import QUERY_MEDIA_TYPE, TimeStampResp
 from signery.server import meta
 from signery.server.audit.recorder import (
     ANONYMOUS,
@@ -100,8 +101,6 @@ from signery.server.tsg.models import TsgRow
 TSA = "tsa"
 """The ``ca_authorities.role`` of the time-stamping authority."""
 
-QUERY_MEDIA_TYPE = "application/timestamp-query"  # RFC 3161 §3.4
-REPLY_MEDIA_TYPE = "application/timestamp-reply"  # RFC 3161 §3.4
 # A query is a hash and a few small fields (~60-130 bytes from openssl); anything
 # near this is not a timestamp query, and is refused before it is read (413).
 MAX_QUERY_BYTES = 8 * 1024
@@ -376,22 +375,12 @@ def parse_query(der: bytes, *, policy: str) -> TimestampQuery:
 # ------------------------------------------------------------------ replies
 
 
-class _TimeStampResp(core.Sequence):  # type: ignore[misc]
-    """RFC 3161 §2.4.2 TimeStampResp. asn1crypto 1.5 declares timeStampToken
-    required; the RFC makes it OPTIONAL, and a rejection carries none."""
-
-    _fields = [
-        ("status", tsp.PKIStatusInfo),
-        ("time_stamp_token", cms.ContentInfo, {"optional": True}),
-    ]
-
-
 def rejection_reply(error: TimestampQueryRejected) -> bytes:
     """A TimeStampResp with status rejection, a statusString and the failInfo bit."""
     # PKIFreeText is UTF-8, but `openssl ts -reply -text` prints it byte by byte:
     # keep it ASCII so that every client shows it as written.
     text = error.detail[:256].encode("ascii", "replace").decode("ascii")
-    reply = _TimeStampResp(
+    reply = TimeStampResp(
         {
             "status": {
                 "status": "rejection",
@@ -625,7 +614,7 @@ class TokenBuilder:
 
 def granted_reply(token: bytes) -> bytes:
     """A TimeStampResp with status granted and the token."""
-    reply = _TimeStampResp(
+    reply = TimeStampResp(
         {"status": {"status": "granted"}, "time_stamp_token": _part(cms.ContentInfo, token)}
     )
     return _der(_frozen(reply))
