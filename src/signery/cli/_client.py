@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -33,11 +35,21 @@ from signery.cli._common import (
 )
 from signery.client import AccountCredentials, Client, Profile
 from signery.client._timestamp import request_timestamp
-from signery.crypto import PublicKey, hash_file, load_public_key_pem
+from signery.crypto import Hashed, PublicKey, hash_file, load_public_key_pem
 from signery.errors import ClientError, SignatureInvalid, SigneryError
-from signery.formats import SignOptions, SignResult, VerifyResult, get_format, write_atomically
+from signery.formats import (
+    FORMATS,
+    SignOptions,
+    SignResult,
+    Timestamper,
+    VerifyResult,
+    get_format,
+    write_atomically,
+)
 
 LARGE_FILE = 64 * 1024 * 1024  # show a progress bar above this size (on a terminal)
+DEFAULT_JOBS = 8  # files signed at once: bounded, so a large batch cannot flood the server
+FORMAT_NAMES = "|".join(FORMATS)
 
 
 def login(
@@ -157,6 +169,7 @@ def keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 def _progress(files: list[Path]) -> Progress | None:
+    """A progress display when one of the files is large and stderr is a terminal."""
     if not err.is_terminal or not any(f.stat().st_size >= LARGE_FILE for f in files):
         return None
     return Progress(
@@ -175,28 +188,58 @@ def _check_files(files: list[Path]) -> None:
             raise ClientError(f"{f} is not a readable file")
 
 
+def _timestamper(url: str, verify: bool | str) -> Timestamper:
+    """The --timestamp TSA as formats see it: imprint in, checked token out."""
+
+    def timestamp(imprint: Hashed) -> bytes:
+        return request_timestamp(url, imprint, verify=verify)[1].token
+
+    return timestamp
+
+
 def sign(
     ctx: typer.Context,
     files: Annotated[list[Path], typer.Argument(help="Files to sign.")],
     key: Annotated[str, typer.Option(help="Key name or id.")],
-    fmt: Annotated[str, typer.Option("--format", help="Signature format: raw.")] = "raw",
+    fmt: Annotated[
+        str, typer.Option("--format", help=f"Signature format: {FORMAT_NAMES}.")
+    ] = "raw",
     digest_algorithm: Annotated[
         p.DigestAlgorithm | None, typer.Option(help="Default: matches the key.")
     ] = None,
     scheme: Annotated[
         p.SignatureScheme | None, typer.Option(help="Default: rsa-pkcs1v15 or ecdsa.")
     ] = None,
+    timestamp_url: Annotated[
+        str | None,
+        typer.Option(
+            "--timestamp", help="RFC 3161 TSA URL: add a timestamp (cms, authenticode, jar)."
+        ),
+    ] = None,
+    pem: Annotated[bool, typer.Option("--pem", help="cms: write PEM instead of DER.")] = False,
+    append: Annotated[
+        bool, typer.Option("--append", help="authenticode: add a nested signature.")
+    ] = False,
+    binary: Annotated[
+        bool, typer.Option("--binary", help="openpgp: the binary packet, not armor.")
+    ] = False,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Output file (one input only).")
     ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", min=1, max=64, help="Files signed at once.")
+    ] = DEFAULT_JOBS,
     digest_only: Annotated[
         bool, typer.Option("--digest-only", help="Print the digests; sign nothing.")
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Hash each file locally and write its signature (FILE.sig for raw).
+    """Hash each file locally and write its signature in the chosen format.
 
-    Only the digest leaves this machine; the file never does."""
+    Only the digest leaves this machine; the file never does. Many files share
+    one access token and are signed concurrently; every file's result is
+    reported, one failure does not stop the others, and the exit status is 1 if
+    any file failed."""
     _check_files(files)
     if output is not None and len(files) != 1:
         raise ClientError("-o/--output works with exactly one file")
@@ -219,38 +262,85 @@ def sign(
     client_info = p.ClientInfo(
         machine=socket.gethostname()[:256], tool=f"signery-cli/{__version__} {fmt}"
     )
-    results: list[SignResult] = []
-    with connection(ctx).signing() as c:
+    conn = connection(ctx)
+    timestamper = (
+        _timestamper(timestamp_url, conn.tls_verify()) if timestamp_url is not None else None
+    )
+    base = SignOptions(
+        digest_algorithm=digest_algorithm,
+        scheme=scheme,
+        timestamper=timestamper,
+        pem=pem,
+        append=append,
+        binary=binary,
+    )
+    progress = None if as_json else _progress(files)
+    results: list[SignResult | SigneryError] = []
+    with conn.signing() as c:
         signer = c.signer(key, client_info=client_info)
-        progress = _progress(files)
-        for f in files:
-            options = SignOptions(digest_algorithm=digest_algorithm, scheme=scheme)
-            if progress is not None:
-                progress.start()
+
+        def sign_one(f: Path) -> SignResult | SigneryError:
+            options = base
+            if progress is not None and f.stat().st_size >= LARGE_FILE:
                 task = progress.add_task(f.name, total=f.stat().st_size)
-                options = SignOptions(digest_algorithm, scheme, _advance(progress, task))
-            target = output or signature_format.default_output(f)
-            results.append(signature_format.sign(signer, f, target, options))
+                options = dataclasses.replace(base, progress=_advance(progress, task))
+            try:
+                return signature_format.sign(
+                    signer, f, output or signature_format.default_output(f), options
+                )
+            except SigneryError as e:
+                return e
+            except OSError as e:
+                return ClientError(f"{f}: {e.strerror or e}")
+
+        if progress is not None:
+            progress.start()
+        try:
+            with ThreadPoolExecutor(max_workers=min(jobs, len(files))) as pool:
+                results = list(pool.map(sign_one, files))
+        finally:
             if progress is not None:
                 progress.stop()
+    failed = [r for r in results if isinstance(r, SigneryError)]
     if as_json:
-        print_json([_sign_json(r) for r in results])
-        return
-    for r in results:
-        out.print(
-            f"signed {r.file} -> {r.output} (key {r.key_name} v{r.key_version}, "
-            f"{r.scheme.value}, {r.digest_algorithm.value})",
-            highlight=False,
+        print_json(
+            [
+                _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r)
+                for f, r in zip(files, results, strict=True)
+            ]
         )
+    else:
+        for f, r in zip(files, results, strict=True):
+            if isinstance(r, SignResult):
+                stamp = ", timestamped" if r.timestamped else ""
+                out.print(
+                    f"signed {r.file} -> {r.output} (key {r.key_name} v{r.key_version}, "
+                    f"{r.scheme.value}, {r.digest_algorithm.value}{stamp})",
+                    highlight=False,
+                )
+            else:
+                err.print(f"[red]failed[/] {f}: {r.code}: {r.detail}", highlight=False)
+    if failed:
+        if len(files) == 1:
+            raise failed[0]  # one file: its error is the command's error
+        raise typer.Exit(1)
 
 
 def _advance(progress: Progress, task: TaskID) -> Callable[[int], None]:
     return lambda n: progress.advance(task, n)
 
 
+def _failure_json(file: Path, error: SigneryError) -> dict[str, object]:
+    return {"file": str(file), "ok": False, "code": error.code, "detail": error.detail}
+
+
 def _sign_json(r: SignResult) -> dict[str, object]:
     return {
         "file": str(r.file),
+        "ok": True,
+        "format": r.output.suffix.lstrip(".") or None,
+        "output": str(r.output),
+        "timestamped": r.timestamped,
         "signature": str(r.output),
         "key": r.key_name,
         "key_version": r.key_version,
@@ -269,7 +359,9 @@ def verify(
     public_key: Annotated[
         Path | None, typer.Option(help="Verify offline against this PEM public key.")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="Signature format: raw.")] = "raw",
+    fmt: Annotated[
+        str, typer.Option("--format", help=f"Signature format: {FORMAT_NAMES}.")
+    ] = "raw",
     signature: Annotated[
         Path | None, typer.Option(help="Signature file (one input only; default FILE.sig).")
     ] = None,

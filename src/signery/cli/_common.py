@@ -85,6 +85,10 @@ class Connection:
         creds = AccountCredentials.from_key_file(client_id, key_file)
         return Client(server, credentials=creds, verify=self._verify(profile))
 
+    def tls_verify(self) -> bool | str:
+        """TLS verification for connections beside the server's (a TSA)."""
+        return self._verify(self.profile())
+
     def timestamping(self, tsa: str | None) -> tuple[str, bool | str, dict[str, str]]:
         """(TSA URL, TLS verification, headers) for ``signery timestamp``.
 

@@ -61,9 +61,17 @@ class RemoteSigner:
 
     def sign(self, hashed: Hashed, scheme: p.SignatureScheme | None = None) -> bytes:
         """Sign a digest with the key's current version; the response is kept in
-        ``last_response`` (key version, chain) for formats that embed it."""
-        response = self.client.sign(
-            self.key_id, hashed, scheme or self.default_scheme, client_info=self.client_info
-        )
+        ``last_response`` (key version, chain). Formats that sign several files at
+        once use :meth:`sign_detailed`, which shares no state between calls."""
+        response = self.sign_detailed(hashed, scheme)
         self.last_response = response
         return response.signature
+
+    def sign_detailed(
+        self, hashed: Hashed, scheme: p.SignatureScheme | None = None
+    ) -> p.SignResponse:
+        """Sign a digest; the whole answer: signature, key version, certificate chain.
+        Safe to call from several threads at once (one access token is shared)."""
+        return self.client.sign(
+            self.key_id, hashed, scheme or self.default_scheme, client_info=self.client_info
+        )

@@ -5,6 +5,7 @@ from signery.formats._base import (
     SignatureFormat,
     SignOptions,
     SignResult,
+    Timestamper,
     VerifyResult,
     write_atomically,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "SignOptions",
     "SignResult",
     "SignatureFormat",
+    "Timestamper",
     "UnknownFormat",
     "VerifyResult",
     "get_format",

@@ -10,15 +10,26 @@ from pathlib import Path
 from typing import Protocol
 
 from signery.client._signer import RemoteSigner
-from signery.crypto import PublicKey
+from signery.crypto import Hashed, PublicKey
 from signery.protocol import DigestAlgorithm, SignatureScheme
+
+Timestamper = Callable[[Hashed], bytes]
+"""Asks an RFC 3161 TSA for a token over a message imprint; returns the DER
+TimeStampToken (a CMS ContentInfo), already checked against the imprint and the
+nonce (signery.client.request_timestamp). Formats embed it; they never see HTTP."""
 
 
 @dataclass(frozen=True, slots=True)
 class SignOptions:
+    """How to sign one file. Formats ignore the options that do not apply to them."""
+
     digest_algorithm: DigestAlgorithm | None = None
     scheme: SignatureScheme | None = None
     progress: Callable[[int], None] | None = None
+    timestamper: Timestamper | None = None  # --timestamp URL
+    pem: bool = False  # cms: PEM instead of DER
+    append: bool = False  # authenticode: nest a second signature instead of replacing
+    binary: bool = False  # openpgp: the binary packet instead of ASCII armor
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +41,7 @@ class SignResult:
     key_name: str
     key_version: int | None
     scheme: SignatureScheme
+    timestamped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,9 +53,16 @@ class VerifyResult:
 
 
 class SignatureFormat(Protocol):
+    """One signature format. ``sign`` hashes the file locally, asks ``signer`` for
+    the signature of that digest, and writes the format (atomically: a failure
+    leaves neither a partial output nor a modified input). A key that cannot sign
+    the format is refused before anything is sent to the server."""
+
     name: str
 
-    def default_output(self, file: Path) -> Path: ...
+    def default_output(self, file: Path) -> Path:
+        """Where ``sign`` writes by default (the file itself for embedded formats)."""
+        ...
 
     def sign(
         self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions

@@ -37,16 +37,15 @@ class RawFormat:
         digest_algorithm = options.digest_algorithm or signer.default_digest
         scheme = options.scheme or signer.default_scheme
         hashed = hash_file(file, digest_algorithm, options.progress)
-        signature = signer.sign(hashed, scheme)
-        write_atomically(output, signature)
-        response = signer.last_response
+        response = signer.sign_detailed(hashed, scheme)
+        write_atomically(output, response.signature)
         return SignResult(
             file=file,
             output=output,
             digest_algorithm=digest_algorithm,
             digest=hashed.hex,
             key_name=signer.key_name,
-            key_version=response.key_version if response else None,
+            key_version=response.key_version,
             scheme=scheme,
         )
 
