@@ -42,7 +42,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -50,13 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from asn1crypto import cms, core, tsp
+from asn1crypto import tsp
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, BenchError, Server, log
+from signery.rfc3161 import TimeStampResp
+
 OUT_FILE = ROOT / "bench-out" / "tsa_throughput.json"
-HOST = "127.0.0.1"
 TSA_PATH = "/api/v1/tsa"
 QUERY_MEDIA_TYPE = "application/timestamp-query"
 # The TSA limits each client address; the benchmark is one client, so the limit is
@@ -64,14 +64,6 @@ QUERY_MEDIA_TYPE = "application/timestamp-query"
 RATE_LIMIT_OFF = "1000000"
 TARGET_RATE = 300.0  # "several hundred timestamps per second" on this 2-core machine
 ALGORITHMS = ("EC_P256", "EC_P384", "RSA_2048", "RSA_3072")
-
-
-class BenchError(Exception):
-    """A failure that invalidates the benchmark (printed loudly, exit status 1)."""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # ---------------------------------------------------------------- raw baseline
@@ -145,102 +137,6 @@ def server_cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------- the server
 
 
-def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGNERY_", "AWS_"))}
-    env["SIGNERY_ACCESS_LOG"] = "false"
-    return env
-
-
-class Server:
-    """``signery init`` + ``signery serve`` on a temporary data directory."""
-
-    def __init__(self, workdir: Path, workers: int, algorithm: str) -> None:
-        exe = Path(sys.executable).parent / "signery"
-        self.signery = str(exe if exe.exists() else ROOT / ".venv" / "bin" / "signery")
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "serve.log"
-        self.workers = workers
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-        self.env = clean_env()
-        self.env["SIGNERY_TSA_ALGORITHM"] = algorithm
-        self.env["SIGNERY_TSA_RATE_LIMIT_PER_MINUTE"] = RATE_LIMIT_OFF
-
-    def init(self) -> str:
-        """Initialize; returns the bootstrap admin token (to read the usage counters)."""
-        done = subprocess.run(
-            [self.signery, "init", "--data-dir", str(self.data_dir), "--json"],
-            env=self.env,
-            capture_output=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"signery init failed:\n{done.stderr.decode(errors='replace')}")
-        return str(json.loads(done.stdout)["admin_token"])
-
-    def start(self, timeout: float = 60.0) -> None:
-        cmd = [
-            self.signery,
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            HOST,
-            "--port",
-            "0",
-            "--json",
-            "--log-level",
-            "warning",
-            "--workers",
-            str(self.workers),
-        ]
-        with self.log_path.open("wb") as logfile:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=logfile)
-        assert self.proc.stdout is not None
-        line: list[bytes] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.daemon = True
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0]:
-            raise BenchError(f"signery serve did not announce its URL:\n{self.log_tail()}")
-        self.url = str(json.loads(line[0])["url"])
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise BenchError(f"signery serve exited early:\n{self.log_tail()}")
-                with contextlib.suppress(httpx.TransportError):
-                    if http.get("/readyz").status_code == 200:
-                        return
-                time.sleep(0.1)
-        raise BenchError(f"signery serve not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
-
-
 # ---------------------------------------------------------------- queries and checks
 
 
@@ -261,19 +157,9 @@ def make_query(data: bytes) -> bytes:
     )
 
 
-class _TimeStampResp(core.Sequence):  # type: ignore[misc]
-    """RFC 3161 §2.4.2 TimeStampResp; asn1crypto 1.5 declares its token mandatory,
-    the RFC makes it OPTIONAL (a rejection has none)."""
-
-    _fields = [
-        ("status", tsp.PKIStatusInfo),
-        ("time_stamp_token", cms.ContentInfo, {"optional": True}),
-    ]
-
-
 def granted(reply: bytes) -> bool:
     try:
-        status = _TimeStampResp.load(reply)["status"]["status"].native
+        status = TimeStampResp.load(reply)["status"]["status"].native
     except (ValueError, TypeError, KeyError):
         return False
     return bool(status == "granted")
@@ -515,7 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     raw_verify = raw_rate(raw_signer(args.algorithm, verify=True), 3.0)
 
     with workdir(args.keep) as tmp:
-        server = Server(tmp, args.workers, args.algorithm)
+        server = Server(
+            tmp,
+            args.workers,
+            {
+                "SIGNERY_TSA_ALGORITHM": args.algorithm,
+                "SIGNERY_TSA_RATE_LIMIT_PER_MINUTE": RATE_LIMIT_OFF,
+            },
+        )
         admin_token = server.init()
         server.start()
         try:
