@@ -33,9 +33,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-## bench: signatures/s and latency over HTTP next to raw cryptography (not part of test)
+## bench: signatures/s and latency over HTTP next to raw cryptography, then the
+## client: hashing, memory, Authenticode, many files (not part of test)
 bench: $(STAMP)
 	$(PY) bench/sign_throughput.py
+	$(PY) bench/client_throughput.py
 
 ## bench-tsa: RFC 3161 timestamps/s over HTTP next to raw signing (not part of test)
 bench-tsa: $(STAMP)
