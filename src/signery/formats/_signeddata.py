@@ -49,8 +49,8 @@ class CertificateRequired(ClientError):
     title = "This format needs a key with a certificate"
 
 
-class SchemeNotAllowed(ClientError):
-    code = "scheme_not_allowed"
+class FormatSchemeUnsupported(ClientError):
+    code = "format_scheme_unsupported"
     title = "This format does not accept the signature scheme"
 
 
@@ -117,7 +117,7 @@ def choose(
     digest = options.digest_algorithm or signer.default_digest
     scheme = options.scheme or signer.default_scheme
     if scheme is SignatureScheme.RSA_PSS and (not allow_pss or options.timestamper is not None):
-        raise SchemeNotAllowed(
+        raise FormatSchemeUnsupported(
             f"{format_name}{' with a timestamp' if allow_pss else ''} does not accept RSA-PSS "
             "(its verifiers refuse it); use rsa-pkcs1v15"
         )
@@ -344,8 +344,8 @@ def check_signer(signed_data: Any, public_keys: Sequence[PublicKey]) -> SignerCh
 __all__ = [
     "ID_AA_TIMESTAMP_TOKEN",
     "CertificateRequired",
+    "FormatSchemeUnsupported",
     "KeyChangedWhileSigning",
-    "SchemeNotAllowed",
     "SignedDataResult",
     "SignerCheck",
     "build_signed_data",
