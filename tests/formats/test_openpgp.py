@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 
 from signery.client import Client, RemoteSigner
+from signery.crypto import HASH_CHUNK
 from signery.formats import (
     OpenPgpFormat,
     OpenPgpInvalidUserId,
@@ -38,7 +41,7 @@ from signery.formats import (
     get_format,
     parse_signature,
 )
-from signery.formats._openpgp import armor, crc24
+from signery.formats._openpgp import armor, crc24, dearmor
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from tests.support import SIGNERY, Api, Installation, ServerProcess, require_tool
 
@@ -298,6 +301,24 @@ def test_binary_output_is_the_bare_packet_and_gpg_verifies_it(
     assert "sha512" in ours.detail
 
 
+@pytest.mark.interop
+def test_a_large_file_is_streamed_in_chunks(world: World, gpg: Gpg, tmp_path: Path) -> None:
+    signer = world.signers[Algorithm.EC_P384]
+    file = tmp_path / "large.bin"
+    size = 2 * HASH_CHUNK + 4321
+    with file.open("wb") as f:
+        for _ in range(size // 4096):
+            f.write(os.urandom(4096))
+        f.write(os.urandom(size % 4096))
+    progress: list[int] = []
+    result = PGP.sign(signer, file, PGP.default_output(file), SignOptions(progress=progress.append))
+    assert sum(progress) == size
+    assert len(progress) == math.ceil(size / HASH_CHUNK)
+    code, status = gpg.verify(result.output, file)
+    assert code == 0, status
+    assert "VALIDSIG" in status
+
+
 def test_verify_names_the_right_key_among_several_and_refuses_others(
     world: World, tmp_path: Path
 ) -> None:
@@ -316,10 +337,26 @@ def test_verify_names_the_right_key_among_several_and_refuses_others(
     assert "sha384" in insisted.detail
 
 
-def test_parsed_signature_carries_the_required_subpackets(world: World, tmp_path: Path) -> None:
+def test_the_service_signs_exactly_the_openpgp_hash_with_the_required_subpackets(
+    world: World, server_api: Api, tmp_path: Path
+) -> None:
     signer, public = world.signers[Algorithm.EC_P256], world.exported[Algorithm.EC_P256]
-    _, output = signed(signer, tmp_path, b"subpackets")
-    parsed = parse_signature(output.read_bytes())
+    seq = server_api.last_seq()
+    file = tmp_path / "artifact.tar.gz"
+    file.write_bytes(b"subpackets")
+    result = PGP.sign(signer, file, PGP.default_output(file), SignOptions())
+    parsed = parse_signature(result.output.read_bytes())
+    # RFC 4880 §5.2.4: file || hashed part || 0x04 0xFF || length of the hashed part.
+    trailer = b"\x04\xff" + len(parsed.hashed_part).to_bytes(4, "big")
+    expected = hashlib.sha256(file.read_bytes() + parsed.hashed_part + trailer).hexdigest()
+    assert result.digest == expected
+    assert parsed.hash_check == bytes.fromhex(expected)[:2]
+    events = [
+        e
+        for e in server_api.events_after(seq)
+        if e["key_id"] == world.keys[Algorithm.EC_P256]["id"]
+    ]
+    assert [e["digest"] for e in events] == [expected]
     assert parsed.issuer_fingerprint is not None
     assert parsed.issuer_fingerprint.hex().upper() == public.fingerprint
     assert parsed.issuer_key_id is not None
@@ -460,8 +497,6 @@ def test_malformed_signatures_are_clear_errors(
 
 
 def parse_and_dearmor(output: Path) -> bytes:
-    from signery.formats._openpgp import dearmor
-
     packet = dearmor(output.read_bytes(), "SIGNATURE")
     assert packet[0] == 0xC2
     assert packet[1] < 192
@@ -550,6 +585,13 @@ def test_cli_key_export_sign_and_gpg_verify(
     imported = gpg.run("--import", work / "release.asc")
     assert imported.returncode == 0, imported.stderr
     code, status = gpg.verify(work / "app.tar.gz.asc", artifact)
+    assert code == 0, status
+    assert status["VALIDSIG"][0].split()[0] == answer["fingerprint"]
+
+    # --binary writes the bare packet to FILE.pgp, which gpg verifies too.
+    binary = signery("sign", "--key", key["name"], "--format", "openpgp", "--binary", artifact)
+    assert binary.returncode == 0, binary.stderr
+    code, status = gpg.verify(work / "app.tar.gz.pgp", artifact)
     assert code == 0, status
     assert status["VALIDSIG"][0].split()[0] == answer["fingerprint"]
 
