@@ -589,7 +589,7 @@ def _read_mpis(data: bytes, count: int) -> tuple[int, ...]:
 def parse_signature(data: bytes) -> ParsedSignature:
     """A detached signature file, armored or binary, down to its checked fields.
     Anything but one v4 binary-document RSA/ECDSA signature packet is refused."""
-    if data.lstrip().startswith(b"-----BEGIN PGP SIGNATURE-----"):
+    if data.lstrip().startswith(b"-----BEGIN PGP "):
         data = dearmor(data, "SIGNATURE")
     tag, body, rest = _read_packet(data)
     if tag != TAG_SIGNATURE:
