@@ -47,7 +47,6 @@ from signery.crypto import (
 )
 from signery.errors import ClientError, UnsupportedAlgorithm
 from signery.formats._base import SignOptions, SignResult, VerifyResult, write_atomically
-from signery.formats._signeddata import KeyChangedWhileSigning
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
 if TYPE_CHECKING:
@@ -119,6 +118,14 @@ class OpenPgpKeyUnsupported(ClientError):
 class OpenPgpKeyTimeUnknown(ClientError):
     code = "openpgp_key_time_unknown"
     title = "The server does not say when the key version was made"
+
+
+class OpenPgpKeyChanged(ClientError):
+    # Not _signeddata.KeyChangedWhileSigning: importing that module here would
+    # load its SchemeNotAllowed, whose code duplicates signery.errors' and then
+    # rebuilds the server's scheme_not_allowed problems as the wrong class.
+    code = "openpgp_key_changed"
+    title = "The key changed while signing; sign again"
 
 
 class OpenPgpMalformed(ClientError):
@@ -396,14 +403,14 @@ def _sign_packet(
     response = signer.sign_detailed(hashed, plan.scheme)
     if signer.key_version is not None and response.key_version != signer.key_version:
         # The fingerprint (and the creation time in it) belong to the listed version.
-        raise KeyChangedWhileSigning(
+        raise OpenPgpKeyChanged(
             f"key {signer.key_name!r} moved from version {signer.key_version} to "
             f"{response.key_version} while signing; sign again"
         )
     # Verify-after-sign with the key the fingerprint was computed from: a faulty
     # server never leaves an unverifiable signature behind.
     if not verify_signature(signer.public_key, hashed, plan.scheme, response.signature):
-        raise KeyChangedWhileSigning(
+        raise OpenPgpKeyChanged(
             f"the signature from key {signer.key_name!r} does not verify with its public key"
         )
     if plan.key.pk_algorithm == PK_RSA:
