@@ -450,6 +450,11 @@ class SigningKeySummary(ResponseModel):
     schemes: list[SignatureScheme]
     public_key_pem: str
     certificate_chain: list[str]
+    version_created_at: datetime | None = Field(
+        default=None,
+        description="When the current key version was made (stable for the version): "
+        "the creation time in the key's OpenPGP fingerprint. Absent from older servers",
+    )
 
 
 # ------------------------------------------------------------------ external CA connectors

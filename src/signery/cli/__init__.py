@@ -91,6 +91,9 @@ app.add_typer(_admin.tsg_app, name="tsg")
 app.add_typer(_admin.user_app, name="user")
 app.add_typer(_admin.role_app, name="role")
 app.add_typer(_admin.account_app, name="account")
+# `key export` signs (the OpenPGP self-signature): it uses the signing plane's
+# account credentials, unlike the other `key` commands.
+_admin.key_app.command("export")(_client.key_export)
 app.add_typer(_admin.key_app, name="key")
 app.add_typer(_admin.audit_app, name="audit")
 app.add_typer(_admin.ca_app, name="ca")

@@ -43,6 +43,7 @@ from signery.formats import (
     SignResult,
     Timestamper,
     VerifyResult,
+    export_public_key,
     get_format,
     write_atomically,
 )
@@ -166,6 +167,69 @@ def keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             ],
         ),
     )
+
+
+def key_export(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    openpgp: Annotated[
+        bool, typer.Option("--openpgp", help="Export as an OpenPGP public key (armored).")
+    ] = False,
+    uid: Annotated[
+        str | None, typer.Option("--uid", help='OpenPGP User ID, e.g. "Release <rel@example.org>".')
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write to a file instead of stdout.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a signing key for publication: with --openpgp, its OpenPGP public key.
+
+    The OpenPGP self-signature is made by the key itself, through the signing plane:
+    this command authenticates as a built-in account allowed to sign with the key
+    (like `signery sign`: --client-id/--key-file or a `login --client-id` profile),
+    not with an API token. The fingerprint is the same for every export of one key
+    version; `gpg --import` the result to verify `signery sign --format openpgp`."""
+    if not openpgp:
+        raise ClientError("choose an export format: --openpgp")
+    if uid is None:
+        raise ClientError('--openpgp needs --uid "Name <email>"')
+    client_info = p.ClientInfo(
+        machine=socket.gethostname()[:256], tool=f"signery-cli/{__version__} openpgp-export"
+    )
+    with connection(ctx).signing() as c:
+        exported = export_public_key(c.signer(key, client_info=client_info), uid)
+    text = exported.armored()
+    if output is not None:
+        try:
+            write_atomically(output, text.encode("ascii"))
+        except OSError as e:
+            raise ClientError(f"cannot write {output}: {e.strerror}") from None
+    if as_json:
+        print_json(
+            {
+                "key": key,
+                "key_version": exported.key_version,
+                "fingerprint": exported.fingerprint,
+                "key_id": exported.key.key_id,
+                "created_at": exported.key.created_at.isoformat(),
+                "user_id": exported.user_id,
+                "public_key": text,
+                "file": str(output) if output else None,
+            }
+        )
+    elif output is None:
+        out.print(text, end="", highlight=False)
+    else:
+        out.print(f"OpenPGP public key written to {output}")
+        details(
+            [
+                ("fingerprint", exported.fingerprint),
+                ("user id", exported.user_id),
+                ("created", exported.key.created_at.isoformat()),
+                ("key version", exported.key_version),
+            ]
+        )
 
 
 def _progress(files: list[Path]) -> Progress | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -28,6 +29,12 @@ class RemoteSigner:
     public_key: PublicKey
     certificate_chain: list[x509.Certificate]
     client_info: p.ClientInfo | None = None
+    key_version: int | None = None
+    """The key version listed (the one ``public_key`` belongs to); signing uses the
+    current version, which the response names."""
+    key_created_at: datetime | None = None
+    """When ``key_version`` was made (None from servers that do not say): the
+    creation time of the key's OpenPGP identity."""
     last_response: p.SignResponse | None = field(default=None, repr=False)
 
     @classmethod
@@ -49,6 +56,8 @@ class RemoteSigner:
             public_key=load_public_key_pem(summary.public_key_pem),
             certificate_chain=chain,
             client_info=client_info,
+            key_version=summary.current_version,
+            key_created_at=summary.version_created_at,
         )
 
     @property

@@ -9,9 +9,23 @@ from signery.formats._base import (
     VerifyResult,
     write_atomically,
 )
+from signery.formats._openpgp import (
+    OpenPgpFormat,
+    OpenPgpInvalidUserId,
+    OpenPgpKey,
+    OpenPgpKeyChanged,
+    OpenPgpKeyTimeUnknown,
+    OpenPgpKeyUnsupported,
+    OpenPgpMalformed,
+    OpenPgpPublicKey,
+    OpenPgpTimestampUnsupported,
+    ParsedSignature,
+    export_public_key,
+    parse_signature,
+)
 from signery.formats._raw import RawFormat
 
-FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(),)}
+FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(), OpenPgpFormat())}
 
 
 class UnknownFormat(ClientError):
@@ -28,6 +42,16 @@ def get_format(name: str) -> SignatureFormat:
 
 __all__ = [
     "FORMATS",
+    "OpenPgpFormat",
+    "OpenPgpInvalidUserId",
+    "OpenPgpKey",
+    "OpenPgpKeyChanged",
+    "OpenPgpKeyTimeUnknown",
+    "OpenPgpKeyUnsupported",
+    "OpenPgpMalformed",
+    "OpenPgpPublicKey",
+    "OpenPgpTimestampUnsupported",
+    "ParsedSignature",
     "RawFormat",
     "SignOptions",
     "SignResult",
@@ -35,6 +59,8 @@ __all__ = [
     "Timestamper",
     "UnknownFormat",
     "VerifyResult",
+    "export_public_key",
     "get_format",
+    "parse_signature",
     "write_atomically",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -223,3 +224,22 @@ def test_certificate_chain_is_leaf_first_root_last(keys: dict[str, dict[str, Any
     leaf.verify_directly_issued_by(issuing)
     issuing.verify_directly_issued_by(root)
     root.verify_directly_issued_by(root)
+
+
+def test_listing_names_when_the_current_version_was_made(
+    api: Api, tsg: dict[str, Any], token: str
+) -> None:
+    """The OpenPGP fingerprint holds the key's creation time, so the signing plane
+    lists the current version's, and it must not move between listings."""
+    key = api.create_key(tsg["id"], "RSA_2048", ca="none")
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def listed() -> datetime:
+        entries = api.ok(api.http.get("/api/v1/signing/keys", headers=headers))
+        entry = next(k for k in entries if k["id"] == key["id"])
+        return datetime.fromisoformat(entry["version_created_at"])
+
+    first = listed()
+    assert first == datetime.fromisoformat(key["versions"][0]["created_at"])
+    assert first.utcoffset() == timedelta(0)
+    assert listed() == first

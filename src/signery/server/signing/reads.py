@@ -65,6 +65,9 @@ class KeyState(NamedTuple):
     certificate_id: str | None
     certificate_not_after: datetime | None
     certificate_revoked_at: datetime | None
+    # When the current version was made: stable for the version, and part of the
+    # key's OpenPGP v4 fingerprint (RFC 4880 §5.5.2, §12.2), so clients need it.
+    version_created_at: datetime
 
 
 def _keys() -> Select[Any]:
@@ -84,6 +87,7 @@ def _keys() -> Select[Any]:
             _V.c.certificate_id,
             _C.c.not_after,
             _C.c.revoked_at,
+            _V.c.created_at,
         )
         .join(_T, _T.c.id == _K.c.tsg_id)
         .join(_V, (_V.c.key_id == _K.c.id) & (_V.c.version == _K.c.current_version))
@@ -130,6 +134,7 @@ def _account_and_keys(*, by_id: bool) -> Select[Any]:
             _V.c.certificate_id,
             _C.c.not_after,
             _C.c.revoked_at,
+            _V.c.created_at,
         )
         .select_from(_A.join(account_tsg, account_tsg.c.id == _A.c.tsg_id).outerjoin(keys, visible))
         .where(_A.c.id == bindparam("account_id"))

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 
 import anyio.to_thread
 from pydantic import ValidationError
@@ -108,6 +109,7 @@ class UsableKey:
     handle: KeyHandle
     public_key: PublicKey
     chain: tuple[str, ...]
+    version_created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +337,7 @@ class SigningService:
                 schemes=list(schemes_for(k.algorithm)),
                 public_key_pem=public_key_pem(k.public_key),
                 certificate_chain=list(k.chain),
+                version_created_at=k.version_created_at,
             )
             for k in keys
         ]
@@ -406,4 +409,5 @@ class SigningService:
             ),
             public_key=cached[0],
             chain=cached[1],
+            version_created_at=r.version_created_at,
         )
