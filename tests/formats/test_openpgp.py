@@ -163,7 +163,8 @@ def world(server: ServerProcess, server_api: Api, gpg: Gpg) -> Iterator[World]:
 def signed(signer: RemoteSigner, directory: Path, data: bytes, **options: Any) -> tuple[Path, Path]:
     file = directory / "artifact.tar.gz"
     file.write_bytes(data)
-    result = PGP.sign(signer, file, PGP.default_output(file), SignOptions(**options))
+    chosen = SignOptions(**options)
+    result = PGP.sign(signer, file, PGP.default_output(file, chosen), chosen)
     return file, result.output
 
 
@@ -174,8 +175,10 @@ def key_uses(server_api: Api, key: dict[str, Any]) -> tuple[int, int]:
 
 def test_registered_under_its_name() -> None:
     assert isinstance(get_format("openpgp"), OpenPgpFormat)
-    assert PGP.default_output(Path("dist/app.tar.gz")) == Path("dist/app.tar.gz.asc")
-    assert PGP.binary_output(Path("dist/app.tar.gz")) == Path("dist/app.tar.gz.pgp")
+    assert PGP.default_output(Path("dist/app.tar.gz"), SignOptions()) == Path("dist/app.tar.gz.asc")
+    assert PGP.default_output(Path("dist/app.tar.gz"), SignOptions(binary=True)) == Path(
+        "dist/app.tar.gz.pgp"
+    )
 
 
 def test_crc24_matches_the_rfc_4880_reference_value() -> None:
@@ -287,7 +290,7 @@ def test_binary_output_is_the_bare_packet_and_gpg_verifies_it(
         signer, tmp_path, b"binary\n" * 1000, binary=True, digest_algorithm=DigestAlgorithm.SHA512
     )
     assert output == tmp_path / "artifact.tar.gz.pgp"
-    assert not PGP.default_output(file).exists()
+    assert not PGP.default_output(file, SignOptions()).exists()
     assert output.read_bytes()[0] == 0xC0 | 2  # new-format signature packet (RFC 4880 §4.2)
     code, status = gpg.verify(output, file)
     assert code == 0, status
@@ -295,7 +298,9 @@ def test_binary_output_is_the_bare_packet_and_gpg_verifies_it(
     assert validsig[0] == world.exported[Algorithm.RSA_3072].fingerprint
     assert validsig[7] == "10"  # SHA-512, as asked, not the key's default
     # `signery verify` finds FILE.pgp when there is no FILE.asc.
-    ours = PGP.verify(file, PGP.default_output(file), [signer.public_key], SignOptions())
+    ours = PGP.verify(
+        file, PGP.default_output(file, SignOptions()), [signer.public_key], SignOptions()
+    )
     assert ours.valid, ours.detail
     assert ours.signature == output
     assert "sha512" in ours.detail
@@ -311,7 +316,9 @@ def test_a_large_file_is_streamed_in_chunks(world: World, gpg: Gpg, tmp_path: Pa
             f.write(os.urandom(4096))
         f.write(os.urandom(size % 4096))
     progress: list[int] = []
-    result = PGP.sign(signer, file, PGP.default_output(file), SignOptions(progress=progress.append))
+    result = PGP.sign(
+        signer, file, PGP.default_output(file, SignOptions()), SignOptions(progress=progress.append)
+    )
     assert sum(progress) == size
     assert len(progress) == math.ceil(size / HASH_CHUNK)
     code, status = gpg.verify(result.output, file)
@@ -344,7 +351,7 @@ def test_the_service_signs_exactly_the_openpgp_hash_with_the_required_subpackets
     seq = server_api.last_seq()
     file = tmp_path / "artifact.tar.gz"
     file.write_bytes(b"subpackets")
-    result = PGP.sign(signer, file, PGP.default_output(file), SignOptions())
+    result = PGP.sign(signer, file, PGP.default_output(file, SignOptions()), SignOptions())
     parsed = parse_signature(result.output.read_bytes())
     # RFC 4880 §5.2.4: file || hashed part || 0x04 0xFF || length of the hashed part.
     trailer = b"\x04\xff" + len(parsed.hashed_part).to_bytes(4, "big")
@@ -380,7 +387,7 @@ def test_timestamp_is_refused_before_anything_is_sent(
         PGP.sign(
             world.signers[Algorithm.EC_P256],
             file,
-            PGP.default_output(file),
+            PGP.default_output(file, SignOptions()),
             SignOptions(timestamper=lambda imprint: asked.append(imprint) or b""),
         )
     assert refused.value.code == "openpgp_timestamp_unsupported"
@@ -405,7 +412,7 @@ def test_a_scheme_or_digest_openpgp_cannot_use_is_refused_before_anything_is_sen
     file = tmp_path / "app.bin"
     file.write_bytes(b"refused")
     with pytest.raises(OpenPgpKeyUnsupported):
-        PGP.sign(world.signers[algorithm], file, PGP.default_output(file), options)
+        PGP.sign(world.signers[algorithm], file, PGP.default_output(file, SignOptions()), options)
     assert key_uses(server_api, world.keys[algorithm]) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.bin"]
 
@@ -419,7 +426,7 @@ def test_a_server_that_does_not_say_when_the_key_was_made_is_refused(
     file = tmp_path / "app.bin"
     file.write_bytes(b"when?")
     with pytest.raises(OpenPgpKeyTimeUnknown):
-        PGP.sign(signer, file, PGP.default_output(file), SignOptions())
+        PGP.sign(signer, file, PGP.default_output(file, SignOptions()), SignOptions())
     with pytest.raises(OpenPgpKeyTimeUnknown):
         export_public_key(signer, UID)
     assert key_uses(server_api, world.keys[Algorithm.EC_P256]) == before

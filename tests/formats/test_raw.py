@@ -72,14 +72,14 @@ def openssl_verify(digest: str, public_key: Path, signature: Path, file: Path) -
 def signed_file(signer: RemoteSigner, directory: Path, data: bytes) -> tuple[Path, Path]:
     file = directory / "artifact.bin"
     file.write_bytes(data)
-    output = RAW.default_output(file)
+    output = RAW.default_output(file, SignOptions())
     RAW.sign(signer, file, output, SignOptions())
     return file, output
 
 
 def test_registered_under_its_name() -> None:
     assert isinstance(get_format("raw"), RawFormat)
-    assert RAW.default_output(Path("dist/app.tar.gz")) == Path("dist/app.tar.gz.sig")
+    assert RAW.default_output(Path("dist/app.tar.gz"), SignOptions()) == Path("dist/app.tar.gz.sig")
 
 
 # ------------------------------------------------------------------ sign / verify
@@ -121,7 +121,7 @@ def test_sign_with_pss_verifies_only_as_pss(
     signer = signers[Algorithm.RSA_2048]
     file = tmp_path / "pss.bin"
     file.write_bytes(b"pss payload")
-    output = RAW.default_output(file)
+    output = RAW.default_output(file, SignOptions())
     pss = SignOptions(scheme=SignatureScheme.RSA_PSS)
     assert RAW.sign(signer, file, output, pss).scheme is SignatureScheme.RSA_PSS
     assert RAW.verify(file, output, [signer.public_key], pss).valid
@@ -131,7 +131,7 @@ def test_sign_with_pss_verifies_only_as_pss(
 def test_output_is_written_atomically_without_leftovers(ec: RemoteSigner, tmp_path: Path) -> None:
     file = tmp_path / "app.bin"
     file.write_bytes(b"first")
-    output = RAW.default_output(file)
+    output = RAW.default_output(file, SignOptions())
     output.write_bytes(b"an old signature that must be replaced")
     RAW.sign(ec, file, output, SignOptions())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["app.bin", "app.bin.sig"]
@@ -205,7 +205,7 @@ def test_verify_of_a_missing_signature_is_a_client_error(ec: RemoteSigner, tmp_p
     file = tmp_path / "unsigned.bin"
     file.write_bytes(b"no signature")
     with pytest.raises(ClientError, match="cannot read signature"):
-        RAW.verify(file, RAW.default_output(file), [ec.public_key], SignOptions())
+        RAW.verify(file, RAW.default_output(file, SignOptions()), [ec.public_key], SignOptions())
 
 
 # ------------------------------------------------------------------ interop
@@ -239,7 +239,7 @@ def test_large_file_is_hashed_in_chunks_with_progress(ec: RemoteSigner, tmp_path
             f.write(chunk)
         f.write(chunk[: size % len(chunk)])
     assert file.stat().st_size == size
-    output = RAW.default_output(file)
+    output = RAW.default_output(file, SignOptions())
 
     progress: list[int] = []
     result = RAW.sign(ec, file, output, SignOptions(progress=progress.append))
@@ -259,7 +259,7 @@ def test_digest_algorithm_option_overrides_the_key_default(
 ) -> None:
     file = tmp_path / "sha384.bin"
     file.write_bytes(b"explicit digest")
-    output = RAW.default_output(file)
+    output = RAW.default_output(file, SignOptions())
     options = SignOptions(digest_algorithm=DigestAlgorithm.SHA384)
     result = RAW.sign(ec, file, output, options)
     assert result.digest == hashlib.sha384(b"explicit digest").hexdigest()

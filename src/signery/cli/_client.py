@@ -350,7 +350,7 @@ def sign(
                 options = dataclasses.replace(base, progress=_advance(progress, task))
             try:
                 return signature_format.sign(
-                    signer, f, output or signature_format.default_output(f), options
+                    signer, f, output or signature_format.default_output(f, options), options
                 )
             except SigneryError as e:
                 return e
@@ -456,7 +456,9 @@ def verify(
             keys = [load_public_key_pem(c.key(key).public_key_pem)]
     options = SignOptions(digest_algorithm=digest_algorithm, scheme=scheme)
     results: list[VerifyResult] = [
-        signature_format.verify(f, signature or signature_format.default_output(f), keys, options)
+        signature_format.verify(
+            f, signature or signature_format.default_output(f, options), keys, options
+        )
         for f in files
     ]
     if as_json:

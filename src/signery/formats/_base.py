@@ -60,8 +60,9 @@ class SignatureFormat(Protocol):
 
     name: str
 
-    def default_output(self, file: Path) -> Path:
-        """Where ``sign`` writes by default (the file itself for embedded formats)."""
+    def default_output(self, file: Path, options: SignOptions) -> Path:
+        """Where ``sign`` writes by default (the file itself for embedded formats);
+        ``options`` can change it (openpgp --binary)."""
         ...
 
     def sign(

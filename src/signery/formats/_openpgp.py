@@ -660,8 +660,8 @@ class OpenPgpFormat:
 
     name = "openpgp"
 
-    def default_output(self, file: Path) -> Path:
-        return file.with_name(file.name + ".asc")
+    def default_output(self, file: Path, options: SignOptions) -> Path:
+        return self.binary_output(file) if options.binary else file.with_name(file.name + ".asc")
 
     def binary_output(self, file: Path) -> Path:
         # .sig is the raw format's; .pgp keeps the two apart.
@@ -676,9 +676,6 @@ class OpenPgpFormat:
                 "OpenPGP has no place for an RFC 3161 token; sign without --timestamp"
             )
         plan = _plan(signer, options.digest_algorithm, options.scheme)
-        if options.binary and output == self.default_output(file):
-            # The caller took the default name, which is the armored one.
-            output = self.binary_output(file)
         subpackets = _subpacket(
             SUB_CREATION_TIME, struct.pack(">I", _signature_time(plan.key))
         ) + _subpacket(SUB_ISSUER_FINGERPRINT, b"\x04" + plan.key.fingerprint_bytes)
@@ -700,7 +697,7 @@ class OpenPgpFormat:
     def verify(
         self, file: Path, signature: Path, public_keys: list[PublicKey], options: SignOptions
     ) -> VerifyResult:
-        if signature == self.default_output(file) and not signature.exists():
+        if signature == self.default_output(file, options) and not signature.exists():
             binary = self.binary_output(file)
             signature = binary if binary.exists() else signature
         try:

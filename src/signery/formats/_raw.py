@@ -28,7 +28,7 @@ MAX_SIGNATURE_BYTES = 1024  # RSA-4096 = 512 bytes, P-521 DER <= 139 bytes
 class RawFormat:
     name = "raw"
 
-    def default_output(self, file: Path) -> Path:
+    def default_output(self, file: Path, options: SignOptions) -> Path:
         return file.with_name(file.name + ".sig")
 
     def sign(
