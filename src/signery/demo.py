@@ -93,6 +93,15 @@ OUTPUTS = frozenset(
         "root-ca.pem",
         "audit-events.json",
         "usage.json",
+        "release-ec.asc",
+        "hello.txt.asc",
+        "hello.txt.p7s",
+        "app.bin.sig.tsq",
+        "app.bin.sig.tsr",
+        "ca.crl",
+        "ca.crl.pem",
+        "leaf-renewed.pem",
+        "app.bin.renewed.sig",
         "server.log",
         "moto.log",
     }
@@ -297,6 +306,7 @@ class Demo:
             ("Renew the EC key's certificate: same key pair, new certificate", self.step_renew),
             ("Revoke the old certificate; the CRL lists it for openssl", self.step_crl),
             ("Timestamp the signature with Signery's RFC 3161 TSA", self.step_timestamp),
+            ("OpenPGP: export the public key, sign, gpg --verify", self.step_openpgp),
         ]
         for store in self.hardware:
             self.steps.append(
@@ -1125,6 +1135,40 @@ class Demo:
         self.note("app.bin.sig.tsr is an RFC 3161 reply over app.bin.sig, signed by the TSA key")
         self.note("(certificate: EKU timeStamping only, critical; issued by the built-in CA);")
         self.note("openssl ts -verify accepts it against root-ca.pem alone")
+
+    def verifier(self, name: str) -> Path | None:
+        """An external verifier on PATH, or None (its check is then skipped, saying so:
+        the signature is still made; CI has every verifier)."""
+        found = shutil.which(name)
+        if found is None:
+            self.console.print(
+                f"  [yellow]-[/] {name} is not installed: its check is skipped", highlight=False
+            )
+        return Path(found) if found else None
+
+    def step_openpgp(self) -> None:
+        uid = "Signery Demo Release <release@demo.example>"
+        self.cli("key", "export", "--openpgp", EC_KEY, "--uid", uid, "-o", "release-ec.asc",
+                 profile=BUILD_PROFILE)  # fmt: skip
+        self.cli("sign", "--key", EC_KEY, "--format", "openpgp", "hello.txt", profile=BUILD_PROFILE)
+        gpg = self.verifier("gpg")
+        if gpg is None:
+            return
+        home = self.tmp / "gnupg"
+        home.mkdir(mode=0o700, exist_ok=True)
+        base: list[str | Path] = [gpg, "--batch", "--no-tty", "--homedir", home]
+        try:
+            self.run([*base, "--import", "release-ec.asc"])
+            done = self.run([*base, "--verify", "hello.txt.asc", "hello.txt"])
+        finally:
+            gpgconf = shutil.which("gpgconf")
+            if gpgconf is not None:  # gpg may have started an agent for this home
+                self.run([gpgconf, "--homedir", home, "--kill", "all"], check=False, show=False)
+        self.expect(
+            "Good signature" in done.stderr, "gpg did not report a good signature", done.stderr
+        )
+        self.note("release-ec.asc is the key's OpenPGP public key (self-signed through Signery);")
+        self.note("gpg verifies hello.txt.asc with it")
 
     def step_refusal(self) -> None:
         self.state.disabled_at = time.time()
