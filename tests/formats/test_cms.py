@@ -28,6 +28,8 @@ from signery.formats._signeddata import (
     ID_AA_TIMESTAMP_TOKEN,
     CertificateRequired,
     KeyChangedWhileSigning,
+    SchemeNotAllowed,
+    choose,
 )
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from tests.support import SIGNERY, Api, ServerProcess, require_tool
@@ -444,6 +446,36 @@ def test_a_timestamp_token_for_another_signature_is_invalid(
     result = CMS.verify(a, forged, [world.signers[Algorithm.EC_P256].public_key], SignOptions())
     assert not result.valid
     assert result.detail == "the timestamp token does not cover this signature"
+
+
+def test_a_garbled_timestamp_token_is_not_a_cms_signature(
+    world: World, stamped_pair: list[Path], tmp_path: Path
+) -> None:
+    """The token is decoded with the rest (parse_content_info), not later: same-length
+    garbage inside it keeps the outer DER intact and is still refused up front."""
+    a, _ = stamped_pair
+    der = CMS.default_output(a).read_bytes()
+    token = embedded_token(CMS.default_output(a), tmp_path).read_bytes()
+    assert der.count(token) == 1
+    garbled = token[:4] + b"\xff" * (len(token) - 4)  # keep the token's own header
+    signature = write(tmp_path / "garbled.p7s", der.replace(token, garbled))
+    with pytest.raises(NotACmsSignature):
+        CMS.verify(a, signature, [world.signers[Algorithm.EC_P256].public_key], SignOptions())
+
+
+def test_pss_with_a_timestamp_stays_refused_for_other_formats(world: World) -> None:
+    """cms opts in to PSS with a timestamp; the shared default still refuses it
+    (Authenticode, and JAR unless it opts in), before anything is sent."""
+    rsa = world.signers[Algorithm.RSA_2048]
+    options = SignOptions(scheme=SignatureScheme.RSA_PSS, timestamper=world.timestamper)
+    with pytest.raises(SchemeNotAllowed, match="with a timestamp"):
+        choose(rsa, options, "jar")
+    with pytest.raises(SchemeNotAllowed):
+        choose(rsa, options, "authenticode", allow_pss=False, allow_pss_with_timestamp=True)
+    assert choose(rsa, options, "cms", allow_pss_with_timestamp=True) == (
+        DigestAlgorithm.SHA256,
+        SignatureScheme.RSA_PSS,
+    )
 
 
 def test_verify_with_another_key_is_invalid(world: World, stamped_pair: list[Path]) -> None:
