@@ -9,6 +9,7 @@ from signery.formats._base import (
     VerifyResult,
     write_atomically,
 )
+from signery.formats._cms import CmsFormat
 from signery.formats._openpgp import (
     OpenPgpFormat,
     OpenPgpInvalidUserId,
@@ -25,7 +26,9 @@ from signery.formats._openpgp import (
 )
 from signery.formats._raw import RawFormat
 
-FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(), OpenPgpFormat())}
+FORMATS: dict[str, SignatureFormat] = {
+    f.name: f for f in (RawFormat(), CmsFormat(), OpenPgpFormat())
+}
 
 
 class UnknownFormat(ClientError):
@@ -42,6 +45,7 @@ def get_format(name: str) -> SignatureFormat:
 
 __all__ = [
     "FORMATS",
+    "CmsFormat",
     "OpenPgpFormat",
     "OpenPgpInvalidUserId",
     "OpenPgpKey",

@@ -121,9 +121,8 @@ class OpenPgpKeyTimeUnknown(ClientError):
 
 
 class OpenPgpKeyChanged(ClientError):
-    # Not _signeddata.KeyChangedWhileSigning: importing that module here would
-    # load its SchemeNotAllowed, whose code duplicates signery.errors' and then
-    # rebuilds the server's scheme_not_allowed problems as the wrong class.
+    # The OpenPGP twin of _signeddata.KeyChangedWhileSigning: here the key is
+    # named by its fingerprint (public key + version time), not a certificate.
     code = "openpgp_key_changed"
     title = "The key changed while signing; sign again"
 

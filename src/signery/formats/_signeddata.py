@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from signery.client._signer import RemoteSigner
-from signery.crypto import Hashed, PublicKey, hash_bytes, verify_signature
+from signery.crypto import Hashed, PublicKey, check_scheme, hash_bytes, verify_signature
 from signery.errors import ClientError
 from signery.formats._base import SignOptions, Timestamper
 from signery.protocol import DigestAlgorithm, SignatureScheme
@@ -110,13 +110,25 @@ def signing_certificate(signer: RemoteSigner, format_name: str) -> x509.Certific
 
 
 def choose(
-    signer: RemoteSigner, options: SignOptions, format_name: str, *, allow_pss: bool = True
+    signer: RemoteSigner,
+    options: SignOptions,
+    format_name: str,
+    *,
+    allow_pss: bool = True,
+    allow_pss_with_timestamp: bool = False,
 ) -> tuple[DigestAlgorithm, SignatureScheme]:
     """The digest and scheme for this signature, refused before anything is sent
-    when the format cannot carry them (Authenticode and timestamps refuse PSS)."""
+    when the format cannot carry them (Authenticode and timestamps refuse PSS).
+
+    ``allow_pss_with_timestamp``: the format's verifier accepts a PSS signature
+    carrying a token from a non-PSS TSA (plain CMS: ``openssl cms -verify`` does
+    not look at unsigned attributes, and ``openssl ts -verify`` checks the
+    token's own signature, made by the TSA key, not the signer's)."""
     digest = options.digest_algorithm or signer.default_digest
     scheme = options.scheme or signer.default_scheme
-    if scheme is SignatureScheme.RSA_PSS and (not allow_pss or options.timestamper is not None):
+    check_scheme(signer.algorithm, scheme)  # e.g. PSS for an EC key: refused here, not remotely
+    timestamp_refused = options.timestamper is not None and not allow_pss_with_timestamp
+    if scheme is SignatureScheme.RSA_PSS and (not allow_pss or timestamp_refused):
         raise FormatSchemeUnsupported(
             f"{format_name}{' with a timestamp' if allow_pss else ''} does not accept RSA-PSS "
             "(its verifiers refuse it); use rsa-pkcs1v15"
@@ -157,6 +169,7 @@ def build_signed_data(
     timestamp_attribute: str = ID_AA_TIMESTAMP_TOKEN,
     version: str = "v1",
     allow_pss: bool = True,
+    allow_pss_with_timestamp: bool = False,
 ) -> SignedDataResult:
     """A ContentInfo holding a SignedData with one SignerInfo by ``signer``.
 
@@ -167,7 +180,13 @@ def build_signed_data(
     otherwise the SignedData is detached. ``extra_signed_attributes`` are DER
     Attributes added to the signed ones."""
     leaf = signing_certificate(signer, format_name)
-    digest, scheme = choose(signer, options, format_name, allow_pss=allow_pss)
+    digest, scheme = choose(
+        signer,
+        options,
+        format_name,
+        allow_pss=allow_pss,
+        allow_pss_with_timestamp=allow_pss_with_timestamp,
+    )
     if message_digest.algorithm is not digest:
         raise ValueError("message_digest must use the digest algorithm choose() returned")
     der = serialization.Encoding.DER
@@ -295,10 +314,36 @@ def parse_content_info(der: bytes) -> Any:
         info = cms.ContentInfo.load(der)
         if info["content_type"].native != "signed_data":
             raise ValueError("not SignedData")
-        info["content"]["signer_infos"].native  # noqa: B018 - parse now, not later
+        for signer_info in info["content"]["signer_infos"]:
+            _parse_now(signer_info)
     except _DECODE_ERRORS:
         raise ClientError("not a CMS SignedData (RFC 5652)") from None
     return info
+
+
+_SIGNER_INFO_FIELDS = (
+    "version",
+    "sid",
+    "digest_algorithm",
+    "signed_attrs",
+    "signature_algorithm",
+    "signature",
+)
+
+
+def _parse_now(signer_info: Any) -> None:
+    """Decode a SignerInfo now, so that malformed input fails here, not later.
+
+    Field by field: ``.native`` on the whole SignerInfo is quadratic in asn1crypto
+    1.5 through nested SET OFs (about a second for one timestamp token)."""
+    for field in _SIGNER_INFO_FIELDS:
+        signer_info[field].native  # noqa: B018
+    unsigned = signer_info["unsigned_attrs"]
+    if not isinstance(unsigned, core.Void):
+        for attribute in unsigned:
+            attribute["type"].native  # noqa: B018
+            for value in attribute["values"]:
+                value.native  # noqa: B018
 
 
 def check_signer(signed_data: Any, public_keys: Sequence[PublicKey]) -> SignerCheck:
@@ -323,7 +368,7 @@ def check_signer(signed_data: Any, public_keys: Sequence[PublicKey]) -> SignerCh
         # Re-encode as SET OF: what was signed (RFC 5652 §5.4).
         covered = cms.CMSAttributes.load(attrs.untag().dump()).dump()
         unsigned = info["unsigned_attrs"]
-        timestamped = unsigned.native is not None and any(
+        timestamped = not isinstance(unsigned, core.Void) and any(
             a["type"].dotted in (ID_AA_TIMESTAMP_TOKEN, "1.3.6.1.4.1.311.3.3.1") for a in unsigned
         )
     except (*_DECODE_ERRORS, AttributeError):
