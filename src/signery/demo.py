@@ -306,6 +306,7 @@ class Demo:
             ("Renew the EC key's certificate: same key pair, new certificate", self.step_renew),
             ("Revoke the old certificate; the CRL lists it for openssl", self.step_crl),
             ("Timestamp the signature with Signery's RFC 3161 TSA", self.step_timestamp),
+            ("CMS: sign hello.txt with a timestamp; openssl cms -verify", self.step_cms),
             ("OpenPGP: export the public key, sign, gpg --verify", self.step_openpgp),
         ]
         for store in self.hardware:
@@ -1145,6 +1146,28 @@ class Demo:
                 f"  [yellow]-[/] {name} is not installed: its check is skipped", highlight=False
             )
         return Path(found) if found else None
+
+    @property
+    def tsa_url(self) -> str:
+        return f"{self.state.url}/api/v1/tsa"
+
+    def step_cms(self) -> None:
+        self.cli("sign", "--key", EC_KEY, "--format", "cms", "--timestamp", self.tsa_url,
+                 "hello.txt", profile=BUILD_PROFILE)  # fmt: skip
+        done = self.openssl_run(
+            "cms", "-verify", "-binary", "-content", "hello.txt", "-inform", "DER",
+            "-in", "hello.txt.p7s", "-CAfile", "chain.pem", "-purpose", "any", "-out", os.devnull,
+        )  # fmt: skip
+        self.expect(
+            "Verification successful" in done.stderr + done.stdout,
+            "openssl cms -verify does not accept hello.txt.p7s",
+            done.stderr,
+        )
+        done = self.cli("verify", "--format", "cms", "--key", EC_KEY, "hello.txt",
+                        profile=BUILD_PROFILE)  # fmt: skip
+        self.expect("timestamped" in done.stdout, "the CMS signature carries no timestamp")
+        self.note("hello.txt.p7s: detached CMS SignedData with the chain and an RFC 3161 token;")
+        self.note("openssl cms -verify accepts it against chain.pem")
 
     def step_openpgp(self) -> None:
         uid = "Signery Demo Release <release@demo.example>"
