@@ -1,17 +1,19 @@
 """Signature formats, by name. Each writes a real format from a remote signature."""
 
 from signery.errors import ClientError
+from signery.formats._authenticode import AuthenticodeFormat
 from signery.formats._base import (
     SignatureFormat,
     SignOptions,
     SignResult,
     Timestamper,
     VerifyResult,
+    open_atomically,
     write_atomically,
 )
 from signery.formats._raw import RawFormat
 
-FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(),)}
+FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(), AuthenticodeFormat())}
 
 
 class UnknownFormat(ClientError):
@@ -28,6 +30,7 @@ def get_format(name: str) -> SignatureFormat:
 
 __all__ = [
     "FORMATS",
+    "AuthenticodeFormat",
     "RawFormat",
     "SignOptions",
     "SignResult",
@@ -36,5 +39,6 @@ __all__ = [
     "UnknownFormat",
     "VerifyResult",
     "get_format",
+    "open_atomically",
     "write_atomically",
 ]
