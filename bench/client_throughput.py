@@ -211,8 +211,8 @@ def bench_authenticode(workdir: Path, client: Client, size: int) -> dict[str, An
 
     key = client.key("RSA_3072")
     pe = workdir / "big.exe"
-    pe.write_bytes(b"")
-    build_pe(pe, payload_size=size)
+    # A PE32+ whose .text section is ``size`` bytes of incompressible data.
+    pe.write_bytes(build_pe(pe32_plus=True, text=b"\xc3" + os.urandom(size - 1)))
     local_key, local_cert = workdir / "local.key", workdir / "local.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:3072", "-nodes", "-keyout", str(local_key),

@@ -1,12 +1,14 @@
 """Signature formats, by name. Each writes a real format from a remote signature."""
 
 from signery.errors import ClientError
+from signery.formats._authenticode import AuthenticodeFormat
 from signery.formats._base import (
     SignatureFormat,
     SignOptions,
     SignResult,
     Timestamper,
     VerifyResult,
+    open_atomically,
     write_atomically,
 )
 from signery.formats._cms import CmsFormat
@@ -27,7 +29,7 @@ from signery.formats._openpgp import (
 from signery.formats._raw import RawFormat
 
 FORMATS: dict[str, SignatureFormat] = {
-    f.name: f for f in (RawFormat(), CmsFormat(), OpenPgpFormat())
+    f.name: f for f in (RawFormat(), CmsFormat(), AuthenticodeFormat(), OpenPgpFormat())
 }
 
 
@@ -45,6 +47,7 @@ def get_format(name: str) -> SignatureFormat:
 
 __all__ = [
     "FORMATS",
+    "AuthenticodeFormat",
     "CmsFormat",
     "OpenPgpFormat",
     "OpenPgpInvalidUserId",
@@ -65,6 +68,7 @@ __all__ = [
     "VerifyResult",
     "export_public_key",
     "get_format",
+    "open_atomically",
     "parse_signature",
     "write_atomically",
 ]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from signery.client._signer import RemoteSigner
 from signery.crypto import Hashed, PublicKey
@@ -89,6 +90,25 @@ def write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def open_atomically(path: Path, mode: int = 0o666) -> Iterator[BinaryIO]:
+    """``write_atomically`` for output written in pieces (a signed copy of a large
+    file): yields a seekable binary file beside ``path``, renamed over ``path`` only
+    when the block ends without an exception; otherwise it is removed. ``mode``
+    (minus the umask) lets a signed executable keep the input's permission bits."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

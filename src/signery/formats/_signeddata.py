@@ -368,6 +368,8 @@ def check_signer(signed_data: Any, public_keys: Sequence[PublicKey]) -> SignerCh
         # Re-encode as SET OF: what was signed (RFC 5652 §5.4).
         covered = cms.CMSAttributes.load(attrs.untag().dump()).dump()
         unsigned = info["unsigned_attrs"]
+        # Not unsigned.native: that would decode every nested signature (Authenticode
+        # SPC_NESTED_SIGNATURE), which asn1crypto cannot do generically, and slowly.
         timestamped = not isinstance(unsigned, core.Void) and any(
             a["type"].dotted in (ID_AA_TIMESTAMP_TOKEN, "1.3.6.1.4.1.311.3.3.1") for a in unsigned
         )
