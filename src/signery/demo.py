@@ -64,6 +64,7 @@ from rich.table import Table
 from rich.text import Text
 
 from signery.devtools import softhsm
+from signery.devtools.pe import build_pe
 
 COMMAND_TIMEOUT = 120.0  # seconds for one CLI or openssl command
 READY_TIMEOUT = 60.0  # seconds for the server to answer /readyz
@@ -94,6 +95,7 @@ OUTPUTS = frozenset(
         "audit-events.json",
         "usage.json",
         "release-ec.asc",
+        "hello.exe",
         "hello.txt.asc",
         "hello.txt.p7s",
         "app.bin.sig.tsq",
@@ -307,6 +309,10 @@ class Demo:
             ("Revoke the old certificate; the CRL lists it for openssl", self.step_crl),
             ("Timestamp the signature with Signery's RFC 3161 TSA", self.step_timestamp),
             ("CMS: sign hello.txt with a timestamp; openssl cms -verify", self.step_cms),
+            (
+                "Authenticode: sign a Windows program with a timestamp; osslsigncode verify",
+                self.step_authenticode,
+            ),
             ("OpenPGP: export the public key, sign, gpg --verify", self.step_openpgp),
         ]
         for store in self.hardware:
@@ -1168,6 +1174,32 @@ class Demo:
         self.expect("timestamped" in done.stdout, "the CMS signature carries no timestamp")
         self.note("hello.txt.p7s: detached CMS SignedData with the chain and an RFC 3161 token;")
         self.note("openssl cms -verify accepts it against chain.pem")
+
+    def step_authenticode(self) -> None:
+        exe = self.out / "hello.exe"
+        compiler = shutil.which("x86_64-w64-mingw32-gcc")
+        if compiler is not None:
+            source = self.tmp / "hello.c"
+            source.write_text('#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n')
+            self.run([compiler, "-O2", "-s", "-o", exe, source])
+            self.note("hello.exe: a PE32+ program compiled with MinGW-w64")
+        else:
+            exe.write_bytes(build_pe(pe32_plus=True, text=b"\xc3" + os.urandom(4096)))
+            self.note("hello.exe: a minimal PE32+ image (MinGW-w64 is not installed)")
+        self.cli("sign", "--key", RSA_KEY, "--format", "authenticode", "--timestamp",
+                 self.tsa_url, "hello.exe", profile=BUILD_PROFILE)  # fmt: skip
+        osslsigncode = self.verifier("osslsigncode")
+        if osslsigncode is not None:
+            done = self.run([osslsigncode, "verify", "-CAfile", "chain.pem",
+                             "-TSA-CAfile", "root-ca.pem", "-in", "hello.exe"])  # fmt: skip
+            self.expect(
+                "Signature verification: ok" in done.stdout
+                and "Timestamp Server Signature verification: ok" in done.stdout,
+                "osslsigncode does not accept hello.exe and its timestamp",
+                done.stdout,
+            )
+        self.note("hello.exe now carries an Authenticode signature (RSA 3072, PKCS#1 v1.5) and")
+        self.note("an RFC 3161 countersignature from Signery's TSA; osslsigncode verifies both")
 
     def step_openpgp(self) -> None:
         uid = "Signery Demo Release <release@demo.example>"
