@@ -9,9 +9,10 @@ from signery.formats._base import (
     VerifyResult,
     write_atomically,
 )
+from signery.formats._jar import JarFormat
 from signery.formats._raw import RawFormat
 
-FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(),)}
+FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(), JarFormat())}
 
 
 class UnknownFormat(ClientError):
@@ -28,6 +29,7 @@ def get_format(name: str) -> SignatureFormat:
 
 __all__ = [
     "FORMATS",
+    "JarFormat",
     "RawFormat",
     "SignOptions",
     "SignResult",
