@@ -74,7 +74,17 @@ _ENCRYPTED_FLAG = 0x1  # APPNOTE.TXT 4.4.4 bit 0
 _ZIP64_EXTRA = 0x0001  # APPNOTE.TXT 4.5.3: zipfile writes its own when needed
 # java.util.zip reads only these two methods.
 _JAVA_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
+# What zipfile raises on damaged input: bad headers and CRCs, truncated streams,
+# undecodable names (UnicodeDecodeError is a ValueError), seeks outside the file
+# (OSError EINVAL), unknown methods.
+_READ_ERRORS = (
+    zipfile.BadZipFile,
+    zlib.error,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 class NotAJar(ClientError):
@@ -122,7 +132,8 @@ def is_signature_related(name: str) -> bool:
 
 def _check_entry_name(info: zipfile.ZipInfo) -> None:
     name = info.filename
-    if not name or any(c in name for c in "\0\r\n"):
+    # zipfile cuts a name at NUL (orig_filename keeps it); Java would not.
+    if not name or any(c in info.orig_filename for c in "\0\r\n"):
         # A manifest "Name:" value cannot hold NUL, CR or LF.
         raise NotAJar(f"entry name {name!r} cannot be named in a manifest")
     parts = name.rstrip("/").split("/")
@@ -308,11 +319,21 @@ def _read_small(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes
     try:
         with zf.open(info) as f:
             data = f.read(limit + 1)
-    except _READ_ERRORS as e:
+    except (OSError, *_READ_ERRORS) as e:
         raise CorruptJar(f"entry {info.filename!r}: {e}") from None
     if len(data) > limit:
         raise NotAJar(f"{info.filename} is larger than {limit} bytes")
+    _check_size(info, len(data))
     return data
+
+
+def _check_size(info: zipfile.ZipInfo, size: int) -> None:
+    # zipfile checks the CRC-32 but not the size the central directory declares;
+    # java.util.zip does, so a mismatch would make Java read other bytes than ours.
+    if size != info.file_size:
+        raise CorruptJar(
+            f"entry {info.filename!r} holds {size} bytes, the zip directory says {info.file_size}"
+        )
 
 
 def _entry_digest(
@@ -325,12 +346,15 @@ def _entry_digest(
     checks the CRC-32 at the end). Progress counts the entry's stored bytes, so
     it adds up to about the file's size."""
     digest = hashlib.new(algorithm.value)
+    size = 0
     try:
         with zf.open(info) as f:
             while chunk := f.read(HASH_CHUNK):
                 digest.update(chunk)
-    except _READ_ERRORS as e:
+                size += len(chunk)
+    except (OSError, *_READ_ERRORS) as e:
         raise CorruptJar(f"entry {info.filename!r}: {e}") from None
+    _check_size(info, size)
     if progress is not None:
         progress(info.compress_size)
     return digest.digest()
