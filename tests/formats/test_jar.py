@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tracemalloc
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -350,19 +351,62 @@ def test_a_second_signer_keeps_the_first_and_resigning_replaces_it(
     rsa, ec = world.signers[Algorithm.RSA_3072], world.signers[Algorithm.EC_P256]
     jar = make_jar(tmp_path / "two.jar")
     JAR.sign(rsa, jar, jar, SignOptions())
+    with zipfile.ZipFile(jar) as z:
+        first_sections = parse_manifest(z.read("META-INF/MANIFEST.MF"))[1]
+    # An entry added after the first signature: only the second signer covers it,
+    # and the manifest grows, so the first .SF's whole-manifest digest no longer
+    # matches and verifiers fall back to its per-section digests.
+    with zipfile.ZipFile(jar, "a") as z:
+        z.writestr("com/example/Added.class", b"\xca\xfe\xba\xbe added later")
     JAR.sign(ec, jar, jar, SignOptions())
     JAR.sign(ec, jar, jar, SignOptions())  # the same signer again: replaced, not added
     with zipfile.ZipFile(jar) as z:
         signature_files = sorted(n for n in z.namelist() if n.endswith((".SF", ".RSA", ".EC")))
+        manifest = z.read("META-INF/MANIFEST.MF")
     rsa_base = f"META-INF/{signer_name(rsa.key_name)}"
     ec_base = f"META-INF/{signer_name(ec.key_name)}"
     assert signature_files == sorted(
         [rsa_base + ".SF", rsa_base + ".RSA", ec_base + ".SF", ec_base + ".EC"]
     )
+    # The first signer's sections are kept byte for byte.
+    assert manifest.startswith(MANIFEST.split(b"\r\n\r\n")[0])
+    assert all(s.raw in manifest for s in first_sections)
     output = assert_jarsigner_accepts(jar, truststore)
     assert output.count("- Signed by") == 2, output
-    for signer in (rsa, ec):
-        assert JAR.verify(jar, jar, [signer.public_key], SignOptions()).valid
+    assert JAR.verify(jar, jar, [ec.public_key], SignOptions()).valid
+    # The first signer still vouches for what it signed, not for the added entry.
+    first = JAR.verify(jar, jar, [rsa.public_key], SignOptions())
+    assert not first.valid
+    assert first.detail == "entry 'com/example/Added.class' is not signed"
+
+
+def test_large_entries_are_streamed_not_read_whole(world: World, tmp_path: Path) -> None:
+    size = 24 * 1024 * 1024
+    jar = tmp_path / "big.jar"
+    chunk = os.urandom(1024 * 1024)
+    with zipfile.ZipFile(jar, "w") as z:
+        for name, method in (
+            ("big/stored.bin", zipfile.ZIP_STORED),
+            ("big/deflated.bin", zipfile.ZIP_DEFLATED),
+        ):
+            info = zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0))
+            info.compress_type = method
+            with z.open(info, "w") as f:
+                for _ in range(size // len(chunk)):
+                    f.write(chunk)
+    progress: list[int] = []
+    tracemalloc.start()
+    try:
+        JAR.sign(world.signers[Algorithm.EC_P256], jar, jar, SignOptions(progress=progress.append))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Two 24 MiB entries pass through in chunks; reading either whole would show here.
+    assert peak < 8 * 1024 * 1024, peak
+    with zipfile.ZipFile(jar) as z:
+        assert sum(progress) == sum(i.compress_size for i in z.infolist()[3:])
+        assert z.getinfo("big/stored.bin").compress_type == zipfile.ZIP_STORED
+    assert JAR.verify(jar, jar, [world.signers[Algorithm.EC_P256].public_key], SignOptions()).valid
 
 
 # ------------------------------------------------------------------ outputs and verify
