@@ -203,6 +203,7 @@ def test_registered_under_its_name_and_signs_in_place() -> None:
         ("release-key-2024", "RELEASE-"),
         ("my.key_v2", "MY_KEY_V"),
         ("clé", "CL_"),
+        ("straße-key", "STRA_E-K"),
     ],
 )
 def test_signer_name_follows_jarsigners_alias_rule(key_name: str, expected: str) -> None:

@@ -114,8 +114,11 @@ class InvalidManifest(ClientError):
 def signer_name(key_name: str) -> str:
     """The signature file base name for a key, by jarsigner's rule for an alias:
     upper-cased, characters outside [A-Z0-9_-] replaced by ``_``, cut to 8."""
-    cut = key_name[:SIGNER_NAME_LENGTH].upper()
-    return re.sub(r"[^A-Z0-9_-]", "_", cut) or "SIGNER"
+    # Per character, so that no upper-casing ("ß" -> "SS") makes the name longer.
+    return "".join(
+        c.upper() if c.isascii() and (c.isalnum() or c in "-_") else "_"
+        for c in key_name[:SIGNER_NAME_LENGTH]
+    )
 
 
 def is_signature_related(name: str) -> bool:
