@@ -23,12 +23,17 @@ from signery.client import Client, RemoteSigner
 from signery.client._timestamp import request_timestamp
 from signery.crypto import Hashed
 from signery.errors import ClientError
-from signery.formats import JarFormat, SignOptions, Timestamper, get_format
-from signery.formats._jar import (
-    LINE_LIMIT,
+from signery.formats import (
     CorruptJar,
     InvalidManifest,
+    JarFormat,
     NotAJar,
+    SignOptions,
+    Timestamper,
+    get_format,
+)
+from signery.formats._jar import (
+    LINE_LIMIT,
     encode_section,
     parse_manifest,
     signer_name,

@@ -9,7 +9,7 @@ from signery.formats._base import (
     VerifyResult,
     write_atomically,
 )
-from signery.formats._jar import JarFormat
+from signery.formats._jar import CorruptJar, InvalidManifest, JarFormat, NotAJar
 from signery.formats._raw import RawFormat
 
 FORMATS: dict[str, SignatureFormat] = {f.name: f for f in (RawFormat(), JarFormat())}
@@ -29,7 +29,10 @@ def get_format(name: str) -> SignatureFormat:
 
 __all__ = [
     "FORMATS",
+    "CorruptJar",
+    "InvalidManifest",
     "JarFormat",
+    "NotAJar",
     "RawFormat",
     "SignOptions",
     "SignResult",
