@@ -12,6 +12,7 @@ from signery.formats._base import (
     write_atomically,
 )
 from signery.formats._cms import CmsFormat
+from signery.formats._jar import CorruptJar, InvalidManifest, JarFormat, NotAJar
 from signery.formats._openpgp import (
     OpenPgpFormat,
     OpenPgpInvalidUserId,
@@ -29,7 +30,8 @@ from signery.formats._openpgp import (
 from signery.formats._raw import RawFormat
 
 FORMATS: dict[str, SignatureFormat] = {
-    f.name: f for f in (RawFormat(), CmsFormat(), AuthenticodeFormat(), OpenPgpFormat())
+    f.name: f
+    for f in (RawFormat(), CmsFormat(), AuthenticodeFormat(), JarFormat(), OpenPgpFormat())
 }
 
 
@@ -49,6 +51,10 @@ __all__ = [
     "FORMATS",
     "AuthenticodeFormat",
     "CmsFormat",
+    "CorruptJar",
+    "InvalidManifest",
+    "JarFormat",
+    "NotAJar",
     "OpenPgpFormat",
     "OpenPgpInvalidUserId",
     "OpenPgpKey",
