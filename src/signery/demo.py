@@ -50,6 +50,7 @@ import textwrap
 import threading
 import time
 import traceback
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ OUTPUTS = frozenset(
         "usage.json",
         "release-ec.asc",
         "hello.exe",
+        "app.jar",
         "hello.txt.asc",
         "hello.txt.p7s",
         "app.bin.sig.tsq",
@@ -313,6 +315,7 @@ class Demo:
                 "Authenticode: sign a Windows program with a timestamp; osslsigncode verify",
                 self.step_authenticode,
             ),
+            ("JAR: sign a Java archive with a timestamp; jarsigner -verify -strict", self.step_jar),
             ("OpenPGP: export the public key, sign, gpg --verify", self.step_openpgp),
         ]
         for store in self.hardware:
@@ -1200,6 +1203,40 @@ class Demo:
             )
         self.note("hello.exe now carries an Authenticode signature (RSA 3072, PKCS#1 v1.5) and")
         self.note("an RFC 3161 countersignature from Signery's TSA; osslsigncode verifies both")
+
+    def step_jar(self) -> None:
+        jar = self.out / "app.jar"
+        with zipfile.ZipFile(jar, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("META-INF/MANIFEST.MF",
+                       "Manifest-Version: 1.0\r\nMain-Class: demo.Hello\r\n"
+                       "Implementation-Title: Signery demo\r\n\r\n")  # fmt: skip
+            z.writestr("demo/Hello.class", os.urandom(512))
+            z.writestr("demo/messages.properties", "greeting=hello\n")
+        self.note("app.jar: a sample archive with a manifest of its own (its attributes are kept)")
+        self.cli("sign", "--key", RSA_KEY, "--format", "jar", "--timestamp", self.tsa_url,
+                 "app.jar", profile=BUILD_PROFILE)  # fmt: skip
+        keytool, jarsigner = self.verifier("keytool"), self.verifier("jarsigner")
+        if keytool is None or jarsigner is None:
+            return
+        store = self.tmp / "truststore.jks"
+        store.unlink(missing_ok=True)
+        password = "demo-truststore"
+        self.run([keytool, "-importcert", "-noprompt", "-alias", "signery-root", "-file",
+                  "root-ca.pem", "-keystore", store, "-storetype", "JKS", "-storepass", password],
+                 show=False)  # fmt: skip
+        done = self.run([jarsigner, "-verify", "-strict", "-verbose", "-keystore", store,
+                         "-storepass", password, "app.jar"], show=False)  # fmt: skip
+        self.print_output("\n".join(line for line in done.stdout.splitlines()
+                                     if "Timestamped by" in line or "verified" in line
+                                     or line.startswith(("  s", "sm"))))  # fmt: skip
+        self.expect(
+            "jar verified." in done.stdout, "jarsigner does not verify app.jar", done.stdout
+        )
+        self.expect("Timestamped by" in done.stdout, "jarsigner sees no timestamp", done.stdout)
+        with zipfile.ZipFile(jar) as z:
+            block = ", ".join(n for n in z.namelist() if n.endswith((".SF", ".RSA", ".EC")))
+        self.note(f"app.jar is signed in place ({block}); jarsigner -strict")
+        self.note("verifies it against a truststore holding only root-ca.pem")
 
     def step_openpgp(self) -> None:
         uid = "Signery Demo Release <release@demo.example>"
