@@ -740,3 +740,58 @@ def test_timestamp_failures_are_per_file_and_write_nothing(cli: Cli, world: dict
     assert "not a readable file" in missing_file
     unwritable = cli.fails("timestamp", artifact, "-o", cli.work / "no-such-dir" / "x.tsr")
     assert "cannot write" in unwritable
+
+
+# ------------------------------------------------------------------ large files
+
+
+def run_with_terminal_stderr(cli: Cli, *args: str | Path) -> tuple[int, str, str]:
+    """Run signery with stderr on a pseudo-terminal: (exit status, stdout, what the
+    terminal showed)."""
+    master, slave = os.openpty()
+    argv = [SIGNERY, "--profile", "build", *map(str, args)]
+    env = {**cli.env, "TERM": "xterm", "COLUMNS": "120"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(argv, env=env, cwd=cli.work, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    shown = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert proc.stdout is not None
+    with proc.stdout:
+        stdout = proc.stdout.read().decode()
+    code = proc.wait(timeout=CLI_TIMEOUT)
+    os.close(master)
+    return code, stdout, shown.decode(errors="replace")
+
+
+def test_a_large_file_shows_progress_on_a_terminal_only(cli: Cli, world: dict[str, Any]) -> None:
+    big = cli.work / "large.bin"
+    with big.open("wb") as f:
+        block = os.urandom(1024 * 1024)
+        for _ in range(65):  # over the 64 MiB threshold
+            f.write(block)
+    small = write_file(cli.work / "small-beside.bin", b"small\n")
+    code, _, shown = run_with_terminal_stderr(cli, "sign", "--key", "release-p384", big, small)
+    assert code == 0, shown
+    assert "large.bin" in shown  # the bar's label, drawn on the terminal
+    assert "MB" in shown or "MiB" in shown or "GB" in shown  # its byte counter
+    assert "small-beside.bin" not in shown  # small files get no bar
+    # --json never draws one, even on a terminal; output stays parseable.
+    code, stdout, shown = run_with_terminal_stderr(
+        cli, "sign", "--key", "release-p384", "--json", big
+    )
+    assert code == 0, shown
+    assert json.loads(stdout)[0]["ok"] is True
+    assert "large.bin" not in shown
+    # Not a terminal (captured stderr): no bar either.
+    piped = cli.ok("sign", "--key", "release-p384", big, profile="build")
+    assert "━" not in piped.stderr
+    assert piped.stderr.strip() == ""
+    big.unlink()
