@@ -37,6 +37,9 @@ from signery.formats._authenticode import (
     NotPortableExecutable,
     PeChecksum,
     TruncatedPortableExecutable,
+    _signed_data_der,
+    nest_signature,
+    read_certificates,
     read_layout,
     win_certificate,
 )
@@ -427,6 +430,48 @@ def test_signing_a_signed_file_replaces_the_signature(world: World, tmp_path: Pa
 
 
 @pytest.mark.interop
+@pytest.mark.parametrize("size", [0x7F, 0x80, 0x180, 0x1080, 0x10080])
+def test_nesting_keeps_every_byte_of_both_signatures(
+    world: World, tmp_path: Path, size: int
+) -> None:
+    """nest_signature splices bytes: the primary's encoding outside its unsigned
+    attributes and the nested value are kept verbatim, also for values whose length
+    header ends in 0x80 (which asn1crypto 1.5 would take for indefinite-length BER
+    and re-encode, wbond/asn1crypto#249, at a cost that grows exponentially with
+    the depth of nested signatures)."""
+    file = write(tmp_path, "app.exe", build_pe(pe32_plus=True))
+    sign(world, Algorithm.EC_P256, file, timestamper=world.timestamper)
+    with file.open("rb") as f:
+        layout = read_layout(f, file.stat().st_size)
+        (table,) = read_certificates(f, layout)
+    primary = _signed_data_der(table)
+    # SEQUENCE { OCTET STRING } whose total contents length is ``size`` (30 81 80 ...,
+    # 30 82 01 80 ...: length headers that end in 0x80).
+    inner = next(n for n in range(size, 0, -1) if 1 + len(_der_length(n)) + n == size)
+    nested = b"\x30" + _der_length(size) + b"\x04" + _der_length(inner) + bytes(inner)
+    result = nest_signature(primary, nested)
+    assert nested in result
+    again = nest_signature(result, nested)
+    assert again.count(nested) == 2
+    parsed = cms.ContentInfo.load(again)
+    signer = parsed["content"]["signer_infos"][0]
+    original = cms.ContentInfo.load(primary)["content"]["signer_infos"][0]
+    for field in ("sid", "digest_algorithm", "signed_attrs", "signature_algorithm", "signature"):
+        assert signer[field].dump() == original[field].dump(), field
+    for field in ("digest_algorithms", "encap_content_info", "certificates"):
+        assert (
+            parsed["content"][field].dump()
+            == cms.ContentInfo.load(primary)["content"][field].dump()
+        )
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
 def test_append_nests_signatures_that_osslsigncode_counts(world: World, tmp_path: Path) -> None:
     file = write(tmp_path, "app.exe", build_pe(pe32_plus=False, overlay=b"abc"))
     sign(world, Algorithm.RSA_2048, file, timestamper=world.timestamper)

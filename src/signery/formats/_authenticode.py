@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from asn1crypto import algos, cms, core, tsp  # type: ignore[import-untyped]
+from asn1crypto import parser as asn1_parser
 from cryptography import x509
 
 from signery.client._signer import RemoteSigner
@@ -530,32 +531,122 @@ AUTHENTICODE_SIGNED_ATTRIBUTES = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Tlv:
+    """One BER/DER value as asn1crypto.parser reads it: class, method, tag, the
+    whole encoding and its contents."""
+
+    class_: int
+    method: int
+    tag: int
+    encoded: bytes
+    contents: bytes
+
+
+def _tlvs(contents: bytes) -> list[_Tlv]:
+    """The values encoded one after another in ``contents``."""
+    found: list[_Tlv] = []
+    position = 0
+    while position < len(contents):
+        class_, method, tag, header, body, trailer = asn1_parser.parse(contents[position:])
+        size = len(header) + len(body) + len(trailer)
+        found.append(_Tlv(class_, method, tag, contents[position : position + size], body))
+        position += size
+    return found
+
+
+def _only(der: bytes) -> _Tlv:
+    (value,) = _tlvs(der)
+    return value
+
+
+def _emit(value: _Tlv, contents: bytes) -> bytes:
+    return bytes(asn1_parser.emit(value.class_, value.method, value.tag, contents))
+
+
+def _der_set(encodings: Sequence[bytes]) -> bytes:
+    """The contents of a DER SET OF: its elements in ascending order (X.690 §11.6)."""
+    return b"".join(sorted(encodings))
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstSigner:
+    """The path from a ContentInfo's bytes down to its first SignerInfo's fields."""
+
+    content_info: _Tlv
+    oid: _Tlv
+    explicit: _Tlv
+    signed_data: _Tlv
+    fields: list[_Tlv]  # SignedData's fields; the last is signerInfos
+    first: _Tlv
+    others: list[_Tlv]  # the other SignerInfos
+    parts: list[_Tlv]  # the first SignerInfo's fields
+
+    @classmethod
+    def of(cls, der: bytes) -> _FirstSigner:
+        content_info = _only(der)
+        oid, explicit = _tlvs(content_info.contents)
+        signed_data = _only(explicit.contents)
+        fields = _tlvs(signed_data.contents)
+        first, *others = _tlvs(fields[-1].contents)
+        return cls(content_info, oid, explicit, signed_data, fields, first, others,
+                   _tlvs(first.contents))  # fmt: skip
+
+    @property
+    def unsigned(self) -> list[_Tlv]:
+        """The unsigned attributes ([1] IMPLICIT SET OF Attribute, the last field)."""
+        last = self.parts[-1]
+        return _tlvs(last.contents) if last.class_ == 2 and last.tag == 1 else []
+
+    def nested(self) -> list[bytes]:
+        """The DER of each SPC_NESTED_SIGNATURE value."""
+        for attribute in self.unsigned:
+            kind, values = _tlvs(attribute.contents)
+            if cms.ContentType.load(kind.encoded).dotted == SPC_NESTED_SIGNATURE_OBJID:
+                return [v.encoded for v in _tlvs(values.contents)]
+        return []
+
+    def with_unsigned(self, attributes: Sequence[bytes]) -> bytes:
+        """The whole ContentInfo again, the first SignerInfo's unsigned attributes
+        replaced; every other byte as it was."""
+        kept = self.parts[:-1] if self.unsigned else self.parts
+        unsigned = bytes(asn1_parser.emit(2, 1, 1, _der_set(attributes)))  # [1] IMPLICIT
+        first = _emit(self.first, b"".join(p.encoded for p in kept) + unsigned)
+        infos = _emit(self.fields[-1], first + b"".join(o.encoded for o in self.others))
+        signed = _emit(self.signed_data, b"".join(f.encoded for f in self.fields[:-1]) + infos)
+        return _emit(self.content_info, self.oid.encoded + _emit(self.explicit, signed))
+
+
 def nest_signature(primary_der: bytes, nested_der: bytes) -> bytes:
     """``primary_der`` with ``nested_der`` added to its first SignerInfo's unsigned
     SPC_NESTED_SIGNATURE attribute (one attribute, one value per nested signature,
-    as osslsigncode -nest writes it). Everything else keeps its original bytes:
-    asn1crypto re-encodes only what changed, so the signed attributes of the
-    primary signature are untouched."""
-    info = load_signed_data(primary_der)
-    signer_info = info["content"]["signer_infos"][0]
-    unsigned = signer_info["unsigned_attrs"]
-    attributes = [] if isinstance(unsigned, core.Void) else list(unsigned)
-    # asn1crypto knows this attribute (microsoft_nested_signature): its values are
-    # ContentInfos.
-    nested = cms.ContentInfo.load(nested_der)
-    for index, attribute in enumerate(attributes):
-        if attribute["type"].dotted == SPC_NESTED_SIGNATURE_OBJID:
-            values = [cms.ContentInfo.load(v.dump()) for v in attribute["values"]]
-            attributes[index] = cms.CMSAttribute(
-                {"type": SPC_NESTED_SIGNATURE_OBJID, "values": [*values, nested]}
-            )
-            break
-    else:
-        attributes.append(
-            cms.CMSAttribute({"type": SPC_NESTED_SIGNATURE_OBJID, "values": [nested]})
-        )
-    signer_info["unsigned_attrs"] = cms.CMSAttributes(attributes)
-    return bytes(info.dump())
+    as osslsigncode -nest writes it).
+
+    Spliced at the byte level with asn1crypto's parser: only the enclosing headers
+    are re-encoded, every other byte (the primary's signed attributes, certificates,
+    timestamp tokens) is kept as it was. Re-dumping the modified tree with
+    asn1crypto instead can take minutes: it re-encodes whole subtrees of a value
+    whose length header happens to end in 0x80 (wbond/asn1crypto#249), and nested
+    signatures with timestamp tokens are deep."""
+    try:
+        signer = _FirstSigner.of(primary_der)
+        unsigned = signer.unsigned
+        _only(nested_der)  # one well-formed value
+        values = [*signer.nested(), nested_der]
+    except (*_DECODE_ERRORS, AttributeError):
+        raise CorruptCertificateTable("the existing signature cannot be extended") from None
+    # Attribute ::= SEQUENCE { type OID, values SET OF ContentInfo } (universal,
+    # constructed: SEQUENCE is tag 16, SET tag 17).
+    oid_der = bytes(cms.ContentType(SPC_NESTED_SIGNATURE_OBJID).dump())
+    nested = bytes(
+        asn1_parser.emit(0, 1, 16, oid_der + asn1_parser.emit(0, 1, 17, _der_set(values)))
+    )
+    others = [
+        a.encoded
+        for a in unsigned
+        if cms.ContentType.load(_tlvs(a.contents)[0].encoded).dotted != SPC_NESTED_SIGNATURE_OBJID
+    ]
+    return signer.with_unsigned([*others, nested])
 
 
 # ------------------------------------------------------------------ the format
@@ -712,11 +803,9 @@ def _signatures(der: bytes) -> list[tuple[Any, DigestAlgorithm, str | None]]:
     primary = load_signed_data(der)
     candidates = [primary]
     try:
-        unsigned = primary["content"]["signer_infos"][0]["unsigned_attrs"]
-        for attribute in [] if isinstance(unsigned, core.Void) else unsigned:
-            if attribute["type"].dotted == SPC_NESTED_SIGNATURE_OBJID:
-                candidates.extend(load_signed_data(v.dump()) for v in attribute["values"])
-    except (*_DECODE_ERRORS, ClientError):
+        # The nested values' bytes as they are in the file (never re-encoded).
+        candidates.extend(load_signed_data(d) for d in _FirstSigner.of(der).nested())
+    except (*_DECODE_ERRORS, AttributeError, ClientError):
         pass  # a malformed nested signature is not one; the primary is still checked
     for info in candidates:
         signed_data = info["content"]
