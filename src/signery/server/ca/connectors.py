@@ -43,13 +43,12 @@ from signery.server.context import RequestContext
 from signery.server.db import Database, flush_unique, new_id
 from signery.server.keys.models import SigningKeyRow
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import TsgDirectory, actor_of
+from signery.server.tsg.service import TsgDirectory, actor_of, rows_by_ref, visible_rows_by_ref
 
 # The rule of the product Signery replaces: a key certified by a public CA must
 # live in hardware. Store kinds, not store names (a server may name them freely).
 HARDWARE_STORE_KINDS = frozenset({"aws-kms", "pkcs11"})
 _SECRETS_AAD = b"signery/ca-connector-secrets/v1/"
-_UUID_LEN = 36
 
 
 def _aad(connector_id: str) -> bytes:
@@ -330,16 +329,11 @@ class ConnectorService:
         """The connector ``ref`` (name or id) configured on the key's TSG or an
         ancestor (the nearest when several ancestors have one of that name),
         checked against the key's store."""
-        q = (
-            select(CaConnectorRow, TsgRow.path)
-            .join(TsgRow, TsgRow.id == CaConnectorRow.tsg_id)
-            .where(
-                (CaConnectorRow.id == ref) | (CaConnectorRow.name == ref)
-                if len(ref) == _UUID_LEN
-                else CaConnectorRow.name == ref
-            )
-        )
-        usable = [(row, path) for row, path in s.execute(q).all() if key_tsg_path.startswith(path)]
+        usable = [
+            (row, path)
+            for row, path in rows_by_ref(s, CaConnectorRow, ref)
+            if key_tsg_path.startswith(path)
+        ]
         if not usable:
             raise ConnectorNotFound(f"no CA connector {ref!r} on the key's TSG or its ancestors")
         row = max(usable, key=lambda found: len(found[1]))[0]
@@ -447,23 +441,7 @@ class ConnectorService:
         permission: Permission,
         tsg_id: str | None,
     ) -> tuple[CaConnectorRow, str]:
-        visible = [scope for _, scope in principal.grants()]
-        q = (
-            select(CaConnectorRow, TsgRow.path)
-            .join(TsgRow, TsgRow.id == CaConnectorRow.tsg_id)
-            .where(
-                (CaConnectorRow.id == ref) | (CaConnectorRow.name == ref)
-                if len(ref) == _UUID_LEN
-                else CaConnectorRow.name == ref
-            )
-        )
-        if tsg_id:
-            q = q.where(CaConnectorRow.tsg_id == tsg_id)
-        found = [
-            (row, path)
-            for row, path in s.execute(q).all()
-            if any(path.startswith(v) for v in visible)
-        ]
+        found = visible_rows_by_ref(s, principal, CaConnectorRow, ref, tsg_id)
         if not found:
             raise ConnectorNotFound()
         if len(found) > 1:

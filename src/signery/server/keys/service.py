@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -42,7 +41,7 @@ from signery.server.db import Database, flush_unique, new_id
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
 from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import TsgDirectory, actor_of
+from signery.server.tsg.service import TsgDirectory, actor_of, visible_rows_by_ref
 
 # RFC 5280 §5.3.1 CRLReason names (x509.ReasonFlags values), without removeFromCRL.
 REVOCATION_REASONS = frozenset(
@@ -58,8 +57,6 @@ REVOCATION_REASONS = frozenset(
         "aACompromise",
     }
 )
-
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def load_public_key_der(der: bytes) -> PublicKey:
@@ -613,23 +610,7 @@ class KeyService:
 
         A name shared by keys in several visible TSGs is ambiguous: the caller
         must pass the key id or the TSG, never get one of them at random."""
-        visible = [scope for _, scope in principal.grants()]
-        q = (
-            select(SigningKeyRow, TsgRow.path)
-            .join(TsgRow, TsgRow.id == SigningKeyRow.tsg_id)
-            .where(
-                or_(SigningKeyRow.id == ref, SigningKeyRow.name == ref)
-                if UUID_RE.match(ref)
-                else SigningKeyRow.name == ref
-            )
-        )
-        if tsg_id:
-            q = q.where(SigningKeyRow.tsg_id == tsg_id)
-        found = [
-            (row, path)
-            for row, path in s.execute(q).all()
-            if any(path.startswith(v) for v in visible)
-        ]
+        found = visible_rows_by_ref(s, principal, SigningKeyRow, ref, tsg_id)
         if not found:
             raise KeyNotFound()
         if len(found) > 1:

@@ -70,9 +70,10 @@ from signery.server.audit.recorder import (
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database
-from signery.server.keys.service import UUID_RE, chain_list, load_public_key_der
+from signery.server.keys.service import chain_list, load_public_key_der
 from signery.server.ops.metrics import Metrics
 from signery.server.signing.reads import AccountState, KeyState, SigningReads
+from signery.server.tsg.service import UUID_RE
 
 log = logging.getLogger("signery.signing")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -40,6 +42,37 @@ def to_wire(row: TsgRow) -> p.Tsg:
 
 def actor_of(principal: Principal) -> Actor:
     return Actor(principal.type, principal.id, principal.name)
+
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def rows_by_ref(
+    s: Session, model: Any, ref: str, *, tsg_id: str | None = None
+) -> list[tuple[Any, str]]:
+    """Rows of ``model`` (a table with ``id``, ``name`` and ``tsg_id``) whose name is
+    ``ref``, or whose id is ``ref`` when it looks like a UUID, each with its TSG's
+    path; only in TSG ``tsg_id`` when given. Who may see them is the caller's
+    business (``visible_rows_by_ref``)."""
+    matches = or_(model.id == ref, model.name == ref) if UUID_RE.match(ref) else model.name == ref
+    q = select(model, TsgRow.path).join(TsgRow, TsgRow.id == model.tsg_id).where(matches)
+    if tsg_id:
+        q = q.where(model.tsg_id == tsg_id)
+    return [(row, path) for row, path in s.execute(q).all()]
+
+
+def visible_rows_by_ref(
+    s: Session, principal: Principal, model: Any, ref: str, tsg_id: str | None = None
+) -> list[tuple[Any, str]]:
+    """``rows_by_ref`` limited to the subtrees where ``principal`` holds any role:
+    what it may know exists (the permission is checked by the caller, once the
+    row is chosen, so that an unseen row answers 404 like a missing one)."""
+    visible = [scope for _, scope in principal.grants()]
+    return [
+        (row, path)
+        for row, path in rows_by_ref(s, model, ref, tsg_id=tsg_id)
+        if any(path.startswith(v) for v in visible)
+    ]
 
 
 class TsgDirectory:
