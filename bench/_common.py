@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -26,26 +27,43 @@ def log(message: str) -> None:
 
 
 def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIGNERY_", "AWS_"))}
-    env["SIGNERY_ACCESS_LOG"] = "false"
-    return env
+    """This process's environment without what would change a run: no inherited
+    SIGNERY_* setting, AWS configuration or SoftHSM2 configuration."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SIGNERY_", "AWS_")) and k != "SOFTHSM2_CONF"
+    }
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
 
 
 class Server:
-    """``signery init`` + ``signery serve`` on a temporary data directory."""
+    """``signery init`` + ``signery serve`` on a temporary data directory, access
+    log off; its URL is known before it starts (the load generator is set up first)."""
 
-    def __init__(self, workdir: Path, workers: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, workers: int = 1, env: dict[str, str] | None = None) -> None:
         exe = Path(sys.executable).parent / "signery"
         self.signery = str(exe if exe.exists() else ROOT / ".venv" / "bin" / "signery")
         self.data_dir = workdir / "data"
         self.log_path = workdir / "serve.log"
         self.workers = workers
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-        self.env = {**clean_env(), **(env or {})}
+        # Only what the benchmark sets; stores and benchmarks add theirs (add_env).
+        self.env = {**clean_env(), "SIGNERY_ACCESS_LOG": "false", **(env or {})}
 
-    def init(self) -> str:
-        """Initialize; returns the bootstrap admin token (to read the usage counters)."""
+    def add_env(self, env: dict[str, str]) -> None:
+        """Settings for ``init`` and ``serve`` (e.g. the pkcs11 and aws-kms stores)."""
+        self.env.update(env)
+
+    def init(self) -> dict[str, Any]:
+        """``signery init --json``: its answer (admin_token, issuer, root_tsg_id...)."""
         done = subprocess.run(
             [self.signery, "init", "--data-dir", str(self.data_dir), "--json"],
             env=self.env,
@@ -54,35 +72,18 @@ class Server:
         )
         if done.returncode != 0:
             raise BenchError(f"signery init failed:\n{done.stderr.decode(errors='replace')}")
-        return str(json.loads(done.stdout)["admin_token"])
+        info: dict[str, Any] = json.loads(done.stdout)
+        return info
 
     def start(self, timeout: float = 60.0) -> None:
         cmd = [
-            self.signery,
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            HOST,
-            "--port",
-            "0",
-            "--json",
-            "--log-level",
-            "warning",
-            "--workers",
-            str(self.workers),
-        ]
+            self.signery, "serve", "--data-dir", str(self.data_dir), "--host", HOST,
+            "--port", str(self.port), "--log-level", "warning", "--workers", str(self.workers),
+        ]  # fmt: skip
         with self.log_path.open("wb") as logfile:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.PIPE, stderr=logfile)
-        assert self.proc.stdout is not None
-        line: list[bytes] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()))  # type: ignore[union-attr]
-        reader.daemon = True
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0]:
-            raise BenchError(f"signery serve did not announce its URL:\n{self.log_tail()}")
-        self.url = str(json.loads(line[0])["url"])
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.url, timeout=2.0) as http:
             while time.monotonic() < deadline:
@@ -108,8 +109,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="signery-client-bench-"))
     server = Server(tmp, args.workers)
     try:
-        admin_token = server.init()
+        admin_token = str(server.init()["admin_token"])
         server.start()
         client = Client(server, admin_token, tmp)
         results: dict[str, Any] = {}

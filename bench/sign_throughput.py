@@ -94,7 +94,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -113,6 +112,7 @@ from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from _common import HOST, ROOT, BenchError, Server, clean_env, log
 from signery.client import AccountCredentials
 from signery.crypto import Hashed, verify_signature
 from signery.errors import SigneryError
@@ -122,11 +122,9 @@ from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 if TYPE_CHECKING:
     from signery.devtools.softhsm import SoftHsmToken
 
-ROOT = Path(__file__).resolve().parent.parent
 OUT_FILE = ROOT / "bench-out" / "sign_throughput.json"
 API = "/api/v1"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-HOST = "127.0.0.1"
 
 ALGORITHMS: dict[str, str] = {"EC_P256": "ecdsa", "RSA_3072": "rsa-pkcs1v15"}
 KEY_NAMES: dict[str, str] = {"EC_P256": "p256", "RSA_3072": "rsa3072"}
@@ -161,14 +159,6 @@ KMS_DUMMY_ENV: dict[str, str] = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 MOTO_START_SECONDS = 60.0
-
-
-class BenchError(Exception):
-    """A failure that invalidates the benchmark (printed loudly, exit status 1)."""
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
 
 
 # ---------------------------------------------------------------- CPU accounting
@@ -386,16 +376,6 @@ def measure_baselines(seconds: float) -> dict[str, Baseline]:
 
 class StoreUnavailable(Exception):
     """A key store's tools are missing or would not start: the store is skipped."""
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without what would change a run: no inherited
-    SIGNERY_* setting, AWS configuration or SoftHSM2 configuration."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SIGNERY_", "AWS_")) and k != "SOFTHSM2_CONF"
-    }
 
 
 def missing_tools(store: str) -> str | None:
@@ -719,99 +699,6 @@ class Installation:
     admin_token: str
     issuer: str
     root_tsg_id: str
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """``signery init`` + ``signery serve`` on a temporary data directory."""
-
-    def __init__(self, workdir: Path, workers: int = 1) -> None:
-        self.workers = workers
-        bindir = Path(sys.executable).parent
-        exe = bindir / "signery"
-        self.signery = str(exe if exe.exists() else ROOT / ".venv" / "bin" / "signery")
-        self.data_dir = workdir / "data"
-        self.log_path = workdir / "serve.log"
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        # Only what this benchmark sets: no inherited SIGNERY_* setting (nor AWS or
-        # SoftHSM2 configuration) changes the run. The stores add theirs (add_env).
-        self.env = clean_env()
-        self.env["SIGNERY_ACCESS_LOG"] = "false"
-
-    def add_env(self, env: dict[str, str]) -> None:
-        """Settings for ``init`` and ``serve`` (e.g. the pkcs11 and aws-kms stores)."""
-        self.env.update(env)
-
-    def init(self) -> Installation:
-        done = subprocess.run(
-            [self.signery, "init", "--data-dir", str(self.data_dir), "--json"],
-            env=self.env,
-            capture_output=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise BenchError(f"signery init failed:\n{done.stderr.decode(errors='replace')}")
-        info = json.loads(done.stdout)
-        return Installation(info["admin_token"], info["issuer"], info["root_tsg_id"])
-
-    def start(self, timeout: float = 60.0) -> None:
-        cmd = [
-            self.signery,
-            "serve",
-            "--data-dir",
-            str(self.data_dir),
-            "--host",
-            HOST,
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-            "--workers",
-            str(self.workers),
-        ]
-        with self.log_path.open("wb") as logfile:
-            self.proc = subprocess.Popen(
-                cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise BenchError(f"signery serve exited early:\n{self.log_tail()}")
-                with contextlib.suppress(httpx.TransportError):
-                    if http.get("/readyz").status_code == 200:
-                        return
-                time.sleep(0.1)
-        raise BenchError(f"signery serve not ready after {timeout:.0f} s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no server log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
 
 
 @dataclass
@@ -1760,7 +1647,8 @@ def bench_over_http(
     # pkcs11 / aws-kms: no placement trials (moto floats on both cores anyway).
     store_pin_options = pin_options if args.pin != "auto" else [False]
     log(f"\n[2/3] starting signery serve on {server.url} (data in {workdir})")
-    install = server.init()
+    info = server.init()
+    install = Installation(info["admin_token"], info["issuer"], info["root_tsg_id"])
     server.start()
     results: list[HttpResult] = []
     with httpx.Client(

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 "SIGNERY_TSA_RATE_LIMIT_PER_MINUTE": RATE_LIMIT_OFF,
             },
         )
-        admin_token = server.init()
+        admin_token = str(server.init()["admin_token"])
         server.start()
         try:
             with httpx.Client(base_url=server.url, timeout=30) as http:
