@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +118,55 @@ class Server:
         except OSError:
             return "(no server log)"
         return "\n".join(text.splitlines()[-lines:]) or "(server log is empty)"
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def raw_rate(sign: Callable[[], object], seconds: float, threads: int = 1) -> float:
+    """Operations per second of ``sign`` run in ``threads`` threads for ``seconds``."""
+    for _ in range(5):  # warm up (first calls load and set up the key in OpenSSL)
+        sign()
+    counts = [0] * threads
+    barrier = threading.Barrier(threads + 1)
+    deadline = [0.0]
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        n = 0
+        end = deadline[0]
+        while time.perf_counter() < end:
+            sign()
+            n += 1
+        counts[i] = n
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    started = time.perf_counter()
+    deadline[0] = started + seconds
+    barrier.wait()
+    for t in pool:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def process_ticks(pid: int) -> int:
+    """user + system clock ticks of a process (all its threads) and of its live
+    descendants (the worker processes of ``signery serve --workers N``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        after_name = f.read().rsplit(")", 1)[1].split()
+    ticks = int(after_name[11]) + int(after_name[12])  # utime, stime (fields 14, 15)
+    for child in children_of(pid):
+        with contextlib.suppress(OSError):
+            ticks += process_ticks(child)
+    return ticks
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    return found

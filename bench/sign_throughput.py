@@ -112,7 +112,16 @@ from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from _common import HOST, ROOT, BenchError, Server, clean_env, log
+from _common import (
+    HOST,
+    ROOT,
+    BenchError,
+    Server,
+    clean_env,
+    log,
+    process_ticks,
+    raw_rate,
+)
 from signery.client import AccountCredentials
 from signery.crypto import Hashed, verify_signature
 from signery.errors import SigneryError
@@ -185,27 +194,6 @@ def _system_busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4]
 
 
-def _process_ticks(pid: int) -> int:
-    """user + system clock ticks of a process (all its threads) and of its live
-    descendants (the worker processes of ``signery serve --workers N``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        after_name = f.read().rsplit(")", 1)[1].split()
-    ticks = int(after_name[11]) + int(after_name[12])  # utime, stime (fields 14, 15)
-    for child in _children(pid):
-        with contextlib.suppress(OSError):
-            ticks += _process_ticks(child)
-    return ticks
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found += [int(c) for c in f.read().split()]
-    return found
-
-
 def _own_and_children_seconds() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
@@ -229,7 +217,7 @@ class CpuMeter:
         if pid is None:
             return 0
         try:
-            return _process_ticks(pid)
+            return process_ticks(pid)
         except OSError:
             return 0
 
@@ -309,34 +297,6 @@ def _raw_signer(algorithm: str, *, verify: bool = False) -> Callable[[], object]
         return sig
 
     return sign_rsa
-
-
-def raw_rate(sign: Callable[[], object], seconds: float, threads: int = 1) -> float:
-    """Operations per second of ``sign`` run in ``threads`` threads for ``seconds``."""
-    for _ in range(5):  # warm up (first calls load and set up the key in OpenSSL)
-        sign()
-    counts = [0] * threads
-    barrier = threading.Barrier(threads + 1)
-    deadline = [0.0]
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        n = 0
-        end = deadline[0]
-        while time.perf_counter() < end:
-            sign()
-            n += 1
-        counts[i] = n
-
-    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    started = time.perf_counter()
-    deadline[0] = started + seconds
-    barrier.wait()
-    for t in pool:
-        t.join()
-    return sum(counts) / (time.perf_counter() - started)
 
 
 @dataclass

@@ -53,7 +53,7 @@ from asn1crypto import tsp
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from _common import ROOT, BenchError, Server, log
+from _common import ROOT, BenchError, Server, log, process_ticks, raw_rate
 from signery.rfc3161 import TimeStampResp
 
 OUT_FILE = ROOT / "bench-out" / "tsa_throughput.json"
@@ -101,37 +101,8 @@ def raw_signer(algorithm: str, *, verify: bool) -> Callable[[], object]:
     return sign_rsa
 
 
-def raw_rate(op: Callable[[], object], seconds: float) -> float:
-    for _ in range(5):  # warm up
-        op()
-    n = 0
-    started = time.perf_counter()
-    end = started + seconds
-    while time.perf_counter() < end:
-        op()
-        n += 1
-    return n / (time.perf_counter() - started)
-
-
-# ---------------------------------------------------------------- CPU accounting
-
-
-def _process_ticks(pid: int) -> int:
-    """user + system clock ticks of a process and its live descendants (workers)."""
-    with open(f"/proc/{pid}/stat") as f:
-        after_name = f.read().rsplit(")", 1)[1].split()
-    ticks = int(after_name[11]) + int(after_name[12])
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                for child in f.read().split():
-                    with contextlib.suppress(OSError):
-                        ticks += _process_ticks(int(child))
-    return ticks
-
-
 def server_cpu_seconds(pid: int) -> float:
-    return _process_ticks(pid) / os.sysconf("SC_CLK_TCK")
+    return process_ticks(pid) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- the server
