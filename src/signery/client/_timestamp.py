@@ -11,6 +11,7 @@ something else. The token's signature is the verifier's business (``openssl ts
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -191,8 +192,6 @@ def _read_bounded(response: httpx.Response) -> bytes:
 def _http_failure(url: str, status: int, media_type: str, body: bytes) -> str:
     detail = f"HTTP {status} ({media_type or 'no content type'}) from {url}"
     if media_type == "application/problem+json":
-        import json
-
         try:
             problem = json.loads(body)
         except ValueError:
