@@ -243,6 +243,48 @@ class HttpsRequired(PermissionDenied):
 # ----------------------------------------------------------------- 404 / 409
 
 
+class PolicyRefused(PermissionDenied):
+    """The key's signing policy refuses this signing; ``code`` names the rule."""
+
+    code = "policy_refused"
+    title = "Refused by the key's signing policy"
+
+
+class SignerNotAllowed(PolicyRefused):
+    code = "signer_not_allowed"
+    title = "This account is not among the key's allowed signers"
+
+
+class PolicySchemeNotAllowed(PolicyRefused):
+    code = "policy_scheme_not_allowed"
+    title = "The key's policy does not allow this signature scheme"
+
+
+class PolicyDigestNotAllowed(PolicyRefused):
+    code = "policy_digest_not_allowed"
+    title = "The key's policy does not allow this digest algorithm"
+
+
+class ClientIpNotAllowed(PolicyRefused):
+    code = "client_ip_not_allowed"
+    title = "The key's policy does not allow signing from this address"
+
+
+class OutsideSigningWindow(PolicyRefused):
+    code = "outside_signing_window"
+    title = "The key's policy does not allow signing at this time"
+
+
+class SelfApprovalForbidden(PermissionDenied):
+    code = "self_approval_forbidden"
+    title = "A requester cannot approve its own request"
+
+
+class NotAnApprover(PermissionDenied):
+    code = "not_an_approver"
+    title = "You are not an approver for this key"
+
+
 class NotFound(SigneryError):
     code = "not_found"
     kind = ErrorKind.NOT_FOUND
@@ -282,6 +324,21 @@ class CertificateNotFound(NotFound):
 class NoCertificateRequest(NotFound):
     code = "certificate_request_not_found"
     title = "The key has no such certificate request"
+
+
+class KeyVersionNotFound(NotFound):
+    code = "key_version_not_found"
+    title = "The key has no such version"
+
+
+class ApprovalRequestNotFound(NotFound):
+    code = "approval_request_not_found"
+    title = "No such signing request"
+
+
+class GrantNotFound(NotFound):
+    code = "grant_not_found"
+    title = "No such signing grant"
 
 
 class Conflict(SigneryError):
@@ -340,6 +397,51 @@ class NoPendingRequest(Conflict):
     title = "The key has no pending certificate request"
 
 
+class KeyDestroyed(Conflict):
+    code = "key_destroyed"
+    title = "The signing key is destroyed"
+
+
+class KeyDestructionScheduled(Conflict):
+    code = "key_destruction_scheduled"
+    title = "The key is scheduled for destruction; cancel that first"
+
+
+class KeyVersionNotAllowed(Conflict):
+    code = "key_version_not_allowed"
+    title = "This key version may not sign (archived, below min_signing_version)"
+
+
+class KeyNotYetValid(Conflict):
+    code = "key_not_yet_valid"
+    title = "The key's policy does not allow signing before valid_from"
+
+
+class KeyValidityEnded(Conflict):
+    code = "key_validity_ended"
+    title = "The key's policy does not allow signing after valid_until"
+
+
+class UsageLimitReached(Conflict):
+    code = "usage_limit_reached"
+    title = "The key's total signature limit is reached"
+
+
+class KeyChangedConcurrently(Conflict):
+    code = "key_changed_concurrently"
+    title = "The key changed while this operation ran; try again"
+
+
+class ApprovalClosed(Conflict):
+    code = "approval_request_closed"
+    title = "The signing request is no longer pending"
+
+
+class AlreadyDecided(Conflict):
+    code = "approval_already_decided"
+    title = "You already decided on this request"
+
+
 # ----------------------------------------------------------------- 413 / 415
 
 
@@ -364,6 +466,13 @@ class RateLimited(SigneryError):
     code = "rate_limited"
     kind = ErrorKind.TOO_MANY_REQUESTS
     title = "Too many requests"
+
+
+class DailyLimitReached(RateLimited):
+    """The key's per-day limit is reached; ``retry_after`` is the start of the next day."""
+
+    code = "daily_limit_reached"
+    title = "The key's daily signature limit is reached"
 
 
 # ----------------------------------------------------------------- 5xx

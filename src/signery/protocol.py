@@ -64,6 +64,33 @@ class KeyStatus(StrEnum):
     DESTROYED = "destroyed"
 
 
+class VersionStatus(StrEnum):
+    """State of one key version (one key pair) of a signing key."""
+
+    PENDING = "pending"  # waiting for its certificate from an external CA
+    ACTIVE = "active"  # the current version
+    ARCHIVED = "archived"  # superseded by a rotation; verifies, signs only if policy allows
+    DESTROYED = "destroyed"  # key material erased in its store
+
+
+class Weekday(StrEnum):
+    MON = "mon"
+    TUE = "tue"
+    WED = "wed"
+    THU = "thu"
+    FRI = "fri"
+    SAT = "sat"
+    SUN = "sun"
+
+
+class ApprovalStatus(StrEnum):
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
 class CertificateAuthority(StrEnum):
     NONE = "none"
     BUILTIN = "builtin"
@@ -96,6 +123,7 @@ class Role(StrEnum):
     KEY_VIEWER = "key_viewer"
     ACCOUNT_ADMIN = "account_admin"
     AUDITOR = "auditor"
+    APPROVER = "approver"
 
 
 class PrincipalType(StrEnum):
@@ -333,6 +361,102 @@ class KeyCreate(WireModel):
     description: str | None = Field(default=None, max_length=1024)
 
 
+# ------------------------------------------------------------------ key lifecycle and policy
+
+
+class KeyRotate(WireModel):
+    """Body of ``POST /api/v1/keys/{key}/rotate`` (all optional)."""
+
+    validity_days: int | None = Field(
+        default=None, ge=1, le=3650, description="Validity of the new version's certificate"
+    )
+
+
+class KeyRotationSchedule(WireModel):
+    """Body of ``PUT /api/v1/keys/{key}/rotation``: rotate every N days (null = never)."""
+
+    rotation_period_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class KeyDestroy(WireModel):
+    """Body of ``POST /api/v1/keys/{key}/destroy``: destroy after 7 to 30 days."""
+
+    after_days: int = Field(default=30, ge=7, le=30)
+
+
+class TimeWindow(WireModel):
+    """Days and hours (``HH:MM``, end exclusive) in the policy's time zone.
+    ``end`` before ``start`` is a window across midnight."""
+
+    days: list[Weekday] = Field(default_factory=lambda: list(Weekday), min_length=1)
+    start: str = Field(default="00:00", pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    end: str = Field(default="24:00", pattern=r"^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")
+
+
+class ApprovalPolicy(WireModel):
+    """M-of-N approval before an account may sign with the key."""
+
+    required: int = Field(default=1, ge=1, le=10, description="M: approvals needed")
+    approvers: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Users (name or id) who may approve; empty = anyone holding the "
+        "approver role (or superuser) on the key's TSG",
+    )
+    grant_max_uses: int | None = Field(
+        default=1, ge=1, description="Uses of the grant an approval creates; null = unlimited"
+    )
+    grant_ttl_hours: int = Field(default=24, ge=1, le=24 * 90, description="Lifetime of that grant")
+    request_ttl_hours: int = Field(
+        default=72, ge=1, le=24 * 30, description="How long a request waits for approvers"
+    )
+
+
+class KeyPolicy(WireModel):
+    """Per-key signing policy. Every field is optional; an absent one restricts nothing.
+
+    Checked on every signing in the one authorization place; each refusal is
+    audited with its reason code."""
+
+    signers: list[str] | None = Field(
+        default=None,
+        max_length=1000,
+        description="Built-in accounts (name or id) that may sign, inside the key's TSG subtree",
+    )
+    signer_tsgs: list[str] | None = Field(
+        default=None,
+        max_length=1000,
+        description="TSGs (ids, inside the key's subtree) whose accounts may sign",
+    )
+    allowed_schemes: list[SignatureScheme] | None = Field(default=None, min_length=1)
+    allowed_digests: list[DigestAlgorithm] | None = Field(default=None, min_length=1)
+    max_signatures_total: int | None = Field(default=None, ge=1)
+    max_signatures_per_day: int | None = Field(default=None, ge=1)
+    client_ips: list[str] | None = Field(
+        default=None, min_length=1, max_length=1000, description="CIDR ranges (IPv4 or IPv6)"
+    )
+    time_windows: list[TimeWindow] | None = Field(default=None, min_length=1, max_length=50)
+    timezone: str = Field(
+        default="UTC",
+        max_length=64,
+        description="IANA time zone of time_windows and of the per-day limit",
+    )
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    min_signing_version: int | None = Field(
+        default=None, ge=1, description="Oldest version that may still sign (default: current only)"
+    )
+    approval: ApprovalPolicy | None = None
+
+
+class KeyUsage(ResponseModel):
+    """Signatures counted against the key's usage limits."""
+
+    total: int
+    today: int
+    day: str = Field(description="The day `today` counts, in the policy's time zone")
+
+
 class CertificateInfo(ResponseModel):
     serial: str
     subject: str
@@ -415,6 +539,11 @@ class KeyVersion(ResponseModel):
     public_key_pem: str
     certificate: CertificateInfo | None
     created_at: datetime
+    archived_at: datetime | None = None
+    destroyed_at: datetime | None = None
+    certificate_chain: list[str] = Field(
+        default_factory=list, description="PEM, leaf first: to verify its old signatures"
+    )
 
 
 class SigningKey(ResponseModel):
@@ -433,6 +562,16 @@ class SigningKey(ResponseModel):
     versions: list[KeyVersion]
     created_at: datetime
     ca_connector_id: str | None = None
+    policy: KeyPolicy | None = None
+    usage: KeyUsage | None = Field(
+        default=None, description="Counted signatures, when the policy has usage limits"
+    )
+    rotation_period_days: int | None = None
+    next_rotation_at: datetime | None = None
+    destroy_at: datetime | None = Field(
+        default=None, description="When a scheduled destruction erases the key material"
+    )
+    destroyed_at: datetime | None = None
     certificate_request: CertificateRequest | None = Field(
         default=None, description="The newest request to the key's CA connector, if any"
     )
@@ -559,6 +698,17 @@ class SignRequest(WireModel):
     digest_algorithm: str = Field(examples=["sha256", "sha384", "sha512"], max_length=32)
     scheme: str = Field(examples=["rsa-pkcs1v15", "rsa-pss", "ecdsa"], max_length=32)
     client: ClientInfo | None = None
+    key_version: int | None = Field(
+        default=None,
+        ge=1,
+        description="Sign with this version (default: the current one); older versions "
+        "sign only when the key's policy sets min_signing_version",
+    )
+    justification: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Shown to approvers when the key requires approval",
+    )
 
 
 class SignResponse(ResponseModel):
@@ -573,13 +723,106 @@ class SignResponse(ResponseModel):
     request_id: str | None = None
 
 
-# ------------------------------------------------------------------ audit and usage
-
-
 class AuditPrincipal(ResponseModel):
     type: PrincipalType
     id: str | None
     name: str | None
+
+
+class SigningPending(ResponseModel):
+    """HTTP 202 from the sign endpoint: the key requires approval and the account
+    has no valid grant. Poll ``GET /api/v1/signing/requests/{request_id}`` and sign
+    again once it is approved."""
+
+    request_id: str
+    status: ApprovalStatus
+    key_id: str
+    key_name: str
+    required_approvals: int
+    approvals: int
+    expires_at: datetime
+
+
+class ApprovalDecision(ResponseModel):
+    approver_type: PrincipalType
+    approver_id: str
+    approver_name: str | None
+    decision: str = Field(description="approve or deny")
+    comment: str | None
+    created_at: datetime
+
+
+class SigningGrant(ResponseModel):
+    id: str
+    key_id: str
+    key_name: str
+    account_id: str
+    account_name: str | None
+    request_id: str | None
+    max_uses: int | None = Field(description="null = unlimited (then it always expires)")
+    uses: int
+    expires_at: datetime
+    revoked_at: datetime | None
+    created_at: datetime
+    status: str = Field(description="valid, used_up, expired or revoked")
+
+
+class ApprovalRequest(ResponseModel):
+    """A signing request waiting for (or decided by) approvers."""
+
+    id: str
+    key_id: str
+    key_name: str
+    tsg_id: str
+    account_id: str
+    account_name: str | None
+    requested_by: AuditPrincipal
+    status: ApprovalStatus
+    required_approvals: int
+    approvals: int
+    digest_algorithm: str | None
+    digest: str | None
+    scheme: str | None
+    client_machine: str | None
+    client_tool: str | None
+    justification: str | None
+    grant_max_uses: int | None
+    grant_ttl_hours: float
+    decisions: list[ApprovalDecision]
+    grant: SigningGrant | None
+    expires_at: datetime
+    created_at: datetime
+    updated_at: datetime
+
+
+class ApprovalDecide(WireModel):
+    """Body of ``POST /api/v1/approvals/{id}/approve`` and ``.../deny``."""
+
+    comment: str | None = Field(default=None, max_length=2048)
+    max_uses: int | None = Field(
+        default=None, ge=1, description="Narrow the grant: at most this many uses"
+    )
+    unlimited: bool = Field(
+        default=False, description="Unlimited uses (expires_in_hours is then mandatory)"
+    )
+    expires_in_hours: int | None = Field(
+        default=None, ge=1, le=24 * 90, description="Narrow the grant's lifetime"
+    )
+
+
+class PreApprovalCreate(WireModel):
+    """Body of ``POST /api/v1/approvals``: approve signing ahead of a release."""
+
+    key: str = Field(min_length=1, max_length=128, description="Key name or id")
+    key_tsg_id: str | None = None
+    account: str = Field(min_length=1, max_length=128, description="Account name or id")
+    max_uses: int | None = Field(default=1, ge=1)
+    unlimited: bool = False
+    expires_in_hours: int = Field(default=24, ge=1, le=24 * 90)
+    comment: str | None = Field(default=None, max_length=2048)
+
+
+# ------------------------------------------------------------------ audit and usage
 
 
 class AuditEvent(ResponseModel):

@@ -40,6 +40,9 @@ class Permission(StrEnum):
     AUDIT_READ = "signery.audit.read"
     USAGE_READ = "signery.usage.read"
     SIGN = "signery.signing.sign"
+    # Approving (or denying) signing requests, and pre-approving signing with a
+    # key. Never held by built-in accounts: a machine does not approve itself.
+    SIGNING_APPROVE = "signery.signing.approve"
 
 
 _P = Permission
@@ -71,6 +74,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             _P.CA_CONNECTOR_READ,
         }
     ),
+    Role.APPROVER: frozenset({_P.TSG_READ, _P.KEY_READ, _P.ACCOUNT_READ, _P.SIGNING_APPROVE}),
 }
 
 ACCOUNT_PERMISSIONS: frozenset[Permission] = frozenset({_P.SIGN})

@@ -3,12 +3,14 @@
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
+from signery.server.approvals.models import ApprovalDecisionRow, SigningGrantRow, SigningRequestRow
 from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
 from signery.server.ca.models import CaAuthorityRow, CaConnectorRow, CrlRow
 from signery.server.db import Base
 from signery.server.keys.models import (
     CertificateRequestRow,
     CertificateRow,
+    KeyUsageQuotaRow,
     KeyVersionRow,
     SigningKeyRow,
 )
@@ -20,6 +22,7 @@ __all__ = [
     "AccountKeyRow",
     "AccountRow",
     "ApiTokenRow",
+    "ApprovalDecisionRow",
     "AuditEventRow",
     "Base",
     "BuiltinKeyMaterialRow",
@@ -28,10 +31,13 @@ __all__ = [
     "CertificateRequestRow",
     "CertificateRow",
     "CrlRow",
+    "KeyUsageQuotaRow",
     "KeyVersionRow",
     "RoleBindingRow",
     "ServerMetaRow",
+    "SigningGrantRow",
     "SigningKeyRow",
+    "SigningRequestRow",
     "TsgRow",
     "UsageCounterRow",
     "UsageDailyRow",

@@ -73,6 +73,24 @@ class EventKind(StrEnum):
     ACCOUNT_ENABLED = "account.enabled"
     ACCOUNT_KEY_ADDED = "account.key.added"
     KEY_CREATED = "key.created"
+    KEY_ROTATED = "key.rotated"
+    KEY_ROTATION_SCHEDULED = "key.rotation.scheduled"
+    KEY_ROTATION_FAILED = "key.rotation.failed"
+    KEY_DISABLED = "key.disabled"
+    KEY_ENABLED = "key.enabled"
+    KEY_DESTRUCTION_SCHEDULED = "key.destruction.scheduled"
+    KEY_DESTRUCTION_CANCELLED = "key.destruction.cancelled"
+    KEY_DESTROYED = "key.destroyed"
+    KEY_DESTRUCTION_FAILED = "key.destruction.failed"
+    KEY_POLICY_UPDATED = "key.policy.updated"
+    APPROVAL_REQUESTED = "signing.approval.requested"
+    APPROVAL_APPROVED = "signing.approval.approved"
+    APPROVAL_DENIED = "signing.approval.denied"
+    APPROVAL_REFUSED = "signing.approval.refused"
+    APPROVAL_EXPIRED = "signing.approval.expired"
+    GRANT_CREATED = "signing.grant.created"
+    GRANT_USED = "signing.grant.used"
+    GRANT_REVOKED = "signing.grant.revoked"
     MASTER_KEY_ROTATED = "keystore.master_key.rotated"
     CA_CREATED = "ca.created"
     CERTIFICATE_ISSUED = "ca.certificate.issued"
@@ -98,6 +116,8 @@ def outcome_of(error: SigneryError) -> AuditOutcome:
         ErrorKind.FORBIDDEN,
         ErrorKind.NOT_FOUND,
         ErrorKind.CONFLICT,
+        # A limit that refuses (rate or quota) is a decision, not a failure.
+        ErrorKind.TOO_MANY_REQUESTS,
     ):
         return AuditOutcome.DENIED
     if error.kind in (

@@ -29,6 +29,19 @@ class SigningKeyRow(Base):
     created_by: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # The per-key signing policy (signery.server.keys.policy.StoredPolicy as JSON,
+    # names already resolved to ids); None = no restriction beyond the TSG boundary.
+    policy_json: Mapped[str | None] = mapped_column(Text)
+    # Scheduled rotation: every rotation_period_days, claimed by one replica
+    # through a compare-and-set on next_rotation_at.
+    rotation_period_days: Mapped[int | None] = mapped_column(Integer)
+    next_rotation_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    # Scheduled destruction: the key is disabled until destroy_at, when its
+    # material is erased in its store; status_before_destroy is what
+    # cancel-destroy restores.
+    destroy_at: Mapped[datetime | None] = mapped_column(UtcDateTime, index=True)
+    status_before_destroy: Mapped[str | None] = mapped_column(String(16))
+    destroyed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class KeyVersionRow(Base):
@@ -44,6 +57,23 @@ class KeyVersionRow(Base):
     public_key_der: Mapped[bytes] = mapped_column(LargeBinary)
     certificate_id: Mapped[str | None] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # When a rotation made another version current (the version stays listable).
+    archived_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # When its key material was erased in the store.
+    destroyed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class KeyUsageQuotaRow(Base):
+    """Signatures counted against a key's usage limits, one row per period:
+    ``total`` or a day (``YYYY-MM-DD`` in the policy's time zone). A signing
+    reserves its slot here with one conditional UPDATE before signing, so the
+    limit holds across threads, processes and replicas (the database decides)."""
+
+    __tablename__ = "key_usage_quotas"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.id"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(16), primary_key=True)
+    used: Mapped[int] = mapped_column(Integer)
 
 
 class CertificateRow(Base):

@@ -1,0 +1,1 @@
+"""Approvals: M-of-N approval of signing with a key, and the grants it creates."""
