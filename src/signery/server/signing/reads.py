@@ -68,6 +68,8 @@ class KeyState(NamedTuple):
     # When the current version was made: stable for the version, and part of the
     # key's OpenPGP v4 fingerprint (RFC 4880 §5.5.2, §12.2), so clients need it.
     version_created_at: datetime
+    # The key's signing policy (JSON, see signery.server.keys.policy), or None.
+    policy_json: str | None
 
 
 def _keys() -> Select[Any]:
@@ -88,6 +90,7 @@ def _keys() -> Select[Any]:
             _C.c.not_after,
             _C.c.revoked_at,
             _V.c.created_at,
+            _K.c.policy_json,
         )
         .join(_T, _T.c.id == _K.c.tsg_id)
         .join(_V, (_V.c.key_id == _K.c.id) & (_V.c.version == _K.c.current_version))
@@ -135,6 +138,7 @@ def _account_and_keys(*, by_id: bool) -> Select[Any]:
             _C.c.not_after,
             _C.c.revoked_at,
             _V.c.created_at,
+            _K.c.policy_json,
         )
         .select_from(_A.join(account_tsg, account_tsg.c.id == _A.c.tsg_id).outerjoin(keys, visible))
         .where(_A.c.id == bindparam("account_id"))

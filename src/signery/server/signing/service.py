@@ -17,7 +17,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import anyio.to_thread
@@ -111,6 +112,7 @@ class UsableKey:
     public_key: PublicKey
     chain: tuple[str, ...]
     version_created_at: datetime
+    policy_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +120,8 @@ class ParsedSignRequest:
     hashed: Hashed
     scheme: p.SignatureScheme
     client: p.ClientInfo | None
+    key_version: int | None = None
+    justification: str | None = None
 
 
 @dataclass(slots=True)
@@ -128,6 +132,9 @@ class _Attempt:
     key: UsableKey | None = None
     hashed: Hashed | None = None
     client: p.ClientInfo | None = None
+    # What admission took (a usage-limit slot, a grant use) and must give back
+    # if no signature leaves after all; run on a database thread, in order.
+    undo: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +170,9 @@ def parse_sign_request(body: bytes) -> ParsedSignRequest:
         digest = base64.b64decode(req.digest.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
         raise InvalidDigestEncoding() from None
-    return ParsedSignRequest(Hashed(digest_algorithm, digest), scheme, req.client)
+    return ParsedSignRequest(
+        Hashed(digest_algorithm, digest), scheme, req.client, req.key_version, req.justification
+    )
 
 
 class SigningService:
@@ -195,6 +204,7 @@ class SigningService:
         try:
             signed = await self._sign_checked(claims, key_ref, body, attempt)
         except SigneryError as e:
+            await self._undo(attempt)
             await self._refused(e, claims, key_ref, attempt, ctx)
             key = attempt.key
             self._metrics.signing(
@@ -206,6 +216,42 @@ class SigningService:
             ctx = ctx.with_client(parsed.client.machine, parsed.client.tool)
         # Fail closed: the signature leaves only after its event and counters are
         # durably committed; AuditUnavailable propagates and nothing is returned.
+        try:
+            await self._commit_success(account, key, parsed, ctx)
+        except BaseException:
+            await self._undo(attempt)
+            raise
+        self._metrics.signing(key.id, key.name, AuditOutcome.SUCCEEDED, started)
+        return p.SignResponse(
+            signature=signed.signature,
+            key_id=key.id,
+            key_name=key.name,
+            key_version=key.version,
+            algorithm=key.algorithm,
+            digest_algorithm=parsed.hashed.algorithm,
+            scheme=parsed.scheme,
+            certificate_chain=list(key.chain),
+            request_id=ctx.request_id,
+        )
+
+    async def _undo(self, attempt: _Attempt) -> None:
+        """Give back what admission took when no signature is returned after all."""
+        while attempt.undo:
+            step = attempt.undo.pop()
+            try:
+                await self._reads.run(step)
+            except Exception:
+                # Logged, never raised over the error being reported: an unreturned
+                # slot only makes a limit stricter, never looser.
+                log.exception("could not give back a usage slot or grant use")
+
+    async def _commit_success(
+        self,
+        account: SigningAccount,
+        key: UsableKey,
+        parsed: ParsedSignRequest,
+        ctx: RequestContext,
+    ) -> None:
         await self._recorder.commit(
             AuditRecord(
                 SIGN_KIND_BY_OUTCOME[AuditOutcome.SUCCEEDED],
@@ -224,18 +270,6 @@ class SigningService:
                 },
             ),
             UsageDelta(success=True, key_id=key.id, account_id=account.id),
-        )
-        self._metrics.signing(key.id, key.name, AuditOutcome.SUCCEEDED, started)
-        return p.SignResponse(
-            signature=signed.signature,
-            key_id=key.id,
-            key_name=key.name,
-            key_version=key.version,
-            algorithm=key.algorithm,
-            digest_algorithm=parsed.hashed.algorithm,
-            scheme=parsed.scheme,
-            certificate_chain=list(key.chain),
-            request_id=ctx.request_id,
         )
 
     async def _sign_checked(
@@ -411,4 +445,5 @@ class SigningService:
             public_key=cached[0],
             chain=cached[1],
             version_created_at=r.version_created_at,
+            policy_json=r.policy_json,
         )
