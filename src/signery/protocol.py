@@ -359,6 +359,9 @@ class KeyCreate(WireModel):
     subject: KeySubject | None = None
     validity_days: int = Field(default=365, ge=1, le=3650)
     description: str | None = Field(default=None, max_length=1024)
+    rotation_period_days: int | None = Field(
+        default=None, ge=1, le=3650, description="Rotate the key every N days (default: never)"
+    )
 
 
 # ------------------------------------------------------------------ key lifecycle and policy

@@ -478,6 +478,10 @@ def key_create(
     email: Annotated[str | None, typer.Option(help="E-mail address (subjectAltName).")] = None,
     validity_days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
     description: Annotated[str | None, typer.Option(help="Free text.")] = None,
+    rotate_every: Annotated[
+        str | None,
+        typer.Option("--rotate-every", help="Rotate the key every so long (90d, 12w, 1y)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a signing key (generated inside its key store)."""
@@ -503,6 +507,8 @@ def key_create(
         "validity_days": validity_days,
         "description": description,
     }
+    if rotate_every is not None:
+        body["rotation_period_days"] = parse_days(rotate_every)
     with connection(ctx).admin() as c:
         key = c.call("POST", f"{API}/keys", p.SigningKey, json=body)
     if as_json:
@@ -583,7 +589,45 @@ def key_show(
 ) -> None:
     with connection(ctx).admin() as c:
         found = c.call("GET", f"{API}/keys/{key}", p.SigningKey, params={"tsg_id": tsg})
-    emit(found, as_json, lambda: _key_details(found))
+
+    def human() -> None:
+        _key_details(found)
+        _key_lifecycle(found)
+
+    emit(found, as_json, human)
+
+
+def _key_lifecycle(k: p.SigningKey) -> None:
+    """The rotation and destruction schedule, and every version with its status."""
+    if k.rotation_period_days:
+        rotation = f"every {k.rotation_period_days} days, next {k.next_rotation_at}"
+    else:
+        rotation = "manual only"
+    if k.destroyed_at is not None:
+        destruction = f"destroyed at {k.destroyed_at}"
+    elif k.destroy_at is not None:
+        destruction = f"scheduled for {k.destroy_at} (cancel: signery key cancel-destroy)"
+    else:
+        destruction = "not scheduled"
+    details([("rotation", rotation), ("destruction", destruction)])
+
+    def since(v: p.KeyVersion) -> datetime | None:
+        return v.destroyed_at or v.archived_at or v.created_at
+
+    table(
+        "versions",
+        ["version", "status", "since", "certificate serial", "not after"],
+        [
+            (
+                v.version,
+                v.status.value + (" (current)" if v.version == k.current_version else ""),
+                since(v),
+                v.certificate.serial if v.certificate else None,
+                _day(v.certificate.not_after) if v.certificate else None,
+            )
+            for v in k.versions
+        ],
+    )
 
 
 def _pem_command(
@@ -808,6 +852,159 @@ def key_revoke_certificate(
         print_json(record)
     else:
         out.print(f"revoked certificate [bold]{record.serial}[/] ({record.revocation_reason})")
+
+
+def _key_action(
+    ctx: typer.Context,
+    key: str,
+    action: str,
+    tsg: str | None,
+    as_json: bool,
+    message: str,
+    body: dict[str, Any] | None = None,
+    method: str = "POST",
+) -> None:
+    with connection(ctx).admin() as c:
+        changed = c.call(
+            method,
+            f"{API}/keys/{quote(key, safe='')}/{action}",
+            p.SigningKey,
+            json=body or {},
+            params={"tsg_id": tsg},
+        )
+    if as_json:
+        print_json(changed)
+    else:
+        out.print(message.format(name=changed.name, key=changed), highlight=False)
+        _key_lifecycle(changed)
+
+
+@key_app.command("rotate")
+def key_rotate(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    validity_days: Annotated[
+        int | None,
+        typer.Option(help="Validity of the new version's certificate (default: the key's)."),
+    ] = None,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A new key version (and certificate) becomes current; clients use it at once.
+    The previous version is archived and stays listed for verification."""
+    body = {"validity_days": validity_days} if validity_days is not None else {}
+    _key_action(
+        ctx,
+        key,
+        "rotate",
+        tsg,
+        as_json,
+        "rotated [bold]{name}[/]: version {key.current_version} is current",
+        body,
+    )
+
+
+@key_app.command("rotation")
+def key_rotation(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    every: Annotated[
+        str | None, typer.Option("--every", help="Rotate every so long (90d, 12w, 1y).")
+    ] = None,
+    never: Annotated[bool, typer.Option("--never", help="Stop scheduled rotation.")] = False,
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Schedule the key's rotation (done by the server), or stop it."""
+    if (every is None) == (not never):
+        raise typer.BadParameter("give either --every DURATION or --never")
+    period = parse_days(every) if every is not None else None
+    if period == 0:
+        raise typer.BadParameter("--every must be at least one day")
+    _key_action(
+        ctx,
+        key,
+        "rotation",
+        tsg,
+        as_json,
+        "rotation of [bold]{name}[/] updated",
+        {"rotation_period_days": period},
+        method="PUT",
+    )
+
+
+@key_app.command("disable")
+def key_disable(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Refuse every signing with the key, on every replica, from the next request on."""
+    _key_action(ctx, key, "disable", tsg, as_json, "disabled key [bold]{name}[/]")
+
+
+@key_app.command("enable")
+def key_enable(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Let the key sign again."""
+    _key_action(ctx, key, "enable", tsg, as_json, "enabled key [bold]{name}[/]")
+
+
+DESTROY_AFTER_DAYS = (7, 30)
+
+
+@key_app.command("destroy")
+def key_destroy(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    after: Annotated[
+        str,
+        typer.Option("--after", help="Waiting period before the material is erased: 7d to 30d."),
+    ] = "30d",
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Disable the key now and destroy its key material (every version, in its
+    store) when the waiting period ends. Final once done; cancel before with
+    `signery key cancel-destroy`."""
+    days = parse_days(after)
+    low, high = DESTROY_AFTER_DAYS
+    if not low <= days <= high:
+        raise typer.BadParameter(
+            f"--after must be between {low}d and {high}d (got {days} days)", param_hint="--after"
+        )
+    _key_action(
+        ctx,
+        key,
+        "destroy",
+        tsg,
+        as_json,
+        "key [bold]{name}[/] is disabled and will be destroyed at {key.destroy_at}",
+        {"after_days": days},
+    )
+
+
+@key_app.command("cancel-destroy")
+def key_cancel_destroy(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a scheduled destruction: the key gets its previous status back."""
+    _key_action(
+        ctx,
+        key,
+        "cancel-destroy",
+        tsg,
+        as_json,
+        "destruction of [bold]{name}[/] cancelled; it is {key.status.value} again",
+    )
 
 
 def _request_note(key: p.SigningKey) -> None:

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1, le=200)
     audit_batch_max: int = Field(default=512, ge=1, le=10_000)
     jti_retention_seconds: int = Field(default=3600, ge=600)
+    scheduler_interval_seconds: int = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="Seconds between runs of scheduled rotations and destructions (0: never)",
+    )
 
     # HTTPS for `signery serve` (EST, RFC 7030 §3.3, requires it).
     tls_cert_file: Path | None = Field(

@@ -43,7 +43,9 @@ from signery.server.config import Settings
 from signery.server.context import RequestContext
 from signery.server.db import Database, make_engine
 from signery.server.installation_secrets import access_token_secret
+from signery.server.keys.lifecycle import KeyLifecycle
 from signery.server.keys.requests import CertificateRequests
+from signery.server.keys.scheduler import Job, Scheduler
 from signery.server.keys.service import KeyService
 from signery.server.migrate import head_revision
 from signery.server.ops.metrics import Metrics
@@ -216,6 +218,18 @@ class Services:
                 core.db, core.recorder, core.clock, core.keystores, self.connectors
             ),
         )
+        self.lifecycle = KeyLifecycle(
+            core.db, core.recorder, core.clock, self.keys, core.keystores, core.ca
+        )
+        # Background jobs; each claims its work per key, so every replica runs them.
+        self.scheduler = Scheduler(
+            core.clock,
+            core.settings.scheduler_interval_seconds,
+            [
+                Job("key_rotation", lambda now: self.lifecycle.rotate_due(now).as_dict()),
+                Job("key_destruction", lambda now: self.lifecycle.destroy_due(now).as_dict()),
+            ],
+        )
         self.est = EstService(
             core.db,
             core.authz,
@@ -268,8 +282,10 @@ class Services:
 
     def start(self) -> None:
         self.recorder.start()
+        self.scheduler.start()
 
     def stop(self) -> None:
+        self.scheduler.stop()
         self.recorder.stop()
         self.signing.close()
         self.core.keystores.close()

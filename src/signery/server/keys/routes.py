@@ -102,6 +102,81 @@ def revoke_certificate(
     return services.keys.revoke_certificate(principal, key, body, ctx, tsg_id)
 
 
+@router.post("/{key}/rotate", response_model=p.SigningKey)
+def rotate(
+    key: str,
+    body: p.KeyRotate,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """A new key version (and certificate) becomes current; the previous one is
+    archived and stays listed for verification."""
+    return services.lifecycle.rotate(principal, key, body, ctx, tsg_id)
+
+
+@router.put("/{key}/rotation", response_model=p.SigningKey)
+def rotation(
+    key: str,
+    body: p.KeyRotationSchedule,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """Rotate the key every ``rotation_period_days`` (null: never)."""
+    return services.lifecycle.set_rotation(principal, key, body, ctx, tsg_id)
+
+
+@router.post("/{key}/disable", response_model=p.SigningKey)
+def disable(
+    key: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """Refuse every signing with the key from the next request on (every replica)."""
+    return services.lifecycle.disable(principal, key, ctx, tsg_id)
+
+
+@router.post("/{key}/enable", response_model=p.SigningKey)
+def enable(
+    key: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    return services.lifecycle.enable(principal, key, ctx, tsg_id)
+
+
+@router.post("/{key}/destroy", response_model=p.SigningKey)
+def destroy(
+    key: str,
+    body: p.KeyDestroy,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """Disable the key now and destroy its key material after 7 to 30 days."""
+    return services.lifecycle.schedule_destruction(principal, key, body, ctx, tsg_id)
+
+
+@router.post("/{key}/cancel-destroy", response_model=p.SigningKey)
+def cancel_destroy(
+    key: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """Cancel a scheduled destruction; the key gets its previous status back."""
+    return services.lifecycle.cancel_destruction(principal, key, ctx, tsg_id)
+
+
 keystores_router = APIRouter(prefix=f"{API_PREFIX}/keystores", tags=["keys"])
 
 

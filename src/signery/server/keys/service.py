@@ -17,6 +17,7 @@ from signery.errors import (
     CertificateNotFound,
     Conflict,
     InvalidRequest,
+    KeyDestroyed,
     KeyNameAmbiguous,
     KeyNotFound,
     NameTaken,
@@ -202,6 +203,10 @@ class KeyService:
                     created_by=principal.id,
                     created_at=now,
                     updated_at=now,
+                    rotation_period_days=req.rotation_period_days,
+                    next_rotation_at=now + timedelta(days=req.rotation_period_days)
+                    if req.rotation_period_days
+                    else None,
                 )
                 s.add(key)
                 flush_unique(
@@ -410,6 +415,8 @@ class KeyService:
                 )
             )
             assert version is not None
+        if key.status == KeyStatus.DESTROYED.value:
+            raise KeyDestroyed()
         if key.certificate_authority == CertificateAuthority.NONE.value:
             raise InvalidRequest("this key has no certificate authority: nothing to renew")
         new_subject = subject or p.KeySubject.model_validate_json(key.subject_json)
@@ -650,6 +657,9 @@ class KeyService:
                     public_key_pem=pem,
                     certificate=cert_info(cert) if cert else None,
                     created_at=v.created_at,
+                    archived_at=v.archived_at,
+                    destroyed_at=v.destroyed_at,
+                    certificate_chain=chain_list(cert.chain_pem if cert else None),
                 )
             )
             if v.version == key.current_version:
@@ -674,6 +684,10 @@ class KeyService:
             created_at=key.created_at,
             ca_connector_id=key.ca_connector_id,
             certificate_request=request,
+            rotation_period_days=key.rotation_period_days,
+            next_rotation_at=key.next_rotation_at,
+            destroy_at=key.destroy_at,
+            destroyed_at=key.destroyed_at,
         )
 
 

@@ -72,6 +72,20 @@ class KeyState(NamedTuple):
     policy_json: str | None
 
 
+class VersionState(NamedTuple):
+    """One version of a key, for a signing that names it (``key_version``)."""
+
+    version_id: str
+    version: int
+    status: str
+    store_ref: str
+    public_key_der: bytes
+    certificate_id: str | None
+    certificate_not_after: datetime | None
+    certificate_revoked_at: datetime | None
+    version_created_at: datetime
+
+
 def _keys() -> Select[Any]:
     return (
         select(
@@ -184,6 +198,22 @@ class SigningReads:
             .order_by(_K.c.tsg_id, _K.c.name),
             dialect,
         )
+        self._version = Prepared.of(
+            select(
+                _V.c.id,
+                _V.c.version,
+                _V.c.status,
+                _V.c.store_ref,
+                _V.c.public_key_der,
+                _V.c.certificate_id,
+                _C.c.not_after,
+                _C.c.revoked_at,
+                _V.c.created_at,
+            )
+            .select_from(_V.outerjoin(_C, _C.c.id == _V.c.certificate_id))
+            .where(_V.c.key_id == bindparam("key_id"), _V.c.version == bindparam("version")),
+            dialect,
+        )
         self._chain = Prepared.of(
             select(_C.c.chain_pem).where(_C.c.id == bindparam("cert_id")), dialect
         )
@@ -225,6 +255,11 @@ class SigningReads:
                 cur, {"prefix": _prefix(tsg_path), "status": status}
             )
         return [KeyState(*r) for r in rows]
+
+    def version(self, key_id: str, version: int) -> VersionState | None:
+        with self._direct.cursor() as cur:
+            rows = self._version.fetchall(cur, {"key_id": key_id, "version": version})
+        return VersionState(*rows[0]) if rows else None
 
     def chain_pem(self, certificate_id: str) -> str | None:
         with self._direct.cursor() as cur:

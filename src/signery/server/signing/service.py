@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import threading
 import time
@@ -40,10 +41,13 @@ from signery.errors import (
     CertificateRevoked,
     InvalidRequest,
     InvalidToken,
+    KeyDestroyed,
     KeyDisabled,
     KeyNameAmbiguous,
     KeyNotActive,
     KeyNotFound,
+    KeyVersionNotAllowed,
+    KeyVersionNotFound,
     MalformedJson,
     SignatureVerificationFailed,
     SigneryError,
@@ -73,7 +77,7 @@ from signery.server.context import RequestContext
 from signery.server.db import Database
 from signery.server.keys.service import chain_list, load_public_key_der
 from signery.server.ops.metrics import Metrics
-from signery.server.signing.reads import AccountState, KeyState, SigningReads
+from signery.server.signing.reads import AccountState, KeyState, SigningReads, VersionState
 from signery.server.tsg.service import UUID_RE
 
 log = logging.getLogger("signery.signing")
@@ -279,6 +283,10 @@ class SigningService:
         parsed = parse_sign_request(body)
         attempt.hashed, attempt.client = parsed.hashed, parsed.client
         check_scheme(key.algorithm, parsed.scheme)
+        if parsed.key_version is not None and parsed.key_version != key.version:
+            requested = parsed.key_version
+            key = await self._reads.run(lambda: self._other_version(key, requested))
+            attempt.key = key
         store = self._keystores.get(key.handle.store)
         if store.signs_inline(key.algorithm):
             signature = store.sign(key.handle, parsed.hashed, parsed.scheme)
@@ -328,6 +336,9 @@ class SigningService:
             else Actor(PrincipalType.ACCOUNT, claims.account_id, None)
         )
         account_id = account.id if account else None
+        # A disabled or destroyed key is not in use: its refusals are audited but
+        # not counted (neither against the key nor the account).
+        counted = not isinstance(error, (KeyDisabled, KeyDestroyed))
         # The reference the caller used (cut to a sane length), so that refusals for
         # keys it cannot see are traceable without recording anything about them.
         details = {"key_ref": key_ref[:128]}
@@ -346,7 +357,9 @@ class SigningService:
                 context=ctx,
                 details=details,
             ),
-            UsageDelta(success=False, key_id=key.id if key else None, account_id=account_id),
+            UsageDelta(success=False, key_id=key.id if key else None, account_id=account_id)
+            if counted
+            else None,
         )
         error.audited = True
 
@@ -404,33 +417,88 @@ class SigningService:
         row = rows[0]
         if row.status == KeyStatus.DISABLED.value:
             raise KeyDisabled()
+        if row.status == KeyStatus.DESTROYED.value:
+            raise KeyDestroyed()
         if row.status != KeyStatus.ACTIVE.value:
             raise KeyNotActive(f"the key is {row.status}")
         # A key with a certificate signs only while it is valid: a signature whose
         # certificate is expired or revoked would not verify anywhere. (A key without
         # a certificate has nothing to expire.)
-        if row.certificate_revoked_at is not None:
-            raise CertificateRevoked()
-        if row.certificate_not_after is not None and row.certificate_not_after <= self._clock.now():
-            raise CertificateExpired()
+        self._check_certificate(row.certificate_not_after, row.certificate_revoked_at)
         return self._to_usable(row)
 
-    def _to_usable(self, r: KeyState) -> UsableKey:
-        """A key row -> UsableKey, with the parsed public key and chain cached per
-        (version, certificate): both are immutable once written."""
-        cache_key = (r.version_id, r.certificate_id)
+    def _check_certificate(self, not_after: datetime | None, revoked_at: datetime | None) -> None:
+        if revoked_at is not None:
+            raise CertificateRevoked()
+        if not_after is not None and not_after <= self._clock.now():
+            raise CertificateExpired()
+
+    def _other_version(self, key: UsableKey, requested: int) -> UsableKey:
+        """The version a request names instead of the current one. An archived
+        version signs only when the key's policy sets min_signing_version at or
+        below it; a destroyed one never does."""
+        row = self._reads.version(key.id, requested)
+        if row is None:
+            raise KeyVersionNotFound(f"the key has no version {requested}")
+        if row.status == KeyStatus.DESTROYED.value:
+            raise KeyDestroyed(f"version {requested} of the key is destroyed")
+        if row.status != KeyStatus.ARCHIVED.value:
+            raise KeyVersionNotAllowed(f"version {requested} is {row.status}")
+        minimum = (
+            json.loads(key.policy_json).get("min_signing_version") if key.policy_json else None
+        )
+        if not isinstance(minimum, int) or minimum > requested:
+            raise KeyVersionNotAllowed(
+                f"version {requested} is archived and the key's policy does not allow it "
+                "(min_signing_version)"
+            )
+        self._check_certificate(row.certificate_not_after, row.certificate_revoked_at)
+        return self._with_version(key, row)
+
+    def _with_version(self, key: UsableKey, v: VersionState) -> UsableKey:
+        public_key, chain = self._material(v.version_id, v.certificate_id, v.public_key_der)
+        return UsableKey(
+            id=key.id,
+            name=key.name,
+            tsg_id=key.tsg_id,
+            tsg_path=key.tsg_path,
+            algorithm=key.algorithm,
+            version=v.version,
+            handle=KeyHandle(
+                key.handle.store,
+                v.store_ref,
+                key.algorithm,
+                KeyContext(key.id, v.version, key.tsg_id),
+            ),
+            public_key=public_key,
+            chain=chain,
+            version_created_at=v.version_created_at,
+            policy_json=key.policy_json,
+        )
+
+    def _material(
+        self, version_id: str, certificate_id: str | None, public_key_der: bytes
+    ) -> tuple[PublicKey, tuple[str, ...]]:
+        """The parsed public key and chain of a version, cached per (version,
+        certificate): both are immutable once written."""
+        cache_key = (version_id, certificate_id)
         with self._lock:
             cached = self._versions.get(cache_key)
         if cached is None:
-            public_key = load_public_key_der(r.public_key_der)
+            public_key = load_public_key_der(public_key_der)
             chain: tuple[str, ...] = ()
-            if r.certificate_id:
-                chain = tuple(chain_list(self._reads.chain_pem(r.certificate_id)))
+            if certificate_id:
+                chain = tuple(chain_list(self._reads.chain_pem(certificate_id)))
             cached = (public_key, chain)
             with self._lock:
                 self._versions[cache_key] = cached
                 while len(self._versions) > VERSION_CACHE_SIZE:
                     self._versions.popitem(last=False)
+        return cached
+
+    def _to_usable(self, r: KeyState) -> UsableKey:
+        """A key row -> UsableKey (public key and chain from the cache)."""
+        cached = self._material(r.version_id, r.certificate_id, r.public_key_der)
         algorithm = Algorithm(r.algorithm)
         return UsableKey(
             id=r.id,
