@@ -312,7 +312,7 @@ class SigningService:
             # or expired account is recorded in its TSG and counted against it.
             attempt.account = SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)
         account = self._checked_account(row, claims)
-        attempt.key = self._checked_key(keys, key_ref)
+        attempt.key = self._checked_key(keys, key_ref, attempt)
         return account, attempt.key
 
     def close(self) -> None:
@@ -406,7 +406,9 @@ class SigningService:
             raise AccountExpired()
         return SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)
 
-    def _checked_key(self, rows: list[KeyState], key_ref: str) -> UsableKey:
+    def _checked_key(
+        self, rows: list[KeyState], key_ref: str, attempt: _Attempt | None = None
+    ) -> UsableKey:
         if not rows:
             # Keys outside the account's subtree are indistinguishable from missing ones.
             raise KeyNotFound()
@@ -415,10 +417,11 @@ class SigningService:
                 f"{len(rows)} keys named {key_ref!r} are visible; use the key id"
             )
         row = rows[0]
-        if row.status == KeyStatus.DISABLED.value:
-            raise KeyDisabled()
-        if row.status == KeyStatus.DESTROYED.value:
-            raise KeyDestroyed()
+        if row.status in (KeyStatus.DISABLED.value, KeyStatus.DESTROYED.value):
+            if attempt is not None:
+                # Named in the refusal's audit event (which counts nothing for it).
+                attempt.key = self._to_usable(row)
+            raise KeyDisabled() if row.status == KeyStatus.DISABLED.value else KeyDestroyed()
         if row.status != KeyStatus.ACTIVE.value:
             raise KeyNotActive(f"the key is {row.status}")
         # A key with a certificate signs only while it is valid: a signature whose
