@@ -106,6 +106,8 @@ OUTPUTS = frozenset(
         "ca.crl.pem",
         "leaf-renewed.pem",
         "app.bin.renewed.sig",
+        "app.bin.rsa-v2.sig",
+        "pubkey-rsa-v2.pem",
         "server.log",
         "moto.log",
     }
@@ -317,6 +319,10 @@ class Demo:
             ),
             ("JAR: sign a Java archive with a timestamp; jarsigner -verify -strict", self.step_jar),
             ("OpenPGP: export the public key, sign, gpg --verify", self.step_openpgp),
+            (
+                "Rotate the RSA key: a new version signs, the old one still verifies",
+                self.step_rotate,
+            ),
         ]
         for store in self.hardware:
             self.steps.append(
@@ -1261,6 +1267,51 @@ class Demo:
         )
         self.note("release-ec.asc is the key's OpenPGP public key (self-signed through Signery);")
         self.note("gpg verifies hello.txt.asc with it")
+
+    def step_rotate(self) -> None:
+        self.cli("key", "rotate", RSA_KEY)
+        # The build machine changes nothing: it signs "with release-rsa" as before.
+        done = self.cli(
+            "sign", "--key", RSA_KEY, "-o", "app.bin.rsa-v2.sig", "app.bin", "--json",
+            profile=BUILD_PROFILE,
+        )  # fmt: skip
+        try:
+            signed = json.loads(done.stdout)
+        except ValueError as e:
+            raise StepFailed("`signery sign --json` did not print JSON", done.stdout) from e
+        used = signed[0].get("key_version") if isinstance(signed, list) and signed else None
+        self.expect(used == 2, f"the signature names key version {used}, not 2", done.stdout)
+        key = self.cli_json("key", "show", RSA_KEY)
+        versions = {v["version"]: v for v in key.get("versions", [])}
+        self.expect(
+            versions.get(1, {}).get("status") == "archived"
+            and versions.get(2, {}).get("status") == "active",
+            "expected version 1 archived and version 2 active",
+            json.dumps(key.get("versions"), indent=2),
+        )
+        (self.out / "pubkey-rsa-v2.pem").write_text(versions[2]["public_key_pem"], "ascii")
+        self.expect(
+            versions[1]["public_key_pem"].strip()
+            == (self.out / "pubkey-rsa.pem").read_text("ascii").strip(),
+            "the archived version does not list the original public key",
+        )
+        for pub, sig in (("pubkey-rsa-v2.pem", "app.bin.rsa-v2.sig"),
+                         ("pubkey-rsa.pem", "app.bin.rsa.sig")):  # fmt: skip
+            done = self.openssl_run("dgst", "-sha256", "-verify", pub, "-signature", sig, "app.bin")
+            self.expect("Verified OK" in done.stdout, f"openssl does not verify {sig} with {pub}")
+        done = self.run(
+            [self.openssl, "dgst", "-sha256", "-verify", "pubkey-rsa.pem", "-signature",
+             "app.bin.rsa-v2.sig", "app.bin"],
+            check=False, show=False,
+        )  # fmt: skip
+        self.expect(
+            done.returncode != 0, "the new version's signature verifies with the old key pair"
+        )
+        self.note("openssl: the version 2 signature does not verify with version 1's public key")
+        self.note(
+            "version 2 signs at once; version 1 is archived but listed, so the signature "
+            "made before the rotation still verifies"
+        )
 
     def step_refusal(self) -> None:
         self.state.disabled_at = time.time()
