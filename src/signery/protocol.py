@@ -427,8 +427,7 @@ class KeyPolicy(WireModel):
     signer_tsgs: list[str] | None = Field(
         default=None,
         max_length=1000,
-        description="TSGs (ids: the key's TSG or TSGs above it) whose subtrees' accounts "
-        "may sign",
+        description="TSGs (ids: the key's TSG or TSGs above it) whose subtrees' accounts may sign",
     )
     allowed_schemes: list[SignatureScheme] | None = Field(default=None, min_length=1)
     allowed_digests: list[DigestAlgorithm] | None = Field(default=None, min_length=1)

@@ -235,3 +235,18 @@ def test_a_total_limit_counts_the_keys_past_signatures(
     # Changing other rules keeps the count; it is not seeded again.
     api.ok(put(api, key["id"], {"max_signatures_total": 20}))
     assert quota_rows(installation, key["id"]) == {"total": 3}
+
+
+def test_an_unlimited_grant_stays_unlimited(
+    api: Api, installation: Installation, tree: dict[str, dict[str, Any]]
+) -> None:
+    # Regression: dropping every null when storing turned grant_max_uses=null
+    # (unlimited uses until the grant expires) into the default of one use.
+    key = api.create_key(tree["team"]["id"])
+    body = {"approval": {"grant_max_uses": None, "grant_ttl_hours": 8}}
+    shown = api.ok(put(api, key["id"], body))
+    assert shown["approval"]["grant_max_uses"] is None
+    raw = stored(installation, key["id"])
+    assert raw is not None
+    assert raw["approval"]["grant_max_uses"] is None
+    assert "signers" not in raw

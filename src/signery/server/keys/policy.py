@@ -240,6 +240,14 @@ def _successes(s: Session, key_id: str) -> int:
     return int(found or 0)
 
 
+def stored_json(stored: StoredPolicy) -> str:
+    """The JSON stored for a policy: rules it does not set are left out (they
+    default to None), nested values kept as they are (``approval.grant_max_uses``
+    null means unlimited, not the default of 1)."""
+    data = {k: v for k, v in stored.model_dump(mode="json").items() if v is not None}
+    return json.dumps(data, separators=(",", ":"))
+
+
 def rules_summary(stored: StoredPolicy | None) -> list[str]:
     """Which rules a policy sets (for audit events)."""
     if stored is None:
@@ -314,7 +322,7 @@ class KeyPolicyService:
                 ),
                 {"key_id": key.id, "period": TOTAL, "used": _successes(s, key.id)},
             )
-        key.policy_json = stored.model_dump_json(exclude_none=True) if stored else None
+        key.policy_json = stored_json(stored) if stored else None
         key.updated_at = self._clock.now()
         s.flush()
         self._recorder.record(
