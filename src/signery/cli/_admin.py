@@ -21,6 +21,7 @@ from signery.cli._common import (
     table,
     write_private_file,
 )
+from signery.cli._policy import key_policy_details, policy_app
 from signery.errors import ClientError
 
 API = p.API_PREFIX
@@ -34,6 +35,7 @@ account_app = typer.Typer(
     help="Built-in accounts: the identities build machines sign as.", no_args_is_help=True
 )
 key_app = typer.Typer(help="Signing keys.", no_args_is_help=True)
+key_app.add_typer(policy_app, name="policy")
 audit_app = typer.Typer(help="Audit events.", no_args_is_help=True)
 ca_app = typer.Typer(help="The built-in CA.", no_args_is_help=True)
 keystore_app = typer.Typer(help="Key stores: where private keys live.", no_args_is_help=True)
@@ -593,6 +595,7 @@ def key_show(
     def human() -> None:
         _key_details(found)
         _key_lifecycle(found)
+        details(key_policy_details(found))
 
     emit(found, as_json, human)
 

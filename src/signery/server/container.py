@@ -44,6 +44,7 @@ from signery.server.context import RequestContext
 from signery.server.db import Database, make_engine
 from signery.server.installation_secrets import access_token_secret
 from signery.server.keys.lifecycle import KeyLifecycle
+from signery.server.keys.policy import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
 from signery.server.keys.scheduler import Job, Scheduler
 from signery.server.keys.service import KeyService
@@ -230,6 +231,7 @@ class Services:
                 Job("key_destruction", lambda now: self.lifecycle.destroy_due(now).as_dict()),
             ],
         )
+        self.policies = KeyPolicyService(core.db, self.keys, core.recorder, core.clock)
         self.est = EstService(
             core.db,
             core.authz,

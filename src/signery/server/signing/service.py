@@ -39,6 +39,7 @@ from signery.errors import (
     AccountExpired,
     CertificateExpired,
     CertificateRevoked,
+    ClientIpNotAllowed,
     InvalidRequest,
     InvalidToken,
     KeyDestroyed,
@@ -46,10 +47,16 @@ from signery.errors import (
     KeyNameAmbiguous,
     KeyNotActive,
     KeyNotFound,
+    KeyNotYetValid,
+    KeyValidityEnded,
     KeyVersionNotAllowed,
     KeyVersionNotFound,
     MalformedJson,
+    OutsideSigningWindow,
+    PolicyDigestNotAllowed,
+    PolicySchemeNotAllowed,
     SignatureVerificationFailed,
+    SignerNotAllowed,
     SigneryError,
     UnsupportedScheme,
     ValidationFailed,
@@ -72,17 +79,34 @@ from signery.server.audit.recorder import (
     UsageDelta,
     outcome_of,
 )
+from signery.server.authz import Denied, SigningFacts, SigningRules, decide_signing
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database
+from signery.server.keys.policy import RulesCache
 from signery.server.keys.service import chain_list, load_public_key_der
 from signery.server.ops.metrics import Metrics
+from signery.server.signing.quota import UsageQuotas
 from signery.server.signing.reads import AccountState, KeyState, SigningReads, VersionState
 from signery.server.tsg.service import UUID_RE
 
 log = logging.getLogger("signery.signing")
 
 VERSION_CACHE_SIZE = 4096
+
+# The policy decision's reason code -> the error the signing plane answers with.
+POLICY_ERRORS: dict[str, type[SigneryError]] = {
+    e.code: e
+    for e in (
+        SignerNotAllowed,
+        PolicySchemeNotAllowed,
+        PolicyDigestNotAllowed,
+        ClientIpNotAllowed,
+        OutsideSigningWindow,
+        KeyNotYetValid,
+        KeyValidityEnded,
+    )
+}
 
 
 class UnsupportedDigestAlgorithm(InvalidRequest):
@@ -197,6 +221,8 @@ class SigningService:
             OrderedDict()
         )
         self._lock = threading.Lock()
+        self._rules = RulesCache()
+        self._quotas = UsageQuotas(db)
 
     # ------------------------------------------------------------ signing
 
@@ -206,7 +232,7 @@ class SigningService:
         started = time.perf_counter()
         attempt = _Attempt()
         try:
-            signed = await self._sign_checked(claims, key_ref, body, attempt)
+            signed = await self._sign_checked(claims, key_ref, body, attempt, ctx)
         except SigneryError as e:
             await self._undo(attempt)
             await self._refused(e, claims, key_ref, attempt, ctx)
@@ -214,6 +240,11 @@ class SigningService:
             self._metrics.signing(
                 key.id if key else None, key.name if key else None, outcome_of(e), started
             )
+            raise
+        except BaseException:
+            # Not one of ours (a bug, a cancelled request): no signature leaves,
+            # so what admission took is given back all the same.
+            await self._undo(attempt)
             raise
         account, key, parsed = signed.account, signed.key, signed.request
         if parsed.client is not None:
@@ -243,7 +274,9 @@ class SigningService:
         while attempt.undo:
             step = attempt.undo.pop()
             try:
-                await self._reads.run(step)
+                # On a worker thread even on SQLite: a step writes, and a write may
+                # wait for the audit writer's lock.
+                await anyio.to_thread.run_sync(step)
             except Exception:
                 # Logged, never raised over the error being reported: an unreturned
                 # slot only makes a limit stricter, never looser.
@@ -277,7 +310,12 @@ class SigningService:
         )
 
     async def _sign_checked(
-        self, claims: AccessClaims, key_ref: str, body: bytes, attempt: _Attempt
+        self,
+        claims: AccessClaims,
+        key_ref: str,
+        body: bytes,
+        attempt: _Attempt,
+        ctx: RequestContext,
     ) -> _Signed:
         account, key = await self._reads.run(lambda: self._lookup(claims, key_ref, attempt))
         parsed = parse_sign_request(body)
@@ -287,6 +325,13 @@ class SigningService:
             requested = parsed.key_version
             key = await self._reads.run(lambda: self._other_version(key, requested))
             attempt.key = key
+        # A key without a policy pays nothing more: no parsing, no statement.
+        rules = self._rules.get(key.policy_json) if key.policy_json else None
+        if rules is not None:
+            self._check_policy(rules, account, parsed, ctx)
+        if rules is not None and rules.limited:
+            # Last before signing: a refusal above never takes a slot.
+            attempt.undo.append(await self._quotas.reserve(key.id, rules, self._clock.now()))
         store = self._keystores.get(key.handle.store)
         if store.signs_inline(key.algorithm):
             signature = store.sign(key.handle, parsed.hashed, parsed.scheme)
@@ -299,6 +344,28 @@ class SigningService:
         if not verify_signature(key.public_key, parsed.hashed, parsed.scheme, signature):
             raise SignatureVerificationFailed()
         return _Signed(account, key, parsed, signature)
+
+    def _check_policy(
+        self,
+        rules: SigningRules,
+        account: SigningAccount,
+        parsed: ParsedSignRequest,
+        ctx: RequestContext,
+    ) -> None:
+        """The key's policy, decided in the one authorization place (authz)."""
+        decision = decide_signing(
+            rules,
+            SigningFacts(
+                account_id=account.id,
+                account_tsg_path=account.tsg_path,
+                scheme=parsed.scheme.value,
+                digest_algorithm=parsed.hashed.algorithm.value,
+                client_ip=ctx.client_ip,
+                now=self._clock.now(),
+            ),
+        )
+        if isinstance(decision, Denied):
+            raise POLICY_ERRORS[decision.reason]()
 
     def _lookup(
         self, claims: AccessClaims, key_ref: str, attempt: _Attempt
@@ -317,6 +384,7 @@ class SigningService:
 
     def close(self) -> None:
         self._reads.close()
+        self._quotas.close()
 
     async def _refused(
         self,
