@@ -27,6 +27,7 @@ from signery.server.ca.tsa_routes import router as tsa_router
 from signery.server.clock import Clock
 from signery.server.config import Settings, load_settings
 from signery.server.container import Core, Services
+from signery.server.keys.policy_routes import router as key_policy_router
 from signery.server.keys.request_routes import router as key_requests_router
 from signery.server.keys.routes import keystores_router
 from signery.server.keys.routes import router as keys_router
@@ -86,6 +87,7 @@ def create_app(
         tsg_router,
         users_router,
         keys_router,
+        key_policy_router,
         key_requests_router,
         keystores_router,
         ca_router,

@@ -10,10 +10,22 @@ never as forbidden, so that their existence does not leak across tenants.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, tzinfo
 from enum import StrEnum
 
-from signery.errors import NotFound, PermissionDenied
+from signery.errors import (
+    ClientIpNotAllowed,
+    KeyNotYetValid,
+    KeyValidityEnded,
+    NotFound,
+    OutsideSigningWindow,
+    PermissionDenied,
+    PolicyDigestNotAllowed,
+    PolicySchemeNotAllowed,
+    SignerNotAllowed,
+)
 from signery.protocol import PrincipalType, Role
 
 
@@ -165,3 +177,110 @@ class Authorizer:
             if not any(in_subtree(p, m) for m in minimal):
                 minimal.append(p)
         return minimal
+
+
+# ------------------------------------------------------------------ per-key signing policy
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MINUTES_PER_DAY = 24 * 60
+
+
+@dataclass(frozen=True, slots=True)
+class WindowRule:
+    """Days (0 = Monday) and minutes of the day ``[start, end)`` in the policy's
+    zone. ``end < start`` runs across midnight and belongs to the day it starts on."""
+
+    days: frozenset[int]
+    start: int
+    end: int
+
+    def contains(self, local: datetime) -> bool:
+        minute = local.hour * 60 + local.minute
+        day = local.weekday()
+        if self.start < self.end:
+            return day in self.days and self.start <= minute < self.end
+        # Across midnight: the evening part on a listed day, or the morning part
+        # on the day after a listed day.
+        yesterday = (local - timedelta(days=1)).weekday()
+        return (day in self.days and minute >= self.start) or (
+            yesterday in self.days and minute < self.end
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SigningRules:
+    """A key's signing policy, parsed once (signery.server.keys.policy.rules_of);
+    ``None`` everywhere means that rule restricts nothing."""
+
+    zone: tzinfo
+    signers: frozenset[str] | None = None
+    signer_tsg_paths: tuple[str, ...] | None = None
+    schemes: frozenset[str] | None = None
+    digests: frozenset[str] | None = None
+    networks: tuple[Network, ...] | None = None
+    windows: tuple[WindowRule, ...] | None = None
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    max_total: int | None = None
+    max_per_day: int | None = None
+    min_signing_version: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.max_total is not None or self.max_per_day is not None
+
+
+@dataclass(frozen=True, slots=True)
+class SigningFacts:
+    """What a signing request is, for the policy decision."""
+
+    account_id: str
+    account_tsg_path: str
+    scheme: str
+    digest_algorithm: str
+    client_ip: str | None
+    now: datetime
+
+
+def _ip_allowed(client_ip: str | None, networks: tuple[Network, ...]) -> bool:
+    # Fail closed: a request whose address is unknown or unparsable is outside
+    # every allow-list.
+    if client_ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        # "::ffff:10.0.0.1" from a dual-stack socket is the IPv4 client 10.0.0.1.
+        candidates.append(address.ipv4_mapped)
+    return any(a in n for a in candidates for n in networks if a.version == n.version)
+
+
+def decide_signing(rules: SigningRules, facts: SigningFacts) -> Decision:
+    """May this signing go ahead under the key's policy? Rules are checked in a
+    fixed order (signers, schemes, digests, client IP, time windows, validity);
+    the first that refuses names the reason (an error code)."""
+    if rules.signers is not None or rules.signer_tsg_paths is not None:
+        named = rules.signers is not None and facts.account_id in rules.signers
+        in_tsg = rules.signer_tsg_paths is not None and any(
+            in_subtree(facts.account_tsg_path, path) for path in rules.signer_tsg_paths
+        )
+        if not (named or in_tsg):
+            return Denied(SignerNotAllowed.code, visible=True)
+    if rules.schemes is not None and facts.scheme not in rules.schemes:
+        return Denied(PolicySchemeNotAllowed.code, visible=True)
+    if rules.digests is not None and facts.digest_algorithm not in rules.digests:
+        return Denied(PolicyDigestNotAllowed.code, visible=True)
+    if rules.networks is not None and not _ip_allowed(facts.client_ip, rules.networks):
+        return Denied(ClientIpNotAllowed.code, visible=True)
+    if rules.windows is not None:
+        local = facts.now.astimezone(rules.zone)
+        if not any(w.contains(local) for w in rules.windows):
+            return Denied(OutsideSigningWindow.code, visible=True)
+    if rules.valid_from is not None and facts.now < rules.valid_from:
+        return Denied(KeyNotYetValid.code, visible=True)
+    if rules.valid_until is not None and facts.now >= rules.valid_until:
+        return Denied(KeyValidityEnded.code, visible=True)
+    return Allowed()

@@ -44,6 +44,7 @@ from signery.server.config import Settings
 from signery.server.context import RequestContext
 from signery.server.db import Database, make_engine
 from signery.server.installation_secrets import access_token_secret
+from signery.server.keys.policy import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
 from signery.server.keys.service import KeyService
 from signery.server.migrate import head_revision
@@ -217,6 +218,7 @@ class Services:
                 core.db, core.recorder, core.clock, core.keystores, self.connectors
             ),
         )
+        self.policies = KeyPolicyService(core.db, self.keys, core.recorder, core.clock)
         self.est = EstService(
             core.db,
             core.authz,

@@ -39,6 +39,7 @@ from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, flush_unique, new_id
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.keys.policy import key_usage, wire_policy
 from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of, visible_rows_by_ref
@@ -674,6 +675,8 @@ class KeyService:
             created_at=key.created_at,
             ca_connector_id=key.ca_connector_id,
             certificate_request=request,
+            policy=wire_policy(s, key),
+            usage=key_usage(s, key, self._clock.now()),
         )
 
 
