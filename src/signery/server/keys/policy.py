@@ -314,7 +314,7 @@ class KeyPolicyService:
                 ),
                 {"key_id": key.id, "period": TOTAL, "used": _successes(s, key.id)},
             )
-        key.policy_json = stored.model_dump_json(exclude_none=True) if stored else None
+        key.policy_json = policy_json(stored) if stored else None
         key.updated_at = self._clock.now()
         s.flush()
         self._recorder.record(
@@ -336,6 +336,16 @@ class KeyPolicyService:
                 },
             ),
         )
+
+
+def policy_json(stored: StoredPolicy) -> str:
+    """The stored JSON: absent rules left out, except inside ``approval``, where
+    ``grant_max_uses: null`` means unlimited uses (dropping it would read back
+    as the default, a single use)."""
+    data = stored.model_dump(mode="json", exclude_none=True)
+    if stored.approval is not None:
+        data["approval"] = stored.approval.model_dump(mode="json")
+    return json.dumps(data, separators=(",", ":"))
 
 
 def resolve_policy(
