@@ -144,17 +144,21 @@ def test_request_approve_sign_once_then_pending_again(
 
     listed = api.ok(api.http.get("/api/v1/approvals", headers=approver.headers))
     mine = [r for r in listed if r["id"] == first["request_id"]]
-    assert len(mine) == 1 and mine[0]["justification"] == "release 1.2"
+    assert len(mine) == 1
+    assert mine[0]["justification"] == "release 1.2"
     assert mine[0]["requested_by"]["id"] == s.account.id
 
     seq = api.last_seq()
     decided = api.ok(decide(api, approver, first["request_id"], "approve", comment="ok"))
     assert decided["status"] == "approved"
     grant = decided["grant"]
-    assert grant["max_uses"] == 1 and grant["uses"] == 0 and grant["status"] == "valid"
+    assert grant["max_uses"] == 1
+    assert grant["uses"] == 0
+    assert grant["status"] == "valid"
     assert kinds(api.events_after(seq)) == ["signing.approval.approved", "signing.grant.created"]
     state = api.ok(s.request(first["request_id"]))
-    assert state["status"] == "approved" and state["approvals"] == 1
+    assert state["status"] == "approved"
+    assert state["approvals"] == 1
     assert state["grant"]["id"] == grant["id"]
 
     seq = api.last_seq()
@@ -183,7 +187,8 @@ def test_other_accounts_cannot_see_a_signing_request(
     request_id = pending(s.sign())["request_id"]
     assert s.request(request_id).status_code == 200
     refused = other.request(request_id)
-    assert refused.status_code == 404 and refused.json()["code"] == "approval_request_not_found"
+    assert refused.status_code == 404
+    assert refused.json()["code"] == "approval_request_not_found"
     # The other account's own signing makes its own request: grants are per account.
     assert pending(other.sign())["request_id"] != request_id
 
@@ -204,7 +209,8 @@ def test_the_requesting_account_cannot_approve_its_own_request(
     request_id = pending(s.sign())["request_id"]
     seq = api.last_seq()
     refused = decide(api, {"Authorization": f"Bearer {s.token}"}, request_id, "approve")
-    assert refused.status_code == 403 and refused.json()["code"] == "self_approval_forbidden"
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "self_approval_forbidden"
     refusal_of(api, seq, "self_approval_forbidden")
 
 
@@ -213,16 +219,19 @@ def test_a_pre_approver_cannot_approve_again_and_two_of_two_needs_two_people(
 ) -> None:
     s = signer(api, tsg, required=2)
     created = api.ok(pre_approve(api, approver, s, max_uses=1), 201)
-    assert created["status"] == "pending_approval" and created["approvals"] == 1
+    assert created["status"] == "pending_approval"
+    assert created["approvals"] == 1
     assert created["requested_by"]["id"] == approver.id
     seq = api.last_seq()
     refused = decide(api, approver, created["id"], "approve")
-    assert refused.status_code == 403 and refused.json()["code"] == "self_approval_forbidden"
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "self_approval_forbidden"
     refusal_of(api, seq, "self_approval_forbidden")
     # Still one approval: the account has no grant and is pending.
     assert pending(s.sign())["request_id"] == created["id"]
     done = api.ok(decide(api, approver2, created["id"], "approve"))
-    assert done["status"] == "approved" and done["approvals"] == 2
+    assert done["status"] == "approved"
+    assert done["approvals"] == 2
     assert s.sign().status_code == 200
 
 
@@ -232,17 +241,20 @@ def test_two_of_two_on_a_signing_request(
     s = signer(api, tsg, required=2)
     request_id = pending(s.sign())["request_id"]
     first = api.ok(decide(api, approver, request_id, "approve"))
-    assert first["status"] == "pending_approval" and first["grant"] is None
+    assert first["status"] == "pending_approval"
+    assert first["grant"] is None
     seq = api.last_seq()
     twice = decide(api, approver, request_id, "approve")
-    assert twice.status_code == 409 and twice.json()["code"] == "approval_already_decided"
+    assert twice.status_code == 409
+    assert twice.json()["code"] == "approval_already_decided"
     refusal_of(api, seq, "approval_already_decided")
     assert s.sign().status_code == 202
     assert api.ok(decide(api, approver2, request_id, "approve"))["status"] == "approved"
     assert s.sign().status_code == 200
     seq = api.last_seq()
     closed = decide(api, approver2, request_id, "deny", comment="too late")
-    assert closed.status_code == 409 and closed.json()["code"] == "approval_request_closed"
+    assert closed.status_code == 409
+    assert closed.json()["code"] == "approval_request_closed"
     refusal_of(api, seq, "approval_request_closed")
 
 
@@ -254,12 +266,14 @@ def test_non_approvers_and_approvers_outside_the_policy_list_are_refused(
     for who in (viewer, approver):
         seq = api.last_seq()
         refused = decide(api, who, request_id, "approve")
-        assert refused.status_code == 403 and refused.json()["code"] == "not_an_approver"
+        assert refused.status_code == 403
+        assert refused.json()["code"] == "not_an_approver"
         refusal_of(api, seq, "not_an_approver")
     outsider = Person(api, api.create_tsg()["id"], "approver")
     seq = api.last_seq()
     hidden = decide(api, outsider, request_id, "approve")
-    assert hidden.status_code == 404 and hidden.json()["code"] == "approval_request_not_found"
+    assert hidden.status_code == 404
+    assert hidden.json()["code"] == "approval_request_not_found"
     refusal_of(api, seq, "approval_request_not_found")
     assert request_id not in {
         r["id"] for r in api.ok(api.http.get("/api/v1/approvals", headers=outsider.headers))
@@ -279,7 +293,8 @@ def test_one_deny_denies_and_the_account_sees_the_comment(
     assert event["kind"] == "signing.approval.denied"
     assert event["details"]["comment"] == "not this build"
     state = api.ok(s.request(request_id))
-    assert state["status"] == "denied" and state["comment"] == "not this build"
+    assert state["status"] == "denied"
+    assert state["comment"] == "not this build"
     # A new signing makes a new request: a denial is not a ban.
     assert pending(s.sign())["request_id"] != request_id
 
@@ -316,7 +331,8 @@ def test_a_pending_request_past_its_time_expires_and_cannot_be_approved(
     s.new_token(clock)
     seq = api.last_seq()
     closed = decide(api, approver, request_id, "approve")
-    assert closed.status_code == 409 and closed.json()["code"] == "approval_request_closed"
+    assert closed.status_code == 409
+    assert closed.json()["code"] == "approval_request_closed"
     assert kinds(api.events_after(seq)) == ["signing.approval.expired", "signing.approval.refused"]
     assert api.ok(s.request(request_id))["status"] == "expired"
 
@@ -333,15 +349,18 @@ def test_n_use_and_unlimited_grants_and_revocation(
     no_expiry = pre_approve(api, approver, t, unlimited=True, max_uses=None)
     assert no_expiry.status_code == 201  # expires_in_hours defaults to 24 on pre-approvals
     grant = no_expiry.json()["grant"]
-    assert grant["max_uses"] is None and grant["status"] == "valid"
+    assert grant["max_uses"] is None
+    assert grant["status"] == "valid"
     assert [t.sign().status_code for _ in range(5)] == [200] * 5
     seq = api.last_seq()
     revoked = api.ok(
         api.http.post(f"/api/v1/grants/{grant['id']}/revoke", headers=approver.headers)
     )
-    assert revoked["status"] == "revoked" and revoked["uses"] == 5
+    assert revoked["status"] == "revoked"
+    assert revoked["uses"] == 5
     (event,) = api.events_after(seq)
-    assert event["kind"] == "signing.grant.revoked" and event["details"]["grant_id"] == grant["id"]
+    assert event["kind"] == "signing.grant.revoked"
+    assert event["details"]["grant_id"] == grant["id"]
     seq = api.last_seq()
     pending(t.sign())
     assert api.events_after(seq)[0]["details"]["grant_state"] == "grant_revoked"

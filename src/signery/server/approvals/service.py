@@ -663,7 +663,9 @@ class ApprovalService:
         if not found:
             raise AccountNotFound("no account of that name or id can sign with this key")
         if len(found) > 1:
-            raise InvalidRequest(f"{len(found)} accounts named {ref!r} can use the key; pass its id")
+            raise InvalidRequest(
+                f"{len(found)} accounts named {ref!r} can use the key; pass its id"
+            )
         account: AccountRow = found[0]
         return account
 
@@ -860,4 +862,3 @@ def _check_terms(max_uses: int | None, unlimited: bool, expires_in_hours: int | 
         raise InvalidRequest("unlimited uses need an expiry (expires_in_hours)")
     if unlimited and max_uses is not None and max_uses != 1:
         raise InvalidRequest("give either max_uses or unlimited, not both")
-

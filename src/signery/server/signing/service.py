@@ -230,9 +230,7 @@ class SigningService:
             )
             raise
         if isinstance(signed, p.SigningPending):
-            self._metrics.signing(
-                signed.key_id, signed.key_name, AuditOutcome.DENIED, started
-            )
+            self._metrics.signing(signed.key_id, signed.key_name, AuditOutcome.DENIED, started)
             return signed
         account, key, parsed = signed.account, signed.key, signed.request
         if parsed.client is not None:
@@ -378,9 +376,7 @@ class SigningService:
             raise ConfigurationError("approvals are not available on this server")
         approvals = self._approvals
         account = await self._reads.run(lambda: self._account(claims))
-        return await anyio.to_thread.run_sync(
-            approvals.request_for_account, account.id, request_id
-        )
+        return await anyio.to_thread.run_sync(approvals.request_for_account, account.id, request_id)
 
     def _lookup(
         self, claims: AccessClaims, key_ref: str, attempt: _Attempt
