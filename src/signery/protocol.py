@@ -421,12 +421,14 @@ class KeyPolicy(WireModel):
     signers: list[str] | None = Field(
         default=None,
         max_length=1000,
-        description="Built-in accounts (name or id) that may sign, inside the key's TSG subtree",
+        description="Built-in accounts (name or id) that may sign; each must be able to "
+        "reach the key (an account in the key's TSG or a TSG above it)",
     )
     signer_tsgs: list[str] | None = Field(
         default=None,
         max_length=1000,
-        description="TSGs (ids, inside the key's subtree) whose accounts may sign",
+        description="TSGs (ids: the key's TSG or TSGs above it) whose subtrees' accounts "
+        "may sign",
     )
     allowed_schemes: list[SignatureScheme] | None = Field(default=None, min_length=1)
     allowed_digests: list[DigestAlgorithm] | None = Field(default=None, min_length=1)

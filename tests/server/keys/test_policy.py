@@ -59,11 +59,11 @@ def test_a_policy_is_stored_with_ids_and_shown_with_names(
 ) -> None:
     key = api.create_key(tree["team"]["id"])
     builder = api.create_account(tree["team"]["id"])
-    below = api.create_account(tree["sub"]["id"])
+    above = api.create_account(tree["org"]["id"])
     approver = Person(api, tree["team"]["id"], "approver")
     body = {
-        "signers": [builder.name, below.id],
-        "signer_tsgs": [tree["sub"]["id"]],
+        "signers": [builder.name, above.id],
+        "signer_tsgs": [tree["org"]["id"]],
         "allowed_schemes": ["ecdsa"],
         "allowed_digests": ["sha256", "sha384"],
         "client_ips": ["10.0.0.0/8", "2001:db8::/32"],
@@ -76,15 +76,15 @@ def test_a_policy_is_stored_with_ids_and_shown_with_names(
     }
     seq = api.last_seq()
     shown = api.ok(put(api, key["id"], body))
-    assert shown["signers"] == [builder.name, below.name]
+    assert shown["signers"] == [builder.name, above.name]
     assert shown["approval"]["approvers"] == [approver.username]
     assert shown["timezone"] == "Europe/Berlin"
 
     raw = stored(installation, key["id"])
     assert raw is not None
-    assert raw["signers"] == [builder.id, below.id]
-    assert raw["signer_tsgs"] == [tree["sub"]["id"]]
-    assert raw["signer_tsg_paths"][0].endswith(f"/{tree['sub']['id']}/")
+    assert raw["signers"] == [builder.id, above.id]
+    assert raw["signer_tsgs"] == [tree["org"]["id"]]
+    assert raw["signer_tsg_paths"][0].endswith(f"/{tree['org']['id']}/")
     assert raw["approval"]["approvers"] == [approver.id]
     assert raw["min_signing_version"] == 1
 
@@ -129,7 +129,7 @@ def test_clearing_and_an_empty_policy_store_null(
         ({"valid_from": "2030-01-01T00:00:00"}, "UTC offset"),
         ({"min_signing_version": 2}, "above the key's current version 1"),
         ({"approval": {"approvers": ["no-such-user-anywhere"]}}, "no user"),
-        ({"signer_tsgs": ["1000000000"]}, "is not the key's TSG"),
+        ({"signer_tsgs": ["1000000000"]}, "is neither the key's TSG nor a TSG above it"),
     ],
 )
 def test_invalid_values_are_refused_with_a_clear_message(
@@ -168,17 +168,22 @@ def test_more_approvals_than_listed_approvers_is_refused(
 def test_signers_must_be_inside_the_keys_tsg_boundary(
     api: Api, tree: dict[str, dict[str, Any]]
 ) -> None:
+    # An account reaches the keys of its TSG's subtree: for a key in team, the
+    # accounts of team, org and the root. Others can never sign with it, so they
+    # cannot be named (the answer is the same whether they exist or not).
     key = api.create_key(tree["team"]["id"])
     outside = api.create_account(tree["other"]["id"])
-    above = api.create_account(tree["org"]["id"])
-    for ref in (outside.name, outside.id, above.name):
+    below = api.create_account(tree["sub"]["id"])
+    for ref in (outside.name, outside.id, below.name, below.id, "no-such-account"):
         response = put(api, key["id"], {"signers": [ref]})
         assert response.status_code == 400, response.text
         assert response.json()["code"] == "invalid_policy"
-        assert "in the key's TSG or below it" in response.json()["detail"]
-    response = put(api, key["id"], {"signer_tsgs": [tree["org"]["id"]]})
-    assert response.status_code == 400
-    assert "is not the key's TSG" in response.json()["detail"]
+        assert "that can reach the key" in response.json()["detail"]
+    for tsg in (tree["sub"]["id"], tree["other"]["id"]):
+        response = put(api, key["id"], {"signer_tsgs": [tsg]})
+        assert response.status_code == 400
+        assert "is neither the key's TSG nor a TSG above it" in response.json()["detail"]
+    assert api.ok(put(api, key["id"], {"signer_tsgs": [tree["team"]["id"], tree["org"]["id"]]}))
 
 
 def test_an_ambiguous_signer_name_asks_for_the_id(
@@ -187,7 +192,7 @@ def test_an_ambiguous_signer_name_asks_for_the_id(
     key = api.create_key(tree["team"]["id"])
     name = api.unique("twin")
     first = api.create_account(tree["team"]["id"], name=name)
-    second = api.create_account(tree["sub"]["id"], name=name)
+    second = api.create_account(tree["org"]["id"], name=name)
     response = put(api, key["id"], {"signers": [name]})
     assert response.status_code == 400
     assert "name it by its id" in response.json()["detail"]

@@ -409,8 +409,10 @@ def _unique(values: Iterable[T] | None) -> list[T] | None:
 
 
 def _signers(s: Session, key_path: str, refs: list[str]) -> list[str]:
-    """Built-in accounts by name or id, only inside the key's TSG subtree: the TSG
-    boundary holds, an account elsewhere cannot be named (nor learned about)."""
+    """Built-in accounts by name or id, among those the TSG boundary already lets
+    use the key: an account reaches the keys of its TSG's subtree, so only
+    accounts in the key's TSG or above it can sign with it. An account elsewhere
+    cannot be named (and the answer does not say whether it exists)."""
     ids: list[str] = []
     for ref in refs:
         matches = AccountRow.id == ref if UUID_RE.match(ref) else AccountRow.name == ref
@@ -419,14 +421,15 @@ def _signers(s: Session, key_path: str, refs: list[str]) -> list[str]:
             .join(TsgRow, TsgRow.id == AccountRow.tsg_id)
             .where(matches)
         ).all()
-        inside = [(i, t) for i, t, path in found if in_subtree(path, key_path)]
+        inside = [(i, t) for i, t, path in found if in_subtree(key_path, path)]
         if not inside:
             raise InvalidPolicy(
-                f"signers: no built-in account {ref!r} in the key's TSG or below it"
+                f"signers: no built-in account {ref!r} that can reach the key (in the key's "
+                "TSG or a TSG above it)"
             )
         if len(inside) > 1:
             raise InvalidPolicy(
-                f"signers: {len(inside)} accounts named {ref!r} are in the key's subtree "
+                f"signers: {len(inside)} accounts named {ref!r} can reach the key "
                 f"(TSGs {', '.join(sorted(t for _, t in inside))}); name it by its id",
                 candidates=[{"id": i, "tsg_id": t} for i, t in inside],
             )
@@ -435,11 +438,15 @@ def _signers(s: Session, key_path: str, refs: list[str]) -> list[str]:
 
 
 def _signer_tsgs(s: Session, key_path: str, refs: list[str]) -> tuple[list[str], list[str]]:
+    """TSGs whose subtrees may sign: each must contain the key (the key's TSG or
+    a TSG above it), as accounts elsewhere cannot reach the key at all. Naming
+    ``org/team`` for a key in ``org/team/build`` lets the accounts of team and
+    build sign, and not those of org."""
     ids, paths = [], []
     for ref in dict.fromkeys(refs):
         path = s.scalar(select(TsgRow.path).where(TsgRow.id == ref))
-        if path is None or not in_subtree(path, key_path):
-            raise InvalidPolicy(f"signer_tsgs: {ref!r} is not the key's TSG or one below it")
+        if path is None or not in_subtree(key_path, path):
+            raise InvalidPolicy(f"signer_tsgs: {ref!r} is neither the key's TSG nor a TSG above it")
         ids.append(ref)
         paths.append(path)
     return ids, paths

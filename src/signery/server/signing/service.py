@@ -39,6 +39,7 @@ from signery.errors import (
     AccountExpired,
     CertificateExpired,
     CertificateRevoked,
+    ClientIpNotAllowed,
     ConfigurationError,
     InvalidRequest,
     InvalidToken,
@@ -46,8 +47,14 @@ from signery.errors import (
     KeyNameAmbiguous,
     KeyNotActive,
     KeyNotFound,
+    KeyNotYetValid,
+    KeyValidityEnded,
     MalformedJson,
+    OutsideSigningWindow,
+    PolicyDigestNotAllowed,
+    PolicySchemeNotAllowed,
     SignatureVerificationFailed,
+    SignerNotAllowed,
     SigneryError,
     UnsupportedScheme,
     ValidationFailed,
@@ -76,17 +83,34 @@ from signery.server.audit.recorder import (
     UsageDelta,
     outcome_of,
 )
+from signery.server.authz import Denied, SigningFacts, SigningRules, decide_signing
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database
+from signery.server.keys.policy import RulesCache
 from signery.server.keys.service import chain_list, load_public_key_der
 from signery.server.ops.metrics import Metrics
+from signery.server.signing.quota import UsageQuotas
 from signery.server.signing.reads import AccountState, KeyState, SigningReads
 from signery.server.tsg.service import UUID_RE
 
 log = logging.getLogger("signery.signing")
 
 VERSION_CACHE_SIZE = 4096
+
+# The policy decision's reason code -> the error the signing plane answers with.
+POLICY_ERRORS: dict[str, type[SigneryError]] = {
+    e.code: e
+    for e in (
+        SignerNotAllowed,
+        PolicySchemeNotAllowed,
+        PolicyDigestNotAllowed,
+        ClientIpNotAllowed,
+        OutsideSigningWindow,
+        KeyNotYetValid,
+        KeyValidityEnded,
+    )
+}
 
 
 class UnsupportedDigestAlgorithm(InvalidRequest):
@@ -208,6 +232,8 @@ class SigningService:
             OrderedDict()
         )
         self._lock = threading.Lock()
+        self._rules = RulesCache()
+        self._quotas = UsageQuotas(db)
 
     # ------------------------------------------------------------ signing
 
@@ -228,6 +254,11 @@ class SigningService:
             self._metrics.signing(
                 key.id if key else None, key.name if key else None, outcome_of(e), started
             )
+            raise
+        except BaseException:
+            # Not one of ours (a bug, a cancelled request): no signature leaves,
+            # so what admission took is given back all the same.
+            await self._undo(attempt)
             raise
         if isinstance(signed, p.SigningPending):
             self._metrics.signing(signed.key_id, signed.key_name, AuditOutcome.DENIED, started)
@@ -260,8 +291,8 @@ class SigningService:
         while attempt.undo:
             step = attempt.undo.pop()
             try:
-                # A worker thread, never the event loop: these are writes, and on
-                # SQLite a write can wait for the audit writer's commit.
+                # On a worker thread even on SQLite: a step writes, and a write may
+                # wait for the audit writer's lock.
                 await anyio.to_thread.run_sync(step)
             except Exception:
                 # Logged, never raised over the error being reported: an unreturned
@@ -311,13 +342,20 @@ class SigningService:
         parsed = parse_sign_request(body)
         attempt.hashed, attempt.client = parsed.hashed, parsed.client
         check_scheme(key.algorithm, parsed.scheme)
-        # Approval: keys without a policy pay nothing here (no SQL statement).
-        if key.policy_json is not None:
+        # A key without a policy pays nothing more: no parsing, no statement.
+        rules = self._rules.get(key.policy_json) if key.policy_json else None
+        if rules is not None:
+            self._check_policy(rules, account, parsed, ctx)
+            # Approval after the policy's rules (a refused signing never asks
+            # approvers) and before the usage limits (a pending one takes no slot).
             approval = approval_policy(key.policy_json)
             if approval is not None:
                 pending = await self._admit(account, key, parsed, approval, attempt, ctx)
                 if pending is not None:
                     return pending
+        if rules is not None and rules.limited:
+            # Last before signing: a refusal above never takes a slot.
+            attempt.undo.append(await self._quotas.reserve(key.id, rules, self._clock.now()))
         store = self._keystores.get(key.handle.store)
         if store.signs_inline(key.algorithm):
             signature = store.sign(key.handle, parsed.hashed, parsed.scheme)
@@ -378,6 +416,28 @@ class SigningService:
         account = await self._reads.run(lambda: self._account(claims))
         return await anyio.to_thread.run_sync(approvals.request_for_account, account.id, request_id)
 
+    def _check_policy(
+        self,
+        rules: SigningRules,
+        account: SigningAccount,
+        parsed: ParsedSignRequest,
+        ctx: RequestContext,
+    ) -> None:
+        """The key's policy, decided in the one authorization place (authz)."""
+        decision = decide_signing(
+            rules,
+            SigningFacts(
+                account_id=account.id,
+                account_tsg_path=account.tsg_path,
+                scheme=parsed.scheme.value,
+                digest_algorithm=parsed.hashed.algorithm.value,
+                client_ip=ctx.client_ip,
+                now=self._clock.now(),
+            ),
+        )
+        if isinstance(decision, Denied):
+            raise POLICY_ERRORS[decision.reason]()
+
     def _lookup(
         self, claims: AccessClaims, key_ref: str, attempt: _Attempt
     ) -> tuple[SigningAccount, UsableKey]:
@@ -395,6 +455,7 @@ class SigningService:
 
     def close(self) -> None:
         self._reads.close()
+        self._quotas.close()
 
     async def _refused(
         self,
