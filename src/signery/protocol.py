@@ -733,20 +733,6 @@ class AuditPrincipal(ResponseModel):
     name: str | None
 
 
-class SigningPending(ResponseModel):
-    """HTTP 202 from the sign endpoint: the key requires approval and the account
-    has no valid grant. Poll ``GET /api/v1/signing/requests/{request_id}`` and sign
-    again once it is approved."""
-
-    request_id: str
-    status: ApprovalStatus
-    key_id: str
-    key_name: str
-    required_approvals: int
-    approvals: int
-    expires_at: datetime
-
-
 class ApprovalDecision(ResponseModel):
     approver_type: PrincipalType
     approver_id: str
@@ -769,6 +755,26 @@ class SigningGrant(ResponseModel):
     revoked_at: datetime | None
     created_at: datetime
     status: str = Field(description="valid, used_up, expired or revoked")
+
+
+class SigningPending(ResponseModel):
+    """HTTP 202 from the sign endpoint: the key requires approval and the account
+    has no valid grant. Poll ``GET /api/v1/signing/requests/{request_id}`` (same
+    model) and sign again once it is approved: the signing then uses the grant."""
+
+    request_id: str
+    status: ApprovalStatus
+    key_id: str
+    key_name: str
+    required_approvals: int
+    approvals: int
+    expires_at: datetime
+    comment: str | None = Field(
+        default=None, description="The denying approver's comment, once denied"
+    )
+    grant: SigningGrant | None = Field(
+        default=None, description="The grant the approval created, once approved"
+    )
 
 
 class ApprovalRequest(ResponseModel):

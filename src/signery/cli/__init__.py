@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from signery import __version__
-from signery.cli import _admin, _client, _server
+from signery.cli import _admin, _approvals, _client, _server
 from signery.cli._common import Connection, report_error
 from signery.client import DEFAULT_PROFILE
 from signery.errors import SigneryError
@@ -101,6 +101,8 @@ app.add_typer(_admin.ca_connector_app, name="ca-connector")
 _admin.keystore_app.command("rotate-master-key")(_server.rotate_master_key)
 app.add_typer(_admin.keystore_app, name="keystore")
 app.command()(_admin.usage)
+app.add_typer(_approvals.approval_app, name="approval")
+app.add_typer(_approvals.grant_app, name="grant")
 
 
 def main(argv: list[str] | None = None) -> int:

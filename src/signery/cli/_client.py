@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,11 +30,19 @@ from signery.cli._common import (
     emit,
     err,
     out,
+    parse_duration,
     print_json,
     read_secret_file,
     table,
 )
-from signery.client import AccountCredentials, Client, Profile
+from signery.client import (
+    AccountCredentials,
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalPending,
+    Client,
+    Profile,
+)
 from signery.client._timestamp import request_timestamp
 from signery.crypto import Hashed, PublicKey, hash_file, load_public_key_pem
 from signery.errors import ClientError, SignatureInvalid, SigneryError
@@ -50,6 +59,11 @@ from signery.formats import (
 
 LARGE_FILE = 64 * 1024 * 1024  # show a progress bar above this size (on a terminal)
 DEFAULT_JOBS = 8  # files signed at once: bounded, so a large batch cannot flood the server
+# `signery sign` exits with this status when signing waits for approval (without
+# --wait, or when --wait-timeout ran out): distinct from 1 (failed), so scripts
+# can tell "ask an approver" from "broken".
+EXIT_APPROVAL_PENDING = 3
+APPROVAL_POLL_SECONDS = 2.0
 FORMAT_NAMES = "|".join(FORMATS)
 
 
@@ -296,6 +310,17 @@ def sign(
     digest_only: Annotated[
         bool, typer.Option("--digest-only", help="Print the digests; sign nothing.")
     ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="When the key requires approval, wait for it, then sign."),
+    ] = False,
+    wait_timeout: Annotated[
+        str, typer.Option("--wait-timeout", help="How long --wait waits (e.g. 90s, 30m, 2h).")
+    ] = "30m",
+    justification: Annotated[
+        str | None,
+        typer.Option(help="Why you sign: shown to approvers when the key requires approval."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Hash each file locally and write its signature in the chosen format.
@@ -303,7 +328,14 @@ def sign(
     Only the digest leaves this machine; the file never does. Many files share
     one access token and are signed concurrently; every file's result is
     reported, one failure does not stop the others, and the exit status is 1 if
-    any file failed."""
+    any file failed.
+
+    A key whose policy requires approval signs only with a grant: without one the
+    server records a signing request for approvers (all files of one run share
+    it) and the command prints its id and exits with status 3. With --wait it
+    polls until the request is approved (then signs), denied (status 1, with the
+    approver's comment) or --wait-timeout passes (status 3, request id printed)."""
+    timeout_seconds = parse_duration(wait_timeout)
     _check_files(files)
     if output is not None and len(files) != 1:
         raise ClientError("-o/--output works with exactly one file")
@@ -341,7 +373,7 @@ def sign(
     progress = None if as_json else _progress(files)
     results: list[SignResult | SigneryError] = []
     with conn.signing() as c:
-        signer = c.signer(key, client_info=client_info)
+        signer = c.signer(key, client_info=client_info, justification=justification)
 
         def sign_one(f: Path) -> SignResult | SigneryError:
             options = base
@@ -357,14 +389,20 @@ def sign(
             except OSError as e:
                 return ClientError(f"{f}: {e.strerror or e}")
 
-        if progress is not None:
-            progress.start()
-        try:
-            with ThreadPoolExecutor(max_workers=min(jobs, len(files))) as pool:
-                results = list(pool.map(sign_one, files))
-        finally:
+        def sign_all(todo: list[Path]) -> list[SignResult | SigneryError]:
             if progress is not None:
-                progress.stop()
+                progress.start()
+            try:
+                with ThreadPoolExecutor(max_workers=min(jobs, len(todo))) as pool:
+                    return list(pool.map(sign_one, todo))
+            finally:
+                if progress is not None:
+                    progress.stop()
+
+        results = sign_all(files)
+        if wait:
+            results = _wait_and_sign(c, files, results, sign_all, timeout_seconds)
+    pending = [r for r in results if isinstance(r, ApprovalPending)]
     failed = [r for r in results if isinstance(r, SigneryError)]
     if as_json:
         print_json(
@@ -382,12 +420,92 @@ def sign(
                     f"{r.scheme.value}, {r.digest_algorithm.value}{stamp})",
                     highlight=False,
                 )
+            elif isinstance(r, ApprovalPending):
+                err.print(f"[yellow]pending[/] {f}: {r.detail}", highlight=False)
             else:
                 err.print(f"[red]failed[/] {f}: {r.code}: {r.detail}", highlight=False)
+    if pending:
+        for request_id in dict.fromkeys(r.request_id for r in pending):
+            err.print(
+                f"approval pending: signing request {request_id}; "
+                + ("--wait-timeout ran out" if wait else "sign again once approved, or use --wait"),
+                highlight=False,
+            )
+        raise typer.Exit(EXIT_APPROVAL_PENDING)
     if failed:
         if len(files) == 1:
             raise failed[0]  # one file: its error is the command's error
         raise typer.Exit(1)
+
+
+def _wait_and_sign(
+    client: Client,
+    files: list[Path],
+    results: list[SignResult | SigneryError],
+    sign_all: Callable[[list[Path]], list[SignResult | SigneryError]],
+    timeout: float,
+) -> list[SignResult | SigneryError]:
+    """Wait for the approval of every pending file's signing request, then sign
+    those files again (the grant is used), until none waits or the time is up.
+
+    The files of one run share one signing request (the server reuses the
+    account's pending request for the key). A grant with fewer uses than files
+    signs some of them; the others make a new request, waited for in turn."""
+    deadline = time.monotonic() + timeout
+    results = list(results)
+    while True:
+        waiting = [i for i, r in enumerate(results) if isinstance(r, ApprovalPending)]
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            return results
+        outcome: dict[str, SigneryError | None] = {}
+        for i in waiting:
+            pending = results[i]
+            assert isinstance(pending, ApprovalPending)
+            request_id = pending.request_id
+            if request_id in outcome:
+                continue
+            err.print(
+                f"waiting for approval of signing request {request_id} (up to {int(left)}s)",
+                highlight=False,
+            )
+            state = client.wait_for_approval(
+                request_id, max(deadline - time.monotonic(), 0), APPROVAL_POLL_SECONDS
+            )
+            outcome[request_id] = _decided(state)
+            if isinstance(outcome[request_id], ApprovalPending):
+                return results  # timed out: the request is still pending
+        retry = []
+        for i in waiting:
+            pending = results[i]
+            assert isinstance(pending, ApprovalPending)
+            decided = outcome[pending.request_id]
+            if decided is None:
+                retry.append(i)
+            else:
+                results[i] = decided
+        if not retry:
+            return results
+        err.print("approved; signing", highlight=False)
+        for i, r in zip(retry, sign_all([files[i] for i in retry]), strict=True):
+            results[i] = r
+
+
+def _decided(state: p.SigningPending) -> SigneryError | None:
+    """None when approved; else the error the waiting files end with."""
+    if state.status is p.ApprovalStatus.APPROVED:
+        return None
+    if state.status is p.ApprovalStatus.PENDING_APPROVAL:
+        return ApprovalPending.of(state)
+    if state.status is p.ApprovalStatus.DENIED:
+        return ApprovalDenied(
+            f"signing request {state.request_id} was denied: {state.comment or '(no comment)'}",
+            request_id=state.request_id,
+        )
+    return ApprovalExpired(
+        f"signing request {state.request_id} is {state.status.value}",
+        request_id=state.request_id,
+    )
 
 
 def _advance(progress: Progress, task: TaskID) -> Callable[[int], None]:
@@ -395,7 +513,15 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[int], None]:
 
 
 def _failure_json(file: Path, error: SigneryError) -> dict[str, object]:
-    return {"file": str(file), "ok": False, "code": error.code, "detail": error.detail}
+    failure: dict[str, object] = {
+        "file": str(file),
+        "ok": False,
+        "code": error.code,
+        "detail": error.detail,
+    }
+    if "request_id" in error.extra:
+        failure["request_id"] = error.extra["request_id"]
+    return failure
 
 
 def _sign_json(r: SignResult) -> dict[str, object]:

@@ -190,3 +190,14 @@ def write_private_file(path: Path, data: str) -> None:
         raise ClientError(f"cannot create {path}: {e.strerror}") from None
     with os.fdopen(fd, "w", encoding="ascii") as f:
         f.write(data)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90s``, ``30m``, ``8h``, ``7d`` -> seconds (a unit is required: no guessing)."""
+    value, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    if unit not in _DURATION_UNITS or not value.isdigit() or int(value) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 8h or 7d")
+    return int(value) * _DURATION_UNITS[unit]

@@ -12,6 +12,9 @@ with Client("https://signery.example", credentials=creds) as client:
 
 from signery.client._client import (
     AccountCredentials,
+    ApprovalDenied,
+    ApprovalExpired,
+    ApprovalPending,
     Client,
     ServerUnreachable,
     UnexpectedResponse,
@@ -32,6 +35,9 @@ from signery.client._timestamp import (
 __all__ = [
     "DEFAULT_PROFILE",
     "AccountCredentials",
+    "ApprovalDenied",
+    "ApprovalExpired",
+    "ApprovalPending",
     "Client",
     "Profile",
     "ProfileStore",

@@ -44,6 +44,51 @@ class UnexpectedResponse(ClientError):
     title = "The server's answer was not understood"
 
 
+class ApprovalPending(ClientError):
+    """The key requires approval: the server answered 202 with a signing request.
+
+    ``pending`` is the request (id, status, approvals so far); wait with
+    :meth:`Client.wait_for_approval`, then sign again."""
+
+    code = "approval_pending"
+    title = "Signing waits for approval"
+
+    pending: p.SigningPending | None = None
+
+    @classmethod
+    def of(cls, pending: p.SigningPending) -> ApprovalPending:
+        error = cls(
+            f"signing with {pending.key_name} needs approval: request {pending.request_id} "
+            f"is {pending.status.value} ({pending.approvals}/{pending.required_approvals} "
+            "approvals)",
+            request_id=pending.request_id,
+            status=pending.status.value,
+        )
+        error.pending = pending
+        return error
+
+    @property
+    def request_id(self) -> str:
+        return str(self.extra.get("request_id", ""))
+
+
+class ApprovalDenied(ClientError):
+    """An approver denied the signing request (the comment says why)."""
+
+    code = "approval_denied"
+    title = "The signing request was denied"
+
+
+class ApprovalExpired(ClientError):
+    """The signing request expired (or was cancelled) before it was approved."""
+
+    code = "approval_expired"
+    title = "The signing request expired before approval"
+
+
+DEFAULT_APPROVAL_POLL_SECONDS = 5.0
+
+
 AccountPrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
@@ -201,22 +246,60 @@ class Client:
         scheme: p.SignatureScheme,
         *,
         client_info: p.ClientInfo | None = None,
+        justification: str | None = None,
     ) -> p.SignResponse:
-        """Send a digest, get a signature (already verified by the server)."""
-        body = {
+        """Send a digest, get a signature (already verified by the server).
+
+        Raises :class:`ApprovalPending` when the key requires approval and the
+        account holds no valid grant (HTTP 202)."""
+        body: dict[str, Any] = {
             "digest": base64.b64encode(hashed.digest).decode("ascii"),
             "digest_algorithm": hashed.algorithm.value,
             "scheme": scheme.value,
         }
         if client_info is not None:
-            body["client"] = client_info.model_dump(exclude_none=True)  # type: ignore[assignment]
+            body["client"] = client_info.model_dump(exclude_none=True)
+        if justification is not None:
+            body["justification"] = justification
         path = f"{p.API_PREFIX}/signing/keys/{_segment(key)}/sign"
-        return self._parse(p.SignResponse, self._signing("POST", path, json=body))
+        response = self._signing("POST", path, json=body)
+        if response.status_code == 202:
+            raise ApprovalPending.of(self._parse(p.SigningPending, response))
+        return self._parse(p.SignResponse, response)
 
-    def signer(self, key: str, *, client_info: p.ClientInfo | None = None) -> RemoteSigner:
+    def signing_request(self, request_id: str) -> p.SigningPending:
+        """The state of a signing request made for this account (after a 202)."""
+        path = f"{p.API_PREFIX}/signing/requests/{_segment(request_id)}"
+        return self._parse(p.SigningPending, self._signing("GET", path))
+
+    def wait_for_approval(
+        self,
+        request_id: str,
+        timeout: float,
+        interval: float = DEFAULT_APPROVAL_POLL_SECONDS,
+    ) -> p.SigningPending:
+        """Poll a signing request until it is decided or ``timeout`` seconds pass;
+        the last state seen (still ``pending_approval`` when the time ran out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.signing_request(request_id)
+            left = deadline - time.monotonic()
+            if state.status is not p.ApprovalStatus.PENDING_APPROVAL or left <= 0:
+                return state
+            time.sleep(min(interval, left))
+
+    def signer(
+        self,
+        key: str,
+        *,
+        client_info: p.ClientInfo | None = None,
+        justification: str | None = None,
+    ) -> RemoteSigner:
         from signery.client._signer import RemoteSigner
 
-        return RemoteSigner.from_summary(self, self.key(key), client_info=client_info)
+        return RemoteSigner.from_summary(
+            self, self.key(key), client_info=client_info, justification=justification
+        )
 
     # ------------------------------------------------------------ management plane
 

@@ -36,6 +36,8 @@ class RemoteSigner:
     """When ``key_version`` was made (None from servers that do not say): the
     creation time of the key's OpenPGP identity."""
     last_response: p.SignResponse | None = field(default=None, repr=False)
+    justification: str | None = None
+    """Sent with each signing; shown to approvers when the key requires approval."""
 
     @classmethod
     def from_summary(
@@ -44,6 +46,7 @@ class RemoteSigner:
         summary: p.SigningKeySummary,
         *,
         client_info: p.ClientInfo | None = None,
+        justification: str | None = None,
     ) -> RemoteSigner:
         chain = [
             x509.load_pem_x509_certificate(pem.encode("ascii")) for pem in summary.certificate_chain
@@ -58,6 +61,7 @@ class RemoteSigner:
             client_info=client_info,
             key_version=summary.current_version,
             key_created_at=summary.version_created_at,
+            justification=justification,
         )
 
     @property
@@ -80,7 +84,14 @@ class RemoteSigner:
         self, hashed: Hashed, scheme: p.SignatureScheme | None = None
     ) -> p.SignResponse:
         """Sign a digest; the whole answer: signature, key version, certificate chain.
-        Safe to call from several threads at once (one access token is shared)."""
+        Safe to call from several threads at once (one access token is shared).
+
+        Raises :class:`~signery.client.ApprovalPending` when the key requires
+        approval and the account has no valid grant: nothing was signed."""
         return self.client.sign(
-            self.key_id, hashed, scheme or self.default_scheme, client_info=self.client_info
+            self.key_id,
+            hashed,
+            scheme or self.default_scheme,
+            client_info=self.client_info,
+            justification=self.justification,
         )

@@ -16,6 +16,7 @@ from signery.errors import AuthenticationFailed, RequestTooLarge
 from signery.keystores import Keyring, MasterKey
 from signery.protocol import API_PREFIX
 from signery.server.accounts.routes import router as accounts_router
+from signery.server.approvals.routes import router as approvals_router
 from signery.server.audit.routes import router as audit_router
 from signery.server.authz import Principal
 from signery.server.ca.connector_routes import router as ca_connectors_router
@@ -94,6 +95,7 @@ def create_app(
         est_router,
         tsa_router,
         audit_router,
+        approvals_router,
     ):
         app.include_router(router)
 

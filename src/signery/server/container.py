@@ -22,6 +22,7 @@ from signery.keystores._keyring import KeyWrapper
 from signery.server import meta
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
+from signery.server.approvals.service import ApprovalService
 from signery.server.audit.recorder import (
     ANONYMOUS,
     Actor,
@@ -244,8 +245,11 @@ class Services:
         self.revocation = RevocationService(
             core.db, core.authz, core.recorder, core.clock, core.directory, core.ca
         )
+        self.approvals = ApprovalService(
+            core.db, core.authz, core.recorder, core.clock, core.directory
+        )
         self.signing = SigningService(
-            core.db, core.recorder, core.clock, core.keystores, self.metrics
+            core.db, core.recorder, core.clock, core.keystores, self.metrics, self.approvals
         )
         self.audit = AuditService(core.db, core.authz)
         self.tsa = TsaService(

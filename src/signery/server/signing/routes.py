@@ -32,12 +32,27 @@ async def sign_response(services: Services, key: str, request: Request) -> Respo
     claims = await signing_claims(services, request)
     body = await request.body()
     result = await services.signing.sign(claims, key, body, services.context(request))
+    if isinstance(result, p.SigningPending):
+        # RFC 9110 §15.3.3: accepted, not done; Location names what to poll.
+        return Response(
+            result.model_dump_json(),
+            status_code=202,
+            media_type="application/json",
+            headers={"Location": f"{API_PREFIX}/signing/requests/{result.request_id}"},
+        )
     return Response(result.model_dump_json(), media_type="application/json")
 
 
 @router.post(
     "/keys/{key}/sign",
     response_model=p.SignResponse,
+    responses={
+        202: {
+            "model": p.SigningPending,
+            "description": "The key requires approval and the account has no valid grant: "
+            "a signing request waits for approvers (Location: the request to poll)",
+        }
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -49,6 +64,15 @@ async def sign(key: str, request: Request) -> Response:
     """Sign a digest. The body is parsed by the signing service, so that every
     malformed request is refused with its own code and audited as this account."""
     return await sign_response(services_of(request), key, request)
+
+
+@router.get("/requests/{request_id}", response_model=p.SigningPending)
+async def signing_request(
+    request_id: str, claims: ClaimsDep, services: ServicesDep
+) -> p.SigningPending:
+    """The state of a signing request made for this account (after a 202): poll it,
+    and sign again once it is approved."""
+    return await services.signing.signing_request(claims, request_id)
 
 
 class SignDispatcher:

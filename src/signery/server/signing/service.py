@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import logging
 import threading
@@ -40,6 +41,7 @@ from signery.errors import (
     CertificateExpired,
     CertificateRevoked,
     ClientIpNotAllowed,
+    ConfigurationError,
     InvalidRequest,
     InvalidToken,
     KeyDestroyed,
@@ -71,6 +73,12 @@ from signery.protocol import (
     PrincipalType,
 )
 from signery.server.accounts.tokens import AccessClaims
+from signery.server.approvals.service import (
+    ApprovalService,
+    GrantUse,
+    SignAttempt,
+    approval_policy,
+)
 from signery.server.audit.recorder import (
     SIGN_KIND_BY_OUTCOME,
     Actor,
@@ -163,6 +171,8 @@ class _Attempt:
     # What admission took (a usage-limit slot, a grant use) and must give back
     # if no signature leaves after all; run on a database thread, in order.
     undo: list[Callable[[], None]] = field(default_factory=list)
+    # The approval grant whose use this signing took (keys requiring approval).
+    grant_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +181,7 @@ class _Signed:
     key: UsableKey
     request: ParsedSignRequest
     signature: bytes
+    grant_id: str | None = None
 
 
 def parse_sign_request(body: bytes) -> ParsedSignRequest:
@@ -211,8 +222,12 @@ class SigningService:
         clock: Clock,
         keystores: KeyStoreRegistry,
         metrics: Metrics,
+        approvals: ApprovalService | None = None,
     ) -> None:
         self._reads = SigningReads(db)
+        # Keys whose policy requires approval sign only with a grant (None: such
+        # keys are refused, never signed without one).
+        self._approvals = approvals
         self._recorder = recorder
         self._clock = clock
         self._keystores = keystores
@@ -228,7 +243,10 @@ class SigningService:
 
     async def sign(
         self, claims: AccessClaims, key_ref: str, body: bytes, ctx: RequestContext
-    ) -> p.SignResponse:
+    ) -> p.SignResponse | p.SigningPending:
+        """A signature, or (for a key requiring approval, without a valid grant) the
+        signing request that approvers must decide first: HTTP 202, not a signature
+        and not counted as one (its audit event is ``signing.approval.requested``)."""
         started = time.perf_counter()
         attempt = _Attempt()
         try:
@@ -246,13 +264,16 @@ class SigningService:
             # so what admission took is given back all the same.
             await self._undo(attempt)
             raise
+        if isinstance(signed, p.SigningPending):
+            self._metrics.signing(signed.key_id, signed.key_name, AuditOutcome.DENIED, started)
+            return signed
         account, key, parsed = signed.account, signed.key, signed.request
         if parsed.client is not None:
             ctx = ctx.with_client(parsed.client.machine, parsed.client.tool)
         # Fail closed: the signature leaves only after its event and counters are
         # durably committed; AuditUnavailable propagates and nothing is returned.
         try:
-            await self._commit_success(account, key, parsed, ctx)
+            await self._commit_success(account, key, parsed, ctx, signed.grant_id)
         except BaseException:
             await self._undo(attempt)
             raise
@@ -288,7 +309,14 @@ class SigningService:
         key: UsableKey,
         parsed: ParsedSignRequest,
         ctx: RequestContext,
+        grant_id: str | None = None,
     ) -> None:
+        details = {
+            "scheme": parsed.scheme.value,
+            "digest_algorithm": parsed.hashed.algorithm.value,
+        }
+        if grant_id is not None:
+            details["grant_id"] = grant_id
         await self._recorder.commit(
             AuditRecord(
                 SIGN_KIND_BY_OUTCOME[AuditOutcome.SUCCEEDED],
@@ -301,10 +329,7 @@ class SigningService:
                 algorithm=key.algorithm.value,
                 digest=parsed.hashed.hex,
                 context=ctx,
-                details={
-                    "scheme": parsed.scheme.value,
-                    "digest_algorithm": parsed.hashed.algorithm.value,
-                },
+                details=details,
             ),
             UsageDelta(success=True, key_id=key.id, account_id=account.id),
         )
@@ -316,7 +341,7 @@ class SigningService:
         body: bytes,
         attempt: _Attempt,
         ctx: RequestContext,
-    ) -> _Signed:
+    ) -> _Signed | p.SigningPending:
         account, key = await self._reads.run(lambda: self._lookup(claims, key_ref, attempt))
         parsed = parse_sign_request(body)
         attempt.hashed, attempt.client = parsed.hashed, parsed.client
@@ -329,6 +354,13 @@ class SigningService:
         rules = self._rules.get(key.policy_json) if key.policy_json else None
         if rules is not None:
             self._check_policy(rules, account, parsed, ctx)
+            # Approval after the policy's rules (a refused signing never asks
+            # approvers) and before the usage limits (a pending one takes no slot).
+            approval = approval_policy(key.policy_json)
+            if approval is not None:
+                pending = await self._admit(account, key, parsed, approval, attempt, ctx)
+                if pending is not None:
+                    return pending
         if rules is not None and rules.limited:
             # Last before signing: a refusal above never takes a slot.
             attempt.undo.append(await self._quotas.reserve(key.id, rules, self._clock.now()))
@@ -343,7 +375,54 @@ class SigningService:
         # bad signature (an RSA-CRT fault can even leak the key: Boneh et al. 1997).
         if not verify_signature(key.public_key, parsed.hashed, parsed.scheme, signature):
             raise SignatureVerificationFailed()
-        return _Signed(account, key, parsed, signature)
+        return _Signed(account, key, parsed, signature, attempt.grant_id)
+
+    async def _admit(
+        self,
+        account: SigningAccount,
+        key: UsableKey,
+        parsed: ParsedSignRequest,
+        approval: p.ApprovalPolicy,
+        attempt: _Attempt,
+        ctx: RequestContext,
+    ) -> p.SigningPending | None:
+        """Take a use of the account's grant for the key (None), or answer with the
+        pending signing request approvers must decide."""
+        if self._approvals is None:
+            raise ConfigurationError("approvals are not available on this server")
+        if parsed.client is not None:
+            ctx = ctx.with_client(parsed.client.machine, parsed.client.tool)
+        request = SignAttempt(
+            key_id=key.id,
+            key_name=key.name,
+            key_version=key.version,
+            algorithm=key.algorithm.value,
+            tsg_id=key.tsg_id,
+            tsg_path=key.tsg_path,
+            account_id=account.id,
+            account_name=account.name,
+            digest_algorithm=parsed.hashed.algorithm.value,
+            digest_hex=parsed.hashed.hex,
+            scheme=parsed.scheme.value,
+            justification=parsed.justification,
+            context=ctx,
+        )
+        # Off the event loop: these are writes (the conditional UPDATE of the grant).
+        admitted = await anyio.to_thread.run_sync(self._approvals.admit, request, approval)
+        if isinstance(admitted, p.SigningPending):
+            return admitted
+        use: GrantUse = admitted
+        attempt.undo.append(functools.partial(self._approvals.give_back, use))
+        attempt.grant_id = use.grant_id
+        return None
+
+    async def signing_request(self, claims: AccessClaims, request_id: str) -> p.SigningPending:
+        """The state of a signing request made for this account (others: not found)."""
+        if self._approvals is None:
+            raise ConfigurationError("approvals are not available on this server")
+        approvals = self._approvals
+        account = await self._reads.run(lambda: self._account(claims))
+        return await anyio.to_thread.run_sync(approvals.request_for_account, account.id, request_id)
 
     def _check_policy(
         self,

@@ -1,0 +1,235 @@
+"""Approver commands: signing requests (`signery approval ...`) and grants (`signery grant ...`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import typer
+
+from signery import protocol as p
+from signery.cli._common import JsonOpt, connection, details, emit, out, parse_duration, table
+from signery.errors import ClientError
+
+API = p.API_PREFIX
+
+approval_app = typer.Typer(
+    help="Signing requests waiting for approval: list, show, approve, deny, pre-approve.",
+    no_args_is_help=True,
+)
+grant_app = typer.Typer(
+    help="Grants: what approvals allow an account to sign (uses and time).",
+    no_args_is_help=True,
+)
+
+CommentOpt = Annotated[str | None, typer.Option("--comment", help="Why (kept in the audit).")]
+UsesOpt = Annotated[int | None, typer.Option("--uses", min=1, help="At most this many signatures.")]
+UnlimitedOpt = Annotated[
+    bool, typer.Option("--unlimited", help="No use limit (needs --expires-in).")
+]
+
+
+def _hours(duration: str | None) -> int | None:
+    """A duration option -> whole hours (rounded up: never shorter than asked)."""
+    return None if duration is None else math.ceil(parse_duration(duration) / 3600)
+
+
+def _uses(uses: int | None, unlimited: bool) -> None:
+    if uses is not None and unlimited:
+        raise ClientError("give --uses N or --unlimited, not both")
+
+
+def _grant_terms(g: p.SigningGrant | None) -> str:
+    if g is None:
+        return ""
+    limit = "unlimited" if g.max_uses is None else str(g.max_uses)
+    return f"{g.uses}/{limit} uses, {g.status}, expires {g.expires_at:%Y-%m-%d %H:%M}Z"
+
+
+def _request_details(r: p.ApprovalRequest) -> None:
+    pairs: list[tuple[str, Any]] = [
+        ("id", r.id),
+        ("status", r.status.value),
+        ("key", f"{r.key_name} ({r.key_id})"),
+        ("account", f"{r.account_name} ({r.account_id})"),
+        ("requested by", f"{r.requested_by.type.value} {r.requested_by.name or r.requested_by.id}"),
+        ("approvals", f"{r.approvals}/{r.required_approvals}"),
+        ("justification", r.justification),
+        ("digest", f"{r.digest_algorithm}:{r.digest}" if r.digest else None),
+        ("client", " ".join(x for x in (r.client_machine, r.client_tool) if x) or None),
+        (
+            "grant terms",
+            f"{'unlimited' if r.grant_max_uses is None else r.grant_max_uses} uses, "
+            f"{r.grant_ttl_hours:g}h",
+        ),
+        ("expires", r.expires_at),
+        ("grant", _grant_terms(r.grant) or None),
+    ]
+    for d in r.decisions:
+        pairs.append(
+            (d.decision, f"{d.approver_name or d.approver_id}: {d.comment or ''}".rstrip(": "))
+        )
+    details(pairs)
+
+
+@approval_app.command("list")
+def approval_list(
+    ctx: typer.Context,
+    status: Annotated[
+        str, typer.Option(help="pending_approval, approved, denied, expired, or all.")
+    ] = "pending_approval",
+    as_json: JsonOpt = False,
+) -> None:
+    """Signing requests in the TSGs where you may approve."""
+    with connection(ctx).admin() as c:
+        found = c.call(
+            "GET", f"{API}/approvals", list[p.ApprovalRequest], params={"status": status}
+        )
+    emit(
+        found,
+        as_json,
+        lambda: table(
+            None,
+            ["id", "status", "key", "account", "approvals", "justification", "expires"],
+            [
+                (
+                    r.id,
+                    r.status.value,
+                    r.key_name,
+                    r.account_name,
+                    f"{r.approvals}/{r.required_approvals}",
+                    r.justification,
+                    f"{r.expires_at:%Y-%m-%d %H:%M}Z",
+                )
+                for r in found
+            ],
+        ),
+    )
+
+
+@approval_app.command("show")
+def approval_show(ctx: typer.Context, request_id: str, as_json: JsonOpt = False) -> None:
+    """One signing request, with its decisions and grant."""
+    with connection(ctx).admin() as c:
+        r = c.call("GET", f"{API}/approvals/{quote(request_id, safe='')}", p.ApprovalRequest)
+    emit(r, as_json, lambda: _request_details(r))
+
+
+@approval_app.command("approve")
+def approval_approve(
+    ctx: typer.Context,
+    request_id: str,
+    comment: CommentOpt = None,
+    uses: UsesOpt = None,
+    unlimited: UnlimitedOpt = False,
+    expires_in: Annotated[
+        str | None, typer.Option("--expires-in", help="Grant lifetime, e.g. 8h (narrows).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve a signing request. --uses and --expires-in can only narrow the grant
+    the key's policy allows (the most restrictive terms of everyone win)."""
+    _uses(uses, unlimited)
+    body = p.ApprovalDecide(
+        comment=comment, max_uses=uses, unlimited=unlimited, expires_in_hours=_hours(expires_in)
+    )
+    _decide(ctx, request_id, "approve", body, as_json)
+
+
+@approval_app.command("deny")
+def approval_deny(
+    ctx: typer.Context,
+    request_id: str,
+    comment: Annotated[str, typer.Option("--comment", help="Why (shown to the requester).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Deny a signing request (one deny is enough)."""
+    _decide(ctx, request_id, "deny", p.ApprovalDecide(comment=comment), as_json)
+
+
+def _decide(
+    ctx: typer.Context, request_id: str, action: str, body: p.ApprovalDecide, as_json: bool
+) -> None:
+    with connection(ctx).admin() as c:
+        r = c.call(
+            "POST",
+            f"{API}/approvals/{quote(request_id, safe='')}/{action}",
+            p.ApprovalRequest,
+            json=body.model_dump(exclude_none=True),
+        )
+    emit(r, as_json, lambda: _request_details(r))
+
+
+@approval_app.command("pre-approve")
+def approval_pre_approve(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Option("--key", help="Key name or id.")],
+    account: Annotated[str, typer.Option("--account", help="Account name or id.")],
+    expires_in: Annotated[
+        str, typer.Option("--expires-in", help="Grant lifetime, e.g. 7d (bounded by the policy).")
+    ],
+    uses: UsesOpt = None,
+    unlimited: UnlimitedOpt = False,
+    key_tsg: Annotated[str | None, typer.Option("--key-tsg", help="The key's TSG id.")] = None,
+    comment: CommentOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve an account's signing with a key ahead of a release (counts as your
+    approval; with M-of-N approval, others must still approve)."""
+    _uses(uses, unlimited)
+    hours = _hours(expires_in)
+    assert hours is not None
+    body = p.PreApprovalCreate(
+        key=key,
+        key_tsg_id=key_tsg,
+        account=account,
+        max_uses=None if unlimited else (uses or 1),
+        unlimited=unlimited,
+        expires_in_hours=hours,
+        comment=comment,
+    )
+    with connection(ctx).admin() as c:
+        r = c.call("POST", f"{API}/approvals", p.ApprovalRequest, json=body.model_dump())
+    emit(r, as_json, lambda: _request_details(r))
+
+
+@grant_app.command("list")
+def grant_list(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Option("--key", help="Key name or id.")] = None,
+    account: Annotated[str | None, typer.Option("--account", help="Account name or id.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Grants in the TSGs where you may approve."""
+    with connection(ctx).admin() as c:
+        found = c.call(
+            "GET", f"{API}/grants", list[p.SigningGrant], params={"key": key, "account": account}
+        )
+    emit(
+        found,
+        as_json,
+        lambda: table(
+            None,
+            ["id", "key", "account", "uses", "status", "expires"],
+            [
+                (
+                    g.id,
+                    g.key_name,
+                    g.account_name,
+                    f"{g.uses}/{'unlimited' if g.max_uses is None else g.max_uses}",
+                    g.status,
+                    f"{g.expires_at:%Y-%m-%d %H:%M}Z",
+                )
+                for g in found
+            ],
+        ),
+    )
+
+
+@grant_app.command("revoke")
+def grant_revoke(ctx: typer.Context, grant_id: str, as_json: JsonOpt = False) -> None:
+    """Revoke a grant: the account's next signing needs a new approval."""
+    with connection(ctx).admin() as c:
+        g = c.call("POST", f"{API}/grants/{quote(grant_id, safe='')}/revoke", p.SigningGrant)
+    emit(g, as_json, lambda: out.print(f"revoked grant {g.id} ({_grant_terms(g)})"))
