@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.container import Services
 from signery.server.db import make_engine
-from signery.server.keys.models import KeyVersionRow, SigningKeyRow
+from signery.server.keys.models import KeyVersionRow
 from tests.support import Api, Installation
 
 
@@ -65,23 +64,17 @@ def services_of(app_client: TestClient) -> Services:
     return found
 
 
-def set_min_signing_version(installation: Installation, key_id: str, minimum: int | None) -> None:
-    """Written straight into the key's row: the policy API (PUT /keys/{key}/policy)
-    is built in another branch; this is the field the signing path reads."""
-    engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                update(SigningKeyRow)
-                .where(SigningKeyRow.id == key_id)
-                .values(
-                    policy_json=None
-                    if minimum is None
-                    else json.dumps({"min_signing_version": minimum})
-                )
-            )
-    finally:
-        engine.dispose()
+def set_min_signing_version(api: Api, key_id: str, minimum: int | None) -> None:
+    """Through the policy API (PUT / DELETE /api/v1/keys/{key}/policy)."""
+    if minimum is None:
+        response = api.http.delete(f"/api/v1/keys/{key_id}/policy", headers=api.admin)
+    else:
+        response = api.http.put(
+            f"/api/v1/keys/{key_id}/policy",
+            json={"min_signing_version": minimum},
+            headers=api.admin,
+        )
+    assert response.status_code in (200, 204), response.text
 
 
 def store_refs(installation: Installation, key_id: str) -> list[str]:

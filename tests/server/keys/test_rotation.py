@@ -136,7 +136,7 @@ def test_an_archived_version_signs_only_when_the_policy_allows_it(
     # Naming the current version is the same as naming none.
     assert api.ok(sign(api, token, key["name"], DIGEST, version=3))["key_version"] == 3
 
-    set_min_signing_version(installation, key["id"], 2)
+    set_min_signing_version(api, key["id"], 2)
     try:
         seq = api.last_seq()
         signed = api.ok(sign(api, token, key["name"], DIGEST, version=2))
@@ -152,7 +152,7 @@ def test_an_archived_version_signs_only_when_the_policy_allows_it(
         assert below.status_code == 409
         assert below.json()["code"] == "key_version_not_allowed"
     finally:
-        set_min_signing_version(installation, key["id"], None)
+        set_min_signing_version(api, key["id"], None)
     again = sign(api, token, key["name"], DIGEST, version=2)
     assert again.status_code == 409
     assert again.json()["code"] == "key_version_not_allowed"
@@ -165,14 +165,14 @@ def test_an_archived_version_with_a_revoked_certificate_does_not_sign(
     serial = key["versions"][0]["certificate"]["serial"]
     api.ok(action(api, key["id"], "rotate"))
     api.ok(action(api, key["id"], "revoke-certificate", {"serial": serial}))
-    set_min_signing_version(installation, key["id"], 1)
+    set_min_signing_version(api, key["id"], 1)
     try:
         refused = sign(api, token, key["name"], DIGEST, version=1)
         assert refused.status_code == 409, refused.text
         assert refused.json()["code"] == "certificate_revoked"
         assert api.ok(sign(api, token, key["name"], DIGEST))["key_version"] == 2
     finally:
-        set_min_signing_version(installation, key["id"], None)
+        set_min_signing_version(api, key["id"], None)
 
 
 def test_rotation_takes_the_validity_of_the_body(api: Api, tsg: dict[str, Any]) -> None:
