@@ -248,6 +248,7 @@ class Services:
         self.approvals = ApprovalService(
             core.db, core.authz, core.recorder, core.clock, core.directory
         )
+        self.scheduler.add(Job("approval_expiry", self.approvals.expire_due))
         self.signing = SigningService(
             core.db, core.recorder, core.clock, core.keystores, self.metrics, self.approvals
         )

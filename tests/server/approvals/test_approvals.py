@@ -11,9 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from signery.crypto import Hashed, load_public_key_pem, verify_signature
 from signery.protocol import DigestAlgorithm, SignatureScheme
+from tests.server.keys.lifecycle_helpers import services_of
 from tests.server.users.test_users import Person
 from tests.support import Account, Api, FakeClock
 
@@ -334,6 +336,29 @@ def test_a_pending_request_past_its_time_expires_and_cannot_be_approved(
     assert closed.status_code == 409
     assert closed.json()["code"] == "approval_request_closed"
     assert kinds(api.events_after(seq)) == ["signing.approval.expired", "signing.approval.refused"]
+    assert api.ok(s.request(request_id))["status"] == "expired"
+
+
+def test_the_scheduler_expires_overdue_requests_once_even_when_two_sweep(
+    api: Api, app_client: TestClient, tsg: dict[str, Any], clock: FakeClock
+) -> None:
+    s = signer(api, tsg, required=1, request_ttl_hours=1)
+    request_id = pending(s.sign())["request_id"]
+    services = services_of(app_client)
+    assert services.approvals.expire_due(clock.now())["expired"] == 0
+    clock.advance(HOUR + 1)
+    seq = api.last_seq()
+    with ThreadPoolExecutor(2) as pool:
+        swept = list(pool.map(lambda _: services.approvals.expire_due(clock.now()), range(2)))
+    assert sum(r["expired"] for r in swept) >= 1
+    expired = [
+        e
+        for e in api.events_after(seq)
+        if e["kind"] == "signing.approval.expired" and e["details"]["request_id"] == request_id
+    ]
+    assert len(expired) == 1, "expired (and audited) exactly once"
+    assert expired[0]["principal"]["type"] == "system"
+    s.new_token(clock)
     assert api.ok(s.request(request_id))["status"] == "expired"
 
 

@@ -85,6 +85,10 @@ POLICY_CACHE_SIZE = 1024
 _G = table(SigningGrantRow)
 
 
+# Requests expired per scheduler run (the rest wait for the next run).
+EXPIRE_BATCH = 500
+
+
 @functools.lru_cache(maxsize=POLICY_CACHE_SIZE)
 def approval_policy(policy_json: str | None) -> p.ApprovalPolicy | None:
     """The ``approval`` part of a key's policy JSON (cached: policies are few and
@@ -713,6 +717,40 @@ class ApprovalService:
             )
         )
 
+    def expire_due(self, now: datetime) -> dict[str, int]:
+        """Mark pending requests past their deadline expired (a scheduler job).
+
+        Each request is claimed by a conditional UPDATE, so when several replicas
+        sweep at once every request is expired, and audited, exactly once."""
+        expired = 0
+        with self._db.write() as s:
+            due = s.execute(
+                select(SigningRequestRow.id, SigningRequestRow.tsg_id)
+                .where(
+                    SigningRequestRow.status == ApprovalStatus.PENDING_APPROVAL.value,
+                    SigningRequestRow.expires_at <= now,
+                )
+                .limit(EXPIRE_BATCH)
+            ).all()
+            for request_id, tsg_id in due:
+                claimed = s.execute(
+                    update(SigningRequestRow)
+                    .where(
+                        SigningRequestRow.id == request_id,
+                        SigningRequestRow.status == ApprovalStatus.PENDING_APPROVAL.value,
+                    )
+                    .values(status=ApprovalStatus.EXPIRED.value, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if claimed.rowcount != 1:  # type: ignore[attr-defined]  # another replica got there
+                    continue
+                row = s.get(SigningRequestRow, request_id)
+                assert row is not None
+                s.refresh(row)
+                self._audit_expired(s, row, self._directory.require_path(s, tsg_id))
+                expired += 1
+        return {"expired": expired}
+
     def _expire_if_due(
         self, s: Session, r: SigningRequestRow, now: datetime, path: str | None = None
     ) -> None:
@@ -722,6 +760,9 @@ class ApprovalService:
     def _mark_expired(self, s: Session, r: SigningRequestRow, path: str, now: datetime) -> None:
         r.status = ApprovalStatus.EXPIRED.value
         r.updated_at = now
+        self._audit_expired(s, r, path)
+
+    def _audit_expired(self, s: Session, r: SigningRequestRow, path: str) -> None:
         self._recorder.record(
             s,
             AuditRecord(
