@@ -7,8 +7,12 @@ every signature is checked with ``openssl`` rather than with Signery's own code.
 It initializes an installation in a temporary data directory (SQLite, builtin
 key store, built-in CA), starts ``signery serve`` on a free port of 127.0.0.1,
 creates a child TSG, a built-in account and two signing keys with certificates,
-logs in as the account, signs sample artifacts, verifies them, shows a refusal,
-shows the audit events and usage counters, and stops the server. It prints each
+logs in as the account, signs sample artifacts, verifies them, rotates a key
+(the account signs with the new version unchanged; both versions' signatures
+verify), puts a key under an approval policy (the account's request waits until
+a release manager with the approver role approves it; the single-use grant then
+signs once), shows a refusal, shows the audit events and usage counters, and
+stops the server. It prints each
 step and exits 0 only if every step succeeded.
 
 Hardware key stores, when this machine has what they need: with SoftHSM2 and
@@ -22,7 +26,9 @@ store whose tools are missing is skipped, and the demo says why; ``--no-hardware
 skips both (the demo is then what it was without them).
 
 Outputs left in the ``--out`` directory: the sample artifacts and their ``.sig``
-files, ``pubkey.pem`` and ``pubkey-rsa.pem``, ``chain.pem`` (leaf first, root
+files, ``pubkey.pem``, ``pubkey-rsa.pem`` and (after the rotation)
+``pubkey-rsa-v2.pem`` with ``app.bin.rsa-v2.sig``, ``pubkey-gated.pem`` with the
+approved ``app.bin.gated.sig``, ``chain.pem`` (leaf first, root
 last) split into ``leaf.pem``, ``issuing-ca.pem`` and ``root-ca.pem``,
 ``audit-events.json``, ``usage.json`` and ``server.log``; with the pkcs11 store
 ``pubkey-hsm.pem``, ``leaf-hsm.pem`` and ``app.bin.hsm.sig``; with the aws-kms
@@ -107,6 +113,8 @@ OUTPUTS = frozenset(
         "leaf-renewed.pem",
         "app.bin.renewed.sig",
         "app.bin.rsa-v2.sig",
+        "app.bin.gated.sig",
+        "pubkey-gated.pem",
         "pubkey-rsa-v2.pem",
         "server.log",
         "moto.log",
@@ -117,6 +125,10 @@ TSG_NAME = "demo-team"
 ACCOUNT_NAME = "build-bot"
 EC_KEY = "release-ec"
 RSA_KEY = "release-rsa"
+GATED_KEY = "release-gated"
+APPROVER = "release-manager"
+APPROVER_PROFILE = "approver"
+EXIT_APPROVAL_PENDING = 3  # `signery sign`: the key requires approval; request pending
 BUILD_PROFILE = "build"
 REFUSAL_CODES = ("account_disabled", "client_disabled")
 HSM_TOKEN_LABEL = "signery-demo"
@@ -322,6 +334,10 @@ class Demo:
             (
                 "Rotate the RSA key: a new version signs, the old one still verifies",
                 self.step_rotate,
+            ),
+            (
+                "Require approval for a key: pending, approved by a release manager, signed once",
+                self.step_approval,
             ),
         ]
         for store in self.hardware:
@@ -1312,6 +1328,75 @@ class Demo:
             "version 2 signs at once; version 1 is archived but listed, so the signature "
             "made before the rotation still verifies"
         )
+
+    def sign_pending(self, output: str) -> str:
+        """`signery sign` on the gated key must stop at a pending request; its id."""
+        done = self.cli(
+            "sign", "--key", GATED_KEY, "-o", output, "app.bin", "--json",
+            profile=BUILD_PROFILE, check=False, show=False,
+        )  # fmt: skip
+        self.print_output(done.stderr, "yellow")
+        self.expect(
+            done.returncode == EXIT_APPROVAL_PENDING,
+            f"expected exit status {EXIT_APPROVAL_PENDING} (approval pending), "
+            f"got {done.returncode}",
+            done.stdout + done.stderr,
+        )
+        self.expect(not (self.out / output).exists(), f"{output} was written without approval")
+        try:
+            (result,) = json.loads(done.stdout)
+        except ValueError as e:
+            raise StepFailed("`signery sign --json` did not print JSON", done.stdout) from e
+        self.expect(result.get("code") == "approval_pending", "not pending", done.stdout)
+        return str(result["request_id"])
+
+    def step_approval(self) -> None:
+        # A release manager: a user holding the approver role on the team's TSG.
+        user = self.cli_json("user", "create", APPROVER, "--tsg", self.state.tsg_id)
+        self.secrets += [str(user.get("password") or "")]
+        self.cli("role", "bind", APPROVER, "approver", "--tsg", self.state.tsg_id)
+        token = self.cli_json("user", "token", "create", "--name", "demo", "--user", APPROVER)
+        self.secrets.append(str(token["token"]))
+        self.cli(
+            "login", "--server", self.state.url, "--api-token", str(token["token"]),
+            profile=APPROVER_PROFILE,
+        )  # fmt: skip
+        self.cli_json(
+            "key", "create", GATED_KEY, "--tsg", self.state.tsg_id, "--algorithm", "EC_P256",
+            "--ca", "builtin", "--org", "Signery Demo", "--cn", "Signery Demo Gated Release",
+        )  # fmt: skip
+        self.cli("key", "public-key", GATED_KEY, "-o", "pubkey-gated.pem", show=False)
+        self.cli(
+            "key", "policy", "set", GATED_KEY, "--approvals", "1", "--approver", APPROVER,
+            "--grant-uses", "1", "--grant-ttl", "8h", "--signer", ACCOUNT_NAME,
+        )  # fmt: skip
+        request_id = self.sign_pending("app.bin.gated.sig")
+        self.note(f"the build machine got signing request {request_id}: nothing was signed")
+        self.cli("approval", "list", profile=APPROVER_PROFILE)
+        self.cli(
+            "approval", "approve", request_id, "--comment", "release 1.0 is go",
+            profile=APPROVER_PROFILE,
+        )  # fmt: skip
+        self.cli(
+            "sign", "--key", GATED_KEY, "--wait", "--wait-timeout", "60s",
+            "-o", "app.bin.gated.sig", "app.bin", profile=BUILD_PROFILE,
+        )  # fmt: skip
+        done = self.openssl_run(
+            "dgst", "-sha256", "-verify", "pubkey-gated.pem", "-signature", "app.bin.gated.sig",
+            "app.bin",
+        )  # fmt: skip
+        self.expect("Verified OK" in done.stdout, "openssl does not verify app.bin.gated.sig")
+        self.cli("grant", "list", "--key", GATED_KEY, profile=APPROVER_PROFILE)
+        grants = self.cli_json("grant", "list", "--key", GATED_KEY, profile=APPROVER_PROFILE)
+        self.expect(
+            any(g.get("uses") == 1 and g.get("max_uses") == 1 for g in grants),
+            "the single-use grant is not shown as used once",
+            json.dumps(grants, indent=2),
+        )
+        again = self.sign_pending("app.bin.gated-2.sig")
+        self.expect(again != request_id, "the used-up grant's request was reused")
+        self.note("approved once, signed once (openssl verifies it); the grant is used up")
+        self.note(f"so the next signing waits for approval again (request {again})")
 
     def step_refusal(self) -> None:
         self.state.disabled_at = time.time()

@@ -236,7 +236,10 @@ def role_bind(
     ctx: typer.Context,
     user: Annotated[str, typer.Argument(help="Username or id.")],
     role: Annotated[
-        p.Role, typer.Argument(help="superuser, key_admin, key_viewer, account_admin or auditor.")
+        p.Role,
+        typer.Argument(
+            help="superuser, key_admin, key_viewer, account_admin, auditor or approver."
+        ),
     ],
     tsg: Annotated[str, typer.Option("--tsg", help="TSG id where the role applies (and below).")],
     as_json: JsonOpt = False,
