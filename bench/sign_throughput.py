@@ -735,6 +735,26 @@ def set_up(admin: httpx.Client, pairs: list[tuple[str, str]]) -> Fixture:
     return Fixture(tsg["id"], AccountCredentials(account["client_id"], key), key_ids)
 
 
+def governed_policy(algorithm: str, limits: bool) -> dict[str, Any]:
+    """A policy whose rules all let the bench's signings through: what a governed
+    production key pays on each signing (usage limits are a conditional database
+    write per signature)."""
+    policy: dict[str, Any] = {
+        "signers": ["bench"],
+        "allowed_schemes": ["ecdsa" if algorithm.startswith("EC_") else "rsa-pkcs1v15"],
+        "allowed_digests": ["sha256"],
+        "client_ips": ["127.0.0.0/8", "::1/128"],
+        "time_windows": [{"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}],
+        "timezone": "Europe/Berlin",
+        "valid_from": "2000-01-01T00:00:00Z",
+        "valid_until": "2999-01-01T00:00:00Z",
+    }
+    if limits:
+        policy["max_signatures_total"] = 10**12
+        policy["max_signatures_per_day"] = 10**12
+    return policy
+
+
 def access_token(server_url: str, credentials: AccountCredentials, issuer: str) -> str:
     """An account access token (RFC 7523 JWT-bearer grant; no other credential sent)."""
     response = httpx.post(
@@ -1383,6 +1403,7 @@ def environment(load_tool: str, cpus: Cpus, args: argparse.Namespace) -> dict[st
         "stores_requested": args.stores,
         "store_duration_s": args.store_duration,
         "store_connections_tried": args.store_connections,
+        "policy": args.policy,
     }
 
 
@@ -1469,6 +1490,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[16],
         help="connection counts for the pkcs11 / aws-kms pairs; one value (default 16): "
         "no trials, a comma list: trials as for builtin",
+    )
+    ap.add_argument(
+        "--policy",
+        choices=("none", "rules", "limits"),
+        default="none",
+        help="give every key a signing policy whose rules all let the bench through: "
+        "'rules' sets signer, scheme, digest, client range, time window and validity; "
+        "'limits' adds total and per-day usage limits (a database reservation per "
+        "signature). Measures what governance costs per signature (default none)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
@@ -1621,6 +1651,20 @@ def bench_over_http(
             log(f"  key store {store:<7} healthy: {health[store]}")
         pairs = [(st, a) for st in setup.active for a in args.algorithms]
         fixture = set_up(admin, pairs)
+        if args.policy != "none":
+            limits = args.policy == "limits"
+            for (store, algorithm), key_id in fixture.key_ids.items():
+                _expect(
+                    admin.put(
+                        f"{API}/keys/{key_id}/policy", json=governed_policy(algorithm, limits)
+                    ),
+                    200,
+                    f"set the policy of {key_name(store, algorithm)}",
+                )
+            log(
+                "  every key has a signing policy: signer, scheme, digest, client range, "
+                "time window, validity" + (", total and per-day limits" if limits else "")
+            )
         log(
             f"  TSG {fixture.tsg_id}, account {fixture.credentials.client_id}, "
             f"{len(pairs)} keys ready: " + ", ".join(key_name(st, a) for st, a in pairs)

@@ -14,17 +14,24 @@ lock of ON CONFLICT DO UPDATE), so a limit holds across threads, processes and
 replicas; nothing is counted in process memory. When no signature leaves after
 all (the store failed, the audit commit failed), the slot is given back.
 
-The writes run on a few threads of their own, never on the event loop: on
-SQLite a commit may wait for the audit writer's lock, and on PostgreSQL it is
-a network round trip.
+Group commit: the reservations run on one writer thread per process, which
+takes every reservation that queued up while its previous transaction was
+committing and makes them all in one transaction (each still one conditional
+statement per period, with its own row count). One commit (one fsync on SQLite)
+then covers many signings, as the audit recorder does for events; alone, a
+reservation is written at once. Never on the event loop: on SQLite a commit may
+wait for the audit writer's lock, and on PostgreSQL it is a network round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -39,7 +46,10 @@ from signery.server.keys.models import KeyUsageQuotaRow
 from signery.server.keys.policy import TOTAL, local_day, next_local_midnight
 
 _Q = table(KeyUsageQuotaRow)
-QUOTA_THREADS = 4
+# Reservations made in one transaction at most (the rest wait for the next one).
+BATCH_MAX = 512
+STOP_TIMEOUT_SECONDS = 10.0
+log = logging.getLogger("signery.signing")
 
 
 def _reserve_statement(dialect: str) -> Any:
@@ -52,13 +62,39 @@ def _reserve_statement(dialect: str) -> Any:
     )
 
 
+@dataclass(slots=True)
+class _Reservation:
+    key_id: str
+    periods: list[tuple[str, int]]
+    # Called on the writer thread with the first full period (None: every period
+    # got its slot) or the error that failed the whole batch.
+    done: Callable[[str | None, BaseException | None], None]
+
+
+_STOP = object()
+
+
 class UsageQuotas:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, batch_max: int = BATCH_MAX) -> None:
         self._db = db
         self._direct = db.direct(autocommit=False)
         dialect = self._direct.dialect
         self._reserve = Prepared.of(_reserve_statement(dialect.name), dialect)
-        self._executor = ThreadPoolExecutor(QUOTA_THREADS, thread_name_prefix="signery-quota")
+        self._give_back = Prepared.of(
+            update(_Q)
+            .where(
+                _Q.c.key_id == bindparam("key_id"),
+                _Q.c.period == bindparam("period"),
+                _Q.c.used > 0,
+            )
+            .values(used=_Q.c.used - 1),
+            dialect,
+        )
+        self._batch_max = batch_max
+        self._queue: queue.SimpleQueue[_Reservation | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.batches_written = 0
 
     async def reserve(self, key_id: str, rules: SigningRules, now: datetime) -> Callable[[], None]:
         """Take one slot of every limited period of the key, or raise
@@ -69,8 +105,27 @@ class UsageQuotas:
             periods.append((TOTAL, rules.max_total))
         if rules.max_per_day is not None:
             periods.append((local_day(rules.zone, now), rules.max_per_day))
+        taken = [period for period, _ in periods]
         loop = asyncio.get_running_loop()
-        full = await loop.run_in_executor(self._executor, self._take, key_id, periods)
+        future: asyncio.Future[str | None] = loop.create_future()
+
+        def settle(full: str | None, error: BaseException | None) -> None:  # on the loop
+            if future.cancelled():
+                # The request went away while its reservation was being written:
+                # nobody will sign with the slots it got, so they go back.
+                if error is None and full is None:
+                    loop.run_in_executor(None, self.release, key_id, taken)
+            elif error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(full)
+
+        def done(full: str | None, error: BaseException | None) -> None:  # writer thread
+            loop.call_soon_threadsafe(settle, full, error)
+
+        self._start()
+        self._queue.put(_Reservation(key_id, periods, done))
+        full = await future
         if full == TOTAL:
             raise UsageLimitReached(
                 f"the key's limit of {rules.max_total} signatures in total is reached"
@@ -81,24 +136,74 @@ class UsageQuotas:
                 f"the key's limit of {rules.max_per_day} signatures on {full} is reached",
                 retry_after=max(1, math.ceil(seconds)),
             )
-        taken = [period for period, _ in periods]
         return lambda: self.release(key_id, taken)
 
-    def _take(self, key_id: str, periods: list[tuple[str, int]]) -> str | None:
-        """One transaction: every period gets a slot, or none does. Returns the
-        first full period, or None."""
-        # Rolled back by raising through transaction(): nothing of this attempt stays.
+    # ------------------------------------------------------------ writer thread
+
+    def _start(self) -> None:
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="signery-quota-writer", daemon=True
+                    )
+                    self._thread.start()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            assert isinstance(item, _Reservation)
+            batch = [item]
+            while len(batch) < self._batch_max:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(nxt, _Reservation)
+                batch.append(nxt)
+            self._write(batch)
+
+    def _write(self, batch: list[_Reservation]) -> None:
+        """One transaction for the batch. Each reservation gets a slot of every
+        period or of none: when a later period is full, the slots it took in this
+        transaction are given back in it."""
+        # One lock order (by key) for every transaction of every replica, so two
+        # batches on PostgreSQL never wait for each other's rows in a cycle.
+        batch.sort(key=lambda r: r.key_id)
+        results: list[str | None] = []
         try:
             with self._direct.transaction() as cur:
-                for period, limit in periods:
-                    self._reserve.execute(
-                        cur, {"key_id": key_id, "period": period, "max_used": limit}
-                    )
-                    if cur.rowcount != 1:
-                        raise _PeriodFull(period)
-        except _PeriodFull as full:
-            return full.period
-        return None
+                for r in batch:
+                    full: str | None = None
+                    taken: list[str] = []
+                    for period, limit in r.periods:
+                        self._reserve.execute(
+                            cur, {"key_id": r.key_id, "period": period, "max_used": limit}
+                        )
+                        if cur.rowcount != 1:
+                            full = period
+                            break
+                        taken.append(period)
+                    if full is not None:
+                        for period in taken:
+                            self._give_back.execute(cur, {"key_id": r.key_id, "period": period})
+                    results.append(full)
+        except Exception as e:
+            # Nothing of the batch was committed: every signing in it is refused
+            # (fail closed), none holds a slot.
+            log.error("usage-limit reservations could not be committed: %s", type(e).__name__)
+            for r in batch:
+                r.done(None, e)
+            return
+        self.batches_written += 1
+        for r, full in zip(batch, results, strict=True):
+            r.done(full, None)
 
     def release(self, key_id: str, periods: list[str]) -> None:
         """Give the slots back (any thread; a rare path, on the pooled engine)."""
@@ -114,10 +219,8 @@ class UsageQuotas:
             )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-class _PeriodFull(Exception):
-    def __init__(self, period: str) -> None:
-        super().__init__(period)
-        self.period = period
+        """Write what is queued, then stop the writer thread."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=STOP_TIMEOUT_SECONDS)
+            self._thread = None
