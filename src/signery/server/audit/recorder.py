@@ -40,6 +40,7 @@ from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, new_id, sorted_by_key, table, upsert_statement
 from signery.server.direct import Prepared
+from signery.server.groupcommit import STOP, run_writer
 
 log = logging.getLogger("signery.audit")
 
@@ -190,9 +191,6 @@ class _Batch:
     done: Callable[[], None]
 
 
-_STOP = object()
-
-
 class AuditRecorder:
     def __init__(self, db: Database, node_id: str, clock: Clock, *, batch_max: int = 512) -> None:
         self._db = db
@@ -247,7 +245,7 @@ class AuditRecorder:
     def stop(self) -> None:
         """Write everything queued, then stop the writer thread."""
         if self._thread is not None:
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
             self._thread.join()
             self._thread = None
 
@@ -332,28 +330,12 @@ class AuditRecorder:
     # ------------------------------------------------------------ writer thread
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            assert isinstance(item, _Batch)
-            batches = [item]
-            count = len(item.items)
-            while count < self._batch_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                assert isinstance(nxt, _Batch)
-                batches.append(nxt)
-                count += len(nxt.items)
-            self._write_items([p for b in batches for p in b.items])
-            for b in batches:
-                b.done()
+        run_writer(self._queue, self._write_batches, self._batch_max, lambda b: len(b.items))
+
+    def _write_batches(self, batches: list[_Batch]) -> None:
+        self._write_items([p for b in batches for p in b.items])
+        for b in batches:
+            b.done()
 
     def _write_items(self, items: Sequence[_Pending]) -> None:
         try:

@@ -42,6 +42,7 @@ from signery.errors import DailyLimitReached, UsageLimitReached
 from signery.server.authz import SigningRules
 from signery.server.db import Database, table
 from signery.server.direct import Prepared
+from signery.server.groupcommit import STOP, run_writer
 from signery.server.keys.models import KeyUsageQuotaRow
 from signery.server.keys.policy import TOTAL, local_day, next_local_midnight
 
@@ -69,9 +70,6 @@ class _Reservation:
     # Called on the writer thread with the first full period (None: every period
     # got its slot) or the error that failed the whole batch.
     done: Callable[[str | None, BaseException | None], None]
-
-
-_STOP = object()
 
 
 class UsageQuotas:
@@ -150,24 +148,7 @@ class UsageQuotas:
                     self._thread.start()
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            if item is _STOP:
-                break
-            assert isinstance(item, _Reservation)
-            batch = [item]
-            while len(batch) < self._batch_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                assert isinstance(nxt, _Reservation)
-                batch.append(nxt)
-            self._write(batch)
+        run_writer(self._queue, self._write, self._batch_max)
 
     def _write(self, batch: list[_Reservation]) -> None:
         """One transaction for the batch. Each reservation gets a slot of every
@@ -221,6 +202,6 @@ class UsageQuotas:
     def close(self) -> None:
         """Write what is queued, then stop the writer thread."""
         if self._thread is not None:
-            self._queue.put(_STOP)
+            self._queue.put(STOP)
             self._thread.join(timeout=STOP_TIMEOUT_SECONDS)
             self._thread = None
