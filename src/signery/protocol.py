@@ -581,6 +581,16 @@ class SigningKey(ResponseModel):
     )
 
 
+class SigningKeyVersionSummary(ResponseModel):
+    """An earlier version of a key, as the signing plane shows it: its public key
+    still verifies the signatures made before a rotation."""
+
+    version: int
+    status: VersionStatus
+    public_key_pem: str
+    created_at: datetime
+
+
 class SigningKeySummary(ResponseModel):
     """What an account sees of a key on the signing plane."""
 
@@ -597,6 +607,12 @@ class SigningKeySummary(ResponseModel):
         default=None,
         description="When the current key version was made (stable for the version): "
         "the creation time in the key's OpenPGP fingerprint. Absent from older servers",
+    )
+    previous_versions: list[SigningKeyVersionSummary] = Field(
+        default_factory=list,
+        description="Earlier versions (archived or destroyed), oldest first: their public "
+        "keys verify signatures made before a rotation. They do not sign unless the key's "
+        "policy allows it (min_signing_version)",
     )
 
 

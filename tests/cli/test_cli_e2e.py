@@ -795,3 +795,31 @@ def test_a_large_file_shows_progress_on_a_terminal_only(cli: Cli, world: dict[st
     assert "━" not in piped.stderr
     assert piped.stderr.strip() == ""
     big.unlink()
+
+
+def test_verify_after_a_rotation_accepts_signatures_of_every_version(
+    cli: Cli, world: dict[str, Any]
+) -> None:
+    """`signery verify --key` checks earlier versions' public keys too: a rotation
+    must not make the signatures made before it unverifiable. (Last in the module:
+    its signatures are outside the ledger the audit and usage tests count.)"""
+    cli.json(
+        "key", "create", "rotating-p256", "--tsg", world["team"]["id"], "--algorithm", "EC_P256"
+    )  # fmt: skip
+    before = write_file(cli.work / "before-rotation.bin", os.urandom(2048))
+    [old] = cli.json("sign", "--key", "rotating-p256", before, profile="build")
+    assert old["key_version"] == 1
+    assert cli.json("key", "rotate", "rotating-p256")["current_version"] == 2
+    after = write_file(cli.work / "after-rotation.bin", os.urandom(2048))
+    [new] = cli.json("sign", "--key", "rotating-p256", after, profile="build")
+    assert new["key_version"] == 2
+
+    [listed] = [k for k in cli.json("keys", profile="build") if k["name"] == "rotating-p256"]
+    assert [(v["version"], v["status"]) for v in listed["previous_versions"]] == [(1, "archived")]
+    results = cli.json("verify", "--key", "rotating-p256", before, after, profile="build")
+    assert [r["valid"] for r in results] == [True, True], results
+    # Each signature verifies with its own version's key only.
+    v1 = cli.work / "rotating-v1.pem"
+    v1.write_text(listed["previous_versions"][0]["public_key_pem"])
+    checked = cli.run("verify", "--public-key", v1, before, after, "--json", profile="build")
+    assert [r["valid"] for r in json.loads(checked.stdout)] == [True, False]

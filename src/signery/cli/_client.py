@@ -579,7 +579,12 @@ def verify(
     else:
         assert key is not None
         with connection(ctx).signing() as c:
-            keys = [load_public_key_pem(c.key(key).public_key_pem)]
+            found = c.key(key)
+        # The current version first, then the earlier ones: a signature made before
+        # a rotation verifies with the version that made it.
+        keys = [load_public_key_pem(found.public_key_pem)] + [
+            load_public_key_pem(v.public_key_pem) for v in reversed(found.previous_versions)
+        ]
     options = SignOptions(digest_algorithm=digest_algorithm, scheme=scheme)
     results: list[VerifyResult] = [
         signature_format.verify(

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Select, bindparam, select
 
+from signery.protocol import VersionStatus
 from signery.server.accounts.models import AccountRow
 from signery.server.db import Database, table
 from signery.server.direct import Prepared
@@ -48,6 +49,14 @@ class AccountState(NamedTuple):
     status: str
     valid_until: datetime
     path: str
+
+
+class PreviousVersion(NamedTuple):
+    key_id: str
+    version: int
+    status: str
+    public_key_der: bytes
+    created_at: datetime
 
 
 class KeyState(NamedTuple):
@@ -198,6 +207,18 @@ class SigningReads:
             .order_by(_K.c.tsg_id, _K.c.name),
             dialect,
         )
+        self._previous_in_subtree = Prepared.of(
+            select(_V.c.key_id, _V.c.version, _V.c.status, _V.c.public_key_der, _V.c.created_at)
+            .select_from(_V.join(_K, _K.c.id == _V.c.key_id).join(_T, _T.c.id == _K.c.tsg_id))
+            .where(
+                in_subtree,
+                _K.c.status == bindparam("status"),
+                _V.c.version != _K.c.current_version,
+                _V.c.status != VersionStatus.PENDING.value,
+            )
+            .order_by(_V.c.key_id, _V.c.version),
+            dialect,
+        )
         self._version = Prepared.of(
             select(
                 _V.c.id,
@@ -248,6 +269,14 @@ class SigningReads:
         width = len(AccountState._fields)
         account = AccountState(*rows[0][:width])
         return account, [KeyState(*r[width:]) for r in rows if r[width] is not None]
+
+    def previous_versions(self, tsg_path: str, status: str) -> list[PreviousVersion]:
+        """Every non-current, non-pending version of the keys ``active_keys`` lists."""
+        with self._direct.cursor() as cur:
+            rows = self._previous_in_subtree.fetchall(
+                cur, {"prefix": _prefix(tsg_path), "status": status}
+            )
+        return [PreviousVersion(*r) for r in rows]
 
     def active_keys(self, tsg_path: str, status: str) -> list[KeyState]:
         with self._direct.cursor() as cur:

@@ -71,6 +71,7 @@ from signery.protocol import (
     DigestAlgorithm,
     KeyStatus,
     PrincipalType,
+    VersionStatus,
 )
 from signery.server.accounts.tokens import AccessClaims
 from signery.server.approvals.service import (
@@ -521,6 +522,16 @@ class SigningService:
             self._to_usable(k)
             for k in self._reads.active_keys(account.tsg_path, KeyStatus.ACTIVE.value)
         ]
+        previous: dict[str, list[p.SigningKeyVersionSummary]] = {}
+        for v in self._reads.previous_versions(account.tsg_path, KeyStatus.ACTIVE.value):
+            previous.setdefault(v.key_id, []).append(
+                p.SigningKeyVersionSummary(
+                    version=v.version,
+                    status=VersionStatus(v.status),
+                    public_key_pem=public_key_pem(load_public_key_der(v.public_key_der)),
+                    created_at=v.created_at,
+                )
+            )
         return [
             p.SigningKeySummary(
                 id=k.id,
@@ -533,6 +544,7 @@ class SigningService:
                 public_key_pem=public_key_pem(k.public_key),
                 certificate_chain=list(k.chain),
                 version_created_at=k.version_created_at,
+                previous_versions=previous.get(k.id, []),
             )
             for k in keys
         ]
