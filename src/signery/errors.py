@@ -432,6 +432,11 @@ class KeyChangedConcurrently(Conflict):
     title = "The key changed while this operation ran; try again"
 
 
+class RotationPending(Conflict):
+    code = "rotation_pending"
+    title = "The key's rotation waits for the new version's certificate"
+
+
 class ApprovalClosed(Conflict):
     code = "approval_request_closed"
     title = "The signing request is no longer pending"

@@ -529,7 +529,7 @@ class CertificateRequest(ResponseModel):
     id: str
     key_version: int
     connector_id: str
-    purpose: str = Field(description="enroll, renew or reissue")
+    purpose: str = Field(description="enroll, renew, reissue or rotate")
     status: CertificateRequestStatus
     error: str | None = None
     csr_pem: str

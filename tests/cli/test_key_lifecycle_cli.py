@@ -4,11 +4,15 @@ real `signery serve` process (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.cli.test_cli_e2e import Cli, admin, cli  # noqa: F401 - fixtures reused
+from tests.server.ca.pki import make_ca
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +47,41 @@ def test_create_with_a_rotation_period_then_rotate(cli: Cli, team: dict[str, Any
     never = cli.json("key", "rotation", "rot-key", "--never")
     assert never["rotation_period_days"] is None
     assert "manual only" in cli.ok("key", "show", "rot-key").stdout
+
+
+def test_rotating_a_csr_connector_key(
+    cli: Cli,  # noqa: F811
+    team: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    ca = make_ca(tmp_path / "ca", "CLI Rotation Root")
+    cli.ok(
+        "ca-connector", "create", "rot-ca", "--kind", "csr", "--tsg", team["id"], "--roots", ca.cert
+    )
+    cli.ok(
+        "key", "create", "crot-key", "--tsg", team["id"], "--algorithm", "EC_P256",
+        "--connector", "rot-ca",
+    )  # fmt: skip
+    cli.ok("key", "csr", "crot-key", "-o", tmp_path / "v1.csr")
+    ca.issue(tmp_path / "v1.csr", tmp_path / "v1.pem")
+    cli.ok("key", "upload-certificate", "crot-key", tmp_path / "v1.pem")
+
+    human = cli.ok("key", "rotate", "crot-key").stdout
+    assert "version 2 waits for its certificate" in human
+    assert "version 1 signs meanwhile" in human
+    assert "pending" in human
+    assert "rotation_pending" in cli.fails("key", "rotate", "crot-key")
+    cli.ok("key", "csr", "crot-key", "-o", tmp_path / "v2.csr")
+    csr = x509.load_pem_x509_csr((tmp_path / "v2.csr").read_bytes())
+    shown = cli.json("key", "show", "crot-key")
+    assert shown["current_version"] == 1
+    v2 = next(v for v in shown["versions"] if v["version"] == 2)
+    spki = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert csr.public_key().public_bytes(*spki).decode() == v2["public_key_pem"], "v2's CSR"
+    ca.issue(tmp_path / "v2.csr", tmp_path / "v2.pem")
+    rotated = cli.json("key", "upload-certificate", "crot-key", tmp_path / "v2.pem")
+    assert rotated["current_version"] == 2
+    assert [v["status"] for v in rotated["versions"]] == ["archived", "active"]
 
 
 @pytest.mark.parametrize(

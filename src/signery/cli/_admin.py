@@ -897,17 +897,35 @@ def key_rotate(
     as_json: JsonOpt = False,
 ) -> None:
     """A new key version (and certificate) becomes current; clients use it at once.
-    The previous version is archived and stays listed for verification."""
+    The previous version is archived and stays listed for verification. With an
+    external CA connector, the new version waits for its certificate (key csr,
+    key upload-certificate; EST: at once or key enroll) and the current one signs."""
     body = {"validity_days": validity_days} if validity_days is not None else {}
-    _key_action(
-        ctx,
-        key,
-        "rotate",
-        tsg,
-        as_json,
-        "rotated [bold]{name}[/]: version {key.current_version} is current",
-        body,
-    )
+    with connection(ctx).admin() as c:
+        changed = c.call(
+            "POST",
+            f"{API}/keys/{quote(key, safe='')}/rotate",
+            p.SigningKey,
+            json=body,
+            params={"tsg_id": tsg},
+        )
+    if as_json:
+        print_json(changed)
+        return
+    waiting = [v.version for v in changed.versions if v.version > changed.current_version]
+    if waiting:
+        out.print(
+            f"rotating [bold]{changed.name}[/]: version {waiting[-1]} waits for its certificate "
+            f"(signery key csr / upload-certificate); version {changed.current_version} "
+            "signs meanwhile",
+            highlight=False,
+        )
+    else:
+        out.print(
+            f"rotated [bold]{changed.name}[/]: version {changed.current_version} is current",
+            highlight=False,
+        )
+    _key_lifecycle(changed)
 
 
 @key_app.command("rotation")

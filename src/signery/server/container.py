@@ -208,6 +208,9 @@ class Services:
             core.keyring,
             core.keystores,
         )
+        requests = CertificateRequests(
+            core.db, core.recorder, core.clock, core.keystores, self.connectors
+        )
         self.keys = KeyService(
             core.db,
             core.authz,
@@ -216,12 +219,10 @@ class Services:
             core.directory,
             core.keystores,
             core.ca,
-            CertificateRequests(
-                core.db, core.recorder, core.clock, core.keystores, self.connectors
-            ),
+            requests,
         )
         self.lifecycle = KeyLifecycle(
-            core.db, core.recorder, core.clock, self.keys, core.keystores, core.ca
+            core.db, core.recorder, core.clock, self.keys, core.keystores, core.ca, requests
         )
         # Background jobs; each claims its work per key, so every replica runs them.
         self.scheduler = Scheduler(

@@ -77,6 +77,9 @@ class EventKind(StrEnum):
     KEY_ROTATED = "key.rotated"
     KEY_ROTATION_SCHEDULED = "key.rotation.scheduled"
     KEY_ROTATION_FAILED = "key.rotation.failed"
+    # A connector key's new version waits for its certificate (key.rotated follows
+    # when it is installed).
+    KEY_ROTATION_REQUESTED = "key.rotation.requested"
     KEY_DISABLED = "key.disabled"
     KEY_ENABLED = "key.enabled"
     KEY_DESTRUCTION_SCHEDULED = "key.destruction.scheduled"

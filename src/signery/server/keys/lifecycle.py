@@ -1,5 +1,10 @@
 """Key lifecycle: rotation to a new version, disable / enable, scheduled destruction.
 
+A key certified through an external CA connector rotates in two steps: the new
+version is recorded ``pending`` (not current) with a certificate request, and
+becomes current when its certificate is installed (signery.server.keys.requests);
+the current version signs until then.
+
 Every change is one transaction that also records its audit event. The signing
 plane reads a key's status and current version on every request, so each change
 takes effect on every replica at the next signing.
@@ -28,17 +33,36 @@ from signery.errors import (
     KeyDestroyed,
     KeyDestructionScheduled,
     KeyNotActive,
+    RotationPending,
     SigneryError,
 )
 from signery.keystores import KeyContext, KeyStoreRegistry
-from signery.protocol import AuditOutcome, CertificateAuthority, KeyStatus
+from signery.protocol import (
+    AuditOutcome,
+    CertificateAuthority,
+    CertificateRequestStatus,
+    ConnectorKind,
+    KeyStatus,
+)
 from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Permission, Principal
+from signery.server.ca.connectors import Connector
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, new_id
-from signery.server.keys.models import KeyVersionRow, SigningKeyRow
+from signery.server.keys.models import (
+    CertificateRequestRow,
+    CertificateRow,
+    KeyVersionRow,
+    SigningKeyRow,
+)
+from signery.server.keys.requests import (
+    ROTATE,
+    CertificateRequests,
+    build_csr,
+    pending_rotation,
+)
 from signery.server.keys.service import KeyService, certificate_row, handle_for
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import actor_of
@@ -65,6 +89,8 @@ class Rotated:
     previous_version: int
     version: int
     certificate_serial: str | None
+    # True while the new version waits for its certificate from a CA connector.
+    pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +111,7 @@ class KeyLifecycle:
         keys: KeyService,
         keystores: KeyStoreRegistry,
         ca: BuiltinCa,
+        requests: CertificateRequests | None = None,
     ) -> None:
         self._db = db
         self._recorder = recorder
@@ -92,6 +119,8 @@ class KeyLifecycle:
         self._keys = keys
         self._keystores = keystores
         self._ca = ca
+        # External CA connectors; without them, connector keys cannot rotate.
+        self._requests = requests
 
     # ------------------------------------------------------------ rotation
 
@@ -105,7 +134,10 @@ class KeyLifecycle:
     ) -> p.SigningKey:
         """A new key pair in the same store becomes the current version (with a new
         certificate when the key has the built-in CA); the previous version is
-        archived and keeps its material, so signings already under way finish."""
+        archived and keeps its material, so signings already under way finish.
+
+        A connector key's new version waits ``pending`` for its certificate (an EST
+        connector is asked at once); the current version signs until then."""
         with self._db.read() as s:
             resolved = self._keys.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
         self._rotate(resolved.row.id, actor_of(principal), req.validity_days, ctx)
@@ -123,7 +155,15 @@ class KeyLifecycle:
             assert key is not None
             current = self._version(s, key.id, key.current_version)
             path = self._path(s, key.tsg_id)
-        self._check_rotatable(key)
+            self._check_rotatable(s, key)
+            connector = (
+                self._connector_requests().connector_of(s, key)
+                if key.certificate_authority == CertificateAuthority.CONNECTOR.value
+                else None
+            )
+        if connector is not None:
+            # The external CA decides the new certificate's validity (as for a renewal).
+            return self._request_rotation(key, path, connector, actor, ctx)
         days = validity_days or key.validity_days
         if (
             key.certificate_authority == CertificateAuthority.BUILTIN.value
@@ -231,21 +271,169 @@ class KeyLifecycle:
             raise
         return Rotated(key.id, previous, new_version, serial)
 
+    def _request_rotation(
+        self,
+        key: SigningKeyRow,
+        path: str,
+        connector: Connector,
+        actor: Actor,
+        ctx: RequestContext | None,
+    ) -> Rotated:
+        """The first half of a connector key's rotation: a new key pair in the key's
+        store, recorded as a ``pending`` version (not current) with a CSR signed
+        through the store. Installing its certificate completes the rotation
+        (CertificateRequests._install)."""
+        requests = self._connector_requests()
+        store = self._keystores.get(key.storage)
+        connector.check_store(store.kind)
+        subject = p.KeySubject.model_validate_json(key.subject_json)
+        previous, new_version = key.current_version, key.current_version + 1
+        generated = store.generate(
+            p.Algorithm(key.algorithm),
+            KeyContext(key.id, new_version, key.tsg_id, label=key.name),
+        )
+        try:
+            # Signed by the key store: the CSR proves the new key pair is there.
+            csr = build_csr(store, generated.handle, generated.public_key, subject, key.name)
+            now = self._clock.now()
+            with self._db.write() as s:
+                live = self._locked(s, key.id)
+                if (
+                    live.current_version != previous
+                    or live.status == KeyStatus.DESTROYED.value
+                    or live.destroy_at is not None
+                ):
+                    raise KeyChangedConcurrently(
+                        "the key was rotated, destroyed or scheduled for destruction meanwhile"
+                    )
+                # Under the key's row lock: one pending rotation at a time.
+                self._check_no_pending_rotation(s, live)
+                version_id = new_id()
+                s.add(
+                    KeyVersionRow(
+                        id=version_id,
+                        key_id=key.id,
+                        version=new_version,
+                        status=KeyStatus.PENDING.value,
+                        store_ref=generated.handle.ref,
+                        public_key_der=generated.public_key.public_bytes(
+                            serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo,
+                        ),
+                        certificate_id=None,
+                        created_at=now,
+                    )
+                )
+                s.flush()
+                # A renewal or reissue of the version being replaced is moot now.
+                superseded = list(
+                    s.scalars(
+                        select(CertificateRequestRow).where(
+                            CertificateRequestRow.key_version_id
+                            == self._version(s, key.id, previous).id,
+                            CertificateRequestRow.status == CertificateRequestStatus.PENDING.value,
+                        )
+                    )
+                )
+                for older in superseded:
+                    older.status = CertificateRequestStatus.SUPERSEDED.value
+                    older.updated_at = now
+                request = requests.new_request(version_id, connector, ROTATE, subject, csr, now)
+                s.add(request)
+                s.flush()
+                # The schedule moves on when the rotation starts: a rotation waiting
+                # for its CA is not retried by every scheduler run.
+                if live.rotation_period_days:
+                    live.next_rotation_at = now + timedelta(days=live.rotation_period_days)
+                live.updated_at = now
+                common = {
+                    "certificate_request": request.id,
+                    "purpose": ROTATE,
+                    "ca_connector": connector.id,
+                }
+                self._recorder.record(
+                    s,
+                    AuditRecord(
+                        EventKind.CERTIFICATE_REQUESTED,
+                        AuditOutcome.SUCCEEDED,
+                        actor,
+                        tsg_id=key.tsg_id,
+                        tsg_path=path,
+                        key_id=key.id,
+                        key_version=new_version,
+                        algorithm=key.algorithm,
+                        context=ctx,
+                        details={
+                            **common,
+                            "subject": csr.subject.rfc4514_string(),
+                            "superseded": [r.id for r in superseded],
+                        },
+                    ),
+                )
+                details: dict[str, object] = {
+                    **common,
+                    "previous_version": previous,
+                    "version": new_version,
+                }
+                if live.next_rotation_at is not None and live.rotation_period_days:
+                    details["next_rotation_at"] = live.next_rotation_at.isoformat()
+                self._recorder.record(
+                    s,
+                    AuditRecord(
+                        EventKind.KEY_ROTATION_REQUESTED,
+                        AuditOutcome.SUCCEEDED,
+                        actor,
+                        tsg_id=key.tsg_id,
+                        tsg_path=path,
+                        key_id=key.id,
+                        key_version=new_version,
+                        algorithm=key.algorithm,
+                        context=ctx,
+                        details=details,
+                    ),
+                )
+        except BaseException:
+            # No half-created version: the new pair goes if it was not recorded.
+            store.destroy(generated.handle)
+            raise
+        if connector.kind is ConnectorKind.EST:
+            # Enrolled at once; a failure stays noted on the request, for
+            # `POST /api/v1/keys/{key}/enroll` to retry; the current version signs meanwhile.
+            requests.try_enroll(actor, key.id, path, ctx)
+        with self._db.read() as s:
+            done = s.get(SigningKeyRow, key.id)
+            assert done is not None
+            if done.current_version == new_version:
+                installed = self._version(s, key.id, new_version).certificate_id
+                serial = s.scalar(
+                    select(CertificateRow.serial).where(CertificateRow.id == installed)
+                )
+                return Rotated(key.id, previous, new_version, serial)
+        return Rotated(key.id, previous, new_version, None, pending=True)
+
     @staticmethod
-    def _check_rotatable(key: SigningKeyRow) -> None:
+    def _check_rotatable(s: Session, key: SigningKeyRow) -> None:
         if key.status == KeyStatus.DESTROYED.value:
             raise KeyDestroyed()
         if key.destroy_at is not None:
             raise KeyDestructionScheduled()
         if key.status == KeyStatus.PENDING.value:
             raise KeyNotActive("the key waits for its certificate; rotate it once it is active")
-        if key.certificate_authority == CertificateAuthority.CONNECTOR.value:
-            # Not built: the new version would wait for the external CA (pending)
-            # while the current one keeps signing. Renew or reissue meanwhile.
-            raise InvalidRequest(
-                "keys certified by an external CA connector cannot be rotated yet; "
-                "renew or reissue their certificate, or create a new key"
+        KeyLifecycle._check_no_pending_rotation(s, key)
+
+    @staticmethod
+    def _check_no_pending_rotation(s: Session, key: SigningKeyRow) -> None:
+        rotating = pending_rotation(s, key)
+        if rotating is not None:
+            raise RotationPending(
+                f"the key's rotation to version {rotating.version} waits for its certificate: "
+                "install it (signery key upload-certificate, or key enroll for EST) first"
             )
+
+    def _connector_requests(self) -> CertificateRequests:
+        if self._requests is None:
+            raise InvalidRequest("CA connectors are not available on this server")
+        return self._requests
 
     def set_rotation(
         self,

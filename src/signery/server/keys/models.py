@@ -104,7 +104,7 @@ class CertificateRequestRow(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     key_version_id: Mapped[str] = mapped_column(ForeignKey("key_versions.id"), index=True)
     connector_id: Mapped[str] = mapped_column(ForeignKey("ca_connectors.id"), index=True)
-    purpose: Mapped[str] = mapped_column(String(16))  # enroll | renew | reissue
+    purpose: Mapped[str] = mapped_column(String(16))  # enroll | renew | reissue | rotate
     subject_json: Mapped[str] = mapped_column(Text)
     csr_pem: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))  # pending | issued | failed

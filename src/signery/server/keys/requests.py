@@ -11,6 +11,9 @@ enrollment only notes its error on the request, for the operator and a retry.
 
 Renewing or reissuing a connector key asks the CA again in the same way; the
 key keeps signing with its current certificate until the new one arrives.
+Rotating one (signery.server.keys.lifecycle) asks for a certificate for a new
+version, ``pending`` and not current; installing that certificate completes the
+rotation: the new version becomes current, the previous one is archived.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -34,8 +37,12 @@ from signery.errors import (
     Conflict,
     ConnectorFailed,
     InvalidRequest,
+    KeyChangedConcurrently,
+    KeyDestroyed,
+    KeyDestructionScheduled,
     NoCertificateRequest,
     NoPendingRequest,
+    RotationPending,
     SignatureVerificationFailed,
     SigneryError,
 )
@@ -46,7 +53,7 @@ from signery.protocol import (
     ConnectorKind,
     KeyStatus,
 )
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind, outcome_of
+from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind, outcome_of
 from signery.server.authz import Principal
 from signery.server.ca.chains import parse_certificates, pem_of, validate_issued_chain
 from signery.server.ca.connectors import Connector, ConnectorService
@@ -68,6 +75,7 @@ log = logging.getLogger("signery.keys")
 ENROLL = "enroll"
 RENEW = "renew"
 REISSUE = "reissue"
+ROTATE = "rotate"
 MAX_ERROR_CHARS = 1000
 _PENDING = CertificateRequestStatus.PENDING.value
 
@@ -111,6 +119,21 @@ def build_csr(
     if not csr.is_signature_valid:
         raise SignatureVerificationFailed("the key store's CSR signature does not verify")
     return csr
+
+
+def pending_rotation(s: Session, key: SigningKeyRow) -> KeyVersionRow | None:
+    """The version a rotation of this connector key waits to install a certificate
+    for: the one above the current version (there is at most one)."""
+    return s.scalars(
+        select(KeyVersionRow)
+        .where(
+            KeyVersionRow.key_id == key.id,
+            KeyVersionRow.version > key.current_version,
+            KeyVersionRow.status == KeyStatus.PENDING.value,
+        )
+        .order_by(KeyVersionRow.version.desc())
+        .limit(1)
+    ).first()
 
 
 def request_wire(row: CertificateRequestRow, key_version: int) -> p.CertificateRequest:
@@ -192,6 +215,9 @@ class CertificateRequests:
             updated_at=now,
         )
 
+    def connector_of(self, s: Session, key: SigningKeyRow) -> Connector:
+        return self._connectors.by_id(s, self._connector_id(key))
+
     def newest(self, s: Session, version: KeyVersionRow) -> p.CertificateRequest | None:
         row = s.scalars(
             select(CertificateRequestRow)
@@ -226,12 +252,15 @@ class CertificateRequests:
             key = self._key(s, key_id)
             version = self._current_version(s, key)
             connector = self._connectors.by_id(s, self._connector_id(key))
+            self._check_no_rotation(s, key)
         store = self._keystores.get(key.storage)
         connector.check_store(store.kind)
         public_key = _public_key(version.public_key_der)
         csr = build_csr(store, handle, public_key, subject, key.name)
         now = self._clock.now()
         with self._db.write() as s:
+            # Checked again where it counts: a rotation may have started meanwhile.
+            self._check_no_rotation(s, self._key(s, key_id))
             older = s.scalars(
                 select(CertificateRequestRow).where(
                     CertificateRequestRow.key_version_id == version.id,
@@ -268,12 +297,12 @@ class CertificateRequests:
                 ),
             )
         if connector.kind is ConnectorKind.EST:
-            self.try_enroll(principal, key_id, tsg_path, ctx)
+            self.try_enroll(actor_of(principal), key_id, tsg_path, ctx)
 
     # ------------------------------------------------------------ answers from the CA
 
     def install(
-        self, principal: Principal, key_id: str, tsg_path: str, chain_text: str, ctx: RequestContext
+        self, actor: Actor, key_id: str, tsg_path: str, chain_text: str, ctx: RequestContext
     ) -> None:
         """Install the chain an administrator brought back from the CA (csr
         connector; also accepted for an est connector whose CA answered out of band)."""
@@ -282,9 +311,9 @@ class CertificateRequests:
         chain = validate_issued_chain(
             certs, pending.public_key, pending.connector.roots, self._clock.now()
         )
-        self._install(principal, pending, chain, tsg_path, ctx)
+        self._install(actor, pending, chain, tsg_path, ctx)
 
-    def enroll(self, principal: Principal, key_id: str, tsg_path: str, ctx: RequestContext) -> None:
+    def enroll(self, actor: Actor, key_id: str, tsg_path: str, ctx: RequestContext | None) -> None:
         """Send the pending request to the connector's EST server and install what
         comes back. A failure is noted on the request, audited, and raised."""
         pending = self._pending(key_id)
@@ -317,20 +346,20 @@ class CertificateRequests:
                 connector.roots,
                 self._clock.now(),
             )
-            self._install(principal, pending, chain, tsg_path, ctx)
+            self._install(actor, pending, chain, tsg_path, ctx)
         except NoPendingRequest:
             raise  # answered meanwhile (another enrollment won): nothing to note
         except SigneryError as e:
-            self._failed(principal, pending, tsg_path, e, ctx)
+            self._failed(actor, pending, tsg_path, e, ctx)
             raise
 
     def try_enroll(
-        self, principal: Principal, key_id: str, tsg_path: str, ctx: RequestContext
+        self, actor: Actor, key_id: str, tsg_path: str, ctx: RequestContext | None
     ) -> None:
         """Enroll now; a failure stays noted on the request (and audited) for a retry
         with ``POST /api/v1/keys/{key}/enroll``, instead of failing the caller."""
         try:
-            self.enroll(principal, key_id, tsg_path, ctx)
+            self.enroll(actor, key_id, tsg_path, ctx)
         except SigneryError as e:
             # Noted on the request and audited by enroll(); the caller sees the
             # key pending with certificate_request.error.
@@ -340,11 +369,11 @@ class CertificateRequests:
 
     def _install(
         self,
-        principal: Principal,
+        actor: Actor,
         pending: _Pending,
         chain: tuple[x509.Certificate, ...],
         tsg_path: str,
-        ctx: RequestContext,
+        ctx: RequestContext | None,
     ) -> None:
         leaf = chain[0]
         now = self._clock.now()
@@ -359,6 +388,10 @@ class CertificateRequests:
             key = s.get(SigningKeyRow, pending.key_id)
             assert version is not None
             assert key is not None
+            rotation = version.version > key.current_version
+            previous_version = key.current_version
+            if rotation:
+                key = self._take_current(s, key, version.version, now)
             cert = CertificateRow(
                 id=new_id(),
                 key_version_id=version.id,
@@ -389,12 +422,23 @@ class CertificateRequests:
             request.certificate_id = cert.id
             request.error = None
             request.updated_at = now
+            if rotation:
+                # The version that signed until now is archived in the same
+                # transaction; its material stays, so signings under way finish.
+                old = s.scalars(
+                    select(KeyVersionRow).where(
+                        KeyVersionRow.key_id == key.id,
+                        KeyVersionRow.version == previous_version,
+                    )
+                ).one()
+                old.status = KeyStatus.ARCHIVED.value
+                old.archived_at = now
             self._recorder.record(
                 s,
                 AuditRecord(
                     EventKind.CERTIFICATE_RECEIVED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    actor,
                     tsg_id=key.tsg_id,
                     tsg_path=tsg_path,
                     key_id=key.id,
@@ -414,14 +458,68 @@ class CertificateRequests:
                     },
                 ),
             )
+            if rotation:
+                self._recorder.record(
+                    s,
+                    AuditRecord(
+                        EventKind.KEY_ROTATED,
+                        AuditOutcome.SUCCEEDED,
+                        actor,
+                        tsg_id=key.tsg_id,
+                        tsg_path=tsg_path,
+                        key_id=key.id,
+                        key_version=version.version,
+                        algorithm=key.algorithm,
+                        context=ctx,
+                        details={
+                            "previous_version": previous_version,
+                            "version": version.version,
+                            "certificate_serial": serial,
+                            "certificate_subject": cert.subject,
+                            "certificate_request": request.id,
+                            "purpose": request.purpose,
+                            "ca_connector": pending.connector.id,
+                        },
+                    ),
+                )
+
+    def _take_current(
+        self, s: Session, key: SigningKeyRow, version: int, now: datetime
+    ) -> SigningKeyRow:
+        """Make ``version`` (a rotation's new version) the key's current one, by a
+        compare-and-set on the current version this transaction read: a change that
+        got here first (another install, a destruction) wins and this one changes
+        nothing. A key scheduled for destruction does not complete its rotation."""
+        if key.status == KeyStatus.DESTROYED.value:
+            raise KeyDestroyed()
+        if key.destroy_at is not None:
+            raise KeyDestructionScheduled()
+        claimed = s.execute(
+            update(SigningKeyRow)
+            .where(
+                SigningKeyRow.id == key.id,
+                SigningKeyRow.current_version == key.current_version,
+                SigningKeyRow.status != KeyStatus.DESTROYED.value,
+                SigningKeyRow.destroy_at.is_(None),
+            )
+            .values(current_version=version, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            raise KeyChangedConcurrently(
+                "the key was rotated, destroyed or scheduled for destruction meanwhile"
+            )
+        fresh = s.get(SigningKeyRow, key.id, populate_existing=True)
+        assert fresh is not None
+        return fresh
 
     def _failed(
         self,
-        principal: Principal,
+        actor: Actor,
         pending: _Pending,
         tsg_path: str,
         error: SigneryError,
-        ctx: RequestContext,
+        ctx: RequestContext | None,
     ) -> None:
         message = f"{error.code}: {error.detail}"[:MAX_ERROR_CHARS]
         now = self._clock.now()
@@ -435,7 +533,7 @@ class CertificateRequests:
                 AuditRecord(
                     EventKind.ENROLLMENT_FAILED,
                     outcome_of(error),
-                    actor_of(principal),
+                    actor,
                     reason=error.code,
                     tsg_id=pending.tsg_id,
                     tsg_path=tsg_path,
@@ -462,12 +560,15 @@ class CertificateRequests:
     def _pending(self, key_id: str) -> _Pending:
         with self._db.read() as s:
             key = self._key(s, key_id)
-            version = self._current_version(s, key)
             request = self._pending_row(s, key)
             if request is None:
                 raise NoPendingRequest(
                     "the key has no pending certificate request: renew or reissue it to make one"
                 )
+            # The version the request is for (a pending rotation's new version, or
+            # the current one): the issued chain must certify its public key.
+            version = s.get(KeyVersionRow, request.key_version_id)
+            assert version is not None
             connector = self._connectors.by_id(s, self._connector_id(key))
         return _Pending(
             key_id=key.id,
@@ -482,17 +583,31 @@ class CertificateRequests:
         )
 
     def _pending_row(self, s: Session, key: SigningKeyRow) -> CertificateRequestRow | None:
+        """The pending request of the newest version that has one: a pending
+        rotation's new version first, else the current version (archived versions
+        never get a certificate again)."""
         return s.scalars(
             select(CertificateRequestRow)
             .join(KeyVersionRow, KeyVersionRow.id == CertificateRequestRow.key_version_id)
             .where(
                 KeyVersionRow.key_id == key.id,
-                KeyVersionRow.version == key.current_version,
+                KeyVersionRow.version >= key.current_version,
                 CertificateRequestRow.status == _PENDING,
             )
-            .order_by(CertificateRequestRow.created_at.desc())
+            .order_by(KeyVersionRow.version.desc(), CertificateRequestRow.created_at.desc())
             .limit(1)
         ).first()
+
+    @staticmethod
+    def _check_no_rotation(s: Session, key: SigningKeyRow) -> None:
+        rotating = pending_rotation(s, key)
+        if rotating is not None:
+            # One certificate request at a time: the rotation's request would
+            # otherwise compete with a renewal of the version it replaces.
+            raise RotationPending(
+                f"version {rotating.version} waits for its certificate: install it "
+                "(upload or enroll) before renewing or reissuing"
+            )
 
     @staticmethod
     def _key(s: Session, key_id: str) -> SigningKeyRow:

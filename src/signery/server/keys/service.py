@@ -270,7 +270,7 @@ class KeyService:
         if connector is not None and connector.kind is ConnectorKind.EST:
             # Enrolled at once; a failure leaves the key pending with the error noted
             # on its request, for `POST /api/v1/keys/{key}/enroll` to retry.
-            self._connector_requests().try_enroll(principal, key_id, path, ctx)
+            self._connector_requests().try_enroll(actor_of(principal), key_id, path, ctx)
             with self._db.read() as s:
                 created = s.get(SigningKeyRow, key_id)
                 assert created is not None
@@ -554,7 +554,8 @@ class KeyService:
     # ------------------------------------------------------------ external CA connectors
 
     def csr_pem(self, principal: Principal, ref: str, tsg_id: str | None = None) -> str:
-        """The CSR of the key's pending certificate request (PEM)."""
+        """The CSR of the key's pending certificate request (PEM): a pending
+        rotation's, for its new version, when there is one."""
         with self._db.read() as s:
             key = self.resolve(s, principal, ref, Permission.KEY_READ, tsg_id).row
             return self._connector_requests().csr_pem(s, key)
@@ -567,11 +568,12 @@ class KeyService:
         ctx: RequestContext,
         tsg_id: str | None = None,
     ) -> p.SigningKey:
-        """Install the chain issued for the key's pending request (checked first)."""
+        """Install the chain issued for the key's pending request (checked first); for
+        a pending rotation, this makes the new version current."""
         with self._db.read() as s:
             resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
         self._connector_requests().install(
-            principal, resolved.row.id, resolved.path, chain_pem, ctx
+            actor_of(principal), resolved.row.id, resolved.path, chain_pem, ctx
         )
         return self.get(principal, resolved.row.id)
 
@@ -581,7 +583,7 @@ class KeyService:
         """Send the key's pending request to its EST connector again."""
         with self._db.read() as s:
             resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
-        self._connector_requests().enroll(principal, resolved.row.id, resolved.path, ctx)
+        self._connector_requests().enroll(actor_of(principal), resolved.row.id, resolved.path, ctx)
         return self.get(principal, resolved.row.id)
 
     def _connector_requests(self) -> CertificateRequests:
@@ -665,8 +667,14 @@ class KeyService:
             )
             if v.version == key.current_version:
                 current_pem, current_chain = pem, chain_list(cert.chain_pem if cert else None)
-                if key.ca_connector_id is not None and self._requests is not None:
-                    request = self._requests.newest(s, v)
+            if (
+                v.version >= key.current_version
+                and key.ca_connector_id is not None
+                and self._requests is not None
+            ):
+                # A pending rotation's version comes after the current one: its
+                # request is the one waiting for the CA.
+                request = self._requests.newest(s, v) or request
         algorithm = Algorithm(key.algorithm)
         return p.SigningKey(
             id=key.id,
