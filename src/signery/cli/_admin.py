@@ -928,6 +928,25 @@ def key_rotate(
     _key_lifecycle(changed)
 
 
+@key_app.command("cancel-rotation")
+def key_cancel_rotation(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Abandon a rotation waiting for its certificate from an external CA: the new
+    version's key pair is destroyed; the current version signs on."""
+    _key_action(
+        ctx,
+        key,
+        "cancel-rotation",
+        tsg,
+        as_json,
+        "rotation of [bold]{name}[/] cancelled: version {key.current_version} signs on",
+    )
+
+
 @key_app.command("rotation")
 def key_rotation(
     ctx: typer.Context,

@@ -232,6 +232,52 @@ def test_a_pending_renewal_is_superseded_by_a_rotation(
     refused(upload(api, key, renewed.read_text()), 400, "certificate_key_mismatch")
 
 
+def test_a_pending_rotation_can_be_cancelled_and_its_certificate_is_refused(
+    api: Api,
+    installation: Installation,
+    tsg: dict[str, Any],
+    connector: dict[str, Any],
+    root: TestCa,
+    tmp_path: Path,
+) -> None:
+    """The CA never answers: the rotation is cancelled, the pending version's key
+    pair is erased, the current version signs on, and a certificate that arrives
+    late for the cancelled version is refused."""
+    key = active_key(api, tsg, connector, root, tmp_path)
+    refused(action(api, key["id"], "cancel-rotation"), 409, "conflict")
+    api.ok(action(api, key["id"], "rotate"))
+    download_csr(api, key, tmp_path / "v2.csr")
+    v2_ref = store_refs(installation, key["id"])[1]
+    assert builtin_material(installation, [v2_ref]) == 1
+
+    seq = api.last_seq()
+    cancelled = api.ok(action(api, key["id"], "cancel-rotation"))
+    assert cancelled["current_version"] == 1
+    assert [(v["version"], v["status"]) for v in cancelled["versions"]] == [
+        (1, "active"),
+        (2, "destroyed"),
+    ]
+    assert version(cancelled, 2)["destroyed_at"] is not None
+    assert builtin_material(installation, [v2_ref]) == 0, "the pending key pair is erased"
+    (event,) = events_of(api, seq, "key.rotation.cancelled")
+    assert event["details"]["version"] == 2
+    assert len(event["details"]["certificate_requests"]) == 1
+
+    token = api.access_token(api.create_account(tsg["id"]))
+    signed = api.ok(sign(api, token, key["name"], DIGEST))
+    assert signed["key_version"] == 1
+    assert verifies(
+        version(cancelled, 1)["public_key_pem"], base64.b64decode(signed["signature"]), DIGEST
+    )
+    # The late certificate for version 2 completes nothing.
+    late = root.issue(tmp_path / "v2.csr", tmp_path / "v2.pem")
+    refused(upload(api, key, late.read_text()), 409, "no_pending_certificate_request")
+    # And the key rotates again, to a new version.
+    again = api.ok(action(api, key["id"], "rotate"))
+    assert version(again, 3)["status"] == "pending"
+    assert again["current_version"] == 1
+
+
 def test_a_rotation_that_fails_leaves_no_key_material(
     api: Api,
     installation: Installation,

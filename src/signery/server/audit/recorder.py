@@ -80,6 +80,7 @@ class EventKind(StrEnum):
     # A connector key's new version waits for its certificate (key.rotated follows
     # when it is installed).
     KEY_ROTATION_REQUESTED = "key.rotation.requested"
+    KEY_ROTATION_CANCELLED = "key.rotation.cancelled"
     KEY_DISABLED = "key.disabled"
     KEY_ENABLED = "key.enabled"
     KEY_DESTRUCTION_SCHEDULED = "key.destruction.scheduled"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
@@ -174,7 +174,9 @@ class KeyLifecycle:
                 f"{self._ca.max_leaf_validity_days} days"
             )
         store = self._keystores.get(key.storage)
-        previous, new_version = key.current_version, key.current_version + 1
+        # Above every version ever made: a cancelled rotation's version number
+        # stays taken by its (destroyed) version.
+        previous, new_version = key.current_version, self._next_version(key.id)
         generated = store.generate(
             p.Algorithm(key.algorithm),
             KeyContext(key.id, new_version, key.tsg_id, label=key.name),
@@ -287,7 +289,9 @@ class KeyLifecycle:
         store = self._keystores.get(key.storage)
         connector.check_store(store.kind)
         subject = p.KeySubject.model_validate_json(key.subject_json)
-        previous, new_version = key.current_version, key.current_version + 1
+        # Above every version ever made: a cancelled rotation's version number
+        # stays taken by its (destroyed) version.
+        previous, new_version = key.current_version, self._next_version(key.id)
         generated = store.generate(
             p.Algorithm(key.algorithm),
             KeyContext(key.id, new_version, key.tsg_id, label=key.name),
@@ -410,6 +414,49 @@ class KeyLifecycle:
                 )
                 return Rotated(key.id, previous, new_version, serial)
         return Rotated(key.id, previous, new_version, None, pending=True)
+
+    def cancel_rotation(
+        self, principal: Principal, ref: str, ctx: RequestContext, tsg_id: str | None = None
+    ) -> p.SigningKey:
+        """Abandon a connector key's rotation that waits for its certificate (the CA
+        refused or never answered): its request is superseded, so no certificate
+        can complete it any more, and the pending version's key pair is destroyed
+        in the store. The current version signs on, and the key can rotate again."""
+        requests = self._connector_requests()
+        now = self._clock.now()
+        with self._db.write() as s:
+            resolved = self._keys.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
+            key = self._locked(s, resolved.row.id)
+            if key.status == KeyStatus.DESTROYED.value:
+                raise KeyDestroyed()
+            rotating = pending_rotation(s, key)
+            if rotating is None:
+                raise Conflict("the key has no rotation waiting for its certificate")
+            superseded = requests.supersede_pending(s, rotating, now)
+            # Destroyed from now on, for signing and for installing; destroyed_at is
+            # set once the store confirms the erasure (a later key destruction
+            # retries a version whose erasure failed).
+            rotating.status = KeyStatus.DESTROYED.value
+            handle = handle_for(key, rotating)
+            self._record(
+                s,
+                EventKind.KEY_ROTATION_CANCELLED,
+                actor_of(principal),
+                key,
+                resolved.path,
+                ctx,
+                {"version": rotating.version, "certificate_requests": superseded},
+            )
+        try:
+            self._keystores.get(key.storage).destroy(handle)
+        except SigneryError as e:
+            self._failed(key.id, EventKind.KEY_DESTRUCTION_FAILED, e)
+            raise
+        with self._db.write() as s:
+            erased = s.get(KeyVersionRow, rotating.id)
+            assert erased is not None
+            erased.destroyed_at = self._clock.now()
+        return self._keys.get(principal, resolved.row.id)
 
     @staticmethod
     def _check_rotatable(s: Session, key: SigningKeyRow) -> None:
@@ -764,6 +811,13 @@ class KeyLifecycle:
         key = s.get(SigningKeyRow, key_id, with_for_update=True, populate_existing=True)
         assert key is not None
         return key
+
+    def _next_version(self, key_id: str) -> int:
+        with self._db.read() as s:
+            highest = s.scalar(
+                select(func.max(KeyVersionRow.version)).where(KeyVersionRow.key_id == key_id)
+            )
+        return int(highest or 0) + 1
 
     @staticmethod
     def _version(s: Session, key_id: str, version: int) -> KeyVersionRow:

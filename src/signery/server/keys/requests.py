@@ -218,6 +218,22 @@ class CertificateRequests:
     def connector_of(self, s: Session, key: SigningKeyRow) -> Connector:
         return self._connectors.by_id(s, self._connector_id(key))
 
+    def supersede_pending(self, s: Session, version: KeyVersionRow, now: datetime) -> list[str]:
+        """Close the version's pending requests (in the caller's transaction): a
+        certificate can no longer be installed for them. Returns their ids."""
+        rows = s.scalars(
+            select(CertificateRequestRow)
+            .where(
+                CertificateRequestRow.key_version_id == version.id,
+                CertificateRequestRow.status == _PENDING,
+            )
+            .with_for_update()
+        ).all()
+        for row in rows:
+            row.status = CertificateRequestStatus.SUPERSEDED.value
+            row.updated_at = now
+        return [row.id for row in rows]
+
     def newest(self, s: Session, version: KeyVersionRow) -> p.CertificateRequest | None:
         row = s.scalars(
             select(CertificateRequestRow)

@@ -116,6 +116,19 @@ def rotate(
     return services.lifecycle.rotate(principal, key, body, ctx, tsg_id)
 
 
+@router.post("/{key}/cancel-rotation", response_model=p.SigningKey)
+def cancel_rotation(
+    key: str,
+    principal: PrincipalDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    tsg_id: str | None = None,
+) -> p.SigningKey:
+    """Abandon a rotation that waits for its certificate from an external CA; the
+    pending version's key pair is destroyed and the current version signs on."""
+    return services.lifecycle.cancel_rotation(principal, key, ctx, tsg_id)
+
+
 @router.put("/{key}/rotation", response_model=p.SigningKey)
 def rotation(
     key: str,
