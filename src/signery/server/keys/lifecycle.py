@@ -252,20 +252,8 @@ class KeyLifecycle:
                 old.archived_at = now
                 if next_rotation is not None:
                     details["next_rotation_at"] = next_rotation.isoformat()
-                self._recorder.record(
-                    s,
-                    AuditRecord(
-                        EventKind.KEY_ROTATED,
-                        AuditOutcome.SUCCEEDED,
-                        actor,
-                        tsg_id=key.tsg_id,
-                        tsg_path=path,
-                        key_id=key.id,
-                        key_version=new_version,
-                        algorithm=key.algorithm,
-                        context=ctx,
-                        details=details,
-                    ),
+                self._record(
+                    s, EventKind.KEY_ROTATED, actor, key, path, ctx, details, version=new_version
                 )
         except BaseException:
             # No half-created version: the new pair goes if it was not recorded.
@@ -381,20 +369,15 @@ class KeyLifecycle:
                 }
                 if live.next_rotation_at is not None and live.rotation_period_days:
                     details["next_rotation_at"] = live.next_rotation_at.isoformat()
-                self._recorder.record(
+                self._record(
                     s,
-                    AuditRecord(
-                        EventKind.KEY_ROTATION_REQUESTED,
-                        AuditOutcome.SUCCEEDED,
-                        actor,
-                        tsg_id=key.tsg_id,
-                        tsg_path=path,
-                        key_id=key.id,
-                        key_version=new_version,
-                        algorithm=key.algorithm,
-                        context=ctx,
-                        details=details,
-                    ),
+                    EventKind.KEY_ROTATION_REQUESTED,
+                    actor,
+                    key,
+                    path,
+                    ctx,
+                    details,
+                    version=new_version,
                 )
         except BaseException:
             # No half-created version: the new pair goes if it was not recorded.
@@ -780,7 +763,10 @@ class KeyLifecycle:
         path: str,
         ctx: RequestContext | None,
         details: dict[str, object],
+        version: int | None = None,
     ) -> None:
+        """A succeeded change of the key, in the caller's transaction (about the
+        current version unless ``version`` names another)."""
         self._recorder.record(
             s,
             AuditRecord(
@@ -790,7 +776,7 @@ class KeyLifecycle:
                 tsg_id=key.tsg_id,
                 tsg_path=path,
                 key_id=key.id,
-                key_version=key.current_version,
+                key_version=version if version is not None else key.current_version,
                 algorithm=key.algorithm,
                 context=ctx,
                 details=details,
