@@ -4,7 +4,15 @@
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
 from signery.server.approvals.models import ApprovalDecisionRow, SigningGrantRow, SigningRequestRow
-from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
+from signery.server.audit.models import (
+    AuditChainHeadRow,
+    AuditCheckpointRow,
+    AuditEventRow,
+    AuditSigningKeyRow,
+    AuditSinkCursorRow,
+    UsageCounterRow,
+    UsageDailyRow,
+)
 from signery.server.ca.models import CaAuthorityRow, CaConnectorRow, CrlRow
 from signery.server.db import Base
 from signery.server.keys.models import (
@@ -23,7 +31,11 @@ __all__ = [
     "AccountRow",
     "ApiTokenRow",
     "ApprovalDecisionRow",
+    "AuditChainHeadRow",
+    "AuditCheckpointRow",
     "AuditEventRow",
+    "AuditSigningKeyRow",
+    "AuditSinkCursorRow",
     "Base",
     "BuiltinKeyMaterialRow",
     "CaAuthorityRow",

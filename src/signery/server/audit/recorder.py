@@ -437,6 +437,10 @@ class AuditRecorder:
             "node_id": self.node_id,
             # Secrets never reach here: callers pass identifiers, never tokens.
             "details": json.dumps(dict(r.details), sort_keys=True, default=str),
+            # The hash chain (node_seq, prev_hash, hash) is not written yet.
+            "node_seq": None,
+            "prev_hash": None,
+            "hash": None,
         }
         for col, limit in _MAX_TEXT.items():
             if isinstance(row[col], str) and len(row[col]) > limit:
