@@ -871,11 +871,43 @@ class AuditEvent(ResponseModel):
     request_id: str | None
     node_id: str
     details: dict[str, Any]
+    # The hash chain (None on events written before it existed): what
+    # `signery audit verify` needs to check an event through the API.
+    tsg_path: str | None = None
+    node_seq: int | None = Field(default=None, description="Position in its node's hash chain")
+    prev_hash: str | None = Field(default=None, description="Hash of the node's previous event")
+    hash: str | None = Field(default=None, description="SHA-256 of the canonical encoding (hex)")
 
 
 class AuditEventPage(ResponseModel):
     events: list[AuditEvent]
     next_cursor: str | None
+
+
+class AuditCheckpoint(ResponseModel):
+    """A signed statement of one node's hash-chain head."""
+
+    id: str
+    node_id: str
+    seq: int
+    head_hash: str
+    signing_key_id: str
+    created_at: datetime
+    payload: str = Field(description="The canonical JSON that was signed")
+    signature: B64Bytes = Field(description="ECDSA P-256 SHA-256 over payload, DER, base64")
+
+
+class AuditCheckpointList(ResponseModel):
+    checkpoints: list[AuditCheckpoint]
+
+
+class AuditSigningKey(ResponseModel):
+    """The public key that verifies audit checkpoints."""
+
+    id: str
+    algorithm: str
+    public_key_pem: str
+    created_at: datetime
 
 
 class UsageCounter(ResponseModel):

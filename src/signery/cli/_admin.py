@@ -1444,6 +1444,150 @@ def audit_list(
     )
 
 
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="Read this database (a live one or a copy) instead of the API."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="Read the SQLite database of this data directory."),
+    ] = None,
+    checkpoints: Annotated[
+        Path | None,
+        typer.Option("--checkpoints", help="Directory of exported checkpoints to check against."),
+    ] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key", help="Trust only this audit public key (PEM) for checkpoints."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the audit hash chains and checkpoints; exit 1 when anything is wrong.
+
+    Reports, by event id: altered, deleted, inserted and reordered events, a
+    truncated tail, and a database rolled back behind an exported checkpoint.
+    Through the API (the default) it needs audit read access at the root TSG."""
+    from signery.server.audit.chain import read_exported
+
+    exported = read_exported(checkpoints) if checkpoints else []
+    pinned = _pinned_key(public_key) if public_key else None
+    if database_url or data_dir:
+        from signery.cli._server import _settings
+        from signery.server.audit.offline import verify_database
+
+        url = database_url or _settings(None, data_dir=data_dir).resolved_database_url
+        report = verify_database(url, exported, pinned)
+    else:
+        report = _verify_through_api(ctx, exported, pinned)
+    _print_report(report, as_json)
+    if not report.clean:
+        raise typer.Exit(1)
+
+
+def _pinned_key(path: Path) -> dict[str, bytes]:
+    from cryptography.hazmat.primitives import serialization
+
+    from signery.server.audit.chain import AUDIT_KEY_ID
+
+    key = serialization.load_pem_public_key(path.read_bytes())
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {AUDIT_KEY_ID: der}
+
+
+def _verify_through_api(
+    ctx: typer.Context, exported: list[Any], pinned: dict[str, bytes] | None
+) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    from signery.server.audit.chain import Checkpoint, verify
+
+    def events(c: Any) -> Any:
+        cursor: str | None = None
+        while True:
+            page = c.call(
+                "GET",
+                f"{API}/audit/events",
+                p.AuditEventPage,
+                params={"limit": 1000, "cursor": cursor},
+            )
+            for e in page.events:
+                row = e.model_dump(exclude={"principal"})
+                row["outcome"] = e.outcome.value
+                row["principal_type"] = e.principal.type.value
+                row["principal_id"] = e.principal.id
+                row["principal_name"] = e.principal.name
+                yield row
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+
+    with connection(ctx).admin() as c:
+        stored = c.call("GET", f"{API}/audit/checkpoints", p.AuditCheckpointList)
+        keys = pinned
+        if keys is None:
+            key = c.call("GET", f"{API}/audit/checkpoints/public-key", p.AuditSigningKey)
+            der = serialization.load_pem_public_key(key.public_key_pem.encode()).public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            keys = {key.id: der}
+        return verify(
+            events(c),
+            checkpoints=[
+                Checkpoint(cp.payload.encode(), cp.signature, f"server checkpoint {cp.id}")
+                for cp in stored.checkpoints
+            ],
+            exported=exported,
+            public_keys=keys,
+        )
+
+
+def _print_report(report: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(report.as_dict())
+        return
+    out.print(
+        f"{report.events} events ({report.chained} chained, {report.unchained} written before "
+        f"the chain), {len(report.nodes)} node chains, {report.checkpoints} checkpoints"
+    )
+    if report.clean:
+        out.print("[green]audit trail intact[/]")
+        return
+    table(
+        None,
+        ["finding", "node", "#", "event ids", "what"],
+        [
+            (f.kind.value, f.node_id, f.node_seq, " ".join(f.event_ids), f.message)
+            for f in report.findings
+        ],
+    )
+    err.print(f"[red]{len(report.findings)} findings[/]")
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Sign a checkpoint of every audit chain head that moved, now."""
+    with connection(ctx).admin() as c:
+        made = c.call("POST", f"{API}/audit/checkpoints", p.AuditCheckpointList)
+    emit(
+        made,
+        as_json,
+        lambda: table(
+            None,
+            ["node", "seq", "head hash", "time"],
+            [(cp.node_id, cp.seq, cp.head_hash[:16], cp.created_at) for cp in made.checkpoints],
+        ),
+    )
+
+
 def usage(
     ctx: typer.Context,
     scope: Annotated[str | None, typer.Option(help="key or account.")] = None,

@@ -134,6 +134,23 @@ class Settings(BaseSettings):
 
     db_pool_size: int = Field(default=10, ge=1, le=200)
     audit_batch_max: int = Field(default=512, ge=1, le=10_000)
+    audit_hash_chain: bool = Field(
+        default=True,
+        description="Hash-chain audit events (turn off only to measure its cost in a benchmark)",
+    )
+    audit_storage: str | None = Field(
+        default=None, description="Key store of the audit checkpoint key (default: ca_storage)"
+    )
+    audit_checkpoint_interval_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description="Seconds between signed checkpoints of a moved chain head (0: on demand only)",
+    )
+    audit_checkpoint_dir: Path | None = Field(
+        default=None,
+        description="Also write each signed checkpoint here as <node>-<seq>.json (outside the DB)",
+    )
     jti_retention_seconds: int = Field(default=3600, ge=600)
     scheduler_interval_seconds: int = Field(
         default=30,

@@ -23,6 +23,7 @@ from signery.server import meta
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
 from signery.server.approvals.service import ApprovalService
+from signery.server.audit.checkpoints import CheckpointService
 from signery.server.audit.recorder import (
     ANONYMOUS,
     Actor,
@@ -157,7 +158,11 @@ class Core:
             keyring=keyring,
             keystores=keystores,
             recorder=AuditRecorder(
-                db, settings.resolved_node_id, clock, batch_max=settings.audit_batch_max
+                db,
+                settings.resolved_node_id,
+                clock,
+                batch_max=settings.audit_batch_max,
+                hash_chain=settings.audit_hash_chain,
             ),
             directory=TsgDirectory(),
             authz=Authorizer(),
@@ -254,6 +259,16 @@ class Services:
             core.db, core.recorder, core.clock, core.keystores, self.metrics, self.approvals
         )
         self.audit = AuditService(core.db, core.authz)
+        self.checkpoints = CheckpointService(
+            core.db,
+            core.authz,
+            core.keystores,
+            core.clock,
+            storage=core.settings.audit_storage or core.settings.ca_storage,
+            export_dir=core.settings.audit_checkpoint_dir,
+            interval_seconds=core.settings.audit_checkpoint_interval_seconds,
+        )
+        self.scheduler.add(Job("audit_checkpoints", self.checkpoints.due))
         self.tsa = TsaService(
             core.db, core.keystores, core.recorder, core.clock, TsaConfig.of(core.settings)
         )

@@ -29,13 +29,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, insert
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from signery.errors import AuditUnavailable, ErrorKind, SigneryError
 from signery.protocol import AuditOutcome, PrincipalType
-from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
+from signery.server.audit.chain import GENESIS_HASH, link
+from signery.server.audit.models import (
+    AuditChainHeadRow,
+    AuditEventRow,
+    UsageCounterRow,
+    UsageDailyRow,
+)
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, new_id, sorted_by_key, table, upsert_statement
@@ -47,6 +54,7 @@ log = logging.getLogger("signery.audit")
 _EVENTS = table(AuditEventRow)
 _COUNTERS = table(UsageCounterRow)
 _DAILY = table(UsageDailyRow)
+_HEADS = table(AuditChainHeadRow)
 # Long client-supplied strings are cut, not refused: the event must be written.
 _MAX_TEXT = {"principal_name": 256, "user_agent": 256, "client_machine": 256, "client_tool": 256}
 
@@ -196,8 +204,18 @@ class _Batch:
 
 
 class AuditRecorder:
-    def __init__(self, db: Database, node_id: str, clock: Clock, *, batch_max: int = 512) -> None:
+    def __init__(
+        self,
+        db: Database,
+        node_id: str,
+        clock: Clock,
+        *,
+        batch_max: int = 512,
+        hash_chain: bool = True,
+    ) -> None:
         self._db = db
+        # Off only to measure what the chain costs (bench/sign_throughput.py).
+        self.hash_chain = hash_chain
         # The group-commit path writes on its own raw connection (signery.server.direct).
         self._direct = db.direct(autocommit=False)
         dialect = self._direct.dialect
@@ -226,6 +244,10 @@ class AuditRecorder:
             ),
             dialect,
         )
+        # The node's chain head, read under its row lock in the writing transaction.
+        self._head_for_update = Prepared.of(_head_select(node_id), dialect)
+        self._head_insert = Prepared.of(_head_insert(dialect.name, node_id), dialect)
+        self._head_update = Prepared.of(_head_update(node_id), dialect)
         self.node_id = node_id
         self._clock = clock
         self._batch_max = batch_max
@@ -263,7 +285,19 @@ class AuditRecorder:
         """Add an event to the caller's transaction; it commits with the change it records."""
         row = self._row(record)
         try:
-            session.execute(insert(_EVENTS), [row])
+            if self.hash_chain:
+                head = session.execute(_head_select(self.node_id)).first()
+                if head is None:
+                    dialect = session.get_bind().dialect.name
+                    session.execute(_head_insert(dialect, self.node_id), {"at": row["time"]})
+                    head = session.execute(_head_select(self.node_id)).one()
+                seq, hash_ = link([row], head[0], head[1])
+                session.execute(insert(_EVENTS), [row])
+                session.execute(
+                    _head_update(self.node_id), {"seq": seq, "hash": hash_, "at": row["time"]}
+                )
+            else:
+                session.execute(insert(_EVENTS), [row])
         except SQLAlchemyError as e:
             # Fail closed: the change this event records must not commit without it.
             raise AuditUnavailable() from e
@@ -398,6 +432,8 @@ class AuditRecorder:
                     d["failures"] += 1
         try:
             with self._direct.transaction() as cursor:
+                if self.hash_chain:
+                    self._link(cursor, [p.row for p in batch])
                 self._insert_events.executemany(cursor, [p.row for p in batch])
                 self._upsert_counters.executemany(
                     cursor, sorted_by_key(list(counters.values()), ("scope", "subject_id"))
@@ -409,6 +445,18 @@ class AuditRecorder:
             raise
         except Exception as e:
             raise AuditUnavailable() from e
+
+    def _link(self, cursor: Any, rows: list[dict[str, Any]]) -> None:
+        """Chain a batch after the node's head and move the head, in the caller's
+        transaction: the head row's lock (FOR UPDATE; the write lock on SQLite)
+        keeps two writers of one node from forking its chain, and a rollback
+        takes the head back with the events (no gap)."""
+        head = self._head_for_update.fetchall(cursor, {})
+        if not head:
+            self._head_insert.execute(cursor, {"at": rows[-1]["time"]})
+            head = self._head_for_update.fetchall(cursor, {})
+        seq, hash_ = link(rows, head[0][0], head[0][1])
+        self._head_update.execute(cursor, {"seq": seq, "hash": hash_, "at": rows[-1]["time"]})
 
     # ------------------------------------------------------------ encoding
 
@@ -437,7 +485,7 @@ class AuditRecorder:
             "node_id": self.node_id,
             # Secrets never reach here: callers pass identifiers, never tokens.
             "details": json.dumps(dict(r.details), sort_keys=True, default=str),
-            # The hash chain (node_seq, prev_hash, hash) is not written yet.
+            # The hash chain, set where the event is written (``link``).
             "node_seq": None,
             "prev_hash": None,
             "hash": None,
@@ -446,3 +494,23 @@ class AuditRecorder:
             if isinstance(row[col], str) and len(row[col]) > limit:
                 row[col] = row[col][:limit]
         return row
+
+
+def _head_select(node_id: str) -> Any:
+    return select(_HEADS.c.seq, _HEADS.c.hash).where(_HEADS.c.node_id == node_id).with_for_update()
+
+
+def _head_insert(dialect: str, node_id: str) -> Any:
+    """The node's first head (seq 0, the genesis hash); nothing if a rival made it."""
+    values = {"node_id": node_id, "seq": 0, "hash": GENESIS_HASH, "updated_at": bindparam("at")}
+    if dialect == "postgresql":
+        return postgresql.insert(_HEADS).values(values).on_conflict_do_nothing()
+    return sqlite.insert(_HEADS).values(values).on_conflict_do_nothing()
+
+
+def _head_update(node_id: str) -> Any:
+    return (
+        update(_HEADS)
+        .where(_HEADS.c.node_id == node_id)
+        .values(seq=bindparam("seq"), hash=bindparam("hash"), updated_at=bindparam("at"))
+    )

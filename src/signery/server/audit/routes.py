@@ -44,6 +44,27 @@ def audit_events(
     return services.audit.events(principal, f)
 
 
+@router.get("/audit/checkpoints", response_model=p.AuditCheckpointList)
+def audit_checkpoints(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    node_id: str | None = None,
+    after: datetime | None = None,
+) -> p.AuditCheckpointList:
+    return services.checkpoints.listing(principal, node_id, after)
+
+
+@router.post("/audit/checkpoints", response_model=p.AuditCheckpointList)
+def audit_checkpoint_now(principal: PrincipalDep, services: ServicesDep) -> p.AuditCheckpointList:
+    """Checkpoint every chain head that moved since its last checkpoint, now."""
+    return services.checkpoints.request(principal)
+
+
+@router.get("/audit/checkpoints/public-key", response_model=p.AuditSigningKey)
+def audit_checkpoint_key(principal: PrincipalDep, services: ServicesDep) -> p.AuditSigningKey:
+    return services.checkpoints.public_key(principal)
+
+
 @router.get("/usage", response_model=p.UsageReport)
 def usage(
     principal: PrincipalDep,

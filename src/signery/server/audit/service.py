@@ -61,6 +61,10 @@ def event_to_wire(row: AuditEventRow) -> p.AuditEvent:
         request_id=row.request_id,
         node_id=row.node_id,
         details=json.loads(row.details or "{}"),
+        tsg_path=row.tsg_path,
+        node_seq=row.node_seq,
+        prev_hash=row.prev_hash,
+        hash=row.hash,
     )
 
 
