@@ -94,6 +94,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,10 @@ ALGORITHMS: dict[str, str] = {"EC_P256": "ecdsa", "RSA_3072": "rsa-pkcs1v15"}
 KEY_NAMES: dict[str, str] = {"EC_P256": "p256", "RSA_3072": "rsa3072"}
 RSA_TARGET_RATIO = 0.80
 EC_TARGET_RATE = 2000.0
+# The audit hash chain (issue 7) may cost at most this share of EC_P256 throughput;
+# measured over alternating off/on rounds.
+CHAIN_MAX_COST = 0.10
+CHAIN_ROUNDS = 2
 
 # Key stores a run can measure. builtin is always there; the others need their tools.
 STORES: tuple[str, ...] = ("builtin", "pkcs11", "aws-kms")
@@ -1500,6 +1505,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "'limits' adds total and per-day usage limits (a database reservation per "
         "signature). Measures what governance costs per signature (default none)",
     )
+    ap.add_argument(
+        "--audit-chain",
+        choices=("on", "off", "both"),
+        default="both",
+        help="the audit hash chain (setting audit_hash_chain): on or off for the whole run, "
+        "or both: after the main run (chain on), builtin EC_P256 is measured again with the "
+        f"chain off and on, alternately ({CHAIN_ROUNDS} rounds, the server restarted each "
+        f"time), and the cost is judged (target: at most {CHAIN_MAX_COST:.0%}) (default both)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(
         "--strict", action="store_true", help="also exit with status 2 when a target is not met"
@@ -1567,6 +1581,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["stores_measured"] = setup.active
         meta["stores_skipped"] = setup.skipped
         server.add_env(setup.server_env)
+        server.add_env({"SIGNERY_AUDIT_HASH_CHAIN": str(args.audit_chain != "off").lower()})
+        meta["audit_chain"] = args.audit_chain
         if not setup.active:
             log("nothing to measure over HTTP: every store asked for was skipped")
 
@@ -1589,9 +1605,13 @@ def main(argv: list[str] | None = None) -> int:
         store_baselines = measure_store_baselines(setup, args.algorithms, args.baseline_duration)
 
         results: list[HttpResult] = []
+        chain: dict[str, Any] | None = None
         if setup.active:
-            results = bench_over_http(args, setup, server, workdir, load, cpus, pin_options)
+            results, chain = bench_over_http(args, setup, server, workdir, load, cpus, pin_options)
         summary = report(baselines, store_baselines, results, meta, store_notes(setup, baselines))
+        if chain is not None:
+            summary["audit_chain"] = chain
+            summary["targets"].append(chain["target"])
         log(
             "context: RSA_3072 raw with 2 threads "
             f"{baselines['RSA_3072'].sign_per_s_2threads or 0:,.0f}/s; every HTTP signature "
@@ -1631,9 +1651,9 @@ def bench_over_http(
     load: WrkLoad | PythonLoad,
     cpus: Cpus,
     pin_options: list[bool],
-) -> list[HttpResult]:
+) -> tuple[list[HttpResult], dict[str, Any] | None]:
     """Steps 2 and 3: the server with every active store, its keys, and each
-    (store, algorithm) pair driven over HTTP."""
+    (store, algorithm) pair driven over HTTP; then the hash chain on/off (``both``)."""
     # pkcs11 / aws-kms: no placement trials (moto floats on both cores anyway).
     store_pin_options = pin_options if args.pin != "auto" else [False]
     log(f"\n[2/3] starting signery serve on {server.url} (data in {workdir})")
@@ -1704,7 +1724,71 @@ def bench_over_http(
             )
             if store == "aws-kms" and setup.moto is not None and not setup.moto.running:
                 raise BenchError(f"the moto server exited: {setup.moto.log_tail()}")
-    return results
+        chain = None
+        measured = next(
+            (r for r in results if r.store == BUILTIN and r.algorithm == "EC_P256"), None
+        )
+        if args.audit_chain == "both" and measured is not None:
+            chain = bench_chain_on_off(
+                server, admin, fixture, install.issuer, load, cpus, measured, args
+            )
+    return results, chain
+
+
+def bench_chain_on_off(
+    server: Server,
+    admin: httpx.Client,
+    fixture: Fixture,
+    issuer: str,
+    load: WrkLoad | PythonLoad,
+    cpus: Cpus,
+    measured: HttpResult,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """builtin EC_P256 with the audit hash chain off and on, alternately (so that a
+    drift of the machine's load hits both alike), each on a freshly started server
+    with the connections and placement of the main run's best."""
+    connections, pinned = measured.load.connections, measured.load.pinned
+    log(
+        f"\n[+] audit hash chain off/on: builtin EC_P256, {CHAIN_ROUNDS} rounds of "
+        f"{args.duration} s each way, c={connections}"
+    )
+    rates: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(CHAIN_ROUNDS):
+        for mode in ("off", "on"):
+            server.stop()
+            server.add_env({"SIGNERY_AUDIT_HASH_CHAIN": str(mode == "on").lower()})
+            server.start()
+            token = access_token(server.url, fixture.credentials, issuer)
+            body = json.dumps(
+                {
+                    "digest": base64.b64encode(os.urandom(32)).decode("ascii"),
+                    "digest_algorithm": "sha256",
+                    "scheme": ALGORITHMS["EC_P256"],
+                },
+                separators=(",", ":"),
+            ).encode("ascii")
+            call = SignCall(f"{API}/signing/keys/{key_name(BUILTIN, 'EC_P256')}/sign", token, body)
+            cpus.place_server(server.pid, pinned)
+            load.run(call, connections, args.warmup, pinned)  # warm-up
+            result = load.run(call, connections, args.duration, pinned)
+            check_load(result, f"chain {mode}")
+            rates[mode].append(result.rate)
+            log(f"  chain {mode:<3} {result.rate:>7,.0f} sign/s  p50 {result.p50_ms:6.2f} ms")
+    off = statistics.mean(rates["off"])
+    on = statistics.mean(rates["on"])
+    cost = 1 - on / off
+    log(f"  chain on / off = {on / off:.1%} (cost {cost:.1%}, target <= {CHAIN_MAX_COST:.0%})")
+    return {
+        "rates_off": [round(r, 1) for r in rates["off"]],
+        "rates_on": [round(r, 1) for r in rates["on"]],
+        "on_over_off": round(on / off, 4),
+        "target": {
+            "target": f"audit hash chain costs <= {CHAIN_MAX_COST:.0%} of EC_P256 throughput",
+            "value": f"{cost:.1%}",
+            "met": cost <= CHAIN_MAX_COST,
+        },
+    }
 
 
 if __name__ == "__main__":
