@@ -48,6 +48,7 @@ import shlex
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -114,6 +115,7 @@ OUTPUTS = frozenset(
         "app.bin.renewed.sig",
         "app.bin.rsa-v2.sig",
         "app.bin.gated.sig",
+        "audit-checkpoints",
         "pubkey-gated.pem",
         "pubkey-rsa-v2.pem",
         "server.log",
@@ -352,6 +354,10 @@ class Demo:
             ("Disable the account: signing is refused", self.step_refusal),
             ("Enable the account again: signing works", self.step_reenable),
             ("Show the audit events", self.step_audit),
+            (
+                "Check the audit hash chains and a signed checkpoint; catch an edited copy",
+                self.step_audit_verify,
+            ),
             ("Show the usage counters", self.step_usage),
             (stop or "Stop the server", self.step_stop),
         ]
@@ -737,7 +743,13 @@ class Demo:
         return subprocess.Popen(  # noqa: S603 - fixed argv of our own CLI, no shell
             argv,
             cwd=self.tmp,
-            env={**self.env, "SIGNERY_ACCESS_LOG": "false", **self.server_env},
+            env={
+                **self.env,
+                "SIGNERY_ACCESS_LOG": "false",
+                # Signed audit checkpoints are also written here, outside the database.
+                "SIGNERY_AUDIT_CHECKPOINT_DIR": str(self.out / "audit-checkpoints"),
+                **self.server_env,
+            },
             stdin=subprocess.DEVNULL,
             stdout=self.server_log_file,
             stderr=subprocess.STDOUT,
@@ -1472,6 +1484,42 @@ class Demo:
             f"the refusal is recorded: kind {escape(str(r.get('kind')))}, outcome "
             f"{escape(str(r.get('outcome')))}, reason [bold]{escape(str(r.get('reason')))}[/]"
         )
+
+    def step_audit_verify(self) -> None:
+        checkpoints = self.out / "audit-checkpoints"
+        self.cli("audit", "checkpoint")
+        files = sorted(checkpoints.glob("*.json"))
+        self.expect(bool(files), f"no checkpoint was exported to {checkpoints}")
+        self.cli("audit", "verify", "--checkpoints", checkpoints)
+        # An auditor's copy of the database, with one signing event quietly edited.
+        copy = self.tmp / "audit-copy.db"
+        with sqlite3.connect(self.data_dir / "signery.db") as live, sqlite3.connect(copy) as dst:
+            live.backup(dst)
+        with sqlite3.connect(copy) as db:
+            row = db.execute(
+                "SELECT id FROM audit_events WHERE kind = 'signing.sign.succeeded' "
+                "AND hash IS NOT NULL ORDER BY seq LIMIT 1"
+            ).fetchone()
+            self.expect(row is not None, "no chained signing event to edit")
+            db.execute("UPDATE audit_events SET digest = ? WHERE id = ?", ("00" * 32, row[0]))
+        done = self.cli(
+            "audit", "verify", "--database-url", f"sqlite:///{copy}", "--checkpoints",
+            checkpoints, "--json", check=False, show=False,
+        )  # fmt: skip
+        self.expect(
+            done.returncode == 1, "the edited copy passed `signery audit verify`", done.stdout
+        )
+        try:
+            report = json.loads(done.stdout)
+        except ValueError as e:
+            raise StepFailed("`signery audit verify --json` did not print JSON", done.stdout) from e
+        found = json.dumps(report)
+        self.expect(row[0] in found and "altered" in found, "the edit is not reported", found)
+        self.note(
+            f"{len(files)} signed checkpoint(s) exported to audit-checkpoints/; "
+            "the live chains verify clean"
+        )
+        self.note(f"the copy with one edited event is caught: altered, event {row[0]}")
 
     def print_audit_table(self, events: list[dict[str, Any]]) -> None:
         """The audit events as a compact table (the full records are in the JSON file)."""
