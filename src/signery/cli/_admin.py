@@ -1569,10 +1569,12 @@ def audit_export(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to this file (default: stdout).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export the audit events you may read, oldest first, streamed (any size).
 
-    The file appears only when the export is complete: a cut stream leaves none."""
+    The file appears only when the export is complete: a cut stream leaves none.
+    --json: with -o, a summary (file, format, bytes) on stdout."""
     params = {
         "since": _when(since).isoformat() if since else None,
         "until": _when(until).isoformat() if until else None,
@@ -1585,11 +1587,17 @@ def audit_export(
             sys.stdout.buffer.flush()
             return
         partial = output.with_name(f".{output.name}.partial")
+        size = 0
         try:
             with partial.open("wb") as f:
                 for chunk in chunks:
                     f.write(chunk)
+                    size += len(chunk)
             partial.replace(output)
         finally:
             partial.unlink(missing_ok=True)
-    err.print(f"exported to {output}", highlight=False)
+    emit(
+        {"output": str(output), "format": fmt.value, "bytes": size},
+        as_json,
+        lambda: err.print(f"exported to {output} ({size} bytes)", highlight=False),
+    )
