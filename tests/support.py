@@ -442,20 +442,26 @@ def refused_once(
     if kind is not None:
         assert events[0]["kind"] == kind, events[0]
     after = api.usage()
+    # A refusal by a decision is counted as denied, an invalid request or an error
+    # as a failure: the other column never moves.
+    column = "denied" if events[0]["outcome"] == "denied" else "failures"
     for (scope, subject), counter in after.items():
-        before = usage.get((scope, subject), {"successes": 0, "failures": 0})
+        before = usage.get((scope, subject), {"successes": 0, "failures": 0, "denied": 0})
         assert counter["successes"] == before["successes"], (
             f"a success was counted for {scope} {subject}"
         )
-        expected_failures = before["failures"]
-        if failures_counted and subject in (account_id, key_id):
-            expected_failures += 1
-        assert counter["failures"] == expected_failures, f"failures for {scope} {subject}"
+        for name in ("failures", "denied"):
+            expected = before[name]
+            # The key's version in use is counted with the key.
+            attributable = subject in (account_id, key_id) or (
+                scope == "key_version" and key_id is not None and counter["key_id"] == key_id
+            )
+            if failures_counted and name == column and attributable:
+                expected += 1
+            assert counter[name] == expected, f"{name} for {scope} {subject}"
     if failures_counted:
         for scope, subject in (("account", account_id), ("key", key_id)):
             if subject is not None:
-                assert (
-                    api.counter(after, scope, subject)[1]
-                    == api.counter(usage, scope, subject)[1] + 1
-                )
+                was = usage.get((scope, subject), {column: 0})[column]
+                assert after[(scope, subject)][column] == was + 1, f"{column} for {subject}"
     assert api.http.get("/readyz").status_code == 200

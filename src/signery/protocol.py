@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -910,17 +910,41 @@ class AuditSigningKey(ResponseModel):
     created_at: datetime
 
 
+class ExportFormat(StrEnum):
+    """Formats of ``GET /api/v1/audit/export``: JSON lines, or CSV with a header row."""
+
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+class UsageScope(StrEnum):
+    """What a usage counter counts: a key, one version of a key, an account, a TSA."""
+
+    KEY = "key"
+    KEY_VERSION = "key_version"
+    ACCOUNT = "account"
+    TSA = "tsa"
+
+
 class UsageCounter(ResponseModel):
-    subject_type: str
-    subject_id: str
-    name: str | None
+    subject_type: str = Field(description="key, key_version, account or tsa")
+    subject_id: str = Field(description="The key, account or TSA id; a key version's row id")
+    name: str | None = Field(description="The key's, account's or TSA's name")
     tsg_id: str | None
+    key_id: str | None = Field(default=None, description="For a key version: its key")
+    version: int | None = Field(default=None, description="For a key version: its number")
+    day: date | None = Field(default=None, description="With group_by=day: the day (UTC)")
     successes: int
-    failures: int
-    last_used_at: datetime | None
+    failures: int = Field(description="Invalid requests and errors")
+    denied: int = Field(default=0, description="Refused by a decision (access, policy, limits)")
+    last_used_at: datetime | None = Field(
+        default=None, description="Last success (lifetime counters only)"
+    )
 
 
 class UsageReport(ResponseModel):
+    since: date | None = Field(default=None, description="First day counted (UTC), if limited")
+    until: date | None = Field(default=None, description="Last day counted (UTC), if limited")
     counters: list[UsageCounter]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import csv
+import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -17,6 +19,7 @@ from signery.cli._common import (
     emit,
     err,
     out,
+    parse_duration,
     print_json,
     table,
     write_private_file,
@@ -1588,34 +1591,157 @@ def audit_checkpoint(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     )
 
 
+def _when(text: str) -> datetime:
+    """An ISO 8601 date or time (UTC unless it says otherwise), or a time ago: 30d, 8h."""
+    text = text.strip()
+    if text[-1:].lower() in ("s", "m", "h", "d") and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not a date (2025-01-31), a time (2025-01-31T12:00:00Z) "
+            "or a time ago (30d, 8h)"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _csv_cell(value: Any) -> Any:
+    # OWASP CSV injection: a cell a spreadsheet would take for a formula gets a
+    # leading quote (so does one starting with a quote: the escaping is reversible).
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r", "'")):
+        return "'" + value
+    return value
+
+
+_USAGE_COLUMNS = (
+    "day",
+    "subject_type",
+    "name",
+    "version",
+    "subject_id",
+    "tsg_id",
+    "successes",
+    "failures",
+    "denied",
+    "last_used_at",
+)
+
+
 def usage(
     ctx: typer.Context,
-    scope: Annotated[str | None, typer.Option(help="key or account.")] = None,
+    scope: Annotated[
+        p.UsageScope | None, typer.Option(help="key, key_version, account or tsa.")
+    ] = None,
     tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="First day counted: 2025-01-31, or 30d for 30 days ago.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Last day counted (inclusive).")] = None,
+    top: Annotated[
+        int | None, typer.Option(help="Only the N keys and accounts with the most successes.")
+    ] = None,
+    by_day: Annotated[bool, typer.Option("--by-day", help="One row per day.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV with a header row.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Usage counters per key and per account."""
+    """Usage counters per key, key version and account: successes, failures (invalid
+    requests, errors) and denied (refused by access, policy or limits). Without
+    --since/--until: since the start; with them: the days (UTC) in between."""
     with connection(ctx).admin() as c:
         report = c.call(
-            "GET", f"{API}/usage", p.UsageReport, params={"scope": scope, "tsg_id": tsg}
+            "GET",
+            f"{API}/usage",
+            p.UsageReport,
+            params={
+                "scope": scope.value if scope else None,
+                "tsg_id": tsg,
+                "since": _when(since).date().isoformat() if since else None,
+                "until": _when(until).date().isoformat() if until else None,
+                "top": top,
+                "group_by": "day" if by_day else None,
+            },
         )
+    rows: list[tuple[Any, ...]] = [
+        (
+            u.day,
+            u.subject_type,
+            u.name,
+            u.version,
+            u.subject_id,
+            u.tsg_id,
+            u.successes,
+            u.failures,
+            u.denied,
+            u.last_used_at,
+        )
+        for u in report.counters
+    ]
+    if as_csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(_USAGE_COLUMNS)
+        writer.writerows([_csv_cell("" if v is None else str(v)) for v in r] for r in rows)
+        return
+    columns = [
+        "day",
+        "type",
+        "name",
+        "ver",
+        "id",
+        "tsg",
+        "successes",
+        "failed",
+        "denied",
+        "last used",
+    ]
+    if not by_day:
+        columns, rows = columns[1:], [r[1:] for r in rows]
+    emit(report, as_json, lambda: table(None, columns, rows))
+
+
+@audit_app.command("export")
+def audit_export(
+    ctx: typer.Context,
+    since: Annotated[
+        str | None,
+        typer.Option(help="From this time: 2025-01-31, 2025-01-31T12:00:00Z, or 30d ago."),
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (same forms).")] = None,
+    fmt: Annotated[
+        p.ExportFormat, typer.Option("--format", help="jsonl (one event a line) or csv.")
+    ] = p.ExportFormat.JSONL,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file (default: stdout).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the audit events you may read, oldest first, streamed (any size).
+
+    The file appears only when the export is complete: a cut stream leaves none.
+    --json: with -o, a summary (file, format, bytes) on stdout."""
+    params = {
+        "since": _when(since).isoformat() if since else None,
+        "until": _when(until).isoformat() if until else None,
+        "format": fmt.value,
+    }
+    with connection(ctx).admin() as c, c.call_stream(f"{API}/audit/export", params) as chunks:
+        if output is None:
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            return
+        partial = output.with_name(f".{output.name}.partial")
+        size = 0
+        try:
+            with partial.open("wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                    size += len(chunk)
+            partial.replace(output)
+        finally:
+            partial.unlink(missing_ok=True)
     emit(
-        report,
+        {"output": str(output), "format": fmt.value, "bytes": size},
         as_json,
-        lambda: table(
-            None,
-            ["type", "name", "id", "tsg", "successes", "failures", "last used"],
-            [
-                (
-                    u.subject_type,
-                    u.name,
-                    u.subject_id,
-                    u.tsg_id,
-                    u.successes,
-                    u.failures,
-                    u.last_used_at,
-                )
-                for u in report.counters
-            ],
-        ),
+        lambda: err.print(f"exported to {output} ({size} bytes)", highlight=False),
     )

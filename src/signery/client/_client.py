@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import httpx
 import jwt
@@ -327,6 +328,43 @@ class Client:
         """A GET whose answer is binary (a DER CRL or certificate)."""
         return self._management("GET", path, params=params).content
 
+    @contextlib.contextmanager
+    def call_stream(
+        self, path: str, params: Mapping[str, Any] | None = None
+    ) -> Iterator[Iterator[bytes]]:
+        """A GET whose answer is read as it arrives (an audit export): the body's
+        chunks, never held whole in memory. An error answer raises as usual; a
+        stream cut short raises ServerUnreachable."""
+        if not self._api_token:
+            raise ClientError(
+                "no API token: run `signery login --api-token ...` or set SIGNERY_API_TOKEN"
+            )
+        request = self._http.build_request(
+            "GET",
+            path,
+            params={k: v for k, v in (params or {}).items() if v is not None},
+            headers={"Authorization": f"Bearer {self._api_token}"},
+        )
+        try:
+            response = self._http.send(request, stream=True)
+        except httpx.TransportError as e:
+            raise ServerUnreachable(f"cannot reach {self.server}: {type(e).__name__}") from None
+        try:
+            if not response.is_success:
+                response.read()
+                self._raise_for(response, path)
+            yield self._chunks(response)
+        finally:
+            response.close()
+
+    def _chunks(self, response: httpx.Response) -> Iterator[bytes]:
+        try:
+            yield from response.iter_bytes()
+        except httpx.TransportError as e:
+            raise ServerUnreachable(
+                f"the answer of {self.server} was cut short: {type(e).__name__}"
+            ) from None
+
     # ------------------------------------------------------------ plumbing
 
     def _management(
@@ -378,8 +416,11 @@ class Client:
             )
         except httpx.TransportError as e:
             raise ServerUnreachable(f"cannot reach {self.server}: {type(e).__name__}") from None
-        if response.is_success:
-            return response
+        if not response.is_success:
+            self._raise_for(response, path)
+        return response
+
+    def _raise_for(self, response: httpx.Response, path: str) -> NoReturn:
         try:
             problem = response.json()
         except ValueError:

@@ -244,7 +244,8 @@ def issued_once(api: Api, tsa_id: str) -> Iterator[dict[str, Any]]:
 @contextlib.contextmanager
 def tsa_refused_once(api: Api, tsa_id: str, *, reason: str) -> Iterator[dict[str, Any]]:
     """The refusal contract (tests.support.refused_once) for the TSA: exactly one
-    tsa.timestamp.refused event with the reason, the TSA's failure counted, and
+    tsa.timestamp.refused event with the reason, the TSA's refusal counted (denied or
+    failed), and
     nothing else counted anywhere (no timestamp counted as issued)."""
     seq, before = api.last_seq(), api.usage()
     found: dict[str, Any] = {}
@@ -255,11 +256,16 @@ def tsa_refused_once(api: Api, tsa_id: str, *, reason: str) -> Iterator[dict[str
     assert events[0]["key_id"] == tsa_id
     found.update(events[0])
     after = api.usage()
+    # Denied (a decision) and failed (invalid, error) are counted apart.
+    column = "denied" if events[0]["outcome"] == "denied" else "failures"
     for (scope, subject), counter in after.items():
-        was = before.get((scope, subject), {"successes": 0, "failures": 0})
+        was = before.get((scope, subject), {"successes": 0, "failures": 0, "denied": 0})
         assert counter["successes"] == was["successes"], f"a success was counted for {subject}"
-        expected = was["failures"] + (1 if (scope, subject) == ("tsa", tsa_id) else 0)
-        assert counter["failures"] == expected, f"failures for {scope} {subject}"
+        for name in ("failures", "denied"):
+            expected = was[name] + (
+                1 if (scope, subject) == ("tsa", tsa_id) and name == column else 0
+            )
+            assert counter[name] == expected, f"{name} for {scope} {subject}"
     assert ("tsa", tsa_id) in after
     assert api.http.get("/readyz").status_code == 200
 
@@ -679,7 +685,7 @@ def test_the_usage_report_counts_the_tsa(api: Api, tsa: TimestampAuthority) -> N
     assert counters[0]["tsg_id"] == api.root_tsg_id
     bad = api.http.get("/api/v1/usage", params={"scope": "nope"}, headers=api.admin)
     assert bad.status_code == 400
-    assert "key, account or tsa" in bad.json()["detail"]
+    assert "'key', 'key_version', 'account' or 'tsa'" in bad.json()["detail"]
 
 
 def test_the_openapi_document_describes_the_tsa(api: Api) -> None:

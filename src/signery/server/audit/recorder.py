@@ -179,13 +179,36 @@ class AuditRecord:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
+class Counted(StrEnum):
+    """The column a counted attempt lands in: refusals by a decision (denied) are
+    counted apart from failures (invalid requests and errors)."""
+
+    SUCCEEDED = "successes"
+    DENIED = "denied"
+    FAILED = "failures"
+
+    @classmethod
+    def of(cls, outcome: AuditOutcome) -> Counted:
+        if outcome is AuditOutcome.SUCCEEDED:
+            return cls.SUCCEEDED
+        if outcome is AuditOutcome.DENIED:
+            return cls.DENIED
+        return cls.FAILED
+
+
+# The counter columns, each bound by the prepared upserts.
+_COUNTED = tuple(c.value for c in Counted)
+
+
 @dataclass(frozen=True, slots=True)
 class UsageDelta:
-    """One signing attempt to count, per key and per account."""
+    """One signing attempt to count, per key, per key version (the ``key_versions``
+    row id) and per account, in the lifetime counters and the day's."""
 
-    success: bool
+    outcome: Counted
     key_id: str | None = None
     account_id: str | None = None
+    version_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -230,7 +253,7 @@ class AuditRecorder:
                 dialect.name,
                 _COUNTERS,
                 key=("scope", "subject_id"),
-                increment=("successes", "failures"),
+                increment=_COUNTED,
                 keep_if_null=("last_used_at",),
             ),
             dialect,
@@ -240,7 +263,7 @@ class AuditRecorder:
                 dialect.name,
                 _DAILY,
                 key=("day", "scope", "subject_id"),
-                increment=("successes", "failures"),
+                increment=_COUNTED,
             ),
             dialect,
         )
@@ -399,37 +422,30 @@ class AuditRecorder:
             if p.usage is None:
                 continue
             at: datetime = p.row["time"]
-            for scope, subject in (("key", p.usage.key_id), ("account", p.usage.account_id)):
+            column = p.usage.outcome.value
+            for scope, subject in (
+                ("key", p.usage.key_id),
+                ("key_version", p.usage.version_id),
+                ("account", p.usage.account_id),
+            ):
                 if subject is None:
                     continue
                 c = counters.setdefault(
                     (scope, subject),
-                    {
-                        "scope": scope,
-                        "subject_id": subject,
-                        "successes": 0,
-                        "failures": 0,
-                        "last_used_at": None,
-                    },
+                    {"scope": scope, "subject_id": subject, "last_used_at": None}
+                    | dict.fromkeys(_COUNTED, 0),
                 )
                 d = daily.setdefault(
                     (at.date(), scope, subject),
-                    {
-                        "day": at.date(),
-                        "scope": scope,
-                        "subject_id": subject,
-                        "successes": 0,
-                        "failures": 0,
-                    },
+                    {"day": at.date(), "scope": scope, "subject_id": subject}
+                    | dict.fromkeys(_COUNTED, 0),
                 )
-                if p.usage.success:
-                    c["successes"] += 1
-                    d["successes"] += 1
-                    if c["last_used_at"] is None or at > c["last_used_at"]:
-                        c["last_used_at"] = at
-                else:
-                    c["failures"] += 1
-                    d["failures"] += 1
+                c[column] += 1
+                d[column] += 1
+                if p.usage.outcome is Counted.SUCCEEDED and (
+                    c["last_used_at"] is None or at > c["last_used_at"]
+                ):
+                    c["last_used_at"] = at
         try:
             with self._direct.transaction() as cursor:
                 if self.hash_chain:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
+from typing import Literal
 
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
 from signery import protocol as p
-from signery.protocol import API_PREFIX, AuditOutcome
-from signery.server.audit.service import EventFilter
+from signery.protocol import API_PREFIX, AuditOutcome, ExportFormat
+from signery.server.audit.service import CSV, JSONL, EventFilter, UsageQuery
 from signery.server.deps import PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=API_PREFIX, tags=["audit"])
@@ -69,7 +71,29 @@ def audit_checkpoint_key(principal: PrincipalDep, services: ServicesDep) -> p.Au
 def usage(
     principal: PrincipalDep,
     services: ServicesDep,
-    scope: str | None = None,
+    scope: p.UsageScope | None = None,
     tsg_id: str | None = None,
+    since: date | None = None,
+    until: date | None = None,
+    top: int | None = None,
+    group_by: Literal["day"] | None = None,
 ) -> p.UsageReport:
-    return services.audit.usage(principal, scope, tsg_id)
+    q = UsageQuery(scope, tsg_id, since, until, top, by_day=group_by == "day")
+    return services.audit.usage(principal, q)
+
+
+@router.get(
+    "/audit/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {JSONL: {}, CSV: {}}}},
+)
+def audit_export(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    format: ExportFormat = ExportFormat.JSONL,
+) -> StreamingResponse:
+    """The audit events the caller may read, oldest first, streamed page by page."""
+    lines = services.audit.export(principal, since, until, format)
+    return StreamingResponse(lines, media_type=CSV if format is ExportFormat.CSV else JSONL)

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import date, datetime
+from typing import Any
 
-from sqlalchemy import false, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Row, Select, Subquery, false, func, literal, null, or_, select
 
 from signery import protocol as p
 from signery.errors import InvalidRequest
 from signery.protocol import AuditOutcome, PrincipalType
 from signery.server.accounts.models import AccountRow
-from signery.server.audit.models import AuditEventRow, UsageCounterRow
+from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.models import CaAuthorityRow
 from signery.server.ca.tsa import TSA
 from signery.server.db import Database
-from signery.server.keys.models import SigningKeyRow
+from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.tsg.models import TsgRow
 
 MAX_PAGE = 1000
+JSONL = "application/jsonl"
+CSV = "text/csv; charset=utf-8"
+# A cell starting with one of these is taken for a formula by spreadsheets (OWASP
+# "CSV injection"); such a cell gets a leading quote, and so does one that starts
+# with a quote, so that the escaping can be undone without ambiguity.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +45,8 @@ class EventFilter:
     limit: int = 100
     cursor: str | None = None
     descending: bool = False
+    # Events up to this seq only (an export is a cut of the trail as it began).
+    through_seq: int | None = None
 
 
 def event_to_wire(row: AuditEventRow) -> p.AuditEvent:
@@ -106,6 +117,8 @@ class AuditService:
             q = q.where(ev.time >= f.since)
         if f.until:
             q = q.where(ev.time < f.until)
+        if f.through_seq is not None:
+            q = q.where(ev.seq <= f.through_seq)
         if f.cursor:
             try:
                 after = int(f.cursor)
@@ -122,70 +135,215 @@ class AuditService:
             next_cursor=str(rows[-1].seq) if more and rows else None,
         )
 
-    def usage(
-        self, principal: Principal, scope: str | None = None, tsg_id: str | None = None
-    ) -> p.UsageReport:
-        if scope not in (None, "key", "account", "tsa"):
-            raise InvalidRequest("scope must be key, account or tsa")
+    def export(
+        self,
+        principal: Principal,
+        since: datetime | None,
+        until: datetime | None,
+        fmt: p.ExportFormat,
+    ) -> Iterator[str]:
+        """The events the principal may read, oldest first, as JSON lines or CSV, one
+        page of events at a time (memory stays bounded whatever the trail's size).
+
+        The first page is read before anything is sent, so that a refused or
+        malformed request is an error response, not a truncated stream; the export
+        stops at the newest event that existed when it began."""
+        with self._db.read() as s:
+            last = s.scalar(select(func.max(AuditEventRow.seq))) or 0
+        f = EventFilter(since=since, until=until, limit=MAX_PAGE, through_seq=last)
+        first = self.events(principal, f)
+        return self._pages(principal, f, first, fmt)
+
+    def _pages(
+        self, principal: Principal, f: EventFilter, page: p.AuditEventPage, fmt: p.ExportFormat
+    ) -> Iterator[str]:
+        encode = _csv_page if fmt is p.ExportFormat.CSV else _jsonl_page
+        if fmt is p.ExportFormat.CSV:
+            yield _csv_rows([_csv_columns()])
+        while True:
+            yield encode(page.events)
+            if page.next_cursor is None:
+                return
+            page = self.events(principal, replace(f, cursor=page.next_cursor))
+
+    def usage(self, principal: Principal, q: UsageQuery) -> p.UsageReport:
+        """Usage counters of the keys, key versions, accounts and TSAs the principal
+        may see: the lifetime counters, or sums of the daily counters over a period
+        (``since``/``until``, days inclusive), optionally one row per day; ``top``
+        keeps the N subjects of each type with the most successes."""
+        if q.top is not None and not 1 <= q.top <= MAX_PAGE:
+            raise InvalidRequest(f"top must be between 1 and {MAX_PAGE}")
+        if q.since and q.until and q.since > q.until:
+            raise InvalidRequest("since is after until")
         scopes = self._authz.scopes(principal, Permission.USAGE_READ)
+        daily = q.since is not None or q.until is not None or q.by_day
         out: list[p.UsageCounter] = []
         with self._db.read() as s:
-            for subject_scope, model in (("key", SigningKeyRow), ("account", AccountRow)):
-                if scope not in (None, subject_scope):
+            for kind in p.UsageScope:
+                if q.scope not in (None, kind):
                     continue
-                q = (
-                    select(UsageCounterRow, model.name, model.tsg_id)
-                    .join(model, model.id == UsageCounterRow.subject_id)
-                    .join(TsgRow, TsgRow.id == model.tsg_id)
-                    .where(UsageCounterRow.scope == subject_scope)
-                    .where(
-                        or_(
-                            false(), *[TsgRow.path.startswith(sc, autoescape=True) for sc in scopes]
-                        )
-                    )
-                )
-                if tsg_id:
-                    q = q.where(model.tsg_id == tsg_id)
-                for counter, name, owner_tsg in s.execute(q).all():
-                    out.append(
-                        p.UsageCounter(
-                            subject_type=subject_scope,
-                            subject_id=counter.subject_id,
-                            name=name,
-                            tsg_id=owner_tsg,
-                            successes=counter.successes,
-                            failures=counter.failures,
-                            last_used_at=counter.last_used_at,
-                        )
-                    )
-            if scope in (None, "tsa"):
-                out.extend(self._tsa_usage(s, scopes, tsg_id))
-        out.sort(key=lambda c: (c.subject_type, -c.successes, c.name or ""))
-        return p.UsageReport(counters=out)
+                top_ids: list[str] | None = None
+                if q.top is not None and q.by_day:
+                    # The top subjects over the whole period, then their days.
+                    totals = _subject_query(kind, _totals(q, by_day=False), scopes, q.tsg_id)
+                    top_ids = [r.subject_id for r in s.execute(_top(totals, q.top)).all()]
+                source = _totals(q, by_day=q.by_day) if daily else _lifetime()
+                stmt = _subject_query(kind, source, scopes, q.tsg_id)
+                if top_ids is not None:
+                    stmt = stmt.where(source.c.subject_id.in_(top_ids))
+                elif q.top is not None:
+                    stmt = _top(stmt, q.top)
+                out.extend(_counter(kind, r) for r in s.execute(stmt).all())
+        out.sort(key=lambda c: (c.day or date.min, c.subject_type, -c.successes, c.name or ""))
+        return p.UsageReport(since=q.since, until=q.until, counters=out)
 
-    @staticmethod
-    def _tsa_usage(s: Session, scopes: list[str], tsg_id: str | None) -> list[p.UsageCounter]:
-        """The time-stamping authority's counters: timestamps issued (successes) and
-        queries refused (failures). The recorder counts them under the TSA's key id
-        (scope "key"); the TSA is found by its ``ca_authorities`` row."""
-        q = (
-            select(UsageCounterRow, CaAuthorityRow.tsg_id)
-            .join(CaAuthorityRow, CaAuthorityRow.id == UsageCounterRow.subject_id)
-            .join(TsgRow, TsgRow.id == CaAuthorityRow.tsg_id)
-            .where(UsageCounterRow.scope == "key", CaAuthorityRow.role == TSA)
-            .where(or_(false(), *[TsgRow.path.startswith(sc, autoescape=True) for sc in scopes]))
-        )
-        if tsg_id:
-            q = q.where(CaAuthorityRow.tsg_id == tsg_id)
-        return [
-            p.UsageCounter(
-                subject_type="tsa",
-                subject_id=counter.subject_id,
-                name=TSA,
-                tsg_id=owner_tsg,
-                successes=counter.successes,
-                failures=counter.failures,
-                last_used_at=counter.last_used_at,
-            )
-            for counter, owner_tsg in s.execute(q).all()
-        ]
+
+def _jsonl_page(events: list[p.AuditEvent]) -> str:
+    # ensure_ascii: every control character, and U+2028/U+2029 that some line
+    # splitters honour, is escaped, so no client string can start a line.
+    return "".join(
+        json.dumps(e.model_dump(mode="json"), ensure_ascii=True, separators=(",", ":")) + "\n"
+        for e in events
+    )
+
+
+def _csv_columns() -> list[str]:
+    """The event's fields in wire order, the principal flattened into three."""
+    columns: list[str] = []
+    for name in p.AuditEvent.model_fields:
+        if name == "principal":
+            columns += ["principal_type", "principal_id", "principal_name"]
+        else:
+            columns.append(name)
+    return columns
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def _csv_page(events: list[p.AuditEvent]) -> str:
+    columns = _csv_columns()
+    rows = []
+    for e in events:
+        data = e.model_dump(mode="json")
+        principal = data.pop("principal")
+        data["principal_type"] = principal["type"]
+        data["principal_id"] = principal["id"]
+        data["principal_name"] = principal["name"]
+        data["details"] = json.dumps(data["details"], sort_keys=True, separators=(",", ":"))
+        rows.append([_csv_cell(data[c]) for c in columns])
+    return _csv_rows(rows)
+
+
+def _csv_rows(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    # RFC 4180: CRLF line ends; cells with a comma, quote or line break are quoted,
+    # so a client string's newline stays inside its cell.
+    csv.writer(buf, lineterminator="\r\n").writerows(rows)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    scope: p.UsageScope | None = None
+    tsg_id: str | None = None
+    since: date | None = None  # first day counted (UTC)
+    until: date | None = None  # last day counted (UTC), inclusive
+    top: int | None = None
+    by_day: bool = False
+
+
+_COUNTS = ("successes", "failures", "denied")
+
+
+def _lifetime() -> Subquery:
+    c = UsageCounterRow
+    return select(
+        c.scope,
+        c.subject_id,
+        c.successes,
+        c.failures,
+        c.denied,
+        c.last_used_at,
+        null().label("day"),
+    ).subquery("counts")
+
+
+def _totals(q: UsageQuery, *, by_day: bool) -> Subquery:
+    d = UsageDailyRow
+    day = d.day if by_day else null()
+    stmt = select(
+        d.scope,
+        d.subject_id,
+        *[func.sum(getattr(d, n)).label(n) for n in _COUNTS],
+        null().label("last_used_at"),
+        day.label("day"),
+    )
+    if q.since is not None:
+        stmt = stmt.where(d.day >= q.since)
+    if q.until is not None:
+        stmt = stmt.where(d.day <= q.until)
+    group = [d.scope, d.subject_id, d.day] if by_day else [d.scope, d.subject_id]
+    return stmt.group_by(*group).subquery("counts")
+
+
+def _subject_query(
+    kind: p.UsageScope, counts: Subquery, scopes: list[str], tsg_id: str | None
+) -> Select[Any]:
+    """The counters of one kind of subject, with the subject's name and TSG, limited
+    to the TSGs the caller may see."""
+    name: Any
+    extra: list[Any] = [null().label("key_id"), null().label("version")]
+    if kind is p.UsageScope.KEY_VERSION:
+        stmt = select(counts).join(KeyVersionRow, KeyVersionRow.id == counts.c.subject_id)
+        stmt = stmt.join(SigningKeyRow, SigningKeyRow.id == KeyVersionRow.key_id)
+        name, owner = SigningKeyRow.name, SigningKeyRow.tsg_id
+        extra = [KeyVersionRow.key_id.label("key_id"), KeyVersionRow.version.label("version")]
+        counted_as = "key_version"
+    elif kind is p.UsageScope.TSA:
+        # The TSA's counters are kept under its ca_authorities row id (scope "key").
+        stmt = select(counts).join(CaAuthorityRow, CaAuthorityRow.id == counts.c.subject_id)
+        stmt = stmt.where(CaAuthorityRow.role == TSA)
+        name, owner = literal(TSA), CaAuthorityRow.tsg_id
+        counted_as = "key"
+    else:
+        model = SigningKeyRow if kind is p.UsageScope.KEY else AccountRow
+        stmt = select(counts).join(model, model.id == counts.c.subject_id)
+        name, owner = model.name, model.tsg_id
+        counted_as = kind.value
+    stmt = (
+        stmt.add_columns(name.label("name"), owner.label("owner_tsg"), *extra)
+        .join(TsgRow, TsgRow.id == owner)
+        .where(counts.c.scope == counted_as)
+        .where(or_(false(), *[TsgRow.path.startswith(sc, autoescape=True) for sc in scopes]))
+    )
+    if tsg_id:
+        stmt = stmt.where(owner == tsg_id)
+    return stmt
+
+
+def _top(stmt: Select[Any], n: int) -> Select[Any]:
+    # Ties broken by id, so that the same data always gives the same top N.
+    return stmt.order_by(
+        stmt.selected_columns.successes.desc(), stmt.selected_columns.subject_id
+    ).limit(n)
+
+
+def _counter(kind: p.UsageScope, r: Row[Any]) -> p.UsageCounter:
+    return p.UsageCounter(
+        subject_type=kind.value,
+        subject_id=r.subject_id,
+        name=r.name,
+        tsg_id=r.owner_tsg,
+        key_id=r.key_id,
+        version=r.version,
+        # Sums come back as Decimal on PostgreSQL, dates as strings on SQLite subqueries.
+        day=date.fromisoformat(r.day) if isinstance(r.day, str) else r.day,
+        successes=int(r.successes or 0),
+        failures=int(r.failures or 0),
+        denied=int(r.denied or 0),
+        last_used_at=r.last_used_at,
+    )

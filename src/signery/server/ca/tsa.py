@@ -77,6 +77,7 @@ from signery.server.audit.recorder import (
     Actor,
     AuditRecord,
     AuditRecorder,
+    Counted,
     EventKind,
     UsageDelta,
     outcome_of,
@@ -1087,7 +1088,7 @@ class TsaService:
             ),
             # The TSA is counted under its key id (scope "key"); the usage report
             # shows it as subject type "tsa".
-            UsageDelta(success=True, key_id=tsa.id),
+            UsageDelta(Counted.SUCCEEDED, key_id=tsa.id),
         )
         return granted_reply(token)
 
@@ -1146,6 +1147,6 @@ class TsaService:
                 context=ctx,
                 details=details,
             ),
-            UsageDelta(success=False, key_id=tsa.id),
+            UsageDelta(Counted.of(outcome), key_id=tsa.id),
         )
         error.audited = True

@@ -85,6 +85,7 @@ from signery.server.audit.recorder import (
     Actor,
     AuditRecord,
     AuditRecorder,
+    Counted,
     UsageDelta,
     outcome_of,
 )
@@ -145,6 +146,8 @@ class UsableKey:
     tsg_path: str
     algorithm: Algorithm
     version: int
+    # The key_versions row id (usage is counted per key version under it).
+    version_id: str
     handle: KeyHandle
     public_key: PublicKey
     chain: tuple[str, ...]
@@ -332,7 +335,7 @@ class SigningService:
                 context=ctx,
                 details=details,
             ),
-            UsageDelta(success=True, key_id=key.id, account_id=account.id),
+            UsageDelta(Counted.SUCCEEDED, key.id, account.id, key.version_id),
         )
 
     async def _sign_checked(
@@ -505,7 +508,12 @@ class SigningService:
                 context=ctx,
                 details=details,
             ),
-            UsageDelta(success=False, key_id=key.id if key else None, account_id=account_id)
+            UsageDelta(
+                Counted.of(outcome),
+                key.id if key else None,
+                account_id,
+                key.version_id if key else None,
+            )
             if counted
             else None,
         )
@@ -626,6 +634,7 @@ class SigningService:
             tsg_path=key.tsg_path,
             algorithm=key.algorithm,
             version=v.version,
+            version_id=v.version_id,
             handle=KeyHandle(
                 key.handle.store,
                 v.store_ref,
@@ -669,6 +678,7 @@ class SigningService:
             tsg_path=r.path,
             algorithm=algorithm,
             version=r.version,
+            version_id=r.version_id,
             handle=KeyHandle(
                 r.storage, r.store_ref, algorithm, KeyContext(r.id, r.version, r.tsg_id)
             ),
