@@ -1,0 +1,433 @@
+"""Audit sinks: every event reaches syslog (TCP, UDP) and webhooks, in order, at
+least once with its id, through outages, from one replica at a time.
+
+The receivers are real servers on 127.0.0.1 (sockets, http.server), run on
+threads; the server is the in-process app on the installation's database."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from signery.server.app import create_app
+from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow
+from signery.server.audit.sinks import (
+    Forwarder,
+    ForwarderConfig,
+    SyslogSink,
+    SyslogTarget,
+    event_json,
+    syslog_message,
+)
+from signery.server.clock import SystemClock
+from signery.server.config import load_settings
+from signery.server.db import Database, make_engine
+from tests.support import Api, Installation, free_port
+
+# Small intervals so that a test waits milliseconds, not the production seconds.
+FAST = {
+    "audit_sink_poll_seconds": 0.05,
+    "audit_sink_retry_max_seconds": 0.2,
+    "audit_sink_lease_seconds": 5.0,
+    "audit_sink_gap_seconds": 1.0,
+    "audit_sink_timeout_seconds": 2.0,
+}
+TOKEN = "sink-token-4c1d9e"  # a test secret, checked never to be logged
+FORGED = 'evil\n<13>1 2026-01-01T00:00:00Z forged signery - - - {"forged":true}\u2028\rx'
+SYSLOG_RE = re.compile(
+    r"^<(?P<pri>\d{1,3})>1 (?P<time>\S+) (?P<host>\S+) signery - audit "
+    r'\[signery@32473 event_id="(?P<id>[^"]+)" seq="(?P<seq>\d+)" kind="[^"]+"\] (?P<msg>.*)$',
+    re.DOTALL,
+)
+
+
+# ------------------------------------------------------------------ receivers
+
+
+class SyslogReceiver:
+    """A syslog collector: RFC 6587 octet-counted frames over TCP, or one message
+    per UDP datagram. ``stop()`` closes the port (an outage), ``start()`` reopens it."""
+
+    def __init__(self, transport: str, port: int) -> None:
+        self.transport = transport
+        self.port = port
+        self.messages: list[bytes] = []
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        kind = socket.SOCK_STREAM if self.transport == "tcp" else socket.SOCK_DGRAM
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        if self.transport == "tcp":
+            sock.listen()
+        self._sock = sock
+        target = self._accept if self.transport == "tcp" else self._datagrams
+        threading.Thread(target=target, args=(sock,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+        self._conns.clear()
+
+    def _accept(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = sock.accept()
+                self._conns.append(conn)
+                threading.Thread(target=self._frames, args=(conn,), daemon=True).start()
+
+    def _frames(self, conn: socket.socket) -> None:
+        buffer = b""
+        with contextlib.suppress(OSError):
+            while chunk := conn.recv(65536):
+                buffer += chunk
+                while b" " in buffer:
+                    length, rest = buffer.split(b" ", 1)
+                    if len(rest) < int(length):
+                        break
+                    with self._lock:
+                        self.messages.append(rest[: int(length)])
+                    buffer = rest[int(length) :]
+
+    def _datagrams(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                data = sock.recv(65536)
+                with self._lock:
+                    self.messages.append(data)
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            messages = list(self.messages)
+        out = []
+        for m in messages:
+            match = SYSLOG_RE.match(m.decode("ascii"))
+            assert match, m
+            event = json.loads(match["msg"])
+            assert event["id"] == match["id"]
+            assert event["seq"] == int(match["seq"])
+            out.append(event)
+        return out
+
+
+class WebhookReceiver:
+    """An HTTP endpoint that answers ``down_status`` while down, 200 when up."""
+
+    def __init__(self) -> None:
+        self.down_status: int | None = 503
+        self.events: list[dict[str, Any]] = []
+        self.requests: list[tuple[int, dict[str, str]]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = receiver.down_status or 200
+                receiver.requests.append((status, dict(self.headers)))
+                if status == 200:
+                    receiver.events.extend(json.loads(body)["events"])
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/audit"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def app_with(installation: Installation, **settings: Any) -> Iterator[Api]:
+    base = installation.settings
+    merged = load_settings(
+        data_dir=base.data_dir,
+        database_url=base.database_url,
+        access_log=False,
+        **{**FAST, **settings},
+    )
+    with TestClient(create_app(merged)) as client:
+        yield Api(
+            client,
+            installation.admin_token,
+            installation.init.issuer,
+            installation.init.root_tsg_id,
+        )
+
+
+@pytest.fixture(scope="module")
+def db(installation: Installation) -> Iterator[Database]:
+    database = Database(make_engine(installation.settings.resolved_database_url, pool_size=2))
+    yield database
+    database.dispose()
+
+
+def cursor_of(db: Database, sink: str) -> int:
+    with db.read() as s:
+        last = s.execute(
+            select(AuditSinkCursorRow.last_seq).where(AuditSinkCursorRow.sink == sink)
+        ).scalar()
+    return int(last or 0)
+
+
+def events_after(db: Database, seq: int) -> list[tuple[int, str]]:
+    with db.read() as s:
+        rows = s.execute(
+            select(AuditEventRow.seq, AuditEventRow.id)
+            .where(AuditEventRow.seq > seq)
+            .order_by(AuditEventRow.seq)
+        ).all()
+    return [(int(r.seq), str(r.id)) for r in rows]
+
+
+def last_seq(db: Database) -> int:
+    with db.read() as s:
+        return int(s.execute(select(func.max(AuditEventRow.seq))).scalar() or 0)
+
+
+def wait_for(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def signer(api: Api) -> tuple[str, str]:
+    tsg = api.create_tsg()
+    account = api.create_account(tsg["id"])
+    key = api.create_key(tsg["id"], "EC_P256", ca="none")
+    return api.access_token(account), key["name"]
+
+
+def sign_many(api: Api, n: int, tag: str) -> list[float]:
+    token, key = signer(api)
+    durations = []
+    for i in range(n):
+        start = time.perf_counter()
+        api.ok(api.sign(token, key, hashlib.sha256(f"{tag}{i}".encode()).digest()))
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def assert_delivered(received: list[dict[str, Any]], db: Database, before: int) -> None:
+    """Every event after ``before`` arrived (duplicates allowed, each with its id),
+    first deliveries in seq order, and nothing else arrived."""
+    expected = events_after(db, before)
+    by_id = {e["id"]: e for e in received}
+    assert set(by_id) == {i for _, i in expected}
+    assert all(by_id[i]["seq"] == seq for seq, i in expected)
+    first_seen: list[int] = []
+    for e in received:
+        if e["seq"] not in first_seen:
+            first_seen.append(e["seq"])
+    assert first_seen == sorted(first_seen)
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_syslog_message_is_rfc5424_with_one_line_of_json() -> None:
+    event = {
+        "id": "e1",
+        "seq": 7,
+        "kind": "signing.sign.succeeded",
+        "outcome": "succeeded",
+        "time": "2026-11-26T10:00:00.123456+00:00",
+        "node_id": "node a\n<13>1",
+        "client_machine": FORGED,
+    }
+    message = syslog_message(event, facility=13).decode("ascii")
+    assert message.startswith(
+        "<110>1 2026-11-26T10:00:00.123456Z node_a_<13>1 signery - audit "
+        '[signery@32473 event_id="e1" seq="7" kind="signing.sign.succeeded"] {'
+    )
+    for forbidden in ("\n", "\r", "\u2028"):
+        assert forbidden not in message
+    assert json.loads(message.split("] ", 1)[1])["client_machine"] == FORGED
+    assert event_json(event).isascii()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_syslog_receives_every_event_in_order_and_a_forged_line_stays_one_message(
+    installation: Installation, db: Database, transport: str
+) -> None:
+    receiver = SyslogReceiver(transport, free_port())
+    receiver.start()
+    try:
+        before = cursor_of(db, "syslog")
+        with app_with(
+            installation, audit_syslog_url=f"{transport}://127.0.0.1:{receiver.port}"
+        ) as api:
+            token, key = signer(api)
+            response = api.http.post(
+                f"/api/v1/signing/keys/{key}/sign",
+                json={
+                    "digest": "A" * 43 + "=",
+                    "digest_algorithm": "sha256",
+                    "scheme": "ecdsa",
+                    "client": {"machine": FORGED, "tool": "<13>1 - - - - - forged"},
+                },
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            api.ok(response)
+            sign_many(api, 5, f"syslog-{transport}")
+            last = last_seq(db)
+            wait_for(lambda: cursor_of(db, "syslog") >= last)
+            wait_for(lambda: len(receiver.events()) >= len(events_after(db, before)), 5)
+        received = receiver.events()
+        assert_delivered(received, db, before)
+        forged = [e for e in received if e["client_machine"] == FORGED]
+        assert len(forged) == 1
+        assert forged[0]["client_tool"] == "<13>1 - - - - - forged"
+        # Exactly one frame/datagram per event: the forged header never split one.
+        assert len(receiver.messages) == len(received)
+        assert not any(b"\n" in m or b"\xe2\x80\xa8" in m for m in receiver.messages)
+    finally:
+        receiver.stop()
+
+
+def test_syslog_outage_loses_nothing_and_never_slows_signing(
+    installation: Installation, db: Database
+) -> None:
+    receiver = SyslogReceiver("tcp", free_port())
+    receiver.start()
+    try:
+        before = cursor_of(db, "syslog")
+        with app_with(installation, audit_syslog_url=f"tcp://127.0.0.1:{receiver.port}") as api:
+            sign_many(api, 3, "pre-outage")
+            wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
+            receiver.stop()  # the collector goes away; its port is closed
+            durations = sign_many(api, 60, "outage")
+            during = last_seq(db)
+            time.sleep(0.5)  # several retries fail meanwhile
+            stuck = cursor_of(db, "syslog")
+            assert stuck < during
+            receiver.start()
+            wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
+            services = api.http.app.state.services  # type: ignore[attr-defined]
+            assert services.sinks[0].failures > 0
+        # Every signing answered 200 (sign_many asserts it), none waited on the sink.
+        assert max(durations) < 1.0, max(durations)
+        assert_delivered(receiver.events(), db, before)
+        assert cursor_of(db, "syslog") == last_seq(db)
+    finally:
+        receiver.stop()
+
+
+def test_webhook_outage_and_refusals_are_retried_until_acknowledged(
+    installation: Installation, db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = WebhookReceiver()
+    try:
+        before = cursor_of(db, "webhook")
+        with (
+            caplog.at_level(logging.DEBUG),
+            app_with(
+                installation, audit_webhook_url=receiver.url, audit_webhook_token=TOKEN
+            ) as api,
+        ):
+            receiver.down_status = 401  # a wrong token at first: logged, retried
+            durations = sign_many(api, 25, "webhook-401")
+            wait_for(lambda: len(receiver.requests) >= 2)
+            receiver.down_status = 503
+            durations += sign_many(api, 25, "webhook-503")
+            wait_for(lambda: sum(s == 503 for s, _ in receiver.requests) >= 2)
+            assert cursor_of(db, "webhook") == before
+            receiver.down_status = None
+            wait_for(lambda: cursor_of(db, "webhook") >= last_seq(db))
+        assert max(durations) < 1.0, max(durations)
+        assert_delivered(receiver.events, db, before)
+        assert cursor_of(db, "webhook") == last_seq(db)
+        for _, headers in receiver.requests:
+            assert headers["Authorization"] == f"Bearer {TOKEN}"
+            assert re.fullmatch(r"[0-9a-f]{64}", headers["Idempotency-Key"])
+        assert "audit webhook refuses the events" in caplog.text
+        assert TOKEN not in caplog.text
+    finally:
+        receiver.close()
+
+
+def test_one_forwarder_at_a_time_holds_a_sink(
+    installation: Installation, db: Database, api: Api
+) -> None:
+    """Two replicas configured with the same sink: only the lease holder sends;
+    when it stops, the other takes over from the cursor."""
+    receiver = SyslogReceiver("tcp", free_port())
+    receiver.start()
+    config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, lease_seconds=5)
+    target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
+    forwarders = [
+        Forwarder(db, SyslogSink(target, 13, 2.0), f"node-{n}", SystemClock(), config) for n in "ab"
+    ]
+    try:
+        before = cursor_of(db, "syslog")
+        for f in forwarders:
+            f.start()
+        sign_many(api, 20, "lease-1")
+        wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
+        holders = [f for f in forwarders if f.delivered > 0]
+        assert len(holders) == 1
+        idle = next(f for f in forwarders if f is not holders[0])
+        assert idle.status().holds_lease is False
+        holders[0].stop()  # releases the lease
+        sign_many(api, 20, "lease-2")
+        wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
+        assert idle.delivered > 0
+        received = receiver.events()
+        assert_delivered(received, db, before)
+        # No failure happened, so no event was sent twice.
+        assert len(received) == len({e["id"] for e in received})
+    finally:
+        for f in forwarders:
+            f.stop()
+        receiver.stop()
+
+
+def test_settings_refuse_unsafe_sink_urls(installation: Installation) -> None:
+    from signery.errors import ConfigurationError
+
+    for bad in (
+        {"audit_webhook_url": "http://collector.example/audit"},
+        {"audit_webhook_url": "ftp://collector.example/"},
+        {"audit_syslog_url": "http://collector.example:514"},
+        {"audit_syslog_url": "tcp://collector.example:99999"},
+    ):
+        with pytest.raises(ConfigurationError):
+            load_settings(data_dir=installation.settings.data_dir, **bad)
+    ok = load_settings(
+        data_dir=installation.settings.data_dir,
+        audit_webhook_url="https://collector.example/audit",
+        audit_syslog_url="udp://collector.example",
+    )
+    assert SyslogTarget.parse(ok.audit_syslog_url or "").port == 514
