@@ -14,13 +14,15 @@ import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from signery.server.app import create_app
 from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow
@@ -431,3 +433,47 @@ def test_settings_refuse_unsafe_sink_urls(installation: Installation) -> None:
         audit_syslog_url="udp://collector.example",
     )
     assert SyslogTarget.parse(ok.audit_syslog_url or "").port == 514
+
+
+def test_an_event_committed_late_is_not_skipped(
+    installation: Installation, db: Database, api: Api
+) -> None:
+    """PostgreSQL hands out seq numbers before commit: an event whose transaction
+    commits after later ones must still be sent, in order. A number whose
+    transaction rolled back is skipped after audit_sink_gap_seconds."""
+    if installation.backend != "postgresql":
+        pytest.skip("SQLite has one writer at a time: seq order is commit order")
+    receiver = SyslogReceiver("tcp", free_port())
+    receiver.start()
+    config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, gap_seconds=1.0)
+    target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
+    forwarder = Forwarder(db, SyslogSink(target, 13, 2.0), "node-g", SystemClock(), config)
+    engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
+    row = {
+        "time": datetime.now(UTC),
+        "kind": "server.initialized",
+        "outcome": "succeeded",
+        "principal_type": "system",
+        "node_id": "slow-writer",
+        "details": "{}",
+    }
+    try:
+        before = cursor_of(db, "syslog")
+        forwarder.start()
+        for ending in ("commit", "rollback"):
+            with engine.connect() as slow:
+                held = slow.execute(
+                    insert(AuditEventRow).values(id=str(uuid.uuid4()), **row)
+                ).inserted_primary_key[0]
+                sign_many(api, 3, f"late-{ending}")
+                time.sleep(0.4)
+                assert cursor_of(db, "syslog") < held  # waits at the gap
+                getattr(slow, ending)()
+            wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
+        received = receiver.events()
+        assert_delivered(received, db, before)
+        assert len(received) == len({e["id"] for e in received})
+    finally:
+        forwarder.stop()
+        engine.dispose()
+        receiver.stop()
