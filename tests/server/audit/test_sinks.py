@@ -44,7 +44,7 @@ FAST = {
     "audit_sink_poll_seconds": 0.05,
     "audit_sink_retry_max_seconds": 0.2,
     "audit_sink_lease_seconds": 5.0,
-    "audit_sink_gap_seconds": 1.0,
+    "audit_sink_gap_seconds": 5.0,
     "audit_sink_timeout_seconds": 2.0,
 }
 TOKEN = "sink-token-4c1d9e"  # a test secret, checked never to be logged
@@ -335,12 +335,16 @@ def test_syslog_outage_loses_nothing_and_never_slows_signing(
             time.sleep(0.5)  # several retries fail meanwhile
             stuck = cursor_of(db, "syslog")
             assert stuck < during
+            ready = api.ok(api.http.get("/readyz"))
+            assert ready["status"] == "degraded"
+            assert ready["checks"]["audit_sink:syslog"].startswith("retrying: syslog tcp")
             receiver.start()
             wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
+            assert api.ok(api.http.get("/readyz"))["checks"]["audit_sink:syslog"] == "ok"
             services = api.http.app.state.services  # type: ignore[attr-defined]
             assert services.sinks[0].failures > 0
         # Every signing answered 200 (sign_many asserts it), none waited on the sink.
-        assert max(durations) < 1.0, max(durations)
+        assert max(durations) < 2.0, max(durations)
         assert_delivered(receiver.events(), db, before)
         assert cursor_of(db, "syslog") == last_seq(db)
     finally:
@@ -368,7 +372,7 @@ def test_webhook_outage_and_refusals_are_retried_until_acknowledged(
             assert cursor_of(db, "webhook") == before
             receiver.down_status = None
             wait_for(lambda: cursor_of(db, "webhook") >= last_seq(db))
-        assert max(durations) < 1.0, max(durations)
+        assert max(durations) < 2.0, max(durations)
         assert_delivered(receiver.events, db, before)
         assert cursor_of(db, "webhook") == last_seq(db)
         for _, headers in receiver.requests:

@@ -313,6 +313,13 @@ class Forwarder:
             self._last_error,
         )
 
+    def health(self) -> str:
+        """For /readyz: "ok" (sending, or standing by for another replica's
+        lease), or "retrying: <last error>" while the sink does not acknowledge."""
+        if self._failures_in_row and self._last_error is not None:
+            return f"retrying: {self._last_error}"
+        return "ok"
+
     # ------------------------------------------------------------ thread
 
     def start(self) -> None:
