@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 
 from signery.server.app import create_app
 from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow
@@ -31,6 +38,7 @@ from signery.server.audit.sinks import (
     ForwarderConfig,
     SyslogSink,
     SyslogTarget,
+    WebhookSink,
     event_json,
     syslog_message,
 )
@@ -44,7 +52,7 @@ FAST = {
     "audit_sink_poll_seconds": 0.05,
     "audit_sink_retry_max_seconds": 0.2,
     "audit_sink_lease_seconds": 5.0,
-    "audit_sink_gap_seconds": 5.0,
+    "audit_sink_gap_seconds": 2.0,
     "audit_sink_timeout_seconds": 2.0,
 }
 TOKEN = "sink-token-4c1d9e"  # a test secret, checked never to be logged
@@ -391,7 +399,9 @@ def test_one_forwarder_at_a_time_holds_a_sink(
     when it stops, the other takes over from the cursor."""
     receiver = SyslogReceiver("tcp", free_port())
     receiver.start()
-    config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, lease_seconds=5)
+    config = ForwarderConfig(
+        poll_seconds=0.05, retry_max_seconds=0.2, lease_seconds=5, gap_seconds=2.0
+    )
     target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
     forwarders = [
         Forwarder(db, SyslogSink(target, 13, 2.0), f"node-{n}", SystemClock(), config) for n in "ab"
@@ -480,4 +490,112 @@ def test_an_event_committed_late_is_not_skipped(
     finally:
         forwarder.stop()
         engine.dispose()
+        receiver.stop()
+
+
+def self_signed_tls(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no system trust store knows."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sink receiver")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "receiver.pem", directory / "receiver.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_webhook_tls_is_always_verified(
+    installation: Installation, db: Database, api: Api, tmp_path: Path
+) -> None:
+    """An HTTPS receiver whose certificate is not trusted gets nothing (there is
+    no setting that turns verification off); trusting its CA file delivers."""
+    cert_file, key_file = self_signed_tls(tmp_path)
+    receiver = WebhookReceiver()
+    receiver.down_status = None
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert_file, key_file)
+    receiver.server.socket = tls.wrap_socket(receiver.server.socket, server_side=True)
+    url = receiver.url.replace("http://", "https://")
+    config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, gap_seconds=2.0)
+    before = cursor_of(db, "webhook")
+    sign_many(api, 3, "tls")
+    untrusted = Forwarder(db, WebhookSink(url, None, 2.0), "node-t", SystemClock(), config)
+    try:
+        untrusted.start()
+        wait_for(lambda: untrusted.failures >= 2)
+        assert untrusted.health() == "retrying: webhook: ConnectError"
+        assert receiver.events == []
+        assert cursor_of(db, "webhook") == before
+    finally:
+        untrusted.stop()
+    trusted = Forwarder(
+        db, WebhookSink(url, None, 2.0, ca_file=cert_file), "node-t", SystemClock(), config
+    )
+    try:
+        trusted.start()
+        wait_for(lambda: cursor_of(db, "webhook") >= last_seq(db))
+        assert_delivered(receiver.events, db, before)
+    finally:
+        trusted.stop()
+        receiver.close()
+
+
+def test_a_dead_replicas_lease_is_taken_over_when_it_expires(
+    installation: Installation, db: Database, api: Api
+) -> None:
+    receiver = SyslogReceiver("tcp", free_port())
+    receiver.start()
+    config = ForwarderConfig(
+        poll_seconds=0.05, retry_max_seconds=0.2, lease_seconds=5, gap_seconds=2.0
+    )
+    target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
+    forwarder = Forwarder(db, SyslogSink(target, 13, 2.0), "node-c", SystemClock(), config)
+    try:
+        # A replica that died while holding the lease for one more second.
+        dead = {
+            "lease_owner": "dead-node/1",
+            "lease_until": datetime.now(UTC) + timedelta(seconds=1),
+        }
+        with db.write() as s:
+            found = s.execute(
+                update(AuditSinkCursorRow).where(AuditSinkCursorRow.sink == "syslog").values(**dead)
+            ).rowcount  # type: ignore[attr-defined]
+            if not found:
+                s.execute(
+                    insert(AuditSinkCursorRow).values(
+                        sink="syslog", last_seq=last_seq(db), updated_at=datetime.now(UTC), **dead
+                    )
+                )
+        before = cursor_of(db, "syslog")
+        sign_many(api, 3, "takeover")
+        forwarder.start()
+        time.sleep(0.5)
+        assert cursor_of(db, "syslog") == before
+        assert forwarder.status().holds_lease is False
+        wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
+        assert forwarder.status().holds_lease is True
+        assert_delivered(receiver.events(), db, before)
+    finally:
+        forwarder.stop()
         receiver.stop()

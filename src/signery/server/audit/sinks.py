@@ -36,7 +36,7 @@ from sqlalchemy import CursorResult, Result, and_, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from signery import __version__
-from signery.errors import SigneryError
+from signery.errors import ConfigurationError, SigneryError
 from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow
 from signery.server.audit.service import event_to_wire
 from signery.server.clock import Clock
@@ -211,7 +211,12 @@ class WebhookSink(Sink):
     ) -> None:
         verify: ssl.SSLContext | bool = True
         if ca_file is not None:
-            verify = ssl.create_default_context(cafile=str(ca_file))
+            try:
+                verify = ssl.create_default_context(cafile=str(ca_file))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigurationError(
+                    f"audit_webhook_ca_file {ca_file} cannot be read as PEM certificates"
+                ) from e
         self._url = url
         headers = {"User-Agent": f"signery/{__version__}", "Content-Type": "application/json"}
         if token:
@@ -349,6 +354,12 @@ class Forwarder:
                 # The database is down: the cursor is where it was; try again later.
                 self._failed(f"database: {type(e).__name__}")
                 worked = False
+            except Exception as e:
+                # Anything else is a bug; the thread must not die silently with the
+                # events waiting: logged with its traceback, retried with backoff.
+                log.exception("audit sink forwarding failed", extra={"sink": self._sink.name})
+                self._failed(type(e).__name__)
+                worked = False
             if not worked:
                 self._stop.wait(self._delay())
 
@@ -467,20 +478,27 @@ class Forwarder:
         expected = self._last_seq + 1
         for event in events:
             seq = int(event["seq"])
-            if seq != expected and not self._gap_expired(expected, seq):
+            if seq != expected and not self._gap_expired(expected, seq, event["time"]):
                 break
             batch.append(event)
             expected = seq + 1
         return batch
 
-    def _gap_expired(self, first_missing: int, next_seen: int) -> bool:
+    def _gap_expired(self, first_missing: int, next_seen: int, next_time: str) -> bool:
         """Whether seqs first_missing..next_seen-1 may be skipped (rolled back).
+
+        A missing number was handed out before the event after it; once that
+        event is older than gap_seconds (or the gap was watched that long), the
+        transaction holding the number is taken as rolled back. So an old gap
+        (catching up on history) costs nothing, a fresh one at most gap_seconds.
         The first batch of a new cursor skips what retention deleted."""
-        if first_missing == 1 and self._last_seq == 0:
-            return self._oldest_seq() == next_seen
+        if first_missing == 1 and self._last_seq == 0 and self._oldest_seq() == next_seen:
+            return True
+        age = self._clock.now() - datetime.fromisoformat(next_time)
         now = time.monotonic()
         first_seen = self._gaps.setdefault(first_missing, now)
-        if now - first_seen < self._config.gap_seconds:
+        window = self._config.gap_seconds
+        if age.total_seconds() < window and now - first_seen < window:
             return False
         log.warning(
             "audit events never committed are skipped",
