@@ -4,6 +4,9 @@ every signature a client received must have its audit event (same key, same
 version), the usage counters must equal the number of success events, and the
 audit chain must verify.
 
+Every server also forwards the trail to a syslog collector (the audit sink):
+after the last kill, the collector must have received every event.
+
 Two lanes run side by side (two server processes, two node ids, on the same
 database), each restarting its server after every kill, so concurrent writers
 are killed too. The seed is printed, to replay a failing run."""
@@ -26,8 +29,14 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 
-from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
-from tests.support import Api, Installation, new_installation, running_server
+from signery.server.audit.models import (
+    AuditEventRow,
+    AuditSinkCursorRow,
+    UsageCounterRow,
+    UsageDailyRow,
+)
+from tests.server.audit.sink_receivers import SyslogReceiver
+from tests.support import Api, Installation, free_port, new_installation, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -64,9 +73,9 @@ def trial_setup(
         yield inst, trials
 
 
-def prepare(installation: Installation) -> Scene:
+def prepare(installation: Installation, env: dict[str, str]) -> Scene:
     with (
-        running_server(installation, node="crash-setup") as server,
+        running_server(installation, node="crash-setup", **env) as server,
         httpx.Client(base_url=server.url, timeout=30) as http,
     ):
         api = Api(
@@ -107,12 +116,29 @@ def client_stream(
                     )
 
 
+def sink_env(receiver: SyslogReceiver) -> dict[str, str]:
+    """Every server forwards to a syslog collector; a killed holder's lease lapses in 1 s."""
+    return {
+        "SIGNERY_AUDIT_SYSLOG_URL": f"tcp://127.0.0.1:{receiver.port}",
+        "SIGNERY_AUDIT_SINK_POLL_SECONDS": "0.05",
+        "SIGNERY_AUDIT_SINK_RETRY_MAX_SECONDS": "0.5",
+        "SIGNERY_AUDIT_SINK_LEASE_SECONDS": "1",
+        "SIGNERY_AUDIT_SINK_GAP_SECONDS": "2",
+    }
+
+
 def run_lane(
-    installation: Installation, scene: Scene, node: str, trials: int, seed: int, received: Received
+    installation: Installation,
+    scene: Scene,
+    node: str,
+    trials: int,
+    seed: int,
+    received: Received,
+    env: dict[str, str],
 ) -> None:
     rng = random.Random(f"{seed}-{node}")
     for trial in range(trials):
-        with running_server(installation, node=node) as server:
+        with running_server(installation, node=node, **env) as server:
             first = threading.Event()
             clients = [
                 threading.Thread(
@@ -170,6 +196,20 @@ def success_events(engine: Engine, key_id: str) -> dict[str, int]:
     return events
 
 
+def all_event_ids(engine: Engine) -> list[tuple[int, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(AuditEventRow.seq, AuditEventRow.id).order_by(AuditEventRow.seq))
+        return [(int(seq), str(id_)) for seq, id_ in rows]
+
+
+def sink_cursor(engine: Engine) -> int:
+    with engine.connect() as conn:
+        last = conn.execute(
+            select(AuditSinkCursorRow.last_seq).where(AuditSinkCursorRow.sink == "syslog")
+        ).scalar()
+    return int(last or 0)
+
+
 def counters(engine: Engine, scope: str, subject: str) -> tuple[int, int]:
     with engine.connect() as conn:
         total = conn.execute(
@@ -185,11 +225,20 @@ def counters(engine: Engine, scope: str, subject: str) -> tuple[int, int]:
     return int(total or 0), int(daily or 0)
 
 
+@pytest.fixture
+def collector() -> Iterator[SyslogReceiver]:
+    receiver = SyslogReceiver("tcp", free_port())
+    receiver.start()
+    yield receiver
+    receiver.stop()
+
+
 def test_no_received_signature_is_missing_from_the_audit_trail_after_sigkills(
-    trial_setup: tuple[Installation, int],
+    trial_setup: tuple[Installation, int], collector: SyslogReceiver
 ) -> None:
     installation, trials = trial_setup
-    scene = prepare(installation)
+    env = sink_env(collector)
+    scene = prepare(installation, env)
     seed = int(os.environ.get("SIGNERY_CRASH_SEED", random.SystemRandom().randrange(10**6)))
     received = Received()
     started = time.monotonic()
@@ -197,7 +246,7 @@ def test_no_received_signature_is_missing_from_the_audit_trail_after_sigkills(
 
     def lane(node: str) -> None:
         try:
-            run_lane(installation, scene, node, trials // len(LANES), seed, received)
+            run_lane(installation, scene, node, trials // len(LANES), seed, received, env)
         except BaseException as e:  # surfaced below, in the test's thread
             errors.append(e)
 
@@ -212,6 +261,15 @@ def test_no_received_signature_is_missing_from_the_audit_trail_after_sigkills(
 
     engine = create_engine(installation.settings.resolved_database_url)
     try:
+        # One more server: it takes over the sink from the killed holder and
+        # forwards whatever is left; then the collector must have every event.
+        with running_server(installation, node="crash-final", **env):
+            deadline = time.monotonic() + 30
+            while sink_cursor(engine) < all_event_ids(engine)[-1][0]:
+                assert time.monotonic() < deadline, "the sink did not catch up"
+                time.sleep(0.1)
+        trail = all_event_ids(engine)
+        forwarded = [e["id"] for e in collector.events()]
         events = success_events(engine, scene.key_id)
         key_counter = counters(engine, "key", scene.key_id)
         account_counter = counters(engine, "account", scene.account_id)
@@ -227,7 +285,13 @@ def test_no_received_signature_is_missing_from_the_audit_trail_after_sigkills(
         f"{len(events) - len(found)}) requests cut={received.cut_requests} "
         f"other statuses={received.other_statuses} time={elapsed:.0f}s"
     )
+    print(
+        f"sink [{installation.backend}]: events in the trail={len(trail)} "
+        f"forwarded={len(set(forwarded))} missing={len({i for _, i in trail} - set(forwarded))} "
+        f"sent again (at least once)={len(forwarded) - len(set(forwarded))}"
+    )
     assert lost == 0
+    assert set(forwarded) == {i for _, i in trail}
     assert all(events[d] == v for d, v in received.signatures.items())
     assert received.other_statuses == {}
     assert key_counter == (len(events), len(events))
