@@ -12,6 +12,7 @@ import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -34,6 +35,7 @@ DEFAULT_DATA_DIR = Path("signery-data")
 # have (a made-up one would squat on another organization's arc). Operators with a
 # written TSA policy of their own set its OID in tsa_policy_oid.
 DEFAULT_TSA_POLICY_OID = "2.25.170333272617973591476890118894301136840"
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
 
@@ -159,6 +161,42 @@ class Settings(BaseSettings):
         description="Seconds between runs of scheduled rotations and destructions (0: never)",
     )
 
+    # Audit sinks (signery.server.audit.sinks): each event forwarded, at least once.
+    audit_syslog_url: str | None = Field(
+        default=None,
+        description="Forward audit events to syslog (RFC 5424): tcp://host:514 or udp://host:514",
+    )
+    audit_syslog_facility: int = Field(
+        default=13, ge=0, le=23, description="Syslog facility (13: log audit, RFC 5424 §6.2.1)"
+    )
+    audit_webhook_url: str | None = Field(
+        default=None,
+        description="POST audit events as JSON to this URL (https; http only to loopback)",
+    )
+    audit_webhook_token: SecretStr | None = Field(
+        default=None, description="Bearer token sent to audit_webhook_url"
+    )
+    audit_webhook_ca_file: Path | None = Field(
+        default=None, description="Extra CA certificates (PEM) trusted for audit_webhook_url"
+    )
+    audit_sink_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    audit_sink_poll_seconds: float = Field(
+        default=1.0, gt=0, le=300, description="How often a sink looks for new events"
+    )
+    audit_sink_batch_max: int = Field(default=100, ge=1, le=10_000)
+    audit_sink_retry_max_seconds: float = Field(
+        default=60.0, gt=0, le=3600, description="Longest pause between retries to a sink"
+    )
+    audit_sink_lease_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="A replica's hold on a sink, renewed while alive"
+    )
+    audit_sink_gap_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How long a sink waits for an event number not yet committed",
+    )
+
     # HTTPS for `signery serve` (EST, RFC 7030 §3.3, requires it).
     tls_cert_file: Path | None = Field(
         default=None, description="Serve HTTPS: certificate chain file (PEM), leaf first"
@@ -189,6 +227,34 @@ class Settings(BaseSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
+
+    @field_validator("audit_syslog_url")
+    @classmethod
+    def _syslog_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError("audit_syslog_url has an invalid port") from e
+        if parts.scheme not in ("tcp", "udp") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("audit_syslog_url must look like tcp://host:514 or udp://host:514")
+        return v
+
+    @field_validator("audit_webhook_url")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme == "https" and parts.hostname:
+            return v
+        # Plain HTTP would expose the events and the token on the network; allowed
+        # only to this machine (a local relay, tests).
+        if parts.scheme == "http" and parts.hostname in LOOPBACK_HOSTS:
+            return v
+        raise ValueError("audit_webhook_url must be https:// (http:// only to localhost)")
 
     @field_validator("tsa_policy_oid")
     @classmethod

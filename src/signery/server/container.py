@@ -33,6 +33,14 @@ from signery.server.audit.recorder import (
     outcome_of,
 )
 from signery.server.audit.service import AuditService
+from signery.server.audit.sinks import (
+    Forwarder,
+    ForwarderConfig,
+    Sink,
+    SyslogSink,
+    SyslogTarget,
+    WebhookSink,
+)
 from signery.server.authn import Authenticator
 from signery.server.authz import Authorizer, Principal
 from signery.server.ca.connectors import ConnectorService
@@ -113,6 +121,33 @@ def load_keyring(settings: Settings) -> Keyring:
     if settings.master_key is not None:
         return Keyring(MasterKey.from_base64(settings.master_key.get_secret_value()))
     return Keyring.load(keyring_file(settings))
+
+
+def build_forwarders(settings: Settings, db: Database, clock: Clock) -> list[Forwarder]:
+    """One forwarder per configured audit sink (none by default)."""
+    sinks: list[Sink] = []
+    timeout = settings.audit_sink_timeout_seconds
+    if settings.audit_syslog_url is not None:
+        target = SyslogTarget.parse(settings.audit_syslog_url)
+        sinks.append(SyslogSink(target, settings.audit_syslog_facility, timeout))
+    if settings.audit_webhook_url is not None:
+        token = settings.audit_webhook_token
+        sinks.append(
+            WebhookSink(
+                settings.audit_webhook_url,
+                token.get_secret_value() if token is not None else None,
+                timeout,
+                settings.audit_webhook_ca_file,
+            )
+        )
+    config = ForwarderConfig(
+        poll_seconds=settings.audit_sink_poll_seconds,
+        batch_max=settings.audit_sink_batch_max,
+        retry_max_seconds=settings.audit_sink_retry_max_seconds,
+        lease_seconds=settings.audit_sink_lease_seconds,
+        gap_seconds=settings.audit_sink_gap_seconds,
+    )
+    return [Forwarder(db, sink, settings.resolved_node_id, clock, config) for sink in sinks]
 
 
 @dataclass
@@ -273,6 +308,8 @@ class Services:
             core.db, core.keystores, core.recorder, core.clock, TsaConfig.of(core.settings)
         )
         self.authn = Authenticator(core.db, core.directory, codec, core.clock, self.users)
+        # Audit sinks read the committed trail; signing never waits for them.
+        self.sinks = build_forwarders(core.settings, core.db, core.clock)
 
     def _check_installation(self) -> dict[str, str]:
         """Refuse to serve a database that is not initialized, not migrated, or
@@ -306,10 +343,16 @@ class Services:
     def start(self) -> None:
         self.recorder.start()
         self.scheduler.start()
+        for forwarder in self.sinks:
+            forwarder.start()
 
     def stop(self) -> None:
         self.scheduler.stop()
         self.recorder.stop()
+        # Events not forwarded yet stay in the table, after the sink's cursor: the
+        # next holder of the lease (this replica restarted, or another) sends them.
+        for forwarder in self.sinks:
+            forwarder.stop()
         self.signing.close()
         self.core.keystores.close()
         self.db.dispose()

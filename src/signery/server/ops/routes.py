@@ -24,15 +24,18 @@ async def healthz() -> p.Health:
 @router.get("/readyz", response_model=p.Health)
 async def readyz(services: ServicesDep) -> JSONResponse:
     """Ready to serve: database reachable, built-in key store and audit writer up
-    (503 otherwise). An external key store that is down (KMS, HSM) is reported
+    (503 otherwise). An external key store or an audit sink that is down is reported
     ("degraded", still 200): the node serves every other key, and taking it out of
-    the load balancer would not bring that store back."""
+    the load balancer would not bring it back."""
 
     def check() -> dict[str, str]:
         checks = {"database": "ok" if services.db.ping() else "unreachable"}
         for name, health in services.core.keystores.health().items():
             checks[f"keystore:{name}"] = "ok" if health.ok else f"down: {health.detail}"
         checks["audit_writer"] = "ok" if services.recorder.running else "stopped"
+        # A sink that is down degrades (events wait in the audit table); never unready.
+        for forwarder in services.sinks:
+            checks[f"audit_sink:{forwarder.sink}"] = forwarder.health()
         return checks
 
     checks = await anyio.to_thread.run_sync(check)

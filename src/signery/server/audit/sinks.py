@@ -1,0 +1,553 @@
+"""Audit sinks: every audit event forwarded to syslog and/or an HTTP webhook.
+
+The audit table is the durable queue. One forwarder thread per configured sink
+and process tails ``audit_events`` by ``seq`` after the sink's cursor
+(``audit_sink_cursors``); the replica holding the sink's lease (a
+compare-and-set on ``lease_owner`` / ``lease_until``, renewed while it
+forwards, taken over once expired) is the only sender, so events go out in
+order. The cursor moves only after the sink acknowledged a batch (TCP write
+completed, HTTP 2xx). A sink that is down is retried with capped exponential
+backoff; nothing accumulates in memory (the next attempt re-reads the table),
+and signing never waits for a sink. Delivery is at least once: every message
+carries the event's ``id`` for de-duplication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import CursorResult, Result, and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from signery import __version__
+from signery.errors import ConfigurationError, SigneryError
+from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow
+from signery.server.audit.service import event_to_wire
+from signery.server.clock import Clock
+from signery.server.db import Database, table
+
+log = logging.getLogger("signery.audit.sinks")
+
+# RFC 5424 §6.2.1: facility 13 is "log audit".
+DEFAULT_SYSLOG_FACILITY = 13
+SYSLOG_APP_NAME = "signery"
+SYSLOG_MSGID = "audit"
+# RFC 5424 §7.2.2: an SD-ID that is not IANA-registered is NAME@<private enterprise
+# number>. 32473 is the PEN reserved for documentation (RFC 5612); Signery has no
+# PEN of its own yet, and a made-up number would squat on an organization's arc.
+SYSLOG_SD_ID = "signery@32473"
+# RFC 5424 §6.2.5: PRIVAL severities.
+_SEVERITY = {"succeeded": 6, "denied": 5, "invalid": 5, "error": 3}
+_MAX_HOSTNAME = 255  # RFC 5424 §6.2.4
+# A lease owner is the node id plus a per-forwarder suffix (column is 128 chars).
+_OWNER_NODE_MAX = 110
+
+
+class SinkFailed(Exception):
+    """A sink did not acknowledge a batch (it stays queued; the cursor does not move)."""
+
+
+# ------------------------------------------------------------------ encoding
+
+
+def event_json(event: dict[str, Any]) -> str:
+    """One event as one line of JSON. ``ensure_ascii`` escapes every control and
+    non-ASCII character (``\\n``, ``\\u2028``...), so a client-supplied string can
+    never start a new log line or forge a syslog header."""
+    return json.dumps(event, ensure_ascii=True, separators=(",", ":"), sort_keys=True)
+
+
+def _printable_ascii(value: str, limit: int) -> str:
+    """RFC 5424 §6: header fields are PRINTUSASCII (33-126) or the NILVALUE '-'."""
+    clean = "".join(c if 33 <= ord(c) <= 126 else "_" for c in value)[:limit]
+    return clean or "-"
+
+
+def _sd_value(value: str) -> str:
+    """RFC 5424 §6.3.3: '"', '\\' and ']' are escaped in PARAM-VALUE."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def syslog_message(event: dict[str, Any], facility: int) -> bytes:
+    """An RFC 5424 message: fixed ASCII header, the ids in STRUCTURED-DATA, the
+    event as a JSON line in MSG (MSG-ANY: pure ASCII, so no BOM)."""
+    pri = facility * 8 + _SEVERITY.get(str(event.get("outcome")), 5)
+    time_ = str(event["time"]).replace("+00:00", "Z")
+    hostname = _printable_ascii(str(event.get("node_id") or ""), _MAX_HOSTNAME)
+    sd = (
+        f'[{SYSLOG_SD_ID} event_id="{_sd_value(str(event["id"]))}" '
+        f'seq="{int(event["seq"])}" kind="{_sd_value(_printable_ascii(str(event["kind"]), 64))}"]'
+    )
+    header = f"<{pri}>1 {time_} {hostname} {SYSLOG_APP_NAME} - {SYSLOG_MSGID} {sd} "
+    return (header + event_json(event)).encode("ascii")
+
+
+# ------------------------------------------------------------------ sinks
+
+
+class Sink(ABC):
+    """Where events go. ``send`` returns once the sink acknowledged the batch,
+    or raises SinkFailed; it is called by one forwarder thread at a time."""
+
+    name: str
+
+    @abstractmethod
+    def send(self, events: Sequence[dict[str, Any]]) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyslogTarget:
+    transport: str  # "tcp" | "udp"
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> SyslogTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("tcp", "udp") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError("audit_syslog_url must look like tcp://host:514 or udp://host:514")
+        try:
+            port = parts.port or 514
+        except ValueError as e:
+            raise ValueError("audit_syslog_url has an invalid port") from e
+        return cls(parts.scheme, parts.hostname, port)
+
+
+class SyslogSink(Sink):
+    """RFC 5424 over TCP (octet-counting framing, RFC 6587 §3.4.1) or UDP (RFC 5426).
+
+    TCP: acknowledged = the write completed. Syslog has no application-level
+    acknowledgement, so a receiver that dies with data in its socket buffer can
+    lose that data; a connection the receiver closed is detected before each
+    batch and reopened. UDP has no acknowledgement at all (best effort)."""
+
+    name = "syslog"
+
+    def __init__(self, target: SyslogTarget, facility: int, timeout: float) -> None:
+        self._target = target
+        self._facility = facility
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+
+    def send(self, events: Sequence[dict[str, Any]]) -> None:
+        messages = [syslog_message(e, self._facility) for e in events]
+        try:
+            sock = self._connected()
+            if self._target.transport == "tcp":
+                sock.sendall(b"".join(b"%d %s" % (len(m), m) for m in messages))
+            else:
+                for m in messages:
+                    sock.send(m)
+        except OSError as e:
+            self.close()
+            raise SinkFailed(f"syslog {self._target.transport}: {type(e).__name__}") from e
+
+    def _connected(self) -> socket.socket:
+        if self._sock is not None and self._target.transport == "tcp" and self._peer_closed():
+            self.close()
+        if self._sock is None:
+            kind = socket.SOCK_STREAM if self._target.transport == "tcp" else socket.SOCK_DGRAM
+            info = socket.getaddrinfo(self._target.host, self._target.port, type=kind)[0]
+            sock = socket.socket(info[0], kind)
+            sock.settimeout(self._timeout)
+            try:
+                sock.connect(info[4])
+            except OSError:
+                sock.close()
+                raise
+            self._sock = sock
+        return self._sock
+
+    def _peer_closed(self) -> bool:
+        assert self._sock is not None
+        try:
+            self._sock.setblocking(False)
+            try:
+                return self._sock.recv(1, socket.MSG_PEEK) == b""
+            finally:
+                self._sock.settimeout(self._timeout)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class WebhookSink(Sink):
+    """POST ``{"events": [...]}`` as JSON; a 2xx answer acknowledges the batch.
+
+    TLS certificates are always verified (an extra CA file may be trusted, never
+    none). ``Idempotency-Key`` is derived from the batch's event ids; receivers
+    de-duplicate by each event's ``id`` (a batch may be cut differently after a
+    takeover)."""
+
+    name = "webhook"
+
+    def __init__(
+        self, url: str, token: str | None, timeout: float, ca_file: Path | None = None
+    ) -> None:
+        verify: ssl.SSLContext | bool = True
+        if ca_file is not None:
+            try:
+                verify = ssl.create_default_context(cafile=str(ca_file))
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigurationError(
+                    f"audit_webhook_ca_file {ca_file} cannot be read as PEM certificates"
+                ) from e
+        self._url = url
+        headers = {"User-Agent": f"signery/{__version__}", "Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        # verify: certificate and host name checked; there is no way to turn it off.
+        self._http = httpx.Client(headers=headers, timeout=timeout, verify=verify)
+
+    def send(self, events: Sequence[dict[str, Any]]) -> None:
+        body = '{"events":[' + ",".join(event_json(e) for e in events) + "]}"
+        key = hashlib.sha256(",".join(str(e["id"]) for e in events).encode()).hexdigest()
+        try:
+            response = self._http.post(
+                self._url, content=body.encode("ascii"), headers={"Idempotency-Key": key}
+            )
+        except httpx.HTTPError as e:
+            # By type only: the message of an httpx error can quote the request.
+            raise SinkFailed(f"webhook: {type(e).__name__}") from e
+        if 200 <= response.status_code < 300:
+            return
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            # A configuration problem (URL, token): loud, and retried, never skipped.
+            log.error(
+                "audit webhook refuses the events; check audit_webhook_url and its token",
+                extra={"status": response.status_code},
+            )
+        raise SinkFailed(f"webhook answered {response.status_code}")
+
+    def close(self) -> None:
+        self._http.close()
+
+
+# ------------------------------------------------------------------ forwarding
+
+
+@dataclass(frozen=True, slots=True)
+class ForwarderConfig:
+    poll_seconds: float = 1.0
+    batch_max: int = 100
+    retry_max_seconds: float = 60.0
+    lease_seconds: float = 30.0
+    # A seq below the newest visible one that is not yet visible: a transaction
+    # still committing (PostgreSQL sequences hand out numbers before commit) or
+    # one rolled back. Waited for this long, then skipped as rolled back.
+    gap_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SinkStatus:
+    sink: str
+    holds_lease: bool
+    last_seq: int | None
+    delivered: int
+    failures: int
+    last_error: str | None
+
+
+_CURSORS = table(AuditSinkCursorRow)
+_EVENTS = table(AuditEventRow)
+
+
+def _changed(result: Result[Any]) -> int:
+    """Rows matched by an UPDATE (the compare-and-set outcome)."""
+    return int(cast("CursorResult[Any]", result).rowcount)
+
+
+class Forwarder:
+    """Forwards the audit trail to one sink, from the replica holding its lease."""
+
+    def __init__(
+        self, db: Database, sink: Sink, node_id: str, clock: Clock, config: ForwarderConfig
+    ) -> None:
+        self._db = db
+        self._sink = sink
+        self._clock = clock
+        self._config = config
+        self.owner = f"{node_id[:_OWNER_NODE_MAX]}/{uuid.uuid4().hex[:12]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._holds_lease = False
+        self._lease_until: datetime | None = None
+        self._last_seq: int | None = None
+        self._gaps: dict[int, float] = {}  # missing seq -> when first seen (monotonic)
+        self._failures_in_row = 0
+        self.delivered = 0
+        self.failures = 0
+        self._last_error: str | None = None
+
+    @property
+    def sink(self) -> str:
+        return self._sink.name
+
+    def status(self) -> SinkStatus:
+        return SinkStatus(
+            self._sink.name,
+            self._holds_lease,
+            self._last_seq,
+            self.delivered,
+            self.failures,
+            self._last_error,
+        )
+
+    def health(self) -> str:
+        """For /readyz: "ok" (sending, or standing by for another replica's
+        lease), or "retrying: <last error>" while the sink does not acknowledge."""
+        if self._failures_in_row and self._last_error is not None:
+            return f"retrying: {self._last_error}"
+        return "ok"
+
+    # ------------------------------------------------------------ thread
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._loop, name=f"signery-sink-{self._sink.name}", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(10)
+        try:
+            self._release()
+        except (SQLAlchemyError, SigneryError):
+            log.warning("audit sink lease not released", extra={"sink": self._sink.name})
+        self._sink.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except (SQLAlchemyError, SigneryError) as e:
+                # The database is down: the cursor is where it was; try again later.
+                self._failed(f"database: {type(e).__name__}")
+                worked = False
+            except Exception as e:
+                # Anything else is a bug; the thread must not die silently with the
+                # events waiting: logged with its traceback, retried with backoff.
+                log.exception("audit sink forwarding failed", extra={"sink": self._sink.name})
+                self._failed(type(e).__name__)
+                worked = False
+            if not worked:
+                self._stop.wait(self._delay())
+
+    def _delay(self) -> float:
+        if self._failures_in_row == 0:
+            return self._config.poll_seconds
+        base = self._config.poll_seconds * 2.0 ** min(self._failures_in_row, 30)
+        # Jitter, so replicas and sinks recovering together do not retry in step.
+        return min(self._config.retry_max_seconds, base) * random.uniform(0.8, 1.0)  # noqa: S311
+
+    def _failed(self, error: str) -> None:
+        self.failures += 1
+        self._failures_in_row += 1
+        self._last_error = error
+        log.warning(
+            "audit sink unavailable; events stay queued in the audit table",
+            extra={"sink": self._sink.name, "error": error, "attempt": self._failures_in_row},
+        )
+
+    # ------------------------------------------------------------ one step
+
+    def run_once(self) -> bool:
+        """Take or renew the lease, send one batch, advance the cursor.
+        True when a batch was delivered (more may be waiting)."""
+        if not self._hold_lease():
+            return False
+        batch = self._next_batch()
+        if not batch:
+            self._failures_in_row = 0  # the database answers and nothing is waiting
+            return False
+        try:
+            self._sink.send(batch)
+        except SinkFailed as e:
+            self._failed(str(e))
+            return False
+        self._failures_in_row = 0
+        self._last_error = None
+        if self._advance(int(batch[-1]["seq"])):
+            self.delivered += len(batch)
+            return True
+        return False
+
+    def _hold_lease(self) -> bool:
+        now = self._clock.now()
+        if (
+            self._holds_lease
+            and self._lease_until is not None
+            and now < self._lease_until - timedelta(seconds=self._config.lease_seconds / 2)
+        ):
+            return True
+        until = now + timedelta(seconds=self._config.lease_seconds)
+        self._ensure_cursor(now)
+        c = _CURSORS.c
+        with self._db.write() as s:
+            taken = _changed(
+                s.execute(
+                    update(_CURSORS)
+                    .where(
+                        c.sink == self._sink.name,
+                        or_(
+                            c.lease_owner.is_(None),
+                            c.lease_owner == self.owner,
+                            c.lease_until < now,
+                        ),
+                    )
+                    .values(lease_owner=self.owner, lease_until=until, updated_at=now)
+                )
+            )
+            last = s.execute(select(c.last_seq).where(c.sink == self._sink.name)).scalar_one()
+        if taken != 1:
+            if self._holds_lease:
+                log.info("audit sink lease taken over", extra={"sink": self._sink.name})
+            self._holds_lease = False
+            return False
+        self._holds_lease = True
+        self._lease_until = until
+        self._last_seq = int(last)
+        return True
+
+    def _ensure_cursor(self, now: datetime) -> None:
+        if self._last_seq is not None:
+            return
+        with self._db.read() as s:
+            if s.execute(select(_CURSORS.c.sink).where(_CURSORS.c.sink == self._sink.name)).first():
+                return
+        try:
+            with self._db.write() as s:
+                s.execute(
+                    insert(_CURSORS).values(
+                        sink=self._sink.name,
+                        last_seq=0,
+                        lease_owner=None,
+                        lease_until=None,
+                        updated_at=now,
+                    )
+                )
+        except SigneryError as e:
+            if not isinstance(e.__cause__, IntegrityError):
+                raise  # another replica made it first: fine; anything else is not
+
+    def _next_batch(self) -> list[dict[str, Any]]:
+        assert self._last_seq is not None
+        with self._db.read() as s:
+            rows = (
+                s.execute(
+                    select(AuditEventRow)
+                    .where(AuditEventRow.seq > self._last_seq)
+                    .order_by(AuditEventRow.seq)
+                    .limit(self._config.batch_max)
+                )
+                .scalars()
+                .all()
+            )
+            events = [event_to_wire(r).model_dump(mode="json") for r in rows]
+        batch: list[dict[str, Any]] = []
+        expected = self._last_seq + 1
+        for event in events:
+            seq = int(event["seq"])
+            if seq != expected and not self._gap_expired(expected, seq, event["time"]):
+                break
+            batch.append(event)
+            expected = seq + 1
+        return batch
+
+    def _gap_expired(self, first_missing: int, next_seen: int, next_time: str) -> bool:
+        """Whether seqs first_missing..next_seen-1 may be skipped (rolled back).
+
+        A missing number was handed out before the event after it; once that
+        event is older than gap_seconds (or the gap was watched that long), the
+        transaction holding the number is taken as rolled back. So an old gap
+        (catching up on history) costs nothing, a fresh one at most gap_seconds.
+        The first batch of a new cursor skips what retention deleted."""
+        if first_missing == 1 and self._last_seq == 0 and self._oldest_seq() == next_seen:
+            return True
+        age = self._clock.now() - datetime.fromisoformat(next_time)
+        now = time.monotonic()
+        first_seen = self._gaps.setdefault(first_missing, now)
+        window = self._config.gap_seconds
+        if age.total_seconds() < window and now - first_seen < window:
+            return False
+        log.warning(
+            "audit events never committed are skipped",
+            extra={"sink": self._sink.name, "from_seq": first_missing, "to_seq": next_seen - 1},
+        )
+        del self._gaps[first_missing]
+        return True
+
+    def _oldest_seq(self) -> int | None:
+        with self._db.read() as s:
+            return s.execute(select(_EVENTS.c.seq).order_by(_EVENTS.c.seq).limit(1)).scalar()
+
+    def _advance(self, last_seq: int) -> bool:
+        """Move the cursor, only if this forwarder still holds the lease and
+        nobody moved the cursor meanwhile (compare-and-set)."""
+        assert self._last_seq is not None
+        now = self._clock.now()
+        until = now + timedelta(seconds=self._config.lease_seconds)
+        c = _CURSORS.c
+        with self._db.write() as s:
+            moved = _changed(
+                s.execute(
+                    update(_CURSORS)
+                    .where(
+                        and_(
+                            c.sink == self._sink.name,
+                            c.lease_owner == self.owner,
+                            c.last_seq == self._last_seq,
+                        )
+                    )
+                    .values(last_seq=last_seq, lease_until=until, updated_at=now)
+                )
+            )
+        if moved != 1:
+            self._holds_lease = False
+            return False
+        self._last_seq = last_seq
+        self._lease_until = until
+        self._gaps = {k: v for k, v in self._gaps.items() if k > last_seq}
+        return True
+
+    def _release(self) -> None:
+        if not self._holds_lease:
+            return
+        c = _CURSORS.c
+        with self._db.write() as s:
+            s.execute(
+                update(_CURSORS)
+                .where(c.sink == self._sink.name, c.lease_owner == self.owner)
+                .values(lease_owner=None, lease_until=None, updated_at=self._clock.now())
+            )
+        self._holds_lease = False
