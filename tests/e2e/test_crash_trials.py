@@ -35,6 +35,7 @@ from signery.server.audit.models import (
     UsageCounterRow,
     UsageDailyRow,
 )
+from signery.server.audit.offline import verify_database
 from tests.server.audit.sink_receivers import SyslogReceiver
 from tests.support import Api, Installation, free_port, new_installation, running_server
 
@@ -160,26 +161,13 @@ def run_lane(
 
 
 def assert_chain_clean(db_url: str) -> None:
-    """`signery audit verify` must report nothing.
-
-    TODO(issue 7, chain): replace the body with the verify function of
-    signery.server.audit.chain once it is merged; for now only each node's
-    sequence (node_seq) is checked for gaps and duplicates where it is filled."""
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(AuditEventRow.node_id, AuditEventRow.node_seq)
-                .where(AuditEventRow.node_seq.is_not(None))
-                .order_by(AuditEventRow.node_id, AuditEventRow.node_seq)
-            ).all()
-    finally:
-        engine.dispose()
-    by_node: dict[str, list[int]] = {}
-    for node, seq in rows:
-        by_node.setdefault(node, []).append(int(seq))
-    for node, seqs in by_node.items():
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"chain of {node} has gaps"
+    """`signery audit verify` on the database reports nothing: every node's hash
+    chain is whole (no altered, missing, inserted or reordered event, no truncated
+    tail) after all the kills."""
+    report = verify_database(db_url)
+    assert report.clean, report.as_dict()
+    assert report.chained > 0
+    assert report.unchained == 0, "every event of the trials is chained"
 
 
 def success_events(engine: Engine, key_id: str) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -103,3 +104,30 @@ def test_usage_counters(api: Api, scene: dict[str, Any]) -> None:
     assert (
         api.http.get("/api/v1/usage", params={"scope": "tsg"}, headers=api.admin).status_code == 400
     )
+
+
+def test_a_nul_in_a_client_string_is_recorded_not_refused(api: Api) -> None:
+    """Regression guard: PostgreSQL text cannot hold NUL, so a client string with
+    one failed the audit insert and (failing closed) the signing: a client could
+    turn its own requests into 503s. The event is written with U+FFFD instead."""
+    tsg = api.create_tsg()
+    account = api.create_account(tsg["id"])
+    key = api.create_key(tsg["id"], "EC_P256")
+    seq = api.last_seq()
+    response = api.http.post(
+        f"/api/v1/signing/keys/{key['name']}/sign",
+        json={
+            "digest": base64.b64encode(hashlib.sha256(b"nul").digest()).decode(),
+            "digest_algorithm": "sha256",
+            "scheme": "ecdsa",
+            "client": {"machine": "build\x00host", "tool": "x\x00"},
+        },
+        headers={
+            "Authorization": f"Bearer {api.access_token(account)}",
+            "User-Agent": "agent",
+        },
+    )
+    assert response.status_code == 200, response.text
+    (event,) = [e for e in api.events_after(seq) if e["kind"] == "signing.sign.succeeded"]
+    assert event["client_machine"] == "build\ufffdhost"
+    assert event["client_tool"] == "x\ufffd"

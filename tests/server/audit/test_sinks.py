@@ -14,7 +14,6 @@ import logging
 import re
 import ssl
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -121,14 +120,11 @@ def signer(api: Api) -> tuple[str, str]:
     return api.access_token(account), key["name"]
 
 
-def sign_many(api: Api, n: int, tag: str) -> list[float]:
+def sign_many(api: Api, n: int, tag: str) -> None:
+    """``n`` signings, each answered 200 (with its signature)."""
     token, key = signer(api)
-    durations = []
     for i in range(n):
-        start = time.perf_counter()
         api.ok(api.sign(token, key, hashlib.sha256(f"{tag}{i}".encode()).digest()))
-        durations.append(time.perf_counter() - start)
-    return durations
 
 
 def assert_delivered(received: list[dict[str, Any]], db: Database, before: int) -> None:
@@ -219,7 +215,7 @@ def test_syslog_outage_loses_nothing_and_never_slows_signing(
             sign_many(api, 3, "pre-outage")
             wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
             receiver.stop()  # the collector goes away; its port is closed
-            durations = sign_many(api, 60, "outage")
+            sign_many(api, 60, "outage")
             during = last_seq(db)
             time.sleep(0.5)  # several retries fail meanwhile
             stuck = cursor_of(db, "syslog")
@@ -232,8 +228,9 @@ def test_syslog_outage_loses_nothing_and_never_slows_signing(
             assert api.ok(api.http.get("/readyz"))["checks"]["audit_sink:syslog"] == "ok"
             services = api.http.app.state.services  # type: ignore[attr-defined]
             assert services.sinks[0].failures > 0
-        # Every signing answered 200 (sign_many asserts it), none waited on the sink.
-        assert max(durations) < 2.0, max(durations)
+        # Every signing answered 200 (sign_many asserts it) while the cursor stayed
+        # behind their events (stuck < during): none waited for the sink. (No
+        # timing assertion: speed is for the benchmarks.)
         assert_delivered(receiver.events(), db, before)
         assert cursor_of(db, "syslog") == last_seq(db)
     finally:
@@ -253,15 +250,14 @@ def test_webhook_outage_and_refusals_are_retried_until_acknowledged(
             ) as api,
         ):
             receiver.down_status = 401  # a wrong token at first: logged, retried
-            durations = sign_many(api, 25, "webhook-401")
+            sign_many(api, 25, "webhook-401")
             wait_for(lambda: len(receiver.requests) >= 2)
             receiver.down_status = 503
-            durations += sign_many(api, 25, "webhook-503")
+            sign_many(api, 25, "webhook-503")
             wait_for(lambda: sum(s == 503 for s, _ in receiver.requests) >= 2)
             assert cursor_of(db, "webhook") == before
             receiver.down_status = None
             wait_for(lambda: cursor_of(db, "webhook") >= last_seq(db))
-        assert max(durations) < 2.0, max(durations)
         assert_delivered(receiver.events, db, before)
         assert cursor_of(db, "webhook") == last_seq(db)
         for _, headers in receiver.requests:
@@ -328,50 +324,6 @@ def test_settings_refuse_unsafe_sink_urls(installation: Installation) -> None:
         audit_syslog_url="udp://collector.example",
     )
     assert SyslogTarget.parse(ok.audit_syslog_url or "").port == 514
-
-
-def test_an_event_committed_late_is_not_skipped(
-    installation: Installation, db: Database, api: Api
-) -> None:
-    """PostgreSQL hands out seq numbers before commit: an event whose transaction
-    commits after later ones must still be sent, in order. A number whose
-    transaction rolled back is skipped after audit_sink_gap_seconds."""
-    if installation.backend != "postgresql":
-        pytest.skip("SQLite has one writer at a time: seq order is commit order")
-    receiver = SyslogReceiver("tcp", free_port())
-    receiver.start()
-    config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, gap_seconds=1.0)
-    target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
-    forwarder = Forwarder(db, SyslogSink(target, 13, 2.0), "node-g", SystemClock(), config)
-    engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
-    row = {
-        "time": datetime.now(UTC),
-        "kind": "server.initialized",
-        "outcome": "succeeded",
-        "principal_type": "system",
-        "node_id": "slow-writer",
-        "details": "{}",
-    }
-    try:
-        before = cursor_of(db, "syslog")
-        forwarder.start()
-        for ending in ("commit", "rollback"):
-            with engine.connect() as slow:
-                held = slow.execute(
-                    insert(AuditEventRow).values(id=str(uuid.uuid4()), **row)
-                ).inserted_primary_key[0]
-                sign_many(api, 3, f"late-{ending}")
-                time.sleep(0.4)
-                assert cursor_of(db, "syslog") < held  # waits at the gap
-                getattr(slow, ending)()
-            wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
-        received = receiver.events()
-        assert_delivered(received, db, before)
-        assert len(received) == len({e["id"] for e in received})
-    finally:
-        forwarder.stop()
-        engine.dispose()
-        receiver.stop()
 
 
 def self_signed_tls(directory: Path) -> tuple[Path, Path]:

@@ -509,6 +509,13 @@ class AuditRecorder:
         for col, limit in _MAX_TEXT.items():
             if isinstance(row[col], str) and len(row[col]) > limit:
                 row[col] = row[col][:limit]
+        for col, value in row.items():
+            # PostgreSQL text cannot hold NUL: a client string carrying one would
+            # fail the insert and so, failing closed, refuse the request. The event
+            # is written with U+FFFD in its place instead. (details is JSON, where
+            # json.dumps already escaped it.)
+            if isinstance(value, str) and "\x00" in value:
+                row[col] = value.replace("\x00", "\ufffd")
         return row
 
 
