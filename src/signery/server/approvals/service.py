@@ -129,6 +129,23 @@ class GrantUse:
     grant_id: str
 
 
+def _new_request(policy: p.ApprovalPolicy, now: datetime, **fields: Any) -> SigningRequestRow:
+    """A pending signing request; its approval terms are copied from the policy
+    of the moment (a later policy change does not alter a request in flight)."""
+    return SigningRequestRow(
+        id=new_id(),
+        status=ApprovalStatus.PENDING_APPROVAL.value,
+        required_approvals=policy.required,
+        grant_max_uses=policy.grant_max_uses,
+        grant_ttl_seconds=policy.grant_ttl_hours * 3600,
+        grant_id=None,
+        expires_at=now + timedelta(hours=policy.request_ttl_hours),
+        created_at=now,
+        updated_at=now,
+        **fields,
+    )
+
+
 def grant_status(g: SigningGrantRow, now: datetime) -> str:
     if g.revoked_at is not None:
         return "revoked"
@@ -255,8 +272,9 @@ class ApprovalService:
                     request = r
             reused = request is not None
             if request is None:
-                request = SigningRequestRow(
-                    id=new_id(),
+                request = _new_request(
+                    policy,
+                    now,
                     key_id=attempt.key_id,
                     tsg_id=attempt.tsg_id,
                     account_id=attempt.account_id,
@@ -269,14 +287,6 @@ class ApprovalService:
                     client_machine=attempt.context.machine,
                     client_tool=attempt.context.tool,
                     justification=attempt.justification,
-                    status=ApprovalStatus.PENDING_APPROVAL.value,
-                    required_approvals=policy.required,
-                    grant_max_uses=policy.grant_max_uses,
-                    grant_ttl_seconds=policy.grant_ttl_hours * 3600,
-                    grant_id=None,
-                    expires_at=now + timedelta(hours=policy.request_ttl_hours),
-                    created_at=now,
-                    updated_at=now,
                 )
                 s.add(request)
                 s.flush()
@@ -514,28 +524,16 @@ class ApprovalService:
                 raise NotAnApprover("the key's policy names its approvers; you are not one")
             account = self._account_for(s, body.account, path)
             max_uses = None if body.unlimited else body.max_uses
-            r = SigningRequestRow(
-                id=new_id(),
+            r = _new_request(
+                policy,
+                now,
                 key_id=key.id,
                 tsg_id=key.tsg_id,
                 account_id=account.id,
                 requested_by_type=principal.type.value,
                 requested_by_id=principal.id,
                 requested_by_name=principal.name,
-                digest_algorithm=None,
-                digest=None,
-                scheme=None,
-                client_machine=None,
-                client_tool=None,
                 justification=body.comment,
-                status=ApprovalStatus.PENDING_APPROVAL.value,
-                required_approvals=policy.required,
-                grant_max_uses=policy.grant_max_uses,
-                grant_ttl_seconds=policy.grant_ttl_hours * 3600,
-                grant_id=None,
-                expires_at=now + timedelta(hours=policy.request_ttl_hours),
-                created_at=now,
-                updated_at=now,
             )
             s.add(r)
             s.flush()
