@@ -24,7 +24,7 @@ serve: $(STAMP)
 
 ## test: lint, types, then the whole suite against SQLite and PostgreSQL
 test: lint typecheck
-	$(PY) -m pytest --cov --cov-report=term:skip-covered -q
+	$(PY) -m pytest --cov --cov-report=term:skip-covered -q -n auto --dist loadscope
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench
