@@ -176,9 +176,7 @@ def test_more_grants_never_cover_less(
         assert isinstance(authz.decide_over(user(*caller, *extra), other), Allowed)
 
 
-def test_the_reported_escalation_a_subtree_superuser_over_a_root_auditor_and_sibling_key_admin() -> (
-    None
-):
+def test_the_reported_case_a_subtree_superuser_over_a_root_auditor_and_sibling_key_admin() -> None:
     """Issue 12 item 1: a superuser at 2 does not cover a user who is auditor at the
     root and key_admin at the sibling 3, though that user is homed in 2."""
     local = user((Role.SUPERUSER, "2"))
@@ -195,3 +193,27 @@ def test_the_reported_escalation_a_subtree_superuser_over_a_root_auditor_and_sib
     assert covers(user((Role.KEY_ADMIN, "2")), Role.KEY_VIEWER, "/1/2/5/")
     assert not covers(user((Role.KEY_ADMIN, "2")), Role.KEY_VIEWER, "/1/")
     assert not covers(user((Role.KEY_ADMIN, "2")), Role.AUDITOR, "/1/2/")
+
+
+@given(caller=BINDINGS, keys=st.lists(st.sampled_from(sorted(PATHS)), max_size=3))
+def test_a_key_on_a_named_signer_needs_key_management_of_every_naming_key(
+    caller: list[tuple[Role, str]], keys: list[str]
+) -> None:
+    principal = user(*caller)
+    decision = Authorizer().decide_account_key(principal, [PATHS[k] for k in keys])
+    expected = all(
+        isinstance(Authorizer().decide(principal, Permission.KEY_MANAGE, PATHS[k]), Allowed)
+        for k in keys
+    )
+    assert isinstance(decision, Allowed) == expected
+    if isinstance(decision, Denied):
+        assert decision.reason == "signer_key_admin_required"
+
+
+def test_an_account_admin_alone_may_not_re_key_a_named_signer() -> None:
+    assert isinstance(Authorizer().decide_account_key(user((Role.ACCOUNT_ADMIN, "2")), []), Allowed)
+    denied = Authorizer().decide_account_key(user((Role.ACCOUNT_ADMIN, "2")), ["/1/2/4/"])
+    assert isinstance(denied, Denied)
+    both = user((Role.ACCOUNT_ADMIN, "2"), (Role.KEY_ADMIN, "4"))
+    assert isinstance(Authorizer().decide_account_key(both, ["/1/2/4/"]), Allowed)
+    assert isinstance(Authorizer().decide_account_key(both, ["/1/2/4/", "/1/2/5/"]), Denied)

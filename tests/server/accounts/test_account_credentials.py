@@ -140,7 +140,7 @@ def test_removing_a_key_ends_its_assertions_and_every_access_token_issued_before
     account = api.create_account(tsg["id"])
     key = api.create_key(tsg["id"], "EC_P256", ca="none")
     [first] = keys_of(api, account)
-    second = ec.generate_private_key(ec.SECP384R1())
+    second = ec.generate_private_key(ec.SECP256R1())
     api.ok(add_key(api, account, pem(second), api.admin), 201)
     old_token = api.access_token(account)
     assert api.sign(old_token, key["name"], DIGEST).status_code == 200
@@ -164,11 +164,9 @@ def test_removing_a_key_ends_its_assertions_and_every_access_token_issued_before
 
     with refused_once(api, reason="assertion_signature_invalid"):
         assert api.token_response(account.credentials().assertion(api.issuer)).status_code == 400
-    with refused_once(
-        api, reason="invalid_token", account_id=account.id, failures_counted=True
-    ):
+    with refused_once(api, reason="invalid_token", account_id=account.id, failures_counted=True):
         assert api.sign(old_token, key["name"], DIGEST).status_code == 401
-    fresh = api.ok(token_with(api, account, second, "ES384"))["access_token"]
+    fresh = api.ok(token_with(api, account, second))["access_token"]
     assert api.sign(fresh, key["name"], DIGEST).status_code == 200
 
 
@@ -187,28 +185,20 @@ def test_removing_unknown_keys_or_keys_out_of_reach(api: Api, tsg: dict[str, Any
     other = api.create_account(tsg["id"])
     [other_key] = keys_of(api, other)
     with refused_once(api, reason="account_key_not_found"):
-        r = api.http.delete(
-            f"/api/v1/accounts/{account.id}/keys/{uuid.uuid4()}", headers=api.admin
-        )
+        r = api.http.delete(f"/api/v1/accounts/{account.id}/keys/{uuid.uuid4()}", headers=api.admin)
         assert r.status_code == 404
     with refused_once(api, reason="account_key_not_found"):
         r = api.http.delete(
             f"/api/v1/accounts/{account.id}/keys/{other_key['id']}", headers=api.admin
         )
         assert r.status_code == 404, "another account's key is not this account's"
-    viewer = Person(api, tsg["id"], "key_viewer")
-    with refused_once(api, reason="account_not_found"):
-        r = api.http.delete(
-            f"/api/v1/accounts/{other.id}/keys/{other_key['id']}", headers=viewer.headers
-        )
-        assert r.status_code == 404
     elsewhere = Person(api, api.create_tsg()["id"], "account_admin")
     with refused_once(api, reason="account_not_found"):
         r = api.http.delete(
             f"/api/v1/accounts/{other.id}/keys/{other_key['id']}", headers=elsewhere.headers
         )
         assert r.status_code == 404
-    reader = Person(api, tsg["id"], "auditor")
+    reader = Person(api, tsg["id"], "auditor")  # sees the account, may not change it
     with refused_once(api, reason="permission_denied"):
         r = api.http.delete(
             f"/api/v1/accounts/{other.id}/keys/{other_key['id']}", headers=reader.headers
@@ -232,9 +222,7 @@ def test_reenabling_an_account_does_not_revive_the_tokens_issued_before_it_was_d
     assert api.sign(token, key["name"], DIGEST).status_code == 401
     api.ok(api.http.post(f"/api/v1/accounts/{account.id}/enable", headers=api.admin))
 
-    with refused_once(
-        api, reason="invalid_token", account_id=account.id, failures_counted=True
-    ):
+    with refused_once(api, reason="invalid_token", account_id=account.id, failures_counted=True):
         response = api.sign(token, key["name"], DIGEST)
         assert response.status_code == 401
         assert "signature" not in response.json()

@@ -44,9 +44,9 @@ def test_a_token_that_never_expires_is_refused(api: Api) -> None:
 
 def test_a_lifetime_over_the_maximum_is_refused(api: Api) -> None:
     with refused_once(api, reason="api_token_lifetime_too_long"):
-        assert create(api, {"name": "long", "expires_in_days": DEFAULT_MAX_DAYS + 1}).status_code == (
-            400
-        )
+        assert create(
+            api, {"name": "long", "expires_in_days": DEFAULT_MAX_DAYS + 1}
+        ).status_code == (400)
     at_max = api.ok(create(api, {"name": "max", "expires_in_days": DEFAULT_MAX_DAYS}), 201)
     assert lifetime(at_max) == timedelta(days=DEFAULT_MAX_DAYS)
     short = api.ok(create(api, {"name": "short", "expires_in_days": 1}), 201)

@@ -179,9 +179,7 @@ def test_unbinding_within_reach_is_allowed_and_above_it_is_not_visible(
     root_super = Person(api, a, "superuser", bind_at=api.root_tsg_id)
     at_a = bind(api, root_super, "approver", a)
     bindings = api.ok(
-        api.http.get(
-            "/api/v1/role-bindings", params={"tsg_id": api.root_tsg_id}, headers=api.admin
-        )
+        api.http.get("/api/v1/role-bindings", params={"tsg_id": api.root_tsg_id}, headers=api.admin)
     )
     at_root = next(x for x in bindings if x["principal_id"] == root_super.id)
     with refused_once(api, reason="role_binding_not_found"):
