@@ -187,3 +187,13 @@ def test_unbinding_within_reach_is_allowed_and_above_it_is_not_visible(
         assert r.status_code == 404
     r = api.http.delete(f"/api/v1/role-bindings/{at_a['id']}", headers=local_super.headers)
     assert r.status_code == 204
+
+
+def test_built_in_accounts_have_no_api_tokens(api: Api, tsgs: dict[str, Any]) -> None:
+    account = api.create_account(tsgs["a"]["id"])
+    bearer = {"Authorization": f"Bearer {api.access_token(account)}"}
+    with refused_once(api, reason="permission_denied"):
+        assert api.http.get("/api/v1/users/me/tokens", headers=bearer).status_code == 403
+    with refused_once(api, reason="permission_denied"):
+        r = api.http.post("/api/v1/users/me/tokens", json={"name": "x"}, headers=bearer)
+        assert r.status_code == 403

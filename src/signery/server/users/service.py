@@ -273,14 +273,14 @@ class UserService:
 
     # ------------------------------------------------------------ API tokens
 
-    def token_lifetime(self, req: p.ApiTokenCreate) -> int:
+    def _token_lifetime(self, req: p.ApiTokenCreate) -> int:
         """Days a requested token lives: the maximum when none is asked for. An
         explicit ``null`` asked for a token that never expires: refused."""
         maximum = self.max_token_lifetime_days
         if req.expires_in_days is None and "expires_in_days" in req.model_fields_set:
             raise ApiTokenLifetimeTooLong(
-                f"API tokens expire: give expires_in_days up to {maximum}, or omit it for "
-                f"{maximum}",
+                f"API tokens always expire: give expires_in_days (1 to {maximum}), or omit "
+                f"it for {maximum} days",
                 max_days=maximum,
             )
         days = maximum if req.expires_in_days is None else req.expires_in_days
@@ -297,7 +297,7 @@ class UserService:
         user.manage at its home TSG and every one of its roles covered."""
         if principal.type is not PrincipalType.USER:
             raise PermissionDenied("only users have API tokens")
-        days = self.token_lifetime(req)
+        days = self._token_lifetime(req)
         with self._recorder.refusals() as refused, self._db.write() as s:
             user = self._visible_user(
                 principal, s, user_ref or principal.id, Permission.USER_MANAGE
@@ -346,6 +346,8 @@ class UserService:
     def list_tokens(
         self, principal: Principal, user_ref: str | None, ctx: RequestContext
     ) -> list[p.ApiToken]:
+        if user_ref is None and principal.type is not PrincipalType.USER:
+            raise PermissionDenied("only users have API tokens")
         with self._recorder.refusals() as refused, self._db.read() as s:
             user = self._visible_user(principal, s, user_ref or principal.id, Permission.USER_READ)
             self._require_over(s, principal, user, "user.api_token.list", ctx, refused)
