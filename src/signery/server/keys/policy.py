@@ -442,6 +442,10 @@ def _signers(s: Session, key_path: str, refs: list[str]) -> list[str]:
             select(AccountRow.id, AccountRow.tsg_id, TsgRow.path)
             .join(TsgRow, TsgRow.id == AccountRow.tsg_id)
             .where(matches)
+            # Locked until the policy commits: a key being added to the account at
+            # the same moment (AccountService.add_key locks it too) either sees
+            # this policy, or is registered before the account is named.
+            .with_for_update(of=AccountRow)
         ).all()
         inside = [(i, t) for i, t, path in found if in_subtree(key_path, path)]
         if not inside:
