@@ -163,6 +163,14 @@ class InvalidPublicKey(InvalidRequest):
     title = "Public key is not acceptable"
 
 
+class ApiTokenLifetimeTooLong(InvalidRequest):
+    """An API token asked to live longer than ``api_token_max_lifetime_days``, or
+    forever (``"expires_in_days": null``). The maximum is in ``max_days``."""
+
+    code = "api_token_lifetime_too_long"
+    title = "API token lifetime exceeds the maximum"
+
+
 class CertificateRejected(InvalidRequest):
     """A certificate from an external CA was refused; the key stays as it was."""
 
@@ -285,6 +293,22 @@ class NotAnApprover(PermissionDenied):
     title = "You are not an approver for this key"
 
 
+class PrivilegeEscalation(PermissionDenied):
+    """Acting on another principal's credentials, or granting a role, beyond the
+    caller's own reach: the target holds a role somewhere the caller does not."""
+
+    code = "privilege_escalation"
+    title = "This reaches beyond your own roles"
+
+
+class SignerKeyAdminRequired(PrivilegeEscalation):
+    """Adding a key to an account that a signing key's policy names as a signer
+    would let the caller sign as it: key_admin on those keys is required."""
+
+    code = "signer_key_admin_required"
+    title = "A key's policy names this account as a signer; key_admin on that key is required"
+
+
 class NotFound(SigneryError):
     code = "not_found"
     kind = ErrorKind.NOT_FOUND
@@ -339,6 +363,11 @@ class ApprovalRequestNotFound(NotFound):
 class GrantNotFound(NotFound):
     code = "grant_not_found"
     title = "No such signing grant"
+
+
+class AccountKeyNotFound(NotFound):
+    code = "account_key_not_found"
+    title = "The account has no such public key"
 
 
 class Conflict(SigneryError):
@@ -445,6 +474,11 @@ class ApprovalClosed(Conflict):
 class AlreadyDecided(Conflict):
     code = "approval_already_decided"
     title = "You already decided on this request"
+
+
+class LastAccountKey(Conflict):
+    code = "last_account_key"
+    title = "An account keeps at least one public key"
 
 
 # ----------------------------------------------------------------- 413 / 415

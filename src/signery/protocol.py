@@ -253,7 +253,14 @@ class UserCreated(User):
 
 class ApiTokenCreate(WireModel):
     name: str = Field(min_length=1, max_length=64)
-    expires_in_days: int | None = Field(default=90, ge=1, le=3650)
+    expires_in_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=3650,
+        description="Days until the token expires, at most the server's maximum "
+        "(api_token_max_lifetime_days, 90 by default); omitted: that maximum. "
+        "API tokens always expire: null is refused.",
+    )
 
 
 class ApiToken(ResponseModel):

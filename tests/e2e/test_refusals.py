@@ -265,7 +265,11 @@ def test_disabled_account_gets_no_token_and_its_tokens_stop_at_once(
     server_api.ok(
         server_api.http.post(f"/api/v1/accounts/{account.id}/enable", headers=server_api.admin)
     )
-    assert server_api.sign(token, key["name"], DIGEST).status_code == 200
+    # Enabling it again revives none of the tokens issued before the disable
+    # (issue 12, item 18): the account signs again with a new one.
+    assert_no_signature(server_api.sign(token, key["name"], DIGEST), 401, "invalid_token")
+    fresh = server_api.access_token(account)
+    assert server_api.sign(fresh, key["name"], DIGEST).status_code == 200
 
 
 # ------------------------------------------------------------------ signing plane

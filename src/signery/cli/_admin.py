@@ -185,17 +185,23 @@ def token_create(
     ctx: typer.Context,
     name: Annotated[str, typer.Option(help="A label for the token.")],
     user: Annotated[str, typer.Option(help="Username or id (default: yourself).")] = "me",
-    days: Annotated[int, typer.Option(help="Days until the token expires.")] = 90,
+    days: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Days until the token expires (default and maximum: the server's "
+            "api_token_max_lifetime_days, 90 unless configured).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a personal API token (printed once)."""
+    """Create a personal API token (printed once). For another user, every role it
+    holds must be one you hold too, where it holds it."""
+    body: dict[str, Any] = {"name": name}
+    if days is not None:
+        body["expires_in_days"] = days
     with connection(ctx).admin() as c:
-        created = c.call(
-            "POST",
-            f"{API}/users/{user}/tokens",
-            p.ApiTokenCreated,
-            json={"name": name, "expires_in_days": days},
-        )
+        created = c.call("POST", f"{API}/users/{user}/tokens", p.ApiTokenCreated, json=body)
     emit(
         created,
         as_json,
@@ -302,7 +308,8 @@ def _account_details(a: p.Account) -> None:
             ("tsg", a.tsg_id),
             ("status", a.status.value),
             ("valid until", a.valid_until),
-            ("keys", ", ".join(f"{k.algorithm} {k.fingerprint[:16]}" for k in a.keys)),
+            # One line per public key, with the id `account remove-key` takes.
+            *(("key", f"{k.id} {k.algorithm} {k.fingerprint[:16]}") for k in a.keys),
         ]
     )
 
@@ -416,7 +423,10 @@ def account_add_key(
     public_key: Annotated[Path, typer.Option(help="PEM public key file.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Register another public key for an account (e.g. to rotate its credentials)."""
+    """Register another public key for an account (e.g. to rotate its credentials).
+
+    On an account that a signing key's policy names as a signer, this needs
+    key_admin on that key too: whoever holds the key can sign as the account."""
     try:
         pem = public_key.read_text("ascii")
     except (OSError, UnicodeDecodeError) as e:
@@ -426,6 +436,30 @@ def account_add_key(
             "POST", f"{API}/accounts/{account}/keys", p.Account, json={"public_key_pem": pem}
         )
     emit(found, as_json, lambda: _account_details(found))
+
+
+@account_app.command("remove-key")
+def account_remove_key(
+    ctx: typer.Context,
+    account: Annotated[str, typer.Argument(help="Account id or client id.")],
+    key_id: Annotated[str, typer.Argument(help="Id of the public key (see `account show`).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a public key from an account (never its last one: add the replacement
+    first). Assertions signed with it are refused from now on, and the account's
+    access tokens issued before end; holders of its other keys get new ones."""
+    with connection(ctx).admin() as c:
+        found = c.call(
+            "DELETE",
+            f"{API}/accounts/{quote(account, safe='')}/keys/{quote(key_id, safe='')}",
+            p.Account,
+        )
+
+    def human() -> None:
+        out.print(f"removed key {key_id} from account [bold]{found.name}[/]")
+        _account_details(found)
+
+    emit(found, as_json, human)
 
 
 # ------------------------------------------------------------------ keys

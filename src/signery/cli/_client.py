@@ -127,7 +127,8 @@ def login(
                 "POST",
                 f"{p.API_PREFIX}/users/me/tokens",
                 p.ApiTokenCreated,
-                json={"name": f"cli@{socket.gethostname()}"[:64], "expires_in_days": 90},
+                # No lifetime asked for: the server's maximum (90 days by default).
+                json={"name": f"cli@{socket.gethostname()}"[:64]},
                 auth=(username, password),
             )
         token = created.token

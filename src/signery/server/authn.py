@@ -24,7 +24,7 @@ from signery.errors import (
 )
 from signery.protocol import AccountStatus, PrincipalType
 from signery.server.accounts.models import AccountRow
-from signery.server.accounts.tokens import AccessClaims, AccessTokenCodec
+from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims, AccessTokenCodec
 from signery.server.authz import Principal
 from signery.server.clock import Clock
 from signery.server.db import Database
@@ -137,6 +137,8 @@ class Authenticator:
                 raise InvalidToken()
             if row.status == AccountStatus.DISABLED.value:
                 raise AccountDisabled()
+            if row.token_epoch != claims.epoch:
+                raise InvalidToken(STALE_TOKEN)
             if row.valid_until <= self._clock.now():
                 raise AccountExpired()
             return Principal(

@@ -6,11 +6,19 @@ with keys in its own TSG's subtree. Everything not granted is denied.
 
 Objects outside everything a principal can see are reported as missing (404),
 never as forbidden, so that their existence does not leak across tenants.
+
+Nobody reaches beyond their own roles through someone else: acting on another
+principal's credentials (its API tokens) requires *covering* every role that
+principal holds, and a role is granted or removed only by someone who covers it
+(:func:`covers`). Covering a role bound at a TSG means holding every one of its
+permissions on that TSG, and so on its whole subtree. A superuser at the root
+covers everything.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
 from enum import StrEnum
@@ -24,6 +32,8 @@ from signery.errors import (
     PermissionDenied,
     PolicyDigestNotAllowed,
     PolicySchemeNotAllowed,
+    PrivilegeEscalation,
+    SignerKeyAdminRequired,
     SignerNotAllowed,
 )
 from signery.protocol import PrincipalType, Role
@@ -139,6 +149,28 @@ def in_subtree(path: str, root_path: str) -> bool:
     return path.startswith(root_path)
 
 
+def held_at(principal: Principal, tsg_path: str) -> frozenset[Permission]:
+    """Every permission ``principal`` holds on the TSG at ``tsg_path``. Grants reach
+    whole subtrees, so these are held on every descendant too."""
+    held: set[Permission] = set()
+    for permissions, scope in principal.grants():
+        if in_subtree(tsg_path, scope):
+            held |= permissions
+    return frozenset(held)
+
+
+def covers(principal: Principal, role: Role, tsg_path: str) -> bool:
+    """Could ``principal`` exercise ``role`` bound at ``tsg_path`` itself: does it hold
+    every permission of the role there (and so everywhere the binding reaches)?
+    Several of its bindings may add up to cover one role."""
+    return ROLE_PERMISSIONS[role] <= held_at(principal, tsg_path)
+
+
+def uncovered(principal: Principal, bindings: Iterable[Binding]) -> tuple[Binding, ...]:
+    """The ``bindings`` (of another principal) that ``principal`` does not cover."""
+    return tuple(b for b in bindings if not covers(principal, b.role, b.tsg_path))
+
+
 class Authorizer:
     """Decides whether a principal may do something to an object in a TSG."""
 
@@ -168,6 +200,34 @@ class Authorizer:
             if decision.visible:
                 raise PermissionDenied(f"{permission.value} is not granted here")
             raise not_found()
+
+    def decide_over(self, principal: Principal, target: Iterable[Binding]) -> Decision:
+        """May ``principal`` act on the credentials of a principal bound as ``target``
+        (create, list or revoke its API tokens)? Only when it covers every one of
+        those bindings: otherwise a token it mints would reach where it cannot.
+        The caller must already see the target (else: not found, decided before)."""
+        if uncovered(principal, target):
+            return Denied(PrivilegeEscalation.code, visible=True)
+        return Allowed()
+
+    def decide_binding(self, principal: Principal, role: Role, tsg_path: str) -> Decision:
+        """May ``principal`` grant (or remove) ``role`` at ``tsg_path``, beyond holding
+        the permission to manage bindings there? Nobody grants a role it could not
+        exercise itself, nor removes one it could not have granted."""
+        if not covers(principal, role, tsg_path):
+            return Denied(PrivilegeEscalation.code, visible=True)
+        return Allowed()
+
+    def decide_account_key(self, principal: Principal, signer_of: Iterable[str]) -> Decision:
+        """May ``principal``, allowed to manage an account, register a new key on it,
+        given the TSG paths of the keys whose policies name that account as a
+        signer? A new key lets its holder sign as the account, so each of those
+        keys needs ``signing_key.manage`` too (a key admin could name another
+        signer anyway); an account no policy names needs nothing more."""
+        for path in signer_of:
+            if not isinstance(self.decide(principal, Permission.KEY_MANAGE, path), Allowed):
+                return Denied(SignerKeyAdminRequired.code, visible=True)
+        return Allowed()
 
     def scopes(self, principal: Principal, permission: Permission) -> list[str]:
         """Subtree paths where ``permission`` is granted, minimal (no path inside another)."""

@@ -3,7 +3,8 @@
 Creates, in this order: the data directory (0700), the database schema
 (Alembic), the master key file (0600, never overwritten), then in ONE
 transaction: the root TSG, the built-in CA's rows (and the time-stamping
-authority's), the bootstrap superuser with an API token, and the installation
+authority's), the bootstrap superuser with an API token (living
+``api_token_max_lifetime_days``, like any API token), and the installation
 facts. Running it again on an initialized installation changes nothing and
 prints no secret.
 """
@@ -33,7 +34,6 @@ log = logging.getLogger("signery.init")
 
 ROOT_TSG_NAME = "root"
 BOOTSTRAP_TOKEN_NAME = "bootstrap"
-BOOTSTRAP_TOKEN_DAYS = 90
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +174,7 @@ def _create(
                 user = users.insert_user(s, admin_username, password_hash, root.id)
                 users.insert_binding(s, user.id, Role.SUPERUSER, root.id)
                 token, token_row = users.insert_token(
-                    s, user.id, BOOTSTRAP_TOKEN_NAME, BOOTSTRAP_TOKEN_DAYS
+                    s, user.id, BOOTSTRAP_TOKEN_NAME, users.max_token_lifetime_days
                 )
                 for key, value in (
                     (meta.INSTALLATION_ID, installation_id),
@@ -236,6 +236,7 @@ def _create(
                             "token_id": token_row.id,
                             "user_id": user.id,
                             "name": BOOTSTRAP_TOKEN_NAME,
+                            "expires_in_days": users.max_token_lifetime_days,
                         },
                     ),
                 ):

@@ -154,6 +154,13 @@ class Settings(BaseSettings):
         description="Also write each signed checkpoint here as <node>-<seq>.json (outside the DB)",
     )
     jti_retention_seconds: int = Field(default=3600, ge=600)
+    api_token_max_lifetime_days: int = Field(
+        default=90,
+        ge=1,
+        le=3650,
+        description="Longest life of a user's API token (also the life of one asked for "
+        "without expires_in_days, and of the bootstrap token made by signery init)",
+    )
     scheduler_interval_seconds: int = Field(
         default=30,
         ge=0,

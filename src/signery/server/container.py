@@ -214,7 +214,13 @@ class Core:
 
     def users(self) -> UserService:
         return UserService(
-            self.db, self.authz, self.recorder, self.clock, self.directory, password_hasher()
+            self.db,
+            self.authz,
+            self.recorder,
+            self.clock,
+            self.directory,
+            password_hasher(),
+            max_token_lifetime_days=self.settings.api_token_max_lifetime_days,
         )
 
 

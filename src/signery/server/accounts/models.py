@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, LargeBinary, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from signery.server.db import Base, UtcDateTime
@@ -22,6 +22,11 @@ class AccountRow(Base):
     valid_until: Mapped[datetime] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Access tokens carry the epoch they were issued in and are refused once it
+    # moves on: disabling the account or removing one of its keys increments it,
+    # so re-enabling does not revive tokens issued before. A counter, not a time:
+    # no clock (of this replica or another) decides whether a token is older.
+    token_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AccountKeyRow(Base):

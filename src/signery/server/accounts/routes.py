@@ -57,6 +57,14 @@ def add_account_key(
     return services.accounts.add_key(principal, account, body, ctx)
 
 
+@router.delete("/accounts/{account}/keys/{key_id}", response_model=p.Account)
+def remove_account_key(
+    account: str, key_id: str, principal: PrincipalDep, services: ServicesDep, ctx: ContextDep
+) -> p.Account:
+    """Remove a public key; the account's access tokens issued before end too."""
+    return services.accounts.remove_key(principal, account, key_id, ctx)
+
+
 @router.post(
     "/oauth/token",
     response_model=p.TokenResponse,

@@ -1,4 +1,13 @@
-"""Built-in accounts: the machine identities that sign."""
+"""Built-in accounts: the machine identities that sign.
+
+An account's public keys are its credentials: whoever registers a key can sign
+as the account. An account admin may add one, except to an account that a
+signing key's policy names as a signer, which also needs ``signing_key.manage``
+on those keys (``Authorizer.decide_account_key``); otherwise an account admin
+could make itself the only signer a key administrator chose. A key can be
+removed (never the last one). Removing a key, and disabling the account, move
+the account's token epoch on, which ends every access token issued before.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +16,29 @@ from datetime import timedelta
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.crypto import public_key_fingerprint, public_key_pem
-from signery.errors import AccountNotFound, InvalidPublicKey, InvalidRequest, NameTaken, TsgNotFound
+from signery.errors import (
+    AccountKeyNotFound,
+    AccountNotFound,
+    InvalidPublicKey,
+    InvalidRequest,
+    LastAccountKey,
+    NameTaken,
+    SignerKeyAdminRequired,
+    TsgNotFound,
+)
 from signery.protocol import AccountStatus, AuditOutcome
 from signery.server.accounts.models import AccountKeyRow, AccountRow
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Permission, Principal
+from signery.server.authz import Authorizer, Denied, Permission, Principal
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, flush_unique, new_id
+from signery.server.keys.policy import keys_naming_signer
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
 
@@ -213,11 +232,18 @@ class AccountService:
         return row
 
     def _visible(
-        self, s: Session, principal: Principal, ref: str, permission: Permission
+        self,
+        s: Session,
+        principal: Principal,
+        ref: str,
+        permission: Permission,
+        *,
+        lock: bool = False,
     ) -> tuple[AccountRow, str]:
-        row = s.get(AccountRow, ref) or s.scalar(
-            select(AccountRow).where(AccountRow.client_id == ref)
-        )
+        """The account by id or client id, if ``principal`` has ``permission`` on it.
+        ``lock``: held until the transaction ends (changes to its set of keys)."""
+        q = select(AccountRow).where((AccountRow.id == ref) | (AccountRow.client_id == ref))
+        row = s.scalar(q.with_for_update() if lock else q)
         if row is None:
             raise AccountNotFound()
         path = self._directory.require_path(s, row.tsg_id)
@@ -248,13 +274,16 @@ class AccountService:
         self, principal: Principal, ref: str, enabled: bool, ctx: RequestContext
     ) -> p.Account:
         """Disable or enable an account. Takes effect on the very next request of any
-        replica: every bearer token is checked against the account row."""
+        replica: every bearer token is checked against the account row. Disabling
+        also ends every access token issued so far, so enabling revives none."""
         with self._db.write() as s:
             row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE)
             target = AccountStatus.ACTIVE if enabled else AccountStatus.DISABLED
             if row.status != target.value:
                 row.status = target.value
                 row.updated_at = self._clock.now()
+                if not enabled:
+                    self._end_access_tokens(s, row)
                 self._recorder.record(
                     s,
                     AuditRecord(
@@ -270,16 +299,58 @@ class AccountService:
             s.flush()
             return self._wire(s, row)
 
+    def _end_access_tokens(self, s: Session, row: AccountRow) -> None:
+        # In SQL, not from the loaded value: two changes at once both move it on.
+        s.execute(
+            update(AccountRow)
+            .where(AccountRow.id == row.id)
+            .values(token_epoch=AccountRow.token_epoch + 1)
+        )
+
+    def _key_count(self, s: Session, account: AccountRow) -> int:
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(AccountKeyRow)
+                .where(AccountKeyRow.account_id == account.id)
+            )
+            or 0
+        )
+
     def add_key(
         self, principal: Principal, ref: str, req: p.AccountKeyAdd, ctx: RequestContext
     ) -> p.Account:
+        """Register another public key (account.manage; on an account a key's policy
+        names as a signer, signing_key.manage on those keys as well)."""
         key, algorithm = parse_account_public_key(req.public_key_pem)
-        with self._db.write() as s:
-            row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE)
-            count = len(
-                s.scalars(select(AccountKeyRow.id).where(AccountKeyRow.account_id == row.id)).all()
+        with self._recorder.refusals() as refused, self._db.write() as s:
+            row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE, lock=True)
+            named = keys_naming_signer(s, row.id)
+            decision = self._authz.decide_account_key(
+                principal, [key_path for _, key_path in named]
             )
-            if count >= MAX_KEYS_PER_ACCOUNT:
+            if isinstance(decision, Denied):
+                refused.append(
+                    AuditRecord(
+                        EventKind.ESCALATION_REFUSED,
+                        AuditOutcome.DENIED,
+                        actor_of(principal),
+                        reason=decision.reason,
+                        tsg_id=row.tsg_id,
+                        tsg_path=path,
+                        context=ctx,
+                        details={
+                            "action": "account.key.add",
+                            "account_id": row.id,
+                            "signer_of_keys": [k for k, _ in named],
+                        },
+                    )
+                )
+                raise SignerKeyAdminRequired(
+                    f"{len(named)} signing key(s) name this account as a signer: adding a key "
+                    "to it needs key_admin on each of them"
+                )
+            if self._key_count(s, row) >= MAX_KEYS_PER_ACCOUNT:
                 raise InvalidRequest(f"an account holds at most {MAX_KEYS_PER_ACCOUNT} keys")
             added = self._add_key(s, row, key, algorithm)
             self._recorder.record(
@@ -291,7 +362,51 @@ class AccountService:
                     tsg_id=row.tsg_id,
                     tsg_path=path,
                     context=ctx,
-                    details={"account_id": row.id, "key_fingerprint": added.fingerprint},
+                    details={
+                        "account_id": row.id,
+                        "key_id": added.id,
+                        "key_fingerprint": added.fingerprint,
+                    },
                 ),
             )
+            return self._wire(s, row)
+
+    def remove_key(
+        self, principal: Principal, ref: str, key_id: str, ctx: RequestContext
+    ) -> p.Account:
+        """Remove one of the account's public keys (account.manage). Assertions signed
+        with it are refused from now on, and every access token of the account
+        issued before ends (tokens do not say which key minted them); holders of
+        the remaining keys get new ones. The last key stays: an account without
+        keys is one nobody can use, which is what disabling it says."""
+        with self._db.write() as s:
+            row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE, lock=True)
+            key = s.get(AccountKeyRow, key_id)
+            if key is None or key.account_id != row.id:
+                raise AccountKeyNotFound()
+            if self._key_count(s, row) <= 1:
+                raise LastAccountKey(
+                    "this is the account's only key: add its replacement first, or disable "
+                    "the account"
+                )
+            s.delete(key)
+            row.updated_at = self._clock.now()
+            self._end_access_tokens(s, row)
+            self._recorder.record(
+                s,
+                AuditRecord(
+                    EventKind.ACCOUNT_KEY_REMOVED,
+                    AuditOutcome.SUCCEEDED,
+                    actor_of(principal),
+                    tsg_id=row.tsg_id,
+                    tsg_path=path,
+                    context=ctx,
+                    details={
+                        "account_id": row.id,
+                        "key_id": key.id,
+                        "key_fingerprint": key.fingerprint,
+                    },
+                ),
+            )
+            s.flush()
             return self._wire(s, row)

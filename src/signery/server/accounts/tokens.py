@@ -16,6 +16,10 @@ Every rule below is checked, in this order, and each refusal is audited:
 6. ``jti`` is required and accepted once, across replicas (§3 item 7): the
    ``used_assertions`` primary key is the guard;
 7. the account is enabled and not expired.
+
+The access token names the account's token epoch (``epc``); every use checks it
+against the account row, which moves it on when the account is disabled or loses
+a key, so no token issued before outlives either (signing/service.py, authn.py).
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ MAX_JTI_CHARS = 255
 ACCESS_TOKEN_SCOPE = "sign"
 ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1: a typed JWT cannot be confused with another kind
 ACCESS_TOKEN_ALGORITHM = "HS256"  # our own tokens: keyed by a secret derived from the master key
+# Private claim: the account's token epoch at issuance (AccountRow.token_epoch).
+# Tokens issued before the claim existed have none and count as epoch 0.
+EPOCH_CLAIM = "epc"
+STALE_TOKEN = "the access token was issued before the account was disabled or lost a key"
 JTI_PRUNE_INTERVAL_SECONDS = 60.0
 VERIFIED_CACHE_SIZE = 10_000
 
@@ -101,6 +109,8 @@ class AccessClaims:
     client_id: str
     tsg_id: str
     expires_at: datetime
+    # Valid only while the account's token_epoch is still this one.
+    epoch: int
 
 
 class AccessTokenCodec:
@@ -127,6 +137,7 @@ class AccessTokenCodec:
             "sub": account.client_id,
             "acct": account.id,
             "tsg": account.tsg_id,
+            EPOCH_CLAIM: account.token_epoch,
             "scope": ACCESS_TOKEN_SCOPE,
             "iat": int(now.timestamp()),
             "exp": int(now.timestamp()) + expires_in,
@@ -189,11 +200,15 @@ class AccessTokenCodec:
             raise InvalidToken("access token expired")
         if not all(isinstance(claims.get(c), str) for c in ("sub", "acct", "tsg")):
             raise InvalidToken()
+        epoch = claims.get(EPOCH_CLAIM, 0)
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            raise InvalidToken()
         return AccessClaims(
             account_id=claims["acct"],
             client_id=claims["sub"],
             tsg_id=claims["tsg"],
             expires_at=datetime.fromtimestamp(exp, UTC),
+            epoch=epoch,
         )
 
 

@@ -23,7 +23,8 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -71,6 +72,9 @@ class EventKind(StrEnum):
     TOKEN_REFUSED = "auth.token.refused"
     AUTHENTICATION_FAILED = "auth.authentication.failed"
     REQUEST_REFUSED = "request.refused"
+    # Acting on someone's credentials or roles beyond the caller's own reach
+    # (signery.server.authz.decide_over / decide_binding, a named signer's keys).
+    ESCALATION_REFUSED = "authz.escalation.refused"
     TSG_CREATED = "tsg.created"
     USER_CREATED = "user.created"
     API_TOKEN_CREATED = "user.api_token.created"
@@ -81,6 +85,7 @@ class EventKind(StrEnum):
     ACCOUNT_DISABLED = "account.disabled"
     ACCOUNT_ENABLED = "account.enabled"
     ACCOUNT_KEY_ADDED = "account.key.added"
+    ACCOUNT_KEY_REMOVED = "account.key.removed"
     KEY_CREATED = "key.created"
     KEY_ROTATED = "key.rotated"
     KEY_ROTATION_SCHEDULED = "key.rotation.scheduled"
@@ -353,6 +358,24 @@ class AuditRecorder:
         if pending.error is not None:
             raise pending.error
         return str(pending.row["id"])
+
+    @contextmanager
+    def refusals(self) -> Iterator[list[AuditRecord]]:
+        """Refusals decided inside a transaction, committed after it is rolled back.
+
+        A service that refuses a change halfway through ``db.write()`` appends the
+        refusal's event to the list and raises; the rollback must not take the
+        event with it, so it is committed here on its own, and the error is marked
+        as audited so that the HTTP edge does not record it a second time.
+        """
+        pending: list[AuditRecord] = []
+        try:
+            yield pending
+        except SigneryError as e:
+            for record in pending:
+                self.commit_sync(record)
+                e.audited = True
+            raise
 
     # ------------------------------------------------------------ event-loop side
 

@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.errors import InvalidRequest
-from signery.protocol import AuditOutcome, Weekday
+from signery.protocol import AuditOutcome, KeyStatus, Weekday
 from signery.server.accounts.models import AccountRow
 from signery.server.audit.models import UsageCounterRow
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
@@ -208,6 +208,30 @@ def wire_policy(s: Session, key: SigningKeyRow) -> p.KeyPolicy | None:
     data = stored.model_dump(exclude={"signer_tsg_paths"})
     data.update(signers=signers, approval=approval)
     return p.KeyPolicy.model_validate(data)
+
+
+def keys_naming_signer(s: Session, account_id: str) -> list[tuple[str, str]]:
+    """(key id, key TSG path) of every key not destroyed whose policy names the
+    account one by one in ``signers``. (A ``signer_tsgs`` rule names a TSG, not
+    this account: it lets any account there sign, including new ones.)"""
+    rows = s.execute(
+        select(SigningKeyRow.id, SigningKeyRow.policy_json, TsgRow.path)
+        .join(TsgRow, TsgRow.id == SigningKeyRow.tsg_id)
+        .where(
+            # Stored policies hold ids, never names: the account id appears in the
+            # JSON of every policy naming it (and perhaps of others; parsed below).
+            SigningKeyRow.policy_json.contains(account_id, autoescape=True),
+            SigningKeyRow.status != KeyStatus.DESTROYED.value,
+        )
+        .order_by(SigningKeyRow.id)
+    ).all()
+    named = []
+    for key_id, policy_json, path in rows:
+        assert policy_json is not None  # it contains the account id
+        signers = StoredPolicy.model_validate_json(policy_json).signers
+        if signers is not None and account_id in signers:
+            named.append((key_id, path))
+    return named
 
 
 def key_usage(s: Session, key: SigningKeyRow, now: datetime) -> p.KeyUsage | None:
@@ -418,6 +442,10 @@ def _signers(s: Session, key_path: str, refs: list[str]) -> list[str]:
             select(AccountRow.id, AccountRow.tsg_id, TsgRow.path)
             .join(TsgRow, TsgRow.id == AccountRow.tsg_id)
             .where(matches)
+            # Locked until the policy commits: a key being added to the account at
+            # the same moment (AccountService.add_key locks it too) either sees
+            # this policy, or is registered before the account is named.
+            .with_for_update(of=AccountRow)
         ).all()
         inside = [(i, t) for i, t, path in found if in_subtree(key_path, path)]
         if not inside:

@@ -1,6 +1,7 @@
 """The reads of every signing request, on raw connections (signery.server.direct).
 
-Each signing reads the account (still enabled? not expired?) and the key it
+Each signing reads the account (still enabled? not expired? the token's epoch
+still the account's?) and the key it
 names (still active? which version?) from the database, on every replica, so
 that disabling either takes effect on the very next request anywhere. These two
 indexed lookups cost ~10 µs on SQLite when issued on a raw cursor, so on SQLite
@@ -49,6 +50,8 @@ class AccountState(NamedTuple):
     status: str
     valid_until: datetime
     path: str
+    # Access tokens of another epoch are dead (AccountRow.token_epoch).
+    token_epoch: int
 
 
 class PreviousVersion(NamedTuple):
@@ -146,6 +149,7 @@ def _account_and_keys(*, by_id: bool) -> Select[Any]:
             _A.c.status,
             _A.c.valid_until,
             account_tsg.c.path,
+            _A.c.token_epoch,
             _K.c.id,
             _K.c.name,
             _K.c.tsg_id,
@@ -193,6 +197,7 @@ class SigningReads:
                 _A.c.status,
                 _A.c.valid_until,
                 _T.c.path,
+                _A.c.token_epoch,
             )
             .join(_T, _T.c.id == _A.c.tsg_id)
             .where(_A.c.id == bindparam("account_id")),

@@ -1,12 +1,13 @@
 """The signing plane: a built-in account signs a digest with a key it may use.
 
 Order of checks for ``POST /api/v1/signing/keys/{key}/sign`` (DESIGN.md §2):
-access token valid (done by the caller) -> account enabled and not expired ->
-key visible to the account's TSG subtree -> key active -> request well formed,
-digest length matching its algorithm, scheme fitting the key -> sign in the
-key store -> verify the signature with the public key (verify-after-sign) ->
-commit the audit event and the usage counters in one transaction -> only then
-return the signature. Every refusal is audited with its reason code.
+access token valid (done by the caller) -> account enabled, token of the
+account's current epoch, account not expired -> key visible to the account's
+TSG subtree -> key active -> request well formed, digest length matching its
+algorithm, scheme fitting the key -> sign in the key store -> verify the
+signature with the public key (verify-after-sign) -> commit the audit event and
+the usage counters in one transaction -> only then return the signature. Every
+refusal is audited with its reason code.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from signery.protocol import (
     PrincipalType,
     VersionStatus,
 )
-from signery.server.accounts.tokens import AccessClaims
+from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims
 from signery.server.approvals.service import (
     ApprovalService,
     GrantUse,
@@ -569,6 +570,10 @@ class SigningService:
             raise InvalidToken()
         if row.status == AccountStatus.DISABLED.value:
             raise AccountDisabled()
+        if row.token_epoch != claims.epoch:
+            # Issued before the account was disabled (and enabled again) or lost a
+            # key: such a token never comes back to life.
+            raise InvalidToken(STALE_TOKEN)
         if row.valid_until <= self._clock.now():
             raise AccountExpired()
         return SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)

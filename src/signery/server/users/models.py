@@ -32,7 +32,9 @@ class ApiTokenRow(Base):
     # random secret (no dictionary to search); passwords use argon2id instead.
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Every API token expires (api_token_max_lifetime_days); migration 0005 gave
+    # the tokens that did not an expiry.
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 

@@ -36,6 +36,13 @@ def create_own_token(
     return services.users.create_token(principal, None, body, ctx)
 
 
+@router.get("/users/me/tokens", response_model=list[p.ApiToken])
+def list_own_tokens(
+    principal: PrincipalDep, services: ServicesDep, ctx: ContextDep
+) -> list[p.ApiToken]:
+    return services.users.list_tokens(principal, None, ctx)
+
+
 @router.get("/users/{user}", response_model=p.User)
 def get_user(user: str, principal: PrincipalDep, services: ServicesDep) -> p.User:
     return services.users.get_user(principal, user)
@@ -53,8 +60,10 @@ def create_token(
 
 
 @router.get("/users/{user}/tokens", response_model=list[p.ApiToken])
-def list_tokens(user: str, principal: PrincipalDep, services: ServicesDep) -> list[p.ApiToken]:
-    return services.users.list_tokens(principal, user)
+def list_tokens(
+    user: str, principal: PrincipalDep, services: ServicesDep, ctx: ContextDep
+) -> list[p.ApiToken]:
+    return services.users.list_tokens(principal, user, ctx)
 
 
 @router.delete("/tokens/{token_id}", response_model=p.ApiToken)

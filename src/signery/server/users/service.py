@@ -1,4 +1,16 @@
-"""Users (administrators), their personal API tokens, and role bindings."""
+"""Users (administrators), their personal API tokens, and role bindings.
+
+Acting on another user's credentials (creating, listing or revoking its API
+tokens) needs, beyond ``user.manage`` (``user.read`` to list) at the user's home
+TSG, every role the user holds covered by the caller (``Authorizer.decide_over``):
+otherwise a superuser of a subtree could mint a token for a user homed there who
+is auditor at the root, and read the root's audit trail with it. Likewise a role
+is bound or unbound only by someone who covers it (``Authorizer.decide_binding``).
+Refusals are audited as ``authz.escalation.refused``.
+
+API tokens always expire, at most ``api_token_max_lifetime_days`` after they are
+made; a request without a lifetime gets that maximum.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +28,18 @@ from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.errors import (
+    ApiTokenLifetimeTooLong,
     InvalidRequest,
     NameTaken,
     NotFound,
     PermissionDenied,
+    PrivilegeEscalation,
     TsgNotFound,
     UserNotFound,
 )
 from signery.protocol import AuditOutcome, PrincipalType, Role
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Binding, Permission, Principal
+from signery.server.authz import Authorizer, Binding, Denied, Permission, Principal, uncovered
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, flush_unique, new_id
@@ -120,6 +134,8 @@ class UserService:
         clock: Clock,
         directory: TsgDirectory,
         hasher: PasswordHasher,
+        *,
+        max_token_lifetime_days: int,
     ) -> None:
         self._db = db
         self._authz = authz
@@ -127,6 +143,7 @@ class UserService:
         self._clock = clock
         self._directory = directory
         self._hasher = hasher
+        self.max_token_lifetime_days = max_token_lifetime_days
 
     def hash_password(self, password: str) -> str:
         return self._hasher.hash(password)
@@ -214,19 +231,79 @@ class UserService:
         with self._db.read() as s:
             return user_to_wire(self._visible_user(principal, s, user_ref, Permission.USER_READ))
 
+    # ------------------------------------------------------------ acting on another user
+
+    def _require_over(
+        self,
+        s: Session,
+        principal: Principal,
+        user: UserRow,
+        action: str,
+        ctx: RequestContext,
+        refused: list[AuditRecord],
+    ) -> None:
+        """Refuse (403, audited) unless ``principal`` covers every role ``user`` holds.
+        The caller already sees the user (else it was not found). Oneself: always."""
+        if user.id == principal.id and principal.type is PrincipalType.USER:
+            return
+        target = load_user_principal(s, user, self._directory)
+        decision = self._authz.decide_over(principal, target.bindings)
+        if not isinstance(decision, Denied):
+            return
+        roles = sorted({b.role.value for b in uncovered(principal, target.bindings)})
+        refused.append(
+            AuditRecord(
+                EventKind.ESCALATION_REFUSED,
+                AuditOutcome.DENIED,
+                actor_of(principal),
+                reason=decision.reason,
+                tsg_id=user.tsg_id,
+                tsg_path=target.tsg_path,
+                context=ctx,
+                # The roles, not where they are bound: the caller's own auditors read
+                # this event, and TSGs beyond their reach must not show in it.
+                details={"action": action, "user_id": user.id, "uncovered_roles": roles},
+            )
+        )
+        # The detail does not say where: those TSGs may be invisible to the caller.
+        raise PrivilegeEscalation(
+            f"user {user.username!r} holds roles beyond yours ({', '.join(roles)}); only "
+            "an administrator who holds them may act on its credentials"
+        )
+
     # ------------------------------------------------------------ API tokens
+
+    def _token_lifetime(self, req: p.ApiTokenCreate) -> int:
+        """Days a requested token lives: the maximum when none is asked for. An
+        explicit ``null`` asked for a token that never expires: refused."""
+        maximum = self.max_token_lifetime_days
+        if req.expires_in_days is None and "expires_in_days" in req.model_fields_set:
+            raise ApiTokenLifetimeTooLong(
+                f"API tokens always expire: give expires_in_days (1 to {maximum}), or omit "
+                f"it for {maximum} days",
+                max_days=maximum,
+            )
+        days = maximum if req.expires_in_days is None else req.expires_in_days
+        if days > maximum:
+            raise ApiTokenLifetimeTooLong(
+                f"API tokens live at most {maximum} days on this server", max_days=maximum
+            )
+        return days
 
     def create_token(
         self, principal: Principal, user_ref: str | None, req: p.ApiTokenCreate, ctx: RequestContext
     ) -> p.ApiTokenCreated:
-        """Create a personal API token (for oneself, or for another user with user.manage)."""
+        """Create a personal API token: for oneself, or for another user with
+        user.manage at its home TSG and every one of its roles covered."""
         if principal.type is not PrincipalType.USER:
             raise PermissionDenied("only users have API tokens")
-        with self._db.write() as s:
+        days = self._token_lifetime(req)
+        with self._recorder.refusals() as refused, self._db.write() as s:
             user = self._visible_user(
                 principal, s, user_ref or principal.id, Permission.USER_MANAGE
             )
-            token, row = self.insert_token(s, user.id, req.name, req.expires_in_days)
+            self._require_over(s, principal, user, "user.api_token.create", ctx, refused)
+            token, row = self.insert_token(s, user.id, req.name, days)
             self._recorder.record(
                 s,
                 AuditRecord(
@@ -236,13 +313,18 @@ class UserService:
                     tsg_id=user.tsg_id,
                     tsg_path=self._directory.path(s, user.tsg_id),
                     context=ctx,
-                    details={"token_id": row.id, "user_id": user.id, "name": req.name},
+                    details={
+                        "token_id": row.id,
+                        "user_id": user.id,
+                        "name": req.name,
+                        "expires_in_days": days,
+                    },
                 ),
             )
         return p.ApiTokenCreated(**token_to_wire(row).model_dump(), token=token)
 
     def insert_token(
-        self, s: Session, user_id: str, name: str, expires_in_days: int | None
+        self, s: Session, user_id: str, name: str, expires_in_days: int
     ) -> tuple[str, ApiTokenRow]:
         token_id = secrets.token_hex(API_TOKEN_ID_BYTES)
         secret = secrets.token_urlsafe(API_TOKEN_SECRET_BYTES)
@@ -253,7 +335,7 @@ class UserService:
             name=name,
             secret_hash=hash_secret(secret),
             created_at=now,
-            expires_at=now + timedelta(days=expires_in_days) if expires_in_days else None,
+            expires_at=now + timedelta(days=expires_in_days),
             last_used_at=None,
             revoked_at=None,
         )
@@ -261,14 +343,19 @@ class UserService:
         s.flush()
         return f"{API_TOKEN_PREFIX}{token_id}_{secret}", row
 
-    def list_tokens(self, principal: Principal, user_ref: str | None) -> list[p.ApiToken]:
-        with self._db.read() as s:
+    def list_tokens(
+        self, principal: Principal, user_ref: str | None, ctx: RequestContext
+    ) -> list[p.ApiToken]:
+        if user_ref is None and principal.type is not PrincipalType.USER:
+            raise PermissionDenied("only users have API tokens")
+        with self._recorder.refusals() as refused, self._db.read() as s:
             user = self._visible_user(principal, s, user_ref or principal.id, Permission.USER_READ)
+            self._require_over(s, principal, user, "user.api_token.list", ctx, refused)
             rows = s.scalars(select(ApiTokenRow).where(ApiTokenRow.user_id == user.id))
             return [token_to_wire(r) for r in sorted(rows, key=lambda r: r.created_at)]
 
     def revoke_token(self, principal: Principal, token_id: str, ctx: RequestContext) -> p.ApiToken:
-        with self._db.write() as s:
+        with self._recorder.refusals() as refused, self._db.write() as s:
             row = s.get(ApiTokenRow, token_id)
             if row is None:
                 raise ApiTokenNotFound()
@@ -281,6 +368,7 @@ class UserService:
                     self._directory.require_path(s, user.tsg_id),
                     not_found=ApiTokenNotFound,
                 )
+                self._require_over(s, principal, user, "user.api_token.revoke", ctx, refused)
             if row.revoked_at is None:
                 row.revoked_at = self._clock.now()
                 self._recorder.record(
@@ -299,6 +387,37 @@ class UserService:
 
     # ------------------------------------------------------------ role bindings
 
+    def _require_binding(
+        self,
+        principal: Principal,
+        role: Role,
+        tsg_id: str,
+        path: str,
+        user_id: str,
+        action: str,
+        ctx: RequestContext,
+        refused: list[AuditRecord],
+    ) -> None:
+        """Refuse (403, audited) to grant or remove a role the caller does not cover.
+        (Today only superusers manage bindings, and they cover every role in their
+        subtree; this holds the rule if a narrower role ever may.)"""
+        decision = self._authz.decide_binding(principal, role, path)
+        if not isinstance(decision, Denied):
+            return
+        refused.append(
+            AuditRecord(
+                EventKind.ESCALATION_REFUSED,
+                AuditOutcome.DENIED,
+                actor_of(principal),
+                reason=decision.reason,
+                tsg_id=tsg_id,
+                tsg_path=path,
+                context=ctx,
+                details={"action": action, "user_id": user_id, "role": role.value},
+            )
+        )
+        raise PrivilegeEscalation(f"you do not hold every permission of {role.value} here")
+
     def bind_role(
         self, principal: Principal, req: p.RoleBindingCreate, ctx: RequestContext
     ) -> p.RoleBinding:
@@ -306,7 +425,7 @@ class UserService:
             raise InvalidRequest(
                 "roles are bound to users; built-in accounts sign with keys of their TSG"
             )
-        with self._db.write() as s:
+        with self._recorder.refusals() as refused, self._db.write() as s:
             path = self._directory.path(s, req.tsg_id)
             if path is None:
                 raise TsgNotFound()
@@ -314,6 +433,9 @@ class UserService:
                 principal, Permission.ROLE_BINDING_MANAGE, path, not_found=TsgNotFound
             )
             user = self._visible_user(principal, s, req.principal_id, Permission.USER_READ)
+            self._require_binding(
+                principal, req.role, req.tsg_id, path, user.id, "role.bind", ctx, refused
+            )
             existing = s.scalar(
                 select(RoleBindingRow).where(
                     RoleBindingRow.principal_type == req.principal_type.value,
@@ -353,13 +475,26 @@ class UserService:
         return row
 
     def unbind_role(self, principal: Principal, binding_id: str, ctx: RequestContext) -> None:
-        with self._db.write() as s:
+        """Remove a binding: ``role_binding.manage`` where it is bound, and the role
+        covered, as for granting it. The bound user's other roles do not matter:
+        removing a role at a TSG one governs takes nothing beyond it."""
+        with self._recorder.refusals() as refused, self._db.write() as s:
             row = s.get(RoleBindingRow, binding_id)
             if row is None:
                 raise RoleBindingNotFound()
             path = self._directory.require_path(s, row.tsg_id)
             self._authz.require(
                 principal, Permission.ROLE_BINDING_MANAGE, path, not_found=RoleBindingNotFound
+            )
+            self._require_binding(
+                principal,
+                Role(row.role),
+                row.tsg_id,
+                path,
+                row.principal_id,
+                "role.unbind",
+                ctx,
+                refused,
             )
             s.delete(row)
             self._recorder.record(
@@ -435,7 +570,7 @@ def load_user_principal(s: Session, user: UserRow, directory: TsgDirectory) -> P
 def token_matches(row: ApiTokenRow, secret: str, now: datetime) -> bool:
     # Constant-time comparison of the hashes: no timing oracle on the secret.
     ok = hmac.compare_digest(row.secret_hash, hash_secret(secret))
-    return ok and row.revoked_at is None and (row.expires_at is None or row.expires_at > now)
+    return ok and row.revoked_at is None and row.expires_at > now
 
 
 @functools.cache
