@@ -47,6 +47,7 @@ from signery.server.ca.connectors import ConnectorService
 from signery.server.ca.est_server import EstService
 from signery.server.ca.revocation import RevocationService
 from signery.server.ca.service import BuiltinCa
+from signery.server.ca.subject_policy import SubjectPolicyService
 from signery.server.ca.tsa import TsaConfig, TsaService
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
@@ -234,6 +235,9 @@ class Services:
         )
         self.codec = codec
         self.tsgs = TsgService(core.db, core.authz, core.recorder, core.clock, core.directory)
+        self.subject_policies = SubjectPolicyService(
+            core.db, core.authz, core.recorder, core.clock, core.directory
+        )
         self.users = core.users()
         self.accounts = AccountService(
             core.db, core.authz, core.recorder, core.clock, core.directory
