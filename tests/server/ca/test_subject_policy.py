@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from signery import protocol as p
 from signery.errors import SubjectPolicyInvalid
 from signery.keystores._builtin import BuiltinKeyMaterialRow
+from signery.server.app import create_app
 from signery.server.ca.subject_policy import compile_pattern, validate_rules
 from signery.server.db import make_engine
 from tests.server.ca.test_est_server import EST, make_csr, post
@@ -557,3 +558,27 @@ def test_validation_keeps_order_and_drops_duplicates() -> None:
     assert rules.organization == ["", "*"]
     with pytest.raises(SubjectPolicyInvalid, match=r"organization\[1\]"):
         validate_rules(p.SubjectPolicyRules(common_name=["*"], organization=["ok", "bad\\"]))
+
+
+def test_the_server_warns_about_keys_no_policy_covers(
+    api: Api, installation: Installation, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As after an upgrade: a key below the root certified by the built-in CA, and
+    no policy on its path any more. A starting server says so in its log."""
+    team = api.create_tsg()
+    allow(api, team["id"], common_name=["*"])
+    key = api.ok(create_key(api, team["id"]), 201)
+    assert (
+        api.http.delete(f"/api/v1/tsgs/{team['id']}/subject-policy", headers=api.admin).status_code
+        == 204
+    )
+    with (
+        caplog.at_level("WARNING", logger="signery.server"),
+        TestClient(create_app(installation.settings), base_url="http://signery.test"),
+    ):
+        pass
+    warnings = [r for r in caplog.records if hasattr(r, "keys_outside_every_subject_policy")]
+    assert len(warnings) == 1, caplog.text
+    assert warnings[0].keys_outside_every_subject_policy >= 1
+    assert "signery tsg subject-policy set" in warnings[0].getMessage()
+    assert refused_code(action(api, key["id"], "renew")) == "subject_policy_missing"
