@@ -30,11 +30,14 @@ import httpx
 import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
+from sqlalchemy.orm import Session
 
 from signery.client import AccountCredentials
-from signery.protocol import JWT_BEARER_GRANT
+from signery.protocol import JWT_BEARER_GRANT, SubjectPolicyRules
 from signery.server.bootstrap import InitResult, initialize
+from signery.server.ca.models import SubjectPolicyRow
 from signery.server.config import Settings, load_settings
+from signery.server.db import make_engine
 
 PG_ADMIN_DSN = os.environ.get(
     "SIGNERY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -123,19 +126,50 @@ class Installation:
         return self.init.admin_token
 
 
+# The subject policy an operator sets on the root TSG to let every TSG's keys get
+# any subject from the built-in CA (what every installation allowed before subject
+# policies existed).
+ANY_SUBJECT = SubjectPolicyRules(
+    common_name=["*"], organization=["*"], organizational_unit=["*"], country=["*"], email=["*"]
+)
+
+
+def allow_any_subject(installation: Installation) -> None:
+    """Set ANY_SUBJECT on the root TSG, straight in the database (no server runs yet)."""
+    engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
+    try:
+        with Session(engine) as s, s.begin():
+            s.add(
+                SubjectPolicyRow(
+                    tsg_id=installation.init.root_tsg_id,
+                    rules_json=ANY_SUBJECT.model_dump_json(),
+                    updated_at=datetime.now(UTC),
+                    updated_by=None,
+                )
+            )
+    finally:
+        engine.dispose()
+
+
 @contextlib.contextmanager
-def new_installation(backend: str, data_dir: Path, **overrides: Any) -> Iterator[Installation]:
+def new_installation(
+    backend: str, data_dir: Path, *, any_subject: bool = True, **overrides: Any
+) -> Iterator[Installation]:
+    """An initialized installation. With ``any_subject`` (the default), its root TSG
+    has the ANY_SUBJECT policy, so that tests about other things create keys with
+    built-in CA certificates in any TSG; the subject policy tests start without it."""
     with database_url_for(backend, data_dir) as url:
         settings = load_settings(data_dir=data_dir, database_url=url, access_log=False, **overrides)
-        yield Installation(settings, initialize(settings), backend)
+        installation = Installation(settings, initialize(settings), backend)
+        if any_subject and installation.init.created:
+            allow_any_subject(installation)
+        yield installation
 
 
 @contextlib.contextmanager
 def inserts_fail(installation: Installation, table: str) -> Iterator[None]:
     """Make every INSERT into ``table`` fail inside the database, as a full or
     broken disk would: a real trigger, on SQLite and PostgreSQL alike."""
-    from signery.server.db import make_engine
-
     name = f"{table}_down"
     engine = make_engine(installation.settings.resolved_database_url, pool_size=1)
     try:

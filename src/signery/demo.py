@@ -6,7 +6,8 @@ every signature is checked with ``openssl`` rather than with Signery's own code.
 
 It initializes an installation in a temporary data directory (SQLite, builtin
 key store, built-in CA), starts ``signery serve`` on a free port of 127.0.0.1,
-creates a child TSG, a built-in account and two signing keys with certificates,
+creates a child TSG with a subject policy (the certificate subjects its keys may
+get; another is refused), a built-in account and two signing keys with certificates,
 logs in as the account, signs sample artifacts, verifies them, rotates a key
 (the account signs with the new version unchanged; both versions' signatures
 verify), puts a key under an approval policy (the account's request waits until
@@ -124,6 +125,8 @@ OUTPUTS = frozenset(
 )
 
 TSG_NAME = "demo-team"
+# The organization in the demo keys' certificates, and in the TSG's subject policy.
+DEMO_ORG = "Signery Demo"
 ACCOUNT_NAME = "build-bot"
 EC_KEY = "release-ec"
 RSA_KEY = "release-rsa"
@@ -312,6 +315,10 @@ class Demo:
             ("Log in as the administrator", self.step_admin_login),
             ("Show the key stores and their health", self.step_keystores),
             ("Create a child TSG", self.step_tsg),
+            (
+                "Set the child TSG's subject policy: the certificate subjects it may get",
+                self.step_subject_policy,
+            ),
             ("Create a built-in account with a generated key pair", self.step_account),
             ("Create an EC P-256 signing key with a built-in CA certificate", self.step_ec_key),
             ("Create an RSA 3072 signing key with a built-in CA certificate", self.step_rsa_key),
@@ -832,6 +839,35 @@ class Demo:
         done = self.cli("tsg", "tree")
         self.expect(self.state.tsg_id in done.stdout, "the new TSG is missing from `tsg tree`")
 
+    def step_subject_policy(self) -> None:
+        # The built-in CA certifies keys below the root TSG only under a subject
+        # policy that the root superuser (the demo's administrator) sets.
+        self.cli(
+            "tsg", "subject-policy", "set", self.state.tsg_id,
+            "--cn", f"{DEMO_ORG} *", "--org", DEMO_ORG,
+        )  # fmt: skip
+        policy = self.cli_json("tsg", "subject-policy", "show", self.state.tsg_id)
+        self.expect(
+            policy.get("effect") == "policies"
+            and (policy.get("own") or {}).get("rules", {}).get("organization") == [DEMO_ORG],
+            "the TSG's subject policy is not in force",
+            json.dumps(policy, indent=2),
+        )
+        refused = self.cli(
+            "key", "create", "not-ours", "--tsg", self.state.tsg_id, "--algorithm", "EC_P256",
+            "--ca", "builtin", "--cn", "Someone Else", "--org", "Someone Else Inc",
+            check=False,
+        )  # fmt: skip
+        self.expect(
+            refused.returncode == 1 and "subject_not_allowed" in refused.stderr,
+            "a key whose subject is outside the policy was not refused",
+            refused.stdout + refused.stderr,
+        )
+        self.note(
+            f"keys in TSG {self.state.tsg_id} get certificates only for O={DEMO_ORG} and "
+            f"CN={DEMO_ORG} *; another subject is refused (subject_not_allowed)"
+        )
+
     def step_account(self) -> None:
         key_file = self.tmp / f"{ACCOUNT_NAME}.key"
         account = self.cli_json(
@@ -874,7 +910,7 @@ class Demo:
             "--cn",
             cn,
             "--org",
-            "Signery Demo",
+            DEMO_ORG,
             *where,
         )
         self.state.key_ids[name] = str(key["id"])
@@ -1375,7 +1411,7 @@ class Demo:
         )  # fmt: skip
         self.cli_json(
             "key", "create", GATED_KEY, "--tsg", self.state.tsg_id, "--algorithm", "EC_P256",
-            "--ca", "builtin", "--org", "Signery Demo", "--cn", "Signery Demo Gated Release",
+            "--ca", "builtin", "--org", DEMO_ORG, "--cn", "Signery Demo Gated Release",
         )  # fmt: skip
         self.cli("key", "public-key", GATED_KEY, "-o", "pubkey-gated.pem", show=False)
         self.cli(

@@ -203,6 +203,11 @@ class CertificateChainUntrusted(CertificateRejected):
     title = "The chain does not reach the connector's trusted roots"
 
 
+class SubjectPolicyInvalid(InvalidRequest):
+    code = "subject_policy_invalid"
+    title = "Invalid subject policy"
+
+
 class CsrInvalid(InvalidRequest):
     code = "csr_invalid"
     title = "The certificate signing request is not acceptable"
@@ -309,6 +314,22 @@ class SignerKeyAdminRequired(PrivilegeEscalation):
     title = "A key's policy names this account as a signer; key_admin on that key is required"
 
 
+class SubjectNotAllowed(PermissionDenied):
+    """A certificate subject outside the subject policy of the key's TSG (or of a
+    TSG above it): the built-in CA does not certify it."""
+
+    code = "subject_not_allowed"
+    title = "The certificate subject is outside the TSG's subject policy"
+
+
+class SubjectPolicyMissing(SubjectNotAllowed):
+    """No subject policy on the TSG's path: outside the root TSG, the built-in CA
+    certifies only subjects a root superuser has allowed."""
+
+    code = "subject_policy_missing"
+    title = "No subject policy allows built-in CA certificates in this TSG"
+
+
 class NotFound(SigneryError):
     code = "not_found"
     kind = ErrorKind.NOT_FOUND
@@ -348,6 +369,11 @@ class CertificateNotFound(NotFound):
 class NoCertificateRequest(NotFound):
     code = "certificate_request_not_found"
     title = "The key has no such certificate request"
+
+
+class SubjectPolicyNotFound(NotFound):
+    code = "subject_policy_not_found"
+    title = "The TSG has no subject policy of its own"
 
 
 class KeyVersionNotFound(NotFound):

@@ -351,6 +351,59 @@ class KeySubject(WireModel):
     email: str | None = Field(default=None, max_length=128)
 
 
+# At most this many patterns per subject attribute in a subject policy.
+SUBJECT_POLICY_MAX_PATTERNS = 32
+SubjectPatterns = Annotated[
+    list[str],
+    Field(default_factory=list, max_length=SUBJECT_POLICY_MAX_PATTERNS),
+]
+
+
+class SubjectPolicyRules(WireModel):
+    """The subjects the built-in CA certifies in a TSG's subtree: for each attribute
+    of :class:`KeySubject`, patterns one of which the attribute's value must match.
+
+    ``*`` matches any run of characters (none included), ``?`` exactly one, and
+    ``\\`` makes the next character literal; matching is case-sensitive. An absent
+    attribute is matched as the empty string: ``*`` allows any value or none,
+    ``""`` allows only none, ``?*`` requires a value. An attribute with no patterns
+    may not appear in a subject at all."""
+
+    common_name: SubjectPatterns
+    organization: SubjectPatterns
+    organizational_unit: SubjectPatterns
+    country: SubjectPatterns
+    email: SubjectPatterns
+
+
+class SubjectPolicyEffect(StrEnum):
+    """What the built-in CA certifies in a TSG, given the policies on its path."""
+
+    # Every policy from the root down to the TSG must allow the subject.
+    POLICIES = "policies"
+    # The root TSG without a policy of its own: any subject.
+    ANY_SUBJECT = "any_subject"
+    # A TSG below the root with no policy on its path: no certificate at all.
+    REFUSED = "refused"
+
+
+class SubjectPolicyLevel(ResponseModel):
+    tsg_id: str
+    rules: SubjectPolicyRules
+    updated_at: datetime
+    updated_by: str | None = Field(description="Id of the user who set it")
+
+
+class SubjectPolicy(ResponseModel):
+    tsg_id: str
+    own: SubjectPolicyLevel | None = Field(description="The policy set on this TSG, if any")
+    path: list[SubjectPolicyLevel] = Field(
+        description="Every policy on the path from the root TSG down to this one (root "
+        "first, this TSG's own last): a subject must satisfy each of them"
+    )
+    effect: SubjectPolicyEffect
+
+
 class KeyCreate(WireModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     tsg_id: str | None = None

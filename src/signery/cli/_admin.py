@@ -25,12 +25,14 @@ from signery.cli._common import (
     write_private_file,
 )
 from signery.cli._policy import key_policy_details, policy_app
+from signery.cli._subject_policy import subject_policy_app
 from signery.errors import ClientError
 
 API = p.API_PREFIX
 TsgOpt = Annotated[str | None, typer.Option("--tsg", help="TSG id (default: your home TSG).")]
 
 tsg_app = typer.Typer(help="Tenant Security Groups: the access boundaries.", no_args_is_help=True)
+tsg_app.add_typer(subject_policy_app, name="subject-policy")
 user_app = typer.Typer(help="Users (administrators) and their API tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="Personal API tokens.", no_args_is_help=True)
 role_app = typer.Typer(help="Role bindings of users at TSGs.", no_args_is_help=True)

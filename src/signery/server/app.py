@@ -22,6 +22,7 @@ from signery.server.authz import Principal
 from signery.server.ca.connector_routes import router as ca_connectors_router
 from signery.server.ca.est_routes import router as est_router
 from signery.server.ca.routes import router as ca_router
+from signery.server.ca.subject_policy_routes import router as subject_policy_router
 from signery.server.ca.tsa import MAX_QUERY_BYTES
 from signery.server.ca.tsa_routes import router as tsa_router
 from signery.server.clock import Clock
@@ -85,6 +86,7 @@ def create_app(
         accounts_router,
         ops_router,
         tsg_router,
+        subject_policy_router,
         users_router,
         keys_router,
         key_policy_router,

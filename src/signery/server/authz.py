@@ -54,11 +54,16 @@ class Permission(StrEnum):
     CA_CONNECTOR_READ = "signery.ca_connector.read"
     CA_CONNECTOR_MANAGE = "signery.ca_connector.manage"
     # EST enrollment at the built-in CA: a certificate for a key Signery does not
-    # hold. Only superusers have it (no narrower role grants it).
+    # hold. Only superusers have it (no narrower role grants it), and it is
+    # checked at the root TSG: an act of the CA every tenant trusts.
     CA_ENROLL = "signery.ca.enroll"
     # Revoking any certificate the built-in CA issued, by serial: an act of the CA
     # itself, so it is checked at the root TSG. Only superusers have it.
     CA_REVOKE = "signery.ca.revoke"
+    # Setting or clearing a TSG's subject policy (which subjects the built-in CA
+    # certifies there): checked at the root TSG, so only superusers there; a
+    # subtree's superuser cannot widen what its own subtree may claim.
+    CA_SUBJECT_POLICY_MANAGE = "signery.ca.subject_policy.manage"
     AUDIT_READ = "signery.audit.read"
     USAGE_READ = "signery.usage.read"
     SIGN = "signery.signing.sign"

@@ -47,6 +47,7 @@ from signery.server.ca.connectors import ConnectorService
 from signery.server.ca.est_server import EstService
 from signery.server.ca.revocation import RevocationService
 from signery.server.ca.service import BuiltinCa
+from signery.server.ca.subject_policy import SubjectPolicyService, keys_outside_every_policy
 from signery.server.ca.tsa import TsaConfig, TsaService
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
@@ -240,6 +241,9 @@ class Services:
         )
         self.codec = codec
         self.tsgs = TsgService(core.db, core.authz, core.recorder, core.clock, core.directory)
+        self.subject_policies = SubjectPolicyService(
+            core.db, core.authz, core.recorder, core.clock, core.directory
+        )
         self.users = core.users()
         self.accounts = AccountService(
             core.db, core.authz, core.recorder, core.clock, core.directory
@@ -347,10 +351,26 @@ class Services:
         return values
 
     def start(self) -> None:
+        self._warn_about_keys_outside_every_subject_policy()
         self.recorder.start()
         self.scheduler.start()
         for forwarder in self.sinks:
             forwarder.start()
+
+    def _warn_about_keys_outside_every_subject_policy(self) -> None:
+        # After an upgrade: tell the operator at once, not at the first refused
+        # renewal or scheduled rotation (docs/security.md, "On upgrade").
+        with self.db.read() as s:
+            count = keys_outside_every_policy(s)
+        if count:
+            log.warning(
+                "%d keys below the root TSG have built-in CA certificates but no subject "
+                "policy covers their TSG: their renewals and rotations are refused until a "
+                "superuser at the root sets one (signery tsg subject-policy set; "
+                "docs/security.md, On upgrade)",
+                count,
+                extra={"keys_outside_every_subject_policy": count},
+            )
 
     def stop(self) -> None:
         self.scheduler.stop()

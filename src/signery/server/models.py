@@ -13,7 +13,7 @@ from signery.server.audit.models import (
     UsageCounterRow,
     UsageDailyRow,
 )
-from signery.server.ca.models import CaAuthorityRow, CaConnectorRow, CrlRow
+from signery.server.ca.models import CaAuthorityRow, CaConnectorRow, CrlRow, SubjectPolicyRow
 from signery.server.db import Base
 from signery.server.keys.models import (
     CertificateRequestRow,
@@ -50,6 +50,7 @@ __all__ = [
     "SigningGrantRow",
     "SigningKeyRow",
     "SigningRequestRow",
+    "SubjectPolicyRow",
     "TsgRow",
     "UsageCounterRow",
     "UsageDailyRow",

@@ -329,24 +329,34 @@ def test_est_needs_https(api: Api, installation: Installation) -> None:
     assert api.http.get(f"{EST}/cacerts").status_code == 200, "cacerts is public"
 
 
-def test_only_enrollers_at_the_label_tsg_enroll(
+def test_only_root_superusers_enroll_and_the_label_names_the_tsg(
     api: Api, installation: Installation, https: TestClient
 ) -> None:
     team = api.create_tsg()
-    other = api.create_tsg()
     key_admin = Person(api, team["id"], "key_admin")
     with refused_once(api, reason="permission_denied"):
         response = post(https, f"{EST}/simpleenroll", make_csr(cn("KA")), key_admin.headers)
         assert response.status_code == 403, response.text
+    # A superuser of a subtree does not certify keys with the CA every tenant trusts:
+    # neither at its home TSG nor at a label inside its subtree.
     local = Person(api, team["id"], "superuser")
-    # Basic auth with the user's password, at the home TSG.
-    issued = post(
-        https, f"{EST}/simpleenroll", make_csr(cn("Local")), basic(local.username, local.password)
-    )
-    assert issued.status_code == 200, issued.text
-    # A bearer API token, at a labelled TSG inside the user's subtree.
+    with refused_once(api, reason="permission_denied"):
+        home = post(
+            https,
+            f"{EST}/simpleenroll",
+            make_csr(cn("Local")),
+            basic(local.username, local.password),
+        )
+        assert home.status_code == 403, home.text
     child = api.create_tsg(parent=team["id"])
-    issued = post(https, f"{EST}/{child['id']}/simpleenroll", make_csr(cn("Child")), local.headers)
+    with refused_once(api, reason="permission_denied"):
+        labelled = post(
+            https, f"{EST}/{child['id']}/simpleenroll", make_csr(cn("Child")), local.headers
+        )
+        assert labelled.status_code == 403, labelled.text
+    # A superuser at the root enrolls, for the TSG the label names (whose subject
+    # policy applies: here the root's, allowing any subject).
+    issued = post(https, f"{EST}/{child['id']}/simpleenroll", make_csr(cn("Child")), api.admin)
     assert issued.status_code == 200, issued.text
     events = api.ok(
         api.http.get(
@@ -356,15 +366,13 @@ def test_only_enrollers_at_the_label_tsg_enroll(
         )
     )["events"]
     assert events[0]["tsg_id"] == child["id"]
-    assert events[0]["principal"]["id"] == local.id
+    assert events[0]["principal"]["name"] == installation.init.admin_username
     assert events[0]["details"]["protocol"] == "est"
-    # Outside the subtree, or not a TSG id at all: not found.
+    # A label that is no TSG, or not a TSG id at all: not found.
     with refused_once(api, reason="tsg_not_found"):
-        hidden = post(https, f"{EST}/{other['id']}/simpleenroll", make_csr(cn("X")), local.headers)
-        assert hidden.status_code == 404
-    assert (
-        post(https, f"{EST}/nope/simpleenroll", make_csr(cn("X")), local.headers).status_code == 404
-    )
+        missing = post(https, f"{EST}/1000000000/simpleenroll", make_csr(cn("X")), api.admin)
+        assert missing.status_code == 404
+    assert post(https, f"{EST}/nope/simpleenroll", make_csr(cn("X")), api.admin).status_code == 404
 
 
 @pytest.mark.parametrize(

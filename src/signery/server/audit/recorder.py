@@ -113,6 +113,7 @@ class EventKind(StrEnum):
     CA_CREATED = "ca.created"
     CERTIFICATE_ISSUED = "ca.certificate.issued"
     CA_CERTIFICATE_REVOKED = "ca.certificate.revoked"
+    CA_SUBJECT_POLICY_UPDATED = "ca.subject_policy.updated"
     CERTIFICATE_RENEWED = "key.certificate.renewed"
     CERTIFICATE_REISSUED = "key.certificate.reissued"
     CERTIFICATE_REVOKED = "key.certificate.revoked"

@@ -1,7 +1,8 @@
 """RFC 7030 EST endpoints of the built-in CA under ``/.well-known/est``.
 
 The optional path segment after ``est`` is the CA label of §3.2.2; Signery
-reads it as the TSG the enrollment is made for (and authorized at).
+reads it as the TSG the certificate is for: its subject policy applies, and the
+event is recorded there. Enrollment itself is authorized at the root TSG.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ async def _enroll(
 _ENROLL_DOC = (
     "Issue a code-signing certificate for a PKCS#10 request (application/pkcs10, base64). "
     "HTTP basic auth (a user's username and password) or a user's API token; the user needs "
-    "signery.ca.enroll. Answer: base64 PKCS#7 certs-only with the issued certificate."
+    "signery.ca.enroll at the root TSG (a superuser there), and the subject must satisfy the "
+    "subject policies of the label's TSG (the root TSG without a label). Answer: base64 "
+    "PKCS#7 certs-only with the issued certificate."
 )
 
 

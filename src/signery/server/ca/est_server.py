@@ -1,16 +1,22 @@
 """Signery's built-in CA as an RFC 7030 EST server.
 
 ``cacerts`` is public (§4.1.1). ``simpleenroll`` and ``simplereenroll`` take a
-PKCS#10 request from an authenticated user who holds ``signery.ca.enroll`` at
-the TSG named by the path label (``/.well-known/est/<tsg id>/...``) or at their
-home TSG, and answer with the certificate the built-in CA issues under its
-code-signing profile: the subject comes from the CSR (CN required; O, OU, C and
-an e-mail address are carried over; anything else is refused rather than
-silently dropped), the key from the CSR after its signature is checked (proof
-of possession), the validity from ``est_validity_days`` capped by
-``leaf_max_validity_days``. Every issued certificate is recorded (without a
-key version: Signery does not hold the key) and audited, so it can be found,
-and revoked onto the CRL, like any other.
+PKCS#10 request from an authenticated user and answer with the certificate the
+built-in CA issues under its code-signing profile: the subject comes from the
+CSR (CN required; O, OU, C and an e-mail address are carried over; anything
+else is refused rather than silently dropped), the key from the CSR after its
+signature is checked (proof of possession), the validity from
+``est_validity_days`` capped by ``leaf_max_validity_days``. Every issued
+certificate is recorded (without a key version: Signery does not hold the key)
+and audited, so it can be found, and revoked onto the CRL, like any other.
+
+Certifying a key Signery does not hold is an act of the CA that every tenant
+trusts, so it is authorized like revocation: ``signery.ca.enroll`` at the root
+TSG (superusers there), never at a subtree. The path label
+(``/.well-known/est/<tsg id>/...``) names the TSG the certificate is for: its
+subject must satisfy the subject policies on that TSG's path
+(signery.server.ca.subject_policy), and the event is recorded there. Without a
+label the certificate is the root TSG's.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from sqlalchemy import select
 
 from signery import protocol as p
 from signery.crypto import PublicKey
-from signery.errors import CsrInvalid, TsgNotFound
+from signery.errors import CsrInvalid, PermissionDenied, TsgNotFound
 from signery.protocol import AuditOutcome
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Permission, Principal
+from signery.server.authz import Authorizer, Denied, Permission, Principal
 from signery.server.ca.est import certs_only, decode_base64
 from signery.server.ca.service import BuiltinCa, subject_name
+from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, new_id
@@ -156,16 +163,26 @@ class EstService:
     ) -> bytes:
         """Issue a code-signing certificate for the CSR in ``body``; the answer holds
         only the issued certificate (RFC 7030 §4.2.3)."""
-        tsg_id = label or principal.tsg_id
         with self._db.read() as s:
+            root_id, root_path = self._directory.root(s)
+            # First: a caller who may not enroll learns nothing about labels or TSGs.
+            decision = self._authz.decide(principal, Permission.CA_ENROLL, root_path)
+            if isinstance(decision, Denied):
+                raise PermissionDenied(
+                    "EST enrollment certifies a key Signery does not hold with the built-in "
+                    f"CA: it needs {Permission.CA_ENROLL.value} at the root TSG (a superuser "
+                    "there)"
+                )
+            tsg_id = label or root_id
             path = self._directory.path(s, tsg_id)
             if path is None:
                 raise TsgNotFound()
-            self._authz.require(principal, Permission.CA_ENROLL, path, not_found=TsgNotFound)
         csr = parse_csr(body)
         public_key = csr_public_key(csr)
         subject = csr_subject(csr)
         assert subject.common_name is not None
+        with self._db.read() as s:
+            require_allowed_subject(s, path, subject, subject.common_name)
         now = self._clock.now()
         if reenroll:
             self._check_reenrollment(subject_name(subject, subject.common_name), now)

@@ -52,3 +52,17 @@ class CaConnectorRow(Base):
     # Secrets (EST password, TLS client key) encrypted under the master key.
     secrets_wrapped: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SubjectPolicyRow(Base):
+    """A TSG's subject policy: which subjects the built-in CA certifies for keys in
+    its subtree (signery.server.ca.subject_policy). At most one per TSG; the
+    policies of every TSG on a key's path apply together."""
+
+    __tablename__ = "subject_policies"
+
+    tsg_id: Mapped[str] = mapped_column(ForeignKey("tsgs.id"), primary_key=True)
+    # SubjectPolicyRules as JSON, validated when it was set.
+    rules_json: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_by: Mapped[str | None] = mapped_column(String(36))

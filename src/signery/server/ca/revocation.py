@@ -19,12 +19,10 @@ from datetime import datetime
 
 from cryptography import x509
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from signery import protocol as p
-from signery.errors import CertificateNotFound, ConfigurationError, Conflict, InvalidRequest
+from signery.errors import CertificateNotFound, Conflict, InvalidRequest
 from signery.protocol import AuditOutcome
-from signery.server import meta
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.service import BuiltinCa
@@ -115,7 +113,7 @@ class RevocationService:
         if req.reason not in REVOCATION_REASONS:
             raise InvalidRequest(f"reason must be one of {', '.join(sorted(REVOCATION_REASONS))}")
         with self._db.write() as s:
-            root_id, root_path = self._root(s)
+            root_id, root_path = self._directory.root(s)
             # Before the lookup: whoever may not revoke learns nothing about serials.
             self._authz.require(
                 principal, Permission.CA_REVOKE, root_path, not_found=CertificateNotFound
@@ -173,11 +171,3 @@ class RevocationService:
                 ),
             )
             return ca_certificate(cert, version, now)
-
-    def _root(self, s: Session) -> tuple[str, str]:
-        """The root TSG (id, path): where the built-in CA is administered."""
-        root_id = meta.read_meta(s).get(meta.ROOT_TSG_ID)
-        root_path = self._directory.path(s, root_id) if root_id is not None else None
-        if root_id is None or root_path is None:
-            raise ConfigurationError("the installation has no root TSG; run `signery init`")
-        return root_id, root_path

@@ -48,6 +48,7 @@ from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, AuditRecor
 from signery.server.authz import Permission, Principal
 from signery.server.ca.connectors import Connector
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
+from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, new_id
@@ -161,6 +162,12 @@ class KeyLifecycle:
                 if key.certificate_authority == CertificateAuthority.CONNECTOR.value
                 else None
             )
+            if key.certificate_authority == CertificateAuthority.BUILTIN.value:
+                # Before a new key pair is made: its certificate must be one the
+                # policies on the key's path allow today, not only when it was created.
+                require_allowed_subject(
+                    s, path, p.KeySubject.model_validate_json(key.subject_json), key.name
+                )
         if connector is not None:
             # The external CA decides the new certificate's validity (as for a renewal).
             return self._request_rotation(key, path, connector, actor, ctx)

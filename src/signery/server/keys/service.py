@@ -36,6 +36,7 @@ from signery.protocol import (
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
+from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, flush_unique, new_id
@@ -165,6 +166,10 @@ class KeyService:
                 )
             elif req.ca_connector is not None:
                 raise InvalidRequest("ca_connector goes with certificate_authority=connector")
+            if req.certificate_authority is CertificateAuthority.BUILTIN:
+                # Before any key pair exists: the built-in CA certifies only the
+                # subjects the policies on the TSG's path allow.
+                require_allowed_subject(s, path, subject, req.name)
             if s.scalar(
                 select(SigningKeyRow.id).where(
                     SigningKeyRow.tsg_id == tsg_id, SigningKeyRow.name == req.name
@@ -440,6 +445,10 @@ class KeyService:
                 return self._wire(s, fresh)
         if key.certificate_authority != CertificateAuthority.BUILTIN.value:
             raise InvalidRequest(f"unknown certificate authority {key.certificate_authority!r}")
+        with self._db.read() as s:
+            # A renewal too: a policy set or narrowed since the last certificate applies
+            # to the next one (the current certificate stays valid meanwhile).
+            require_allowed_subject(s, resolved.path, new_subject, key.name)
         # The CA signs through the key store: no private key moves, only the
         # public key of the existing key pair is certified again.
         issued = self._ca.issue_code_signing(

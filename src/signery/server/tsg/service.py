@@ -12,8 +12,9 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
-from signery.errors import InvalidRequest, NameTaken, TsgNotFound
+from signery.errors import ConfigurationError, InvalidRequest, NameTaken, TsgNotFound
 from signery.protocol import AuditOutcome
+from signery.server import meta
 from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind
 from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.clock import Clock
@@ -97,6 +98,15 @@ class TsgDirectory:
         if found is None:
             raise TsgNotFound()
         return found
+
+    def root(self, session: Session) -> tuple[str, str]:
+        """The root TSG (id, path): where the installation itself, and its built-in
+        CA, are administered."""
+        root_id = meta.read_meta(session).get(meta.ROOT_TSG_ID)
+        root_path = self.path(session, root_id) if root_id is not None else None
+        if root_id is None or root_path is None:
+            raise ConfigurationError("the installation has no root TSG; run `signery init`")
+        return root_id, root_path
 
 
 def insert_tsg(
