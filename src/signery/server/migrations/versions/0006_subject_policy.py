@@ -5,8 +5,8 @@ certifies keys outside the root TSG (and EST enrollments labelled with such a
 TSG) only under a subject policy a root superuser sets (docs/security.md, "On
 upgrade").
 
-Revision ID: 0005_subject_policy
-Revises: 0004
+Revision ID: 0006_subject_policy
+Revises: 0005_identity
 Create Date: 2026-12-14 10:00:00
 """
 
