@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from signery.server.app import create_app
 from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow
@@ -429,6 +429,35 @@ def test_a_dead_replicas_lease_is_taken_over_when_it_expires(
         wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db))
         assert forwarder.status().holds_lease is True
         assert_delivered(receiver.events(), db, before)
+    finally:
+        forwarder.stop()
+        receiver.stop()
+
+
+def test_a_number_that_will_never_come_does_not_hold_the_sink(
+    installation: Installation, db: Database, api: Api
+) -> None:
+    """A hole in seq that no transaction can fill any more (a deleted event; on
+    PostgreSQL also a rolled-back insert) is passed without waiting for
+    audit_sink_gap_seconds (here an hour): SQLite has one writer, so a hole is
+    final at once; PostgreSQL knows it once the transactions running when it
+    was seen have ended."""
+    receiver = SyslogReceiver("tcp", free_port())
+    receiver.start()
+    config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, gap_seconds=3600)
+    target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
+    forwarder = Forwarder(db, SyslogSink(target, 13, 2.0), "node-h", SystemClock(), config)
+    try:
+        before = cursor_of(db, "syslog")
+        sign_many(api, 3, "hole")
+        hole = events_after(db, before)[-2][0]
+        with db.write() as s:
+            s.execute(delete(AuditEventRow).where(AuditEventRow.seq == hole))
+        forwarder.start()
+        wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db), 60)
+        assert_delivered(receiver.events(), db, before)
+        assert hole not in {e["seq"] for e in receiver.events()}
+        assert forwarder.status().late == ()
     finally:
         forwarder.stop()
         receiver.stop()

@@ -10,6 +10,14 @@ completed, HTTP 2xx). A sink that is down is retried with capped exponential
 backoff; nothing accumulates in memory (the next attempt re-reads the table),
 and signing never waits for a sink. Delivery is at least once: every message
 carries the event's ``id`` for de-duplication.
+
+No committed event is skipped. On PostgreSQL ``seq`` is drawn before commit, so
+a number can be missing while later ones are visible: its transaction is still
+running, or rolled back. Later events wait for it, in order, up to
+``gap_seconds``; after that they go out and the number is stored with the
+cursor (``audit_sink_gaps``) and looked for at every poll: if its event
+commits, it is sent late. A number is dropped only when it is final, which
+transaction ids tell exactly (:class:`_Gap`), never after a timeout.
 """
 
 from __future__ import annotations
@@ -331,8 +339,10 @@ class _Gap:
 
 @dataclass(frozen=True, slots=True)
 class _Step:
-    """What one poll sends, and where the cursor and the watched gaps are after it."""
+    """What one poll sends (events committed late, then the events after the
+    cursor), and where the cursor and the watched gaps are after it."""
 
+    late_events: list[dict[str, Any]]
     events: list[dict[str, Any]]
     last_seq: int
     late: list[_Gap]
@@ -464,21 +474,27 @@ class Forwarder:
         if not self._hold_lease():
             return False
         step = self._next_step()
-        if not step.events and step.late == self._late:
+        events = [*step.late_events, *step.events]
+        if not events and step.late == self._late:
             self._failures_in_row = 0  # the database answers and nothing is waiting
             return False
-        if step.events:
+        if events:
             try:
-                self._sink.send(step.events)
+                self._sink.send(events)
             except SinkFailed as e:
                 self._failed(str(e))
                 return False
         self._failures_in_row = 0
         self._last_error = None
-        if self._advance(step.last_seq, step.late):
-            self.delivered += len(step.events)
-            return bool(step.events)
-        return False
+        if not self._advance(step.last_seq, step.late):
+            return False
+        if step.late_events:
+            log.info(
+                "audit events committed late were sent after later ones",
+                extra={"sink": self._sink.name, "seqs": [e["seq"] for e in step.late_events]},
+            )
+        self.delivered += len(events)
+        return bool(events)
 
     def _hold_lease(self) -> bool:
         now = self._clock.now()
@@ -582,11 +598,6 @@ class Forwarder:
                 batch.append(event)
                 expected = seq + 1
         found = {int(e["seq"]) for e in late_rows}
-        if found:
-            log.info(
-                "audit events committed late are sent after later ones",
-                extra={"sink": self._sink.name, "seqs": sorted(found)},
-            )
         # A range is dropped only if this read saw all of it (not cut at batch_max).
         complete = len(late_rows) < batch_max
         late = [
@@ -596,7 +607,7 @@ class Forwarder:
             if not (complete and settled is not None and part.horizon <= settled)
         ]
         last_seq = int(batch[-1]["seq"]) if batch else self._last_seq
-        return _Step([*late_rows, *batch], last_seq, late + passed)
+        return _Step(late_rows, batch, last_seq, late + passed)
 
     @staticmethod
     def _events(s: Session, where: ColumnElement[bool], limit: int) -> list[dict[str, Any]]:
