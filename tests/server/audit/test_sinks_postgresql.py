@@ -29,6 +29,7 @@ from tests.server.audit.test_sinks import (
     db,  # noqa: F401 - fixture
     events_after,
     last_seq,
+    received_after,
     sign_many,
     wait_for,
 )
@@ -119,7 +120,7 @@ def test_an_event_committed_late_is_not_skipped(
             assert forwarder.status().late == ((held, held),)
             slow.commit()
         wait_for(lambda: held_id in received_ids(receiver), PATIENCE)
-        received = receiver.events()
+        received = received_after(receiver, db, before)
         assert [e["seq"] for e in received if e["id"] == held_id] == [held]
         assert received[-1]["id"] == held_id  # sent after the later events
         assert {e["id"] for e in received} == {i for _, i in events_after(db, before)}
@@ -147,7 +148,7 @@ def test_a_late_commit_within_the_window_is_sent_in_order(
             assert cursor_of(db, "syslog") < held
             slow.commit()
         wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db), PATIENCE)
-        received = receiver.events()
+        received = received_after(receiver, db, before)
         assert_delivered(received, db, before)
         assert [e["seq"] for e in received] == sorted(e["seq"] for e in received)
         assert forwarder.status().late == ()
@@ -175,7 +176,7 @@ def test_a_rolled_back_number_does_not_hold_the_sink(
             slow.rollback()
         wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db), PATIENCE)
         assert cursor_of(db, "syslog") > held
-        received = receiver.events()
+        received = received_after(receiver, db, before)
         assert_delivered(received, db, before)
         assert len(received) == len({e["id"] for e in received})
         assert forwarder.status().late == ()
@@ -215,7 +216,7 @@ def test_watched_numbers_survive_a_restart_and_a_rolled_back_one_is_dropped(
         assert second.status().late == ()
         sign_many(api, 2, "after-restart")
         wait_for(lambda: cursor_of(db, "syslog") >= last_seq(db), PATIENCE)
-        received = receiver.events()
+        received = received_after(receiver, db, before)
         assert {e["id"] for e in received} == {i for _, i in events_after(db, before)}
         assert dropped not in {e["seq"] for e in received}
     finally:
