@@ -625,8 +625,8 @@ class Forwarder:
     ) -> tuple[bool, _Gap | None]:
         """Whether the events after the missing numbers first..last go out now,
         and the range to keep watching for behind the cursor if they do."""
-        if not self._late_commits or settled is None:
-            return True, None  # SQLite: never committed, or deleted; it will not come
+        if settled is None:
+            return True, None  # SQLite: deleted, it will not come (see _late_commits)
         gap = next((g for g in self._waiting if g.covers(first, last)), None)
         if gap is None:
             # The horizon is read after the read that saw the numbers missing.
