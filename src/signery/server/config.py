@@ -201,7 +201,10 @@ class Settings(BaseSettings):
         default=30.0,
         ge=0,
         le=3600,
-        description="How long a sink waits for an event number not yet committed",
+        description=(
+            "How long later events wait, in order, for an event number whose transaction"
+            " is still open; then they go out and the number is sent when it commits"
+        ),
     )
 
     # HTTPS for `signery serve` (EST, RFC 7030 §3.3, requires it).

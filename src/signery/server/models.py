@@ -10,6 +10,7 @@ from signery.server.audit.models import (
     AuditEventRow,
     AuditSigningKeyRow,
     AuditSinkCursorRow,
+    AuditSinkGapRow,
     UsageCounterRow,
     UsageDailyRow,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "AuditEventRow",
     "AuditSigningKeyRow",
     "AuditSinkCursorRow",
+    "AuditSinkGapRow",
     "Base",
     "BuiltinKeyMaterialRow",
     "CaAuthorityRow",

@@ -104,6 +104,26 @@ class AuditSinkCursorRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class AuditSinkGapRow(Base):
+    """Numbers a sink went past without their event, still watched for.
+
+    On PostgreSQL ``seq`` is drawn before commit, so a transaction can commit its
+    event after the sink sent later ones. The range is looked for again at every
+    poll (an event found is sent, late, with its id) and forgotten once no
+    transaction that could still commit it is running: ``horizon`` is the xmax
+    (``xid8``) of a snapshot taken after the gap was seen, and the numbers are
+    final once every transaction id below it has ended. Only the lease holder
+    writes these rows, in the transaction that moves the cursor."""
+
+    __tablename__ = "audit_sink_gaps"
+
+    sink: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    horizon: Mapped[int] = mapped_column(BigInteger)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class UsageCounterRow(Base):
     __tablename__ = "usage_counters"
 

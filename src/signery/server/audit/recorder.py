@@ -14,6 +14,11 @@ while the previous transaction was committing and writes them in one
 transaction (each signing's event and counters are in the same transaction, as
 the design requires). One fsync then covers many signings, which is how
 thousands of durably audited signatures per second fit on one SQLite file.
+
+On PostgreSQL a transaction that writes events holds its transaction id before
+it draws their ``seq`` numbers (the chain head's row lock gives it one; without
+the chain it asks for one). The audit sinks rely on it to know when a missing
+number can no longer commit (signery.server.audit.sinks).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -277,6 +282,7 @@ class AuditRecorder:
         self._head_for_update = Prepared.of(_head_select(node_id), dialect)
         self._head_insert = Prepared.of(_head_insert(dialect.name, node_id), dialect)
         self._head_update = Prepared.of(_head_update(node_id), dialect)
+        self._take_xid = Prepared.of(_TAKE_XID, dialect) if dialect.name == "postgresql" else None
         self.node_id = node_id
         self._clock = clock
         self._batch_max = batch_max
@@ -326,6 +332,8 @@ class AuditRecorder:
                     _head_update(self.node_id), {"seq": seq, "hash": hash_, "at": row["time"]}
                 )
             else:
+                if session.get_bind().dialect.name == "postgresql":
+                    session.execute(_TAKE_XID)
                 session.execute(insert(_EVENTS), [row])
         except SQLAlchemyError as e:
             # Fail closed: the change this event records must not commit without it.
@@ -474,6 +482,8 @@ class AuditRecorder:
             with self._direct.transaction() as cursor:
                 if self.hash_chain:
                     self._link(cursor, [p.row for p in batch])
+                elif self._take_xid is not None:
+                    self._take_xid.fetchall(cursor, {})
                 self._insert_events.executemany(cursor, [p.row for p in batch])
                 self._upsert_counters.executemany(
                     cursor, sorted_by_key(list(counters.values()), ("scope", "subject_id"))
@@ -541,6 +551,11 @@ class AuditRecorder:
             if isinstance(value, str) and "\x00" in value:
                 row[col] = value.replace("\x00", "\ufffd")
         return row
+
+
+# The transaction's id, assigned now if it has none yet (PostgreSQL 13+): taken
+# before the insert draws seq numbers when no row lock (the chain head's) did.
+_TAKE_XID = select(func.pg_current_xact_id())
 
 
 def _head_select(node_id: str) -> Any:

@@ -10,6 +10,14 @@ completed, HTTP 2xx). A sink that is down is retried with capped exponential
 backoff; nothing accumulates in memory (the next attempt re-reads the table),
 and signing never waits for a sink. Delivery is at least once: every message
 carries the event's ``id`` for de-duplication.
+
+No committed event is skipped. On PostgreSQL ``seq`` is drawn before commit, so
+a number can be missing while later ones are visible: its transaction is still
+running, or rolled back. Later events wait for it, in order, up to
+``gap_seconds``; after that they go out and the number is stored with the
+cursor (``audit_sink_gaps``) and looked for at every poll: if its event
+commits, it is sent late. A number is dropped only when it is final, which
+transaction ids tell exactly (:class:`_Gap`), never after a timeout.
 """
 
 from __future__ import annotations
@@ -21,23 +29,36 @@ import random
 import socket
 import ssl
 import threading
-import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import CursorResult, Result, and_, insert, or_, select, update
+from sqlalchemy import (
+    CursorResult,
+    Result,
+    Select,
+    String,
+    and_,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql import ColumnElement
 
 from signery import __version__
 from signery.errors import ConfigurationError, SigneryError
-from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow
+from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow, AuditSinkGapRow
 from signery.server.audit.service import event_to_wire
 from signery.server.clock import Clock
 from signery.server.db import Database, table
@@ -257,9 +278,11 @@ class ForwarderConfig:
     batch_max: int = 100
     retry_max_seconds: float = 60.0
     lease_seconds: float = 30.0
-    # A seq below the newest visible one that is not yet visible: a transaction
-    # still committing (PostgreSQL sequences hand out numbers before commit) or
-    # one rolled back. Waited for this long, then skipped as rolled back.
+    # How long later events wait, in seq order, for a missing number whose
+    # transaction may still commit (PostgreSQL draws seq before commit). Then they
+    # go out, and the number is watched for until it commits (and is sent, late)
+    # or can no longer commit (see _Gap). A rolled-back number does not wait for
+    # this: it is known final as soon as the transactions that could hold it ended.
     gap_seconds: float = 30.0
 
 
@@ -271,10 +294,66 @@ class SinkStatus:
     delivered: int
     failures: int
     last_error: str | None
+    # The first missing number later events wait for, in order, if any.
+    waiting_for: int | None = None
+    # Ranges of numbers past the cursor still watched for a late commit.
+    late: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Gap:
+    """Missing numbers ``first..last``, seen with ``horizon``: the xmax (``xid8``)
+    of a PostgreSQL snapshot taken after the numbers were seen missing below a
+    visible later one.
+
+    The numbers are final (no transaction can still commit them) once the
+    oldest running transaction id, the xmin of a later snapshot, is at or above
+    the horizon. A number is drawn by a transaction that already holds its id
+    (the recorder takes it first), before the later number was drawn, so before
+    the later event committed and the read that saw it: that id is below the
+    horizon. Once every id below the horizon has ended, the transaction either
+    committed, and a read after that point sees its event, or rolled back, and
+    the number is a hole for good. The sequence must hand out numbers in the
+    order they are asked for: uncached (CACHE 1, PostgreSQL's default)."""
+
+    first: int
+    last: int
+    horizon: int
+    seen_at: datetime
+
+    def covers(self, first: int, last: int) -> bool:
+        return self.first <= first and last <= self.last
+
+    def without(self, found: set[int]) -> list[_Gap]:
+        """What is left of the range once the events ``found`` were sent."""
+        left: list[_Gap] = []
+        start = self.first
+        for seq in sorted(s for s in found if self.first <= s <= self.last):
+            if seq > start:
+                left.append(replace(self, first=start, last=seq - 1))
+            start = seq + 1
+        if start <= self.last:
+            left.append(replace(self, first=start))
+        return left
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """What one poll sends (events committed late, then the events after the
+    cursor), and where the cursor and the watched gaps are after it."""
+
+    late_events: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    last_seq: int
+    late: list[_Gap]
 
 
 _CURSORS = table(AuditSinkCursorRow)
-_EVENTS = table(AuditEventRow)
+_GAPS = table(AuditSinkGapRow)
+# pg_snapshot_* (PostgreSQL 13+): the oldest transaction id still running, and
+# the next one to be assigned. xid8 has no cast to bigint; text has.
+_OLDEST_RUNNING_XID = select(func.pg_snapshot_xmin(func.pg_current_snapshot()).cast(String))
+_NEXT_XID = select(func.pg_snapshot_xmax(func.pg_current_snapshot()).cast(String))
 
 
 def _changed(result: Result[Any]) -> int:
@@ -293,12 +372,17 @@ class Forwarder:
         self._clock = clock
         self._config = config
         self.owner = f"{node_id[:_OWNER_NODE_MAX]}/{uuid.uuid4().hex[:12]}"
+        # PostgreSQL draws seq before commit: an event can become visible after
+        # later ones. SQLite has one writer at a time, so numbers become visible
+        # in order and a missing one was deleted (it will never come).
+        self._late_commits = db.dialect == "postgresql"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._holds_lease = False
         self._lease_until: datetime | None = None
         self._last_seq: int | None = None
-        self._gaps: dict[int, float] = {}  # missing seq -> when first seen (monotonic)
+        self._waiting: list[_Gap] = []  # gaps after the cursor, held back for in order
+        self._late: list[_Gap] = []  # gaps behind the cursor, as in audit_sink_gaps
         self._failures_in_row = 0
         self.delivered = 0
         self.failures = 0
@@ -316,6 +400,8 @@ class Forwarder:
             self.delivered,
             self.failures,
             self._last_error,
+            min((g.first for g in self._waiting), default=None),
+            tuple((g.first, g.last) for g in self._late),
         )
 
     def health(self) -> str:
@@ -382,25 +468,33 @@ class Forwarder:
     # ------------------------------------------------------------ one step
 
     def run_once(self) -> bool:
-        """Take or renew the lease, send one batch, advance the cursor.
+        """Take or renew the lease, send one batch (late commits first, then the
+        events after the cursor), advance the cursor and the watched gaps.
         True when a batch was delivered (more may be waiting)."""
         if not self._hold_lease():
             return False
-        batch = self._next_batch()
-        if not batch:
+        step = self._next_step()
+        events = [*step.late_events, *step.events]
+        if not events and step.late == self._late:
             self._failures_in_row = 0  # the database answers and nothing is waiting
             return False
-        try:
-            self._sink.send(batch)
-        except SinkFailed as e:
-            self._failed(str(e))
-            return False
+        if events:
+            try:
+                self._sink.send(events)
+            except SinkFailed as e:
+                self._failed(str(e))
+                return False
         self._failures_in_row = 0
         self._last_error = None
-        if self._advance(int(batch[-1]["seq"])):
-            self.delivered += len(batch)
-            return True
-        return False
+        if not self._advance(step.last_seq, step.late):
+            return False
+        if step.late_events:
+            log.info(
+                "audit events committed late were sent after later ones",
+                extra={"sink": self._sink.name, "seqs": [e["seq"] for e in step.late_events]},
+            )
+        self.delivered += len(events)
+        return bool(events)
 
     def _hold_lease(self) -> bool:
         now = self._clock.now()
@@ -429,6 +523,8 @@ class Forwarder:
                 )
             )
             last = s.execute(select(c.last_seq).where(c.sink == self._sink.name)).scalar_one()
+            # Taken over (or first taken): the gaps the previous holder watched.
+            late = None if self._holds_lease else self._stored_gaps(s)
         if taken != 1:
             if self._holds_lease:
                 log.info("audit sink lease taken over", extra={"sink": self._sink.name})
@@ -437,7 +533,18 @@ class Forwarder:
         self._holds_lease = True
         self._lease_until = until
         self._last_seq = int(last)
+        if late is not None:
+            self._late = late
         return True
+
+    def _stored_gaps(self, s: Session) -> list[_Gap]:
+        g = _GAPS.c
+        rows = s.execute(
+            select(g.first_seq, g.last_seq, g.horizon, g.seen_at)
+            .where(g.sink == self._sink.name)
+            .order_by(g.first_seq)
+        ).all()
+        return [_Gap(int(r[0]), int(r[1]), int(r[2]), r[3]) for r in rows]
 
     def _ensure_cursor(self, now: datetime) -> None:
         if self._last_seq is not None:
@@ -460,60 +567,88 @@ class Forwarder:
             if not isinstance(e.__cause__, IntegrityError):
                 raise  # another replica made it first: fine; anything else is not
 
-    def _next_batch(self) -> list[dict[str, Any]]:
+    def _next_step(self) -> _Step:
         assert self._last_seq is not None
+        batch_max = self._config.batch_max
         with self._db.read() as s:
-            rows = (
-                s.execute(
-                    select(AuditEventRow)
-                    .where(AuditEventRow.seq > self._last_seq)
-                    .order_by(AuditEventRow.seq)
-                    .limit(self._config.batch_max)
+            # Before the reads: every transaction below this id had ended before
+            # them, so whatever such a transaction committed, they see.
+            settled = self._xid(s, _OLDEST_RUNNING_XID) if self._late_commits else None
+            late_rows = (
+                self._events(
+                    s,
+                    or_(*(AuditEventRow.seq.between(g.first, g.last) for g in self._late)),
+                    batch_max,
                 )
-                .scalars()
-                .all()
+                if self._late
+                else []
             )
-            events = [event_to_wire(r).model_dump(mode="json") for r in rows]
-        batch: list[dict[str, Any]] = []
-        expected = self._last_seq + 1
-        for event in events:
-            seq = int(event["seq"])
-            if seq != expected and not self._gap_expired(expected, seq, event["time"]):
-                break
-            batch.append(event)
-            expected = seq + 1
-        return batch
+            rows = self._events(s, AuditEventRow.seq > self._last_seq, batch_max - len(late_rows))
+            batch: list[dict[str, Any]] = []
+            passed: list[_Gap] = []
+            expected = self._last_seq + 1
+            for event in rows:
+                seq = int(event["seq"])
+                if seq != expected:
+                    go, watch = self._pass_gap(s, expected, seq - 1, settled)
+                    if not go:
+                        break
+                    if watch is not None:
+                        passed.append(watch)
+                batch.append(event)
+                expected = seq + 1
+        found = {int(e["seq"]) for e in late_rows}
+        # A range is dropped only if this read saw all of it (not cut at batch_max).
+        complete = len(late_rows) < batch_max
+        late = [
+            part
+            for g in self._late
+            for part in g.without(found)
+            if not (complete and settled is not None and part.horizon <= settled)
+        ]
+        last_seq = int(batch[-1]["seq"]) if batch else self._last_seq
+        return _Step(late_rows, batch, last_seq, late + passed)
 
-    def _gap_expired(self, first_missing: int, next_seen: int, next_time: str) -> bool:
-        """Whether seqs first_missing..next_seen-1 may be skipped (rolled back).
-
-        A missing number was handed out before the event after it; once that
-        event is older than gap_seconds (or the gap was watched that long), the
-        transaction holding the number is taken as rolled back. So an old gap
-        (catching up on history) costs nothing, a fresh one at most gap_seconds.
-        The first batch of a new cursor skips what retention deleted."""
-        if first_missing == 1 and self._last_seq == 0 and self._oldest_seq() == next_seen:
-            return True
-        age = self._clock.now() - datetime.fromisoformat(next_time)
-        now = time.monotonic()
-        first_seen = self._gaps.setdefault(first_missing, now)
-        window = self._config.gap_seconds
-        if age.total_seconds() < window and now - first_seen < window:
-            return False
-        log.warning(
-            "audit events never committed are skipped",
-            extra={"sink": self._sink.name, "from_seq": first_missing, "to_seq": next_seen - 1},
+    @staticmethod
+    def _events(s: Session, where: ColumnElement[bool], limit: int) -> list[dict[str, Any]]:
+        if limit <= 0:
+            return []
+        rows = (
+            s.execute(select(AuditEventRow).where(where).order_by(AuditEventRow.seq).limit(limit))
+            .scalars()
+            .all()
         )
-        del self._gaps[first_missing]
-        return True
+        return [event_to_wire(r).model_dump(mode="json") for r in rows]
 
-    def _oldest_seq(self) -> int | None:
-        with self._db.read() as s:
-            return s.execute(select(_EVENTS.c.seq).order_by(_EVENTS.c.seq).limit(1)).scalar()
+    def _pass_gap(
+        self, s: Session, first: int, last: int, settled: int | None
+    ) -> tuple[bool, _Gap | None]:
+        """Whether the events after the missing numbers first..last go out now,
+        and the range to keep watching for behind the cursor if they do."""
+        if settled is None:
+            return True, None  # SQLite: deleted, it will not come (see _late_commits)
+        gap = next((g for g in self._waiting if g.covers(first, last)), None)
+        if gap is None:
+            # The horizon is read after the read that saw the numbers missing.
+            gap = _Gap(first, last, self._xid(s, _NEXT_XID), self._clock.now())
+            self._waiting.append(gap)
+        if gap.horizon <= settled:
+            return True, None  # rolled back: nothing can commit these numbers any more
+        if (self._clock.now() - gap.seen_at).total_seconds() < self._config.gap_seconds:
+            return False, None
+        log.warning(
+            "audit events not committed yet; later events go out, these follow when committed",
+            extra={"sink": self._sink.name, "from_seq": first, "to_seq": last},
+        )
+        return True, replace(gap, first=first, last=last)
 
-    def _advance(self, last_seq: int) -> bool:
-        """Move the cursor, only if this forwarder still holds the lease and
-        nobody moved the cursor meanwhile (compare-and-set)."""
+    @staticmethod
+    def _xid(s: Session, query: Select[str]) -> int:
+        return int(s.execute(query).scalar_one())
+
+    def _advance(self, last_seq: int, late: list[_Gap]) -> bool:
+        """Move the cursor and store the watched gaps, only if this forwarder
+        still holds the lease and nobody moved the cursor meanwhile (compare-and-set)."""
         assert self._last_seq is not None
         now = self._clock.now()
         until = now + timedelta(seconds=self._config.lease_seconds)
@@ -532,12 +667,29 @@ class Forwarder:
                     .values(last_seq=last_seq, lease_until=until, updated_at=now)
                 )
             )
+            if moved == 1 and late != self._late:
+                s.execute(delete(_GAPS).where(_GAPS.c.sink == self._sink.name))
+                if late:
+                    s.execute(
+                        insert(_GAPS),
+                        [
+                            {
+                                "sink": self._sink.name,
+                                "first_seq": g.first,
+                                "last_seq": g.last,
+                                "horizon": g.horizon,
+                                "seen_at": g.seen_at,
+                            }
+                            for g in late
+                        ],
+                    )
         if moved != 1:
             self._holds_lease = False
             return False
         self._last_seq = last_seq
         self._lease_until = until
-        self._gaps = {k: v for k, v in self._gaps.items() if k > last_seq}
+        self._late = late
+        self._waiting = [g for g in self._waiting if g.last > last_seq]
         return True
 
     def _release(self) -> None:
