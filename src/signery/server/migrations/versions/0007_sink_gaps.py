@@ -1,7 +1,7 @@
 """audit sink gaps: numbers a sink went past, watched for late commits
 
-Revision ID: 0005_sink_gaps
-Revises: 0004
+Revision ID: 0007_sink_gaps
+Revises: 0006_subject_policy
 Create Date: 2026-12-10 10:00:00
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_sink_gaps"
-down_revision = "0004"
+revision = "0007_sink_gaps"
+down_revision = "0006_subject_policy"
 branch_labels = None
 depends_on = None
 
