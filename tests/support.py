@@ -239,14 +239,26 @@ def server_env(installation: Installation, **extra: str) -> dict[str, str]:
     return env
 
 
-def _announced_url(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> str:
+# Bounds on how long a server may take to start: they only decide when a test
+# gives up, so they are generous enough for a machine running two suites at once.
+SERVER_START_TIMEOUT = float(os.environ.get("SIGNERY_TEST_START_TIMEOUT", "180"))
+
+
+def _announced_url(
+    process: subprocess.Popen[bytes], log: Path, timeout: float = SERVER_START_TIMEOUT
+) -> str:
     assert process.stdout is not None
     lines: list[bytes] = []
     reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
     reader.start()
     reader.join(timeout)
     if not lines or not lines[0]:
+        # Leave nothing behind: a process or pipe left open would be reported as a
+        # ResourceWarning by whichever test happens to run next.
         process.kill()
+        process.wait(30)
+        reader.join(30)
+        process.stdout.close()
         raise RuntimeError(
             f"server did not announce its URL:\n{log.read_text(errors='replace')[-3000:]}"
         )
@@ -274,7 +286,7 @@ def running_server(
         )
     server = ServerProcess(_announced_url(process, log), process, log)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
