@@ -41,6 +41,7 @@ _P = Permission
 POSITIONS = ("R", "A", "A1", "B")  # the root, a TSG, its child, its sibling
 ROLES = tuple(Role)
 Json = dict[str, Any]
+ANY = {f: ["*"] for f in ("common_name", "organization", "organizational_unit", "country", "email")}
 
 
 # ------------------------------------------------------------------ the world
@@ -66,7 +67,12 @@ def _reusable(make: Callable[..., Any]) -> Callable[..., Any]:
             return make(self, of, **body)
         key = (f"{make.__name__}{sorted(body.items())}", of if isinstance(of, str) else of["id"])
         if key not in self._made:
-            self._made[key] = make(self, of, **body)
+            # What the factory makes on the way is its own, never reused.
+            self.reuse = False
+            try:
+                self._made[key] = make(self, of, **body)
+            finally:
+                self.reuse = True
         return self._made[key]
 
     return factory
@@ -203,6 +209,48 @@ class World:
         return grant  # type: ignore[no-any-return]
 
     @_reusable
+    def subject_policy(self, pos: str) -> str:
+        """The TSG at ``pos`` with a policy of its own (allowing any subject)."""
+        self.api.ok(
+            self.api.http.put(
+                f"/api/v1/tsgs/{self.tsg[pos]}/subject-policy", json=ANY, headers=self.admin
+            )
+        )
+        return self.tsg[pos]
+
+    @_reusable
+    def second_account_key(self, pos: str) -> str:
+        """The path of an account key that may be removed (the account has another)."""
+        account = self.account(pos)
+        pem = (
+            ec.generate_private_key(ec.SECP256R1())
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
+        added = self.api.ok(
+            self.api.http.post(
+                f"/api/v1/accounts/{account.id}/keys",
+                json={"public_key_pem": pem},
+                headers=self.admin,
+            ),
+            201,
+        )
+        key_id = next(k["id"] for k in added["keys"] if k["public_key_pem"].strip() == pem.strip())
+        return f"/api/v1/accounts/{account.id}/keys/{key_id}"
+
+    @_reusable
+    def certificate_serial(self, pos: str) -> str:
+        """The serial of a fresh key's certificate from the built-in CA."""
+        key = self.key(pos)
+        certificates = self.api.ok(
+            self.api.http.get(f"/api/v1/keys/{key['id']}/certificates", headers=self.admin)
+        )
+        return str(certificates[0]["serial"])
+
+    @_reusable
     def disabled_key(self, pos: str) -> Json:
         key = self.key(pos, ca="none")
         self.api.ok(self.api.http.post(f"/api/v1/keys/{key['id']}/disable", headers=self.admin))
@@ -300,13 +348,19 @@ def world(api: Api) -> World:
 @dataclass(frozen=True)
 class Managed:
     """A management route on an object in one TSG: allowed when the caller holds
-    any of ``needs`` there (or, ``at_root``, at the root: an act of the whole
-    installation, such as the built-in CA's), 403 inside its reach, 404 outside."""
+    any of ``needs`` there, 403 inside its reach, 404 outside.
+
+    ``at_root``: the act is the root TSG's own (the built-in CA revoking a
+    certificate), so only callers bound at the root see it. ``granted_at_root``:
+    the object is the TSG's (404 outside the caller's reach, as usual) but the
+    permission counts only when held at the root (subject policies)."""
 
     needs: frozenset[Permission]
     call: Callable[[World, str], Call]
     ok: int = 200
     at_root: bool = False
+    granted_at_root: bool = False
+    after: Callable[[World], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -436,6 +490,11 @@ def _usage_items(w: World, body: Any) -> list[tuple[str, str]]:
     return [(c["subject_id"], w.path_of_tsg(c["tsg_id"])) for c in body["counters"]]
 
 
+def _restore_subject_policies(w: World) -> None:
+    for pos in POSITIONS:
+        w.subject_policy(pos)
+
+
 def _nothing(w: World, pos: str) -> set[str]:
     return set()
 
@@ -535,6 +594,23 @@ CASES: dict[tuple[str, str], Case] = {
         _tree_items,
         lambda w, pos: {w.tsg[pos]},
     ),
+    ("GET", "/api/v1/tsgs/{tsg_id}/subject-policy"): Managed(
+        perms(_P.TSG_READ),
+        lambda w, pos: Call("GET", f"/api/v1/tsgs/{w.tsg[pos]}/subject-policy"),
+    ),
+    ("PUT", "/api/v1/tsgs/{tsg_id}/subject-policy"): Managed(
+        perms(_P.CA_SUBJECT_POLICY_MANAGE),
+        lambda w, pos: Call("PUT", f"/api/v1/tsgs/{w.tsg[pos]}/subject-policy", json=ANY),
+        granted_at_root=True,
+    ),
+    ("DELETE", "/api/v1/tsgs/{tsg_id}/subject-policy"): Managed(
+        perms(_P.CA_SUBJECT_POLICY_MANAGE),
+        lambda w, pos: Call("DELETE", f"/api/v1/tsgs/{w.subject_policy(pos)}/subject-policy"),
+        ok=204,
+        granted_at_root=True,
+        # Keys made later in other cells need certificates everywhere again.
+        after=lambda w: _restore_subject_policies(w),
+    ),
     ("GET", "/api/v1/tsgs/{tsg_id}"): Managed(
         perms(_P.TSG_READ), lambda w, pos: Call("GET", f"/api/v1/tsgs/{w.tsg[pos]}")
     ),
@@ -553,6 +629,7 @@ CASES: dict[tuple[str, str], Case] = {
         lambda w, pos: {w.users[pos]["id"]},
     ),
     ("GET", "/api/v1/users/me"): AnyUser(lambda w: Call("GET", "/api/v1/users/me")),
+    ("GET", "/api/v1/users/me/tokens"): AnyUser(lambda w: Call("GET", "/api/v1/users/me/tokens")),
     ("POST", "/api/v1/users/me/tokens"): AnyUser(
         lambda w: Call("POST", "/api/v1/users/me/tokens", json={"name": "own"}), ok=201
     ),
@@ -635,6 +712,10 @@ CASES: dict[tuple[str, str], Case] = {
             },
         ),
         ok=201,
+    ),
+    ("DELETE", "/api/v1/accounts/{account}/keys/{key_id}"): Managed(
+        perms(_P.ACCOUNT_MANAGE),
+        lambda w, pos: Call("DELETE", w.second_account_key(pos)),
     ),
     # ---------------------------------------------------------------- signing keys
     ("POST", "/api/v1/keys"): Managed(
@@ -754,22 +835,22 @@ CASES: dict[tuple[str, str], Case] = {
         perms(_P.CA_REVOKE),
         lambda w, pos: Call(
             "POST",
-            f"/api/v1/ca/certificates/{w.key(pos)['certificate']['serial']}/revoke",
+            f"/api/v1/ca/certificates/{w.certificate_serial(pos)}/revoke",
             json={},
         ),
         at_root=True,
     ),
     ("POST", "/.well-known/est/simpleenroll"): Installation(
-        perms(_P.CA_ENROLL), _est("/.well-known/est/simpleenroll"), below_root=404
+        perms(_P.CA_ENROLL), _est("/.well-known/est/simpleenroll")
     ),
     ("POST", "/.well-known/est/{label}/simpleenroll"): Installation(
-        perms(_P.CA_ENROLL), _est("/.well-known/est/{label}/simpleenroll"), below_root=404
+        perms(_P.CA_ENROLL), _est("/.well-known/est/{label}/simpleenroll")
     ),
     ("POST", "/.well-known/est/simplereenroll"): Installation(
-        perms(_P.CA_ENROLL), _est("/.well-known/est/simplereenroll"), below_root=404
+        perms(_P.CA_ENROLL), _est("/.well-known/est/simplereenroll")
     ),
     ("POST", "/.well-known/est/{label}/simplereenroll"): Installation(
-        perms(_P.CA_ENROLL), _est("/.well-known/est/{label}/simplereenroll"), below_root=404
+        perms(_P.CA_ENROLL), _est("/.well-known/est/{label}/simplereenroll")
     ),
     ("POST", "/api/v1/ca-connectors"): Managed(
         perms(_P.CA_CONNECTOR_MANAGE),
@@ -939,6 +1020,8 @@ def check_managed(w: World, case: Managed) -> list[str]:
         target = w.path["R"] if case.at_root else w.path[obj]
         visible = target.startswith(scope)
         allowed = visible and reach(role, at, case.needs)
+        if case.granted_at_root:
+            allowed = allowed and at == "R"
         expected = case.ok if allowed else 403 if visible else 404
         w.reuse = not allowed
         try:
@@ -951,6 +1034,8 @@ def check_managed(w: World, case: Managed) -> list[str]:
                 f"{role.value}@{at} on an object in {obj}: {response.status_code}, "
                 f"expected {expected}: {response.text[:200]}"
             )
+    if case.after is not None:
+        case.after(w)
     return wrong
 
 
@@ -1054,6 +1139,7 @@ def test_every_route_is_in_the_matrix(app_client: TestClient) -> None:
 @pytest.mark.parametrize("route", sorted(CASES), ids=lambda r: f"{r[0]} {r[1]}")
 def test_route(world: World, route: tuple[str, str]) -> None:
     case = CASES[route]
+    world._made.clear()
     if isinstance(case, Managed):
         wrong = check_managed(world, case)
     elif isinstance(case, Listing):

@@ -6,11 +6,14 @@ import base64
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from signery.server.db import make_engine
 from signery.server.users.models import ApiTokenRow, UserRow
 from signery.server.users.service import parse_api_token
+from tests.server.keys.lifecycle_helpers import services_of
 from tests.support import Api, Installation, refused_once
 
 
@@ -302,3 +305,37 @@ def test_token_secrets_may_contain_underscores() -> None:
     assert (parsed.token_id, parsed.secret) == ("0123456789abcdef", "a_b_c")
     assert parse_api_token("sgy_pat_0123456789abcdeg_x") is None  # not hex
     assert parse_api_token("sgy_pat_0123456789abcdef") is None  # no secret
+
+
+class CountingHasher(PasswordHasher):
+    """The real argon2id hasher, counting the hashes it makes."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost=8, parallelism=1)
+        self.hashes = 0
+
+    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+        self.hashes += 1
+        return super().hash(password, salt=salt)
+
+
+def test_user_creation_is_authorized_before_the_password_is_hashed(
+    api: Api, app_client: TestClient, tree: dict[str, Any]
+) -> None:
+    """A caller without user.manage must not make the server run argon2 (64 MiB) per
+    request: the refusal comes first."""
+    users = services_of(app_client).users
+    viewer = Person(api, tree["team"]["id"], "key_viewer")
+    real, counting = users._hasher, CountingHasher()
+    users._hasher = counting
+    try:
+        for tsg in (tree["team"]["id"], tree["org2"]["id"]):
+            body = {"username": api.unique("u"), "password": "x" * 16, "tsg_id": tsg}
+            refused = api.http.post("/api/v1/users", json=body, headers=viewer.headers)
+            assert refused.status_code in (403, 404), refused.text
+        assert counting.hashes == 0
+        body = {"username": api.unique("u"), "tsg_id": tree["team"]["id"]}
+        api.ok(api.http.post("/api/v1/users", json=body, headers=api.admin), 201)
+        assert counting.hashes == 1
+    finally:
+        users._hasher = real
