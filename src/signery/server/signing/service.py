@@ -42,7 +42,7 @@ from signery.errors import (
     CertificateRevoked,
     ClientIpNotAllowed,
     ConfigurationError,
-    InvalidRequest,
+    InvalidDigestEncoding,
     InvalidToken,
     KeyDestroyed,
     KeyDisabled,
@@ -60,6 +60,7 @@ from signery.errors import (
     SignatureVerificationFailed,
     SignerNotAllowed,
     SigneryError,
+    UnsupportedDigestAlgorithm,
     UnsupportedScheme,
     ValidationFailed,
 )
@@ -117,16 +118,6 @@ POLICY_ERRORS: dict[str, type[SigneryError]] = {
         KeyValidityEnded,
     )
 }
-
-
-class UnsupportedDigestAlgorithm(InvalidRequest):
-    code = "unsupported_digest_algorithm"
-    title = "Unknown digest algorithm"
-
-
-class InvalidDigestEncoding(InvalidRequest):
-    code = "invalid_digest_encoding"
-    title = "Digest is not valid base64"
 
 
 @dataclass(frozen=True, slots=True)
