@@ -11,8 +11,6 @@ return the signature. Every refusal is audited with its reason code.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import logging
@@ -201,9 +199,9 @@ def parse_sign_request(body: bytes) -> ParsedSignRequest:
             f"scheme must be one of {', '.join(s.value for s in p.SignatureScheme)}"
         ) from None
     try:
-        digest = base64.b64decode(req.digest.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise InvalidDigestEncoding() from None
+        digest = p.decode_base64(req.digest)
+    except ValueError as e:
+        raise InvalidDigestEncoding(f"digest: {e}; send base64.b64encode(digest)") from None
     return ParsedSignRequest(
         Hashed(digest_algorithm, digest), scheme, req.client, req.key_version, req.justification
     )
