@@ -44,7 +44,7 @@ from signery.client import (
     Profile,
 )
 from signery.client._timestamp import request_timestamp
-from signery.crypto import Hashed, PublicKey, hash_file, load_public_key_pem
+from signery.crypto import Hashed, PublicKey, check_scheme, hash_file, load_public_key_pem
 from signery.errors import ClientError, SignatureInvalid, SigneryError
 from signery.formats import (
     FORMATS,
@@ -374,6 +374,9 @@ def sign(
     results: list[SignResult | SigneryError] = []
     with conn.signing() as c:
         signer = c.signer(key, client_info=client_info, justification=justification)
+        if scheme is not None:
+            # Before any file is hashed: the key's algorithm says which schemes it makes.
+            check_scheme(signer.algorithm, scheme)
 
         def sign_one(f: Path) -> SignResult | SigneryError:
             options = base

@@ -251,6 +251,10 @@ class Client:
     ) -> p.SignResponse:
         """Send a digest, get a signature (already verified by the server).
 
+        Only the server knows the key behind a bare reference, so it is the one
+        that checks ``scheme`` against it; :class:`RemoteSigner` knows the key's
+        algorithm and refuses a scheme that does not fit before sending.
+
         Raises :class:`ApprovalPending` when the key requires approval and the
         account holds no valid grant (HTTP 202)."""
         body: dict[str, Any] = {
