@@ -699,6 +699,15 @@ class ClientError(SigneryError):
     title = "Client error"
 
 
+class Interrupted(ClientError):
+    """The work was stopped (Ctrl-C, SIGTERM, ``Client.interrupt()``) before this
+    file was signed: no request was sent after the interrupt and nothing was
+    written; the detail says how far it got."""
+
+    code = "interrupted"
+    title = "Interrupted: not signed"
+
+
 class SignatureInvalid(SigneryError):
     """A signature did not verify (client-side ``signery verify``)."""
 
