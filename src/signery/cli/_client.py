@@ -437,7 +437,7 @@ def sign(
         interrupted=interruption.event,
     )
     progress = None if as_json else _progress(files)
-    not_started = Interrupted("interrupted before it was started")
+    not_started = Interrupted("stopped before it was started")
     results: list[SignResult | SigneryError] = [not_started for _ in files]
     # Interrupted escapes only before the files start (token, key listing).
     with (

@@ -284,7 +284,7 @@ class Client:
             # The request left before the interrupt: the server signed (and
             # recorded it), but whoever interrupted wants nothing written now.
             raise Interrupted(
-                "interrupted while the server signed this digest; the signature was discarded"
+                "stopped while the server signed this digest; the signature was discarded"
             )
         if response.status_code == 202:
             raise ApprovalPending.of(self._parse(p.SigningPending, response))
@@ -310,7 +310,7 @@ class Client:
             if state.status is not p.ApprovalStatus.PENDING_APPROVAL or left <= 0:
                 return state
             if self._interrupted.wait(min(interval, left)):
-                raise Interrupted(f"interrupted while waiting for signing request {request_id}")
+                raise Interrupted(f"stopped while waiting for signing request {request_id}")
 
     def signer(
         self,
@@ -449,7 +449,7 @@ class Client:
         # Checked right before each request leaves: after an interrupt nothing
         # more reaches the server (a signing request above all).
         if self._interrupted.is_set():
-            raise Interrupted("interrupted; no request was sent")
+            raise Interrupted("stopped; no request was sent")
 
     def _raise_for(self, response: httpx.Response, path: str) -> NoReturn:
         try:

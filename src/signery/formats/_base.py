@@ -42,7 +42,7 @@ class SignOptions:
     def check_interrupted(self) -> None:
         """Raise Interrupted once ``interrupted`` is set."""
         if self.interrupted is not None and self.interrupted.is_set():
-            raise Interrupted("interrupted before it was signed; nothing was written")
+            raise Interrupted("stopped before it was signed; nothing was written")
 
     @property
     def on_chunk(self) -> Callable[[int], None] | None:
