@@ -1512,7 +1512,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the audit hash chain (setting audit_hash_chain): on or off for the whole run, "
         "or both: after the main run (chain on), builtin EC_P256 is measured again with the "
         f"chain off and on, alternately ({CHAIN_ROUNDS} rounds, the server restarted each "
-        f"time), and the cost is judged (target: at most {CHAIN_MAX_COST:.0%}) (default both)",
+        # argparse %-formats help strings: a literal percent sign is written %%.
+        f"time), and the cost is judged (target: at most {CHAIN_MAX_COST * 100:.0f}%%) "
+        "(default both)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument(

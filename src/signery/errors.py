@@ -85,6 +85,49 @@ class UnsupportedAlgorithm(InvalidRequest):
     title = "Unsupported algorithm"
 
 
+class UnsupportedDigestAlgorithm(InvalidRequest):
+    code = "unsupported_digest_algorithm"
+    title = "Unknown digest algorithm"
+
+
+class InvalidDigestEncoding(InvalidRequest):
+    """The digest is not the canonical base64 of some bytes (RFC 4648 §4, with
+    padding, no line breaks, unused bits zero): one digest, one spelling."""
+
+    code = "invalid_digest_encoding"
+    title = "Digest is not canonical base64"
+
+
+class DigestNotAllowed(InvalidRequest):
+    code = "digest_not_allowed"
+    title = "This key store does not sign this digest with this key type"
+
+
+class UnknownKeyStore(InvalidRequest):
+    code = "unknown_storage"
+    title = "No key store with this name is configured"
+
+
+class InvalidPolicy(InvalidRequest):
+    code = "invalid_policy"
+    title = "Invalid key policy"
+
+
+class MethodNotAllowed(InvalidRequest):
+    """The path exists, not with this HTTP method (answered with status 405)."""
+
+    code = "method_not_allowed"
+    title = "Method not allowed"
+
+
+class HttpError(InvalidRequest):
+    """A refusal by the HTTP layer itself, before any route (the problem's
+    ``status`` is the one the framework chose)."""
+
+    code = "http_error"
+    title = "HTTP error"
+
+
 class InvalidGrant(InvalidRequest):
     """RFC 6749 §5.2 ``invalid_grant``: the assertion was refused.
 
@@ -211,6 +254,62 @@ class SubjectPolicyInvalid(InvalidRequest):
 class CsrInvalid(InvalidRequest):
     code = "csr_invalid"
     title = "The certificate signing request is not acceptable"
+
+
+class FailureInfo(StrEnum):
+    """PKIFailureInfo bits of RFC 3161 §2.4.2, as asn1crypto names them."""
+
+    BAD_ALG = "bad_alg"
+    BAD_REQUEST = "bad_request"
+    BAD_DATA_FORMAT = "bad_data_format"
+    UNACCEPTED_POLICY = "unaccepted_policy"
+    UNACCEPTED_EXTENSION = "unaccepted_extensions"
+
+
+class TimestampQueryRejected(InvalidRequest):
+    """A query this TSA will not timestamp. Answered with a TimeStampResp whose
+    status is ``rejection`` and whose failInfo is ``failure`` (HTTP 200), not with
+    a problem document: RFC 3161 clients read the reason from the PKIStatusInfo."""
+
+    code = "timestamp_query_rejected"
+    title = "The timestamp query was rejected"
+    failure: ClassVar[FailureInfo] = FailureInfo.BAD_REQUEST
+
+
+class MalformedTimestampQuery(TimestampQueryRejected):
+    code = "timestamp_query_malformed"
+    title = "The body is not a DER TimeStampReq"
+    failure = FailureInfo.BAD_DATA_FORMAT
+
+
+class UnsupportedTimestampQueryVersion(TimestampQueryRejected):
+    code = "timestamp_query_version"
+    title = "Only version 1 timestamp queries are supported"
+    failure = FailureInfo.BAD_REQUEST
+
+
+class UnsupportedImprintAlgorithm(TimestampQueryRejected):
+    code = "timestamp_imprint_algorithm"
+    title = "The message imprint's hash algorithm is not SHA-256, SHA-384 or SHA-512"
+    failure = FailureInfo.BAD_ALG
+
+
+class ImprintLengthMismatch(TimestampQueryRejected):
+    code = "timestamp_imprint_length"
+    title = "The message imprint's length does not match its hash algorithm"
+    failure = FailureInfo.BAD_DATA_FORMAT
+
+
+class UnacceptedTimestampPolicy(TimestampQueryRejected):
+    code = "timestamp_policy_unaccepted"
+    title = "This TSA does not issue timestamps under the requested policy"
+    failure = FailureInfo.UNACCEPTED_POLICY
+
+
+class UnacceptedTimestampExtension(TimestampQueryRejected):
+    code = "timestamp_extension_unaccepted"
+    title = "This TSA recognizes no request extension"
+    failure = FailureInfo.UNACCEPTED_EXTENSION
 
 
 # ----------------------------------------------------------------- 401 / 403
@@ -396,6 +495,21 @@ class AccountKeyNotFound(NotFound):
     title = "The account has no such public key"
 
 
+class ApiTokenNotFound(NotFound):
+    code = "api_token_not_found"
+    title = "API token not found"
+
+
+class RoleBindingNotFound(NotFound):
+    code = "role_binding_not_found"
+    title = "Role binding not found"
+
+
+class TsaDisabled(NotFound):
+    code = "tsa_disabled"
+    title = "This server's time-stamping authority is disabled (tsa_access)"
+
+
 class Conflict(SigneryError):
     code = "conflict"
     kind = ErrorKind.CONFLICT
@@ -507,6 +621,18 @@ class LastAccountKey(Conflict):
     title = "An account keeps at least one public key"
 
 
+class DestroyNotCancellable(Conflict):
+    code = "destroy_not_cancellable"
+    title = "This key store cannot cancel a destruction"
+
+
+class TsaAlreadyProvisioned(Conflict):
+    """Another worker made the TSA first (the unique ``role``): use theirs."""
+
+    code = "tsa_already_provisioned"
+    title = "The time-stamping authority already exists"
+
+
 # ----------------------------------------------------------------- 413 / 415
 
 
@@ -577,6 +703,11 @@ class ConnectorFailed(Unavailable):
     title = "The external CA did not issue the certificate"
 
 
+class TsaUnavailable(Unavailable):
+    code = "tsa_unavailable"
+    title = "The time-stamping authority cannot issue timestamps"
+
+
 class KeyStoreError(SigneryError):
     """A key store failed in a way that is not the caller's fault."""
 
@@ -605,6 +736,11 @@ class KeyStoreAccessDenied(KeyStoreError):
     title = "The key store refused Signery's credentials for this operation"
 
 
+class MasterKeyMismatch(KeyStoreError):
+    code = "master_key_mismatch"
+    title = "Ciphertext does not decrypt under this master key and context"
+
+
 class SignatureVerificationFailed(KeyStoreError):
     code = "signature_self_check_failed"
     title = "The key store returned a signature that does not verify; nothing was returned"
@@ -621,6 +757,15 @@ class ClientError(SigneryError):
     code = "client_error"
     kind = ErrorKind.INVALID_INPUT
     title = "Client error"
+
+
+class Interrupted(ClientError):
+    """The work was stopped (Ctrl-C, SIGTERM, ``Client.interrupt()``) before this
+    file was signed: no request was sent after the interrupt and nothing was
+    written; the detail says how far it got."""
+
+    code = "interrupted"
+    title = "Interrupted: not signed"
 
 
 class SignatureInvalid(SigneryError):

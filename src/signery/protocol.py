@@ -140,14 +140,27 @@ class AuditOutcome(StrEnum):
     ERROR = "error"
 
 
+def decode_base64(text: str) -> bytes:
+    """The bytes of canonical RFC 4648 §4 base64; a ValueError for anything else.
+
+    One spelling per value: the standard alphabet only (no URL-safe characters,
+    no whitespace), the padding present and nothing after it, the unused bits of
+    the last character zero (§3.5). Several spellings of one digest would let the
+    text a client sent, the bytes that were signed and the audit trail disagree;
+    every base64 value that enters through the API is decoded here."""
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise ValueError("not valid base64") from e
+    # b64decode accepts set unused bits and padding after a complete quantum:
+    # only the encoding of the decoded bytes is canonical.
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise ValueError("not canonical base64 (extra padding or unused bits set)")
+    return raw
+
+
 def _decode_b64(value: Any) -> Any:
-    """Strict RFC 4648 base64: refuse stray characters instead of skipping them."""
-    if isinstance(value, str):
-        try:
-            return base64.b64decode(value.encode("ascii"), validate=True)
-        except (binascii.Error, UnicodeEncodeError) as e:
-            raise ValueError("not valid base64") from e
-    return value
+    return decode_base64(value) if isinstance(value, str) else value
 
 
 B64Bytes = Annotated[

@@ -9,6 +9,7 @@ and the approver's comment."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -180,6 +181,43 @@ def test_a_denial_ends_the_waiting_sign_with_the_comment(cli: Cli, setup: dict[s
     assert "approval_denied" in stderr
     assert "wrong branch" in stderr
     assert not Path(f"{target}.sig").exists()
+
+
+def test_ctrl_c_while_waiting_for_approval_stops_and_signs_nothing(
+    cli: Cli, setup: dict[str, Any], server: ServerProcess, installation: Installation
+) -> None:
+    """Regression: Ctrl-C during --wait ended the process with nothing said; now
+    it stops polling at once, says the file was not signed, and sends nothing
+    more (an approval given afterwards is not used by this run)."""
+    key = setup["key"]
+    target = write_file(cli.work / "interrupted-wait.bin", b"waiting, then Ctrl-C")
+    waiting = Background(cli, "sign", "--key", key["name"], "--wait", target)
+    waiting.wait_for("waiting for approval")
+    request = pending_request(cli, key["id"])
+    admin = {"Authorization": f"Bearer {installation.admin_token}"}
+    newest = httpx.get(
+        f"{server.url}/api/v1/audit/events", params={"order": "desc", "limit": 1}, headers=admin
+    ).json()["events"][0]["seq"]
+    waiting.process.send_signal(signal.SIGINT)
+    code, stdout, stderr = waiting.finish()
+    assert code == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted by SIGINT: 0 of 1 files signed" in stderr
+    assert f"not signed  {target}: approval_pending" in stderr
+    assert stdout == ""
+    cli.json("approval", "approve", request["id"], "--comment", "too late", profile="approver")
+    events = httpx.get(
+        f"{server.url}/api/v1/audit/events", params={"cursor": newest, "limit": 100}, headers=admin
+    ).json()["events"]
+    assert [e["kind"] for e in events if e["kind"].startswith("signing.sign.")] == []
+    assert not Path(f"{target}.sig").exists()
+    # The grant stays unused; revoke it so the next test starts from nothing.
+    [grant] = [
+        g
+        for g in cli.json("grant", "list", "--key", key["id"], profile="approver")
+        if g["status"] == "valid"
+    ]
+    cli.json("grant", "revoke", grant["id"], profile="approver")
 
 
 def test_several_files_share_one_request_and_a_pre_approval_signs_once(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -513,6 +514,62 @@ def test_unknown_key_is_key_not_found(cli: Cli, world: dict[str, Any]) -> None:
     # A key in a sibling TSG is as invisible as a missing one.
     stderr = cli.fails("sign", "--key", world["sibling_key"]["id"], f, profile="build")
     assert "key_not_found" in stderr
+
+
+def audit_events_after(
+    server: ServerProcess, installation: Installation, seq: int | None = None
+) -> list[dict[str, Any]]:
+    """The audit events recorded after position ``seq`` (None: the newest one only)."""
+    params: dict[str, Any] = (
+        {"order": "desc", "limit": 1} if seq is None else {"cursor": seq, "limit": 1000}
+    )
+    page = httpx.get(
+        f"{server.url}/api/v1/audit/events",
+        params=params,
+        headers={"Authorization": f"Bearer {installation.admin_token}"},
+        timeout=CLI_TIMEOUT,
+    ).json()
+    return page["events"]  # type: ignore[no-any-return]
+
+
+def signing_events_after(
+    server: ServerProcess, installation: Installation, seq: int
+) -> list[dict[str, Any]]:
+    return [
+        e for e in audit_events_after(server, installation, seq) if e["kind"].startswith("signing.")
+    ]
+
+
+def audit_seq(server: ServerProcess, installation: Installation) -> int:
+    """The newest audit event's position (what the server recorded so far)."""
+    newest = audit_events_after(server, installation)
+    return int(newest[0]["seq"]) if newest else 0
+
+
+@pytest.mark.parametrize("fmt", ["raw", "cms", "openpgp"])
+@pytest.mark.parametrize("scheme", ["rsa-pss", "rsa-pkcs1v15"])
+def test_a_scheme_the_key_cannot_make_is_refused_before_anything_is_sent(
+    cli: Cli,
+    world: dict[str, Any],
+    server: ServerProcess,
+    installation: Installation,
+    fmt: str,
+    scheme: str,
+) -> None:
+    """Regression: `--scheme rsa-pss` with an EC key reached the server (and its
+    audit trail) with the raw format, though the formats page says the client
+    refuses it first. Nothing is hashed, sent or written."""
+    f = write_file(cli.work / f"{scheme}-on-ec-{fmt}.bin", b"an EC key makes ECDSA only\n")
+    seq = audit_seq(server, installation)
+    stderr = cli.fails(
+        "sign", "--key", "release-p384", "--format", fmt, "--scheme", scheme, f, profile="build"
+    )
+    assert "scheme_not_allowed" in stderr
+    assert f"{scheme} cannot be used with a EC_P384 key" in stderr
+    # The account's token and key listing are fetched (they say which algorithm
+    # the key has); no signing request follows.
+    assert signing_events_after(server, installation, seq) == []
+    assert sorted(p.name for p in cli.work.glob(f"{f.name}*")) == [f.name]
 
 
 def test_signing_a_missing_file_is_a_clear_error(cli: Cli, world: dict[str, Any]) -> None:

@@ -125,6 +125,31 @@ def test_rsa_signature_verifies_with_the_leaf_certificate(
     assert len(signature) == 256
 
 
+@pytest.mark.parametrize(
+    ("key", "scheme"),
+    [
+        ("ec_key", SignatureScheme.RSA_PSS),
+        ("ec_key", SignatureScheme.RSA_PKCS1V15),
+        ("rsa_key", SignatureScheme.ECDSA),
+    ],
+)
+def test_signer_refuses_a_scheme_its_key_cannot_make_before_sending(
+    client: Client, server_api: Api, world: dict[str, Any], key: str, scheme: SignatureScheme
+) -> None:
+    """Regression: RemoteSigner sent RSA-PSS for an EC key and let the server
+    refuse it; it knows the key's algorithm, so nothing leaves the machine."""
+    signer = client.signer(world[key]["name"])
+    seq = server_api.last_seq()
+    with pytest.raises(errors.SchemeNotAllowed) as caught:
+        signer.sign(hash_bytes(b"never sent", SHA256), scheme)
+    assert (
+        f"{scheme.value} cannot be used with a {signer.algorithm.value} key" in caught.value.detail
+    )
+    with pytest.raises(errors.SchemeNotAllowed):
+        signer.sign_detailed(hash_bytes(b"never sent", SHA256), scheme)
+    assert server_api.events_after(seq) == []
+
+
 def test_access_token_is_fetched_once_and_reused(
     server: ServerProcess, server_api: Api, world: dict[str, Any]
 ) -> None:

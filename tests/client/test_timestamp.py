@@ -15,9 +15,9 @@ from signery.client import (
     request_timestamp,
 )
 from signery.crypto import hash_bytes
-from signery.errors import ClientError
+from signery.errors import ClientError, FailureInfo, UnsupportedImprintAlgorithm
 from signery.protocol import DigestAlgorithm
-from signery.server.ca.tsa import FailureInfo, UnsupportedImprintAlgorithm, rejection_reply
+from signery.server.ca.tsa import rejection_reply
 from signery.server.config import DEFAULT_TSA_POLICY_OID
 from tests.support import Api
 

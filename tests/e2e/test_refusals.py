@@ -316,6 +316,55 @@ def test_digest_of_the_wrong_length_is_refused(
         )
 
 
+B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+CANONICAL = base64.b64encode(DIGEST).decode()  # 43 characters and one "=" for 32 bytes
+SHA384 = hashlib.sha384(b"artifact").digest()  # 48 bytes: 64 characters, no padding
+URL_SAFE_DIGEST = hashlib.sha256(b"artifact 7").digest()  # its base64 has a "+" or a "/"
+
+
+def _trailing_bits_set(canonical: str) -> str:
+    """The last character before the "=" carries 2 unused bits; set one of them."""
+    last = B64_ALPHABET.index(canonical[-2])
+    return canonical[:-2] + B64_ALPHABET[last | 1] + "="
+
+
+@pytest.mark.parametrize(
+    ("digest_algorithm", "encoded"),
+    [
+        pytest.param("sha256", _trailing_bits_set(CANONICAL), id="unused-trailing-bits-set"),
+        pytest.param("sha256", CANONICAL.rstrip("="), id="missing-padding"),
+        pytest.param("sha384", base64.b64encode(SHA384).decode() + "====", id="excess-padding"),
+        pytest.param(
+            "sha256", base64.urlsafe_b64encode(URL_SAFE_DIGEST).decode(), id="url-safe-alphabet"
+        ),
+        pytest.param("sha256", CANONICAL[:20] + "\n" + CANONICAL[20:], id="embedded-newline"),
+        pytest.param("sha256", " " + CANONICAL, id="leading-space"),
+    ],
+)
+def test_a_digest_not_in_canonical_base64_is_refused(
+    server_api: Api, world: dict[str, Any], ec_token: str, digest_algorithm: str, encoded: str
+) -> None:
+    """Regression: bytes have one base64 spelling (RFC 4648 §3.5: the unused bits
+    are zero). A digest with its unused bits set was signed as if it were the
+    canonical one, so the audit trail and the request disagreed on what was sent."""
+    assert set("-_") & set(base64.urlsafe_b64encode(URL_SAFE_DIGEST).decode())
+    account: Account = world["ec_account"]
+    key = world["ec_key"]
+    with refused_once(
+        server_api,
+        reason="invalid_digest_encoding",
+        account_id=account.id,
+        key_id=key["id"],
+        failures_counted=True,
+    ):
+        response = server_api.http.post(
+            f"/api/v1/signing/keys/{key['name']}/sign",
+            json={"digest": encoded, "digest_algorithm": digest_algorithm, "scheme": "ecdsa"},
+            headers={"Authorization": f"Bearer {ec_token}"},
+        )
+        assert_no_signature(response, 400, "invalid_digest_encoding")
+
+
 def test_unknown_scheme_is_refused(server_api: Api, world: dict[str, Any], ec_token: str) -> None:
     account: Account = world["ec_account"]
     key = world["ec_key"]

@@ -30,12 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from signery.crypto import Hashed, hash_bytes, verify_signature
 from signery.errors import (
     ConfigurationError,
+    DigestNotAllowed,
     KeyMaterialMissing,
     KeyStoreError,
     KeyStoreUnavailable,
     SigneryError,
 )
-from signery.keystores import DigestNotAllowed, KeyContext, KeyHandle, KeyStore
+from signery.keystores import KeyContext, KeyHandle, KeyStore
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from tests.keystores.moto import (
     DUMMY_ACCESS_KEY_ID,

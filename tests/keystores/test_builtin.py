@@ -39,6 +39,7 @@ from signery.errors import (
     DigestLengthMismatch,
     KeyMaterialMissing,
     KeyStoreError,
+    MasterKeyMismatch,
     SchemeNotAllowed,
 )
 from signery.keystores import (
@@ -46,7 +47,6 @@ from signery.keystores import (
     GeneratedKey,
     KeyContext,
     MasterKey,
-    MasterKeyMismatch,
     remote_private_key,
 )
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme

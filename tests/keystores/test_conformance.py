@@ -20,12 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from signery.crypto import Hashed, schemes_for
 from signery.errors import (
     DigestLengthMismatch,
+    DigestNotAllowed,
     KeyMaterialMissing,
     SchemeNotAllowed,
     SigneryError,
     UnsupportedAlgorithm,
 )
-from signery.keystores import DigestNotAllowed, GeneratedKey, KeyContext, KeyHandle, KeyStore
+from signery.keystores import GeneratedKey, KeyContext, KeyHandle, KeyStore
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from tests.keystores.backends import FACTORIES
 

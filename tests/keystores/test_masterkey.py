@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from signery.errors import ConfigurationError
-from signery.keystores import MasterKey, MasterKeyMismatch
+from signery.errors import ConfigurationError, MasterKeyMismatch
+from signery.keystores import MasterKey
 
 KEY_BYTES = bytes(range(32))
 OTHER_KEY_BYTES = bytes(range(1, 33))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -44,8 +48,8 @@ from signery.client import (
     Profile,
 )
 from signery.client._timestamp import request_timestamp
-from signery.crypto import Hashed, PublicKey, hash_file, load_public_key_pem
-from signery.errors import ClientError, SignatureInvalid, SigneryError
+from signery.crypto import Hashed, PublicKey, check_scheme, hash_file, load_public_key_pem
+from signery.errors import ClientError, Interrupted, SignatureInvalid, SigneryError
 from signery.formats import (
     FORMATS,
     SignOptions,
@@ -63,6 +67,10 @@ DEFAULT_JOBS = 8  # files signed at once: bounded, so a large batch cannot flood
 # --wait, or when --wait-timeout ran out): distinct from 1 (failed), so scripts
 # can tell "ask an approver" from "broken".
 EXIT_APPROVAL_PENDING = 3
+# A run stopped by signal N exits with 128 + N (130 for Ctrl-C, 143 for SIGTERM),
+# the status a shell reports for a process that signal ended.
+EXIT_SIGNAL_BASE = 128
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 APPROVAL_POLL_SECONDS = 2.0
 FORMAT_NAMES = "|".join(FORMATS)
 
@@ -267,6 +275,58 @@ def _check_files(files: list[Path]) -> None:
             raise ClientError(f"{f} is not a readable file")
 
 
+@dataclasses.dataclass
+class _Interruption:
+    """Ctrl-C (SIGINT) or SIGTERM while files are signed.
+
+    The first signal sets ``event``, shared by the client and the formats: from
+    then on no request leaves (Client), every file stops at its next chunk and
+    removes its temporary file (SignOptions), and no output replaces an input.
+    The run then reports what was and was not signed. A second signal ends the
+    process at once (the default action), for a server that stopped answering."""
+
+    event: threading.Event = dataclasses.field(default_factory=threading.Event)
+    signum: int | None = None
+
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # Python runs signal handlers in the main thread only
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            if self.signum is None:
+                self.signum = signum
+            self.event.set()
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_DFL)
+            # os.write: no lock to wait for (the console may be drawing a bar).
+            os.write(2, b"interrupted: stopping, nothing more is sent (again: quit at once)\n")
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _report_interrupted(
+    files: list[Path], results: list[SignResult | SigneryError], signum: int
+) -> None:
+    """On stderr, whatever stdout is: which files were signed and which were not."""
+    signed = sum(isinstance(r, SignResult) for r in results)
+    name = signal.Signals(signum).name
+    err.print(f"interrupted by {name}: {signed} of {len(files)} files signed", markup=False)
+    for f, r in zip(files, results, strict=True):
+        if isinstance(r, SignResult):
+            err.print(f"  signed      {f} -> {r.output}", markup=False, highlight=False)
+        else:
+            err.print(f"  not signed  {f}: {r.code}: {r.detail}", markup=False, highlight=False)
+
+
 def _timestamper(url: str, verify: bool | str) -> Timestamper:
     """The --timestamp TSA as formats see it: imprint in, checked token out."""
 
@@ -335,7 +395,11 @@ def sign(
     server records a signing request for approvers (all files of one run share
     it) and the command prints its id and exits with status 3. With --wait it
     polls until the request is approved (then signs), denied (status 1, with the
-    approver's comment) or --wait-timeout passes (status 3, request id printed)."""
+    approver's comment) or --wait-timeout passes (status 3, request id printed).
+
+    Ctrl-C or SIGTERM stops the run at once: no signing request is sent after
+    it, temporary files are removed, files signed in place are left as they were,
+    and stderr lists what was and was not signed (status 130 or 143)."""
     timeout_seconds = parse_duration(wait_timeout)
     _check_files(files)
     if output is not None and len(files) != 1:
@@ -363,6 +427,7 @@ def sign(
     timestamper = (
         _timestamper(timestamp_url, conn.tls_verify()) if timestamp_url is not None else None
     )
+    interruption = _Interruption()
     base = SignOptions(
         digest_algorithm=digest_algorithm,
         scheme=scheme,
@@ -370,13 +435,25 @@ def sign(
         pem=pem,
         append=append,
         binary=binary,
+        interrupted=interruption.event,
     )
     progress = None if as_json else _progress(files)
-    results: list[SignResult | SigneryError] = []
-    with conn.signing() as c:
+    not_started = Interrupted("stopped before it was started")
+    results: list[SignResult | SigneryError] = [not_started for _ in files]
+    # Interrupted escapes only before the files start (token, key listing).
+    with (
+        interruption.catching(),
+        contextlib.suppress(Interrupted),
+        conn.signing(interruption.event) as c,
+    ):
         signer = c.signer(key, client_info=client_info, justification=justification)
+        if scheme is not None:
+            # Before any file is hashed: the key's algorithm says which schemes it makes.
+            check_scheme(signer.algorithm, scheme)
 
         def sign_one(f: Path) -> SignResult | SigneryError:
+            if interruption.event.is_set():
+                return not_started
             options = base
             if progress is not None and f.stat().st_size >= LARGE_FILE:
                 task = progress.add_task(f.name, total=f.stat().st_size)
@@ -403,6 +480,20 @@ def sign(
         results = sign_all(files)
         if wait:
             results = _wait_and_sign(c, files, results, sign_all, timeout_seconds)
+    if interruption.signum is not None:
+        if as_json:
+            print_json(
+                [
+                    _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r)
+                    for f, r in zip(files, results, strict=True)
+                ]
+            )
+        else:
+            for r in results:
+                if isinstance(r, SignResult):
+                    _print_signed(r)
+        _report_interrupted(files, results, interruption.signum)
+        raise typer.Exit(EXIT_SIGNAL_BASE + interruption.signum)
     pending = [r for r in results if isinstance(r, ApprovalPending)]
     failed = [r for r in results if isinstance(r, SigneryError)]
     if as_json:
@@ -415,12 +506,7 @@ def sign(
     else:
         for f, r in zip(files, results, strict=True):
             if isinstance(r, SignResult):
-                stamp = ", timestamped" if r.timestamped else ""
-                out.print(
-                    f"signed {r.file} -> {r.output} (key {r.key_name} v{r.key_version}, "
-                    f"{r.scheme.value}, {r.digest_algorithm.value}{stamp})",
-                    highlight=False,
-                )
+                _print_signed(r)
             elif isinstance(r, ApprovalPending):
                 err.print(f"[yellow]pending[/] {f}: {r.detail}", highlight=False)
             else:
@@ -454,11 +540,24 @@ def _wait_and_sign(
     signs some of them; the others make a new request, waited for in turn."""
     deadline = time.monotonic() + timeout
     results = list(results)
+    with contextlib.suppress(Interrupted):  # Ctrl-C: the files still waiting stay pending
+        _wait_and_sign_rounds(client, files, results, sign_all, deadline)
+    return results
+
+
+def _wait_and_sign_rounds(
+    client: Client,
+    files: list[Path],
+    results: list[SignResult | SigneryError],
+    sign_all: Callable[[list[Path]], list[SignResult | SigneryError]],
+    deadline: float,
+) -> None:
+    """_wait_and_sign's rounds, updating ``results`` in place as files are decided."""
     while True:
         waiting = [i for i, r in enumerate(results) if isinstance(r, ApprovalPending)]
         left = deadline - time.monotonic()
         if not waiting or left <= 0:
-            return results
+            return
         outcome: dict[str, SigneryError | None] = {}
         for i in waiting:
             pending = results[i]
@@ -475,7 +574,7 @@ def _wait_and_sign(
             )
             outcome[request_id] = _decided(state)
             if isinstance(outcome[request_id], ApprovalPending):
-                return results  # timed out: the request is still pending
+                return  # timed out: the request is still pending
         retry = []
         for i in waiting:
             pending = results[i]
@@ -486,10 +585,19 @@ def _wait_and_sign(
             else:
                 results[i] = decided
         if not retry:
-            return results
+            return
         err.print("approved; signing", highlight=False)
         for i, r in zip(retry, sign_all([files[i] for i in retry]), strict=True):
             results[i] = r
+
+
+def _print_signed(r: SignResult) -> None:
+    stamp = ", timestamped" if r.timestamped else ""
+    out.print(
+        f"signed {r.file} -> {r.output} (key {r.key_name} v{r.key_version}, "
+        f"{r.scheme.value}, {r.digest_algorithm.value}{stamp})",
+        highlight=False,
+    )
 
 
 def _decided(state: p.SigningPending) -> SigneryError | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,8 @@ class Connection:
             )
         return Client(server, api_token=token, verify=self._verify(profile))
 
-    def signing(self) -> Client:
+    def signing(self, interrupted: threading.Event | None = None) -> Client:
+        """The account's client; ``interrupted`` stops it once set (Client)."""
         profile = self.profile()
         server = self.server or (profile.server if profile else None)
         client_id = self.client_id or (profile.client_id if profile else None)
@@ -83,7 +85,9 @@ class Connection:
                 "`signery login --server URL --client-id ID --key-file FILE`"
             )
         creds = AccountCredentials.from_key_file(client_id, key_file)
-        return Client(server, credentials=creds, verify=self._verify(profile))
+        return Client(
+            server, credentials=creds, verify=self._verify(profile), interrupted=interrupted
+        )
 
     def tls_verify(self) -> bool | str:
         """TLS verification for connections beside the server's (a TSA)."""

@@ -22,7 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 from signery import __version__
 from signery import protocol as p
 from signery.crypto import Hashed
-from signery.errors import ClientError, SigneryError, error_from_problem
+from signery.errors import ClientError, Interrupted, SigneryError, error_from_problem
 
 if TYPE_CHECKING:
     from signery.client._signer import RemoteSigner
@@ -152,6 +152,9 @@ class Client:
 
     ``credentials`` (a built-in account) authenticate the signing plane;
     ``api_token`` (a user's personal token) authenticates management calls.
+    ``interrupted``, once set (by :meth:`interrupt`, a signal handler or another
+    thread), stops the client: no request is sent after it, and a signature that
+    arrives after it is discarded (:class:`~signery.errors.Interrupted`).
     """
 
     def __init__(
@@ -163,6 +166,7 @@ class Client:
         verify: bool | str = True,
         timeout: float = DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
+        interrupted: threading.Event | None = None,
     ) -> None:
         if not server.startswith(("http://", "https://")):
             raise ClientError("the server URL must start with https:// (or http:// for local use)")
@@ -180,6 +184,7 @@ class Client:
         self._access_expires = 0.0
         self._issuer: str | None = None
         self._lock = threading.Lock()
+        self._interrupted = interrupted if interrupted is not None else threading.Event()
 
     def __enter__(self) -> Client:
         return self
@@ -189,6 +194,13 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+
+    def interrupt(self) -> None:
+        """Stop: no request is sent from now on (each call raises Interrupted).
+        A request already on its way completes on the server; if it was a
+        signing, its signature is discarded rather than returned. Safe from any
+        thread and from a signal handler."""
+        self._interrupted.set()
 
     # ------------------------------------------------------------ discovery and tokens
 
@@ -251,6 +263,10 @@ class Client:
     ) -> p.SignResponse:
         """Send a digest, get a signature (already verified by the server).
 
+        Only the server knows the key behind a bare reference, so it is the one
+        that checks ``scheme`` against it; :class:`RemoteSigner` knows the key's
+        algorithm and refuses a scheme that does not fit before sending.
+
         Raises :class:`ApprovalPending` when the key requires approval and the
         account holds no valid grant (HTTP 202)."""
         body: dict[str, Any] = {
@@ -264,6 +280,12 @@ class Client:
             body["justification"] = justification
         path = f"{p.API_PREFIX}/signing/keys/{_segment(key)}/sign"
         response = self._signing("POST", path, json=body)
+        if self._interrupted.is_set():
+            # The request left before the interrupt: the server signed (and
+            # recorded it), but whoever interrupted wants nothing written now.
+            raise Interrupted(
+                "stopped while the server signed this digest; the signature was discarded"
+            )
         if response.status_code == 202:
             raise ApprovalPending.of(self._parse(p.SigningPending, response))
         return self._parse(p.SignResponse, response)
@@ -287,7 +309,8 @@ class Client:
             left = deadline - time.monotonic()
             if state.status is not p.ApprovalStatus.PENDING_APPROVAL or left <= 0:
                 return state
-            time.sleep(min(interval, left))
+            if self._interrupted.wait(min(interval, left)):
+                raise Interrupted(f"stopped while waiting for signing request {request_id}")
 
     def signer(
         self,
@@ -339,6 +362,7 @@ class Client:
             raise ClientError(
                 "no API token: run `signery login --api-token ...` or set SIGNERY_API_TOKEN"
             )
+        self._check_interrupted()
         request = self._http.build_request(
             "GET",
             path,
@@ -404,6 +428,7 @@ class Client:
         data: Mapping[str, str] | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> httpx.Response:
+        self._check_interrupted()
         headers = {"Authorization": auth} if auth else {}
         try:
             response = self._http.request(
@@ -419,6 +444,12 @@ class Client:
         if not response.is_success:
             self._raise_for(response, path)
         return response
+
+    def _check_interrupted(self) -> None:
+        # Checked right before each request leaves: after an interrupt nothing
+        # more reaches the server (a signing request above all).
+        if self._interrupted.is_set():
+            raise Interrupted("stopped; no request was sent")
 
     def _raise_for(self, response: httpx.Response, path: str) -> NoReturn:
         try:

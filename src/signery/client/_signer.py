@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from signery import protocol as p
-from signery.crypto import Hashed, PublicKey, default_digest, default_scheme, load_public_key_pem
+from signery.crypto import (
+    Hashed,
+    PublicKey,
+    check_scheme,
+    default_digest,
+    default_scheme,
+    load_public_key_pem,
+)
 
 if TYPE_CHECKING:
     from signery.client._client import Client
@@ -87,11 +94,15 @@ class RemoteSigner:
         Safe to call from several threads at once (one access token is shared).
 
         Raises :class:`~signery.client.ApprovalPending` when the key requires
-        approval and the account has no valid grant: nothing was signed."""
+        approval and the account has no valid grant: nothing was signed; and
+        :class:`~signery.errors.SchemeNotAllowed`, before anything is sent, for a
+        scheme the key cannot make (RSA-PSS with an EC key)."""
+        scheme = scheme or self.default_scheme
+        check_scheme(self.algorithm, scheme)
         return self.client.sign(
             self.key_id,
             hashed,
-            scheme or self.default_scheme,
+            scheme,
             client_info=self.client_info,
             justification=self.justification,
         )

@@ -682,7 +682,9 @@ class AuthenticodeFormat:
                 if options.append:
                     primary = _signed_data_der(certificates[0])
                     kept = certificates[1:]
-            with open_atomically(output, stat.S_IMODE(info.st_mode)) as target:
+            with open_atomically(
+                output, stat.S_IMODE(info.st_mode), before_commit=options.check_interrupted
+            ) as target:
                 checksum = PeChecksum()
                 image_hash = stream_image(
                     source,
@@ -690,7 +692,7 @@ class AuthenticodeFormat:
                     [digest_algorithm],
                     target=target,
                     checksum=checksum,
-                    progress=options.progress,
+                    progress=options.on_chunk,
                 )[digest_algorithm]
                 content = indirect_data_content(image_hash)
                 signed = build_signed_data(
@@ -741,7 +743,7 @@ class AuthenticodeFormat:
                 der = _signed_data_der(read_certificates(source, layout)[0])
                 signatures = _signatures(der)
                 algorithms = sorted({a for _, a, _ in signatures}, key=lambda a: a.value)
-                hashes = stream_image(source, layout, algorithms, progress=options.progress)
+                hashes = stream_image(source, layout, algorithms, progress=options.on_chunk)
         except (NotPortableExecutable, TruncatedPortableExecutable, CorruptCertificateTable) as e:
             return VerifyResult(file, signature, False, f"{e.code}: {e.detail}")
         except OSError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import BinaryIO, Protocol
 
 from signery.client._signer import RemoteSigner
 from signery.crypto import Hashed, PublicKey
+from signery.errors import Interrupted
 from signery.protocol import DigestAlgorithm, SignatureScheme
 
 Timestamper = Callable[[Hashed], bytes]
@@ -31,6 +33,31 @@ class SignOptions:
     pem: bool = False  # cms: PEM instead of DER
     append: bool = False  # authenticode: nest a second signature instead of replacing
     binary: bool = False  # openpgp: the binary packet instead of ASCII armor
+    interrupted: threading.Event | None = None
+    """Set by the caller to stop (the CLI sets it on SIGINT and SIGTERM): the
+    format checks it after every chunk it reads or copies and before it puts its
+    output in place, so an interrupted signing sends nothing more, leaves no
+    temporary file and no modified input (:class:`~signery.errors.Interrupted`)."""
+
+    def check_interrupted(self) -> None:
+        """Raise Interrupted once ``interrupted`` is set."""
+        if self.interrupted is not None and self.interrupted.is_set():
+            raise Interrupted("stopped before it was signed; nothing was written")
+
+    @property
+    def on_chunk(self) -> Callable[[int], None] | None:
+        """What a format calls with each chunk's size as it streams the file:
+        stops an interrupted signing, then advances ``progress``."""
+        if self.interrupted is None:
+            return self.progress
+        progress = self.progress
+
+        def chunk(size: int) -> None:
+            self.check_interrupted()
+            if progress is not None:
+                progress(size)
+
+        return chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +106,13 @@ class SignatureFormat(Protocol):
     ) -> VerifyResult: ...
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(
+    path: Path, data: bytes, *, before_commit: Callable[[], None] | None = None
+) -> None:
     """Write to a temporary file beside ``path``, then rename: a crash never leaves
     a half-written signature, and an existing file is replaced in one step.
+    ``before_commit`` runs just before the rename; if it raises (an interrupt),
+    the temporary file is removed and ``path`` is left as it was.
 
     The file gets the usual permissions (0666 minus the umask): signatures are
     public, unlike the private files tempfile.mkstemp is made for."""
@@ -92,6 +123,8 @@ def write_atomically(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -99,11 +132,14 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def open_atomically(path: Path, mode: int = 0o666) -> Iterator[BinaryIO]:
+def open_atomically(
+    path: Path, mode: int = 0o666, *, before_commit: Callable[[], None] | None = None
+) -> Iterator[BinaryIO]:
     """``write_atomically`` for output written in pieces (a signed copy of a large
     file): yields a seekable binary file beside ``path``, renamed over ``path`` only
-    when the block ends without an exception; otherwise it is removed. ``mode``
-    (minus the umask) lets a signed executable keep the input's permission bits."""
+    when the block ends without an exception and ``before_commit`` does not raise;
+    otherwise it is removed. ``mode`` (minus the umask) lets a signed executable
+    keep the input's permission bits."""
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
@@ -111,6 +147,8 @@ def open_atomically(path: Path, mode: int = 0o666) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

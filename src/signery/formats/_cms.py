@@ -73,7 +73,7 @@ class CmsFormat:
             raise OutputIsInput(f"{output} is the file being signed; choose another output")
         # RFC 5652 §5.4: for detached content the messageDigest attribute is the
         # digest of the content octets, i.e. of the whole file (streamed).
-        hashed = hash_file(file, digest_algorithm, options.progress)
+        hashed = hash_file(file, digest_algorithm, options.on_chunk)
         result = build_signed_data(
             signer,
             options,
@@ -82,7 +82,7 @@ class CmsFormat:
             allow_pss_with_timestamp=True,
         )
         data = pem.armor(PEM_LABEL, result.der) if options.pem else result.der
-        write_atomically(output, data)
+        write_atomically(output, data, before_commit=options.check_interrupted)
         return SignResult(
             file=file,
             output=output,
@@ -127,7 +127,7 @@ class CmsFormat:
         wanted = options.digest_algorithm
         if wanted is not None and wanted is not check.digest_algorithm:
             return invalid(f"signed with {check.digest_algorithm.value}, not {wanted.value}")
-        hashed = hash_file(file, check.digest_algorithm, options.progress)
+        hashed = hash_file(file, check.digest_algorithm, options.on_chunk)
         if not hmac.compare_digest(hashed.digest, check.message_digest):
             return invalid(f"the file's {hashed.algorithm.value} digest is not the signed one")
         detail = check.detail

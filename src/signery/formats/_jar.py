@@ -25,7 +25,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import stat
 import struct
 import time
@@ -343,23 +342,25 @@ def _entry_digest(
     zf: zipfile.ZipFile,
     info: zipfile.ZipInfo,
     algorithm: DigestAlgorithm,
-    progress: Callable[[int], None] | None,
+    options: SignOptions,
 ) -> bytes:
     """The digest of an entry's uncompressed content, read in chunks (zipfile
-    checks the CRC-32 at the end). Progress counts the entry's stored bytes, so
-    it adds up to about the file's size."""
+    checks the CRC-32 at the end), stopping at the first chunk after an
+    interrupt. Progress counts the entry's stored bytes, so it adds up to about
+    the file's size."""
     digest = hashlib.new(algorithm.value)
     size = 0
     try:
         with zf.open(info) as f:
             while chunk := f.read(HASH_CHUNK):
+                options.check_interrupted()
                 digest.update(chunk)
                 size += len(chunk)
     except (OSError, *_READ_ERRORS) as e:
         raise CorruptJar(f"entry {info.filename!r}: {e}") from None
     _check_size(info, size)
-    if progress is not None:
-        progress(info.compress_size)
+    if options.progress is not None:
+        options.progress(info.compress_size)
     return digest.digest()
 
 
@@ -406,10 +407,13 @@ def _write_jar(
     output: Path,
     first: Sequence[tuple[str, bytes]],
     copied: Sequence[zipfile.ZipInfo],
+    check_interrupted: Callable[[], None],
 ) -> None:
     """The signed archive: ``first`` (manifest, .SF, block: the order jarsigner
     writes and JarInputStream expects), then ``copied`` from ``source`` with their
-    compression method and content, streamed."""
+    compression method and content, streamed. ``check_interrupted`` runs after
+    each chunk and before the rename: an interrupted copy never replaces the
+    input (a JAR is signed in place)."""
 
     def write(f: IO[bytes]) -> None:
         with zipfile.ZipFile(f, "w") as out:
@@ -422,18 +426,22 @@ def _write_jar(
                     continue
                 try:
                     with source.open(info) as r, out.open(new, "w") as w:
-                        shutil.copyfileobj(r, w, HASH_CHUNK)
+                        while chunk := r.read(HASH_CHUNK):
+                            check_interrupted()
+                            w.write(chunk)
                 except _READ_ERRORS as e:
                     raise CorruptJar(f"entry {info.filename!r}: {e}") from None
             out.comment = source.comment
 
-    _replace_atomically(output, write)
+    _replace_atomically(output, write, check_interrupted)
 
 
-def _replace_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def _replace_atomically(
+    path: Path, write: Callable[[IO[bytes]], None], before_commit: Callable[[], None]
+) -> None:
     """Stream into a temporary file beside ``path``, then rename it over ``path``
-    (formats.write_atomically, for output too large to hold in memory). A file
-    that is replaced keeps its permissions."""
+    (formats.write_atomically, for output too large to hold in memory), unless
+    ``before_commit`` raises. A file that is replaced keeps its permissions."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
@@ -447,6 +455,7 @@ def _replace_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
+        before_commit()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -539,9 +548,7 @@ class JarFormat:
             entries = [i for i in infos if not i.is_dir() and not is_signature_related(i.filename)]
             if not entries:
                 raise NotAJar(f"{file} has no files to sign (only directories or signatures)")
-            digests = [
-                (i.filename, _b64(_entry_digest(zf, i, digest, options.progress))) for i in entries
-            ]
+            digests = [(i.filename, _b64(_entry_digest(zf, i, digest, options))) for i in entries]
             main, sections = updated_manifest(existing, digests, attribute)
             manifest = main.raw + b"".join(s.raw for s in sections)
             sf = signature_file(manifest, main, sections, digest)
@@ -564,6 +571,7 @@ class JarFormat:
                 output,
                 [(MANIFEST_NAME, manifest), (base + ".SF", sf), (block, signed.der)],
                 [*other_signatures, *rest],
+                options.check_interrupted,
             )
         return SignResult(
             file=file,
@@ -675,7 +683,7 @@ def _check_entries(
         section = by_name.get(info.filename)
         if info.filename not in covered or section is None or section.get(attribute) is None:
             return f"entry {info.filename!r} is not signed"
-        if section.get(attribute) != _b64(_entry_digest(zf, info, algorithm, options.progress)):
+        if section.get(attribute) != _b64(_entry_digest(zf, info, algorithm, options)):
             return f"entry {info.filename!r} was changed after signing ({jar} digest mismatch)"
         count += 1
     return None if count else "no signed entries"

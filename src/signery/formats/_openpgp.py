@@ -679,10 +679,10 @@ class OpenPgpFormat:
             SUB_CREATION_TIME, struct.pack(">I", _signature_time(plan.key))
         ) + _subpacket(SUB_ISSUER_FINGERPRINT, b"\x04" + plan.key.fingerprint_bytes)
         hashed_part = _hashed_part(SIG_BINARY_DOCUMENT, plan.key, plan.digest_algorithm, subpackets)
-        h = _hash_file(file, plan.digest_algorithm, options.progress)
+        h = _hash_file(file, plan.digest_algorithm, options.on_chunk)
         packet, hashed, version = _sign_packet(signer, plan, h, hashed_part)
         data = packet if options.binary else armor("SIGNATURE", packet).encode("ascii")
-        write_atomically(output, data)
+        write_atomically(output, data, before_commit=options.check_interrupted)
         return SignResult(
             file=file,
             output=output,
@@ -718,7 +718,7 @@ class OpenPgpFormat:
                 f"signed with {parsed.digest_algorithm.value}, "
                 f"not {options.digest_algorithm.value}",
             )
-        h = _hash_file(file, parsed.digest_algorithm, options.progress)
+        h = _hash_file(file, parsed.digest_algorithm, options.on_chunk)
         h.update(parsed.hashed_part)
         h.update(_trailer(parsed.hashed_part))
         hashed = Hashed(parsed.digest_algorithm, h.digest())

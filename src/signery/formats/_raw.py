@@ -36,9 +36,10 @@ class RawFormat:
     ) -> SignResult:
         digest_algorithm = options.digest_algorithm or signer.default_digest
         scheme = options.scheme or signer.default_scheme
-        hashed = hash_file(file, digest_algorithm, options.progress)
+        hashed = hash_file(file, digest_algorithm, options.on_chunk)
+        options.check_interrupted()
         response = signer.sign_detailed(hashed, scheme)
-        write_atomically(output, response.signature)
+        write_atomically(output, response.signature, before_commit=options.check_interrupted)
         return SignResult(
             file=file,
             output=output,
@@ -64,7 +65,7 @@ class RawFormat:
             digest_algorithm = options.digest_algorithm or default_digest(algorithm)
             scheme = options.scheme or default_scheme(algorithm)
             if digest_algorithm not in digests:
-                digests[digest_algorithm] = hash_file(file, digest_algorithm, options.progress)
+                digests[digest_algorithm] = hash_file(file, digest_algorithm, options.on_chunk)
             hashed = digests[digest_algorithm]
             if verify_signature(key, hashed, scheme, sig):
                 return VerifyResult(

@@ -222,11 +222,13 @@ def build_signed_data(
     # RFC 5652 §5.4: the signature covers the DER of the attributes as a SET OF
     # (tag 0x31), not their [0] IMPLICIT form in the SignerInfo.
     to_sign = hash_bytes(signed_attrs.dump(), digest)
+    options.check_interrupted()
     response = signer.sign_detailed(to_sign, scheme)
     check_signature(signer, leaf, response.certificate_chain, to_sign, scheme, response.signature)
 
     unsigned: list[Any] = []
     if options.timestamper is not None:
+        options.check_interrupted()  # no request to the TSA either
         token = timestamp_token(options.timestamper, response.signature, digest)
         unsigned.append(cms.CMSAttribute({"type": timestamp_attribute, "values": [token]}))
     signer_info: dict[str, Any] = {

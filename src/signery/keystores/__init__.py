@@ -5,8 +5,6 @@ and are looked up by the name the server's configuration gives them.
 """
 
 from signery.keystores._base import (
-    DestroyNotCancellable,
-    DigestNotAllowed,
     GeneratedKey,
     KeyContext,
     KeyHandle,
@@ -15,14 +13,12 @@ from signery.keystores._base import (
 )
 from signery.keystores._builtin import BuiltinKeyStore
 from signery.keystores._keyring import Keyring, KeyringEntry, KeyringFile
-from signery.keystores._masterkey import MasterKey, MasterKeyMismatch
-from signery.keystores._registry import KeyStoreRegistry, UnknownKeyStore
+from signery.keystores._masterkey import MasterKey
+from signery.keystores._registry import KeyStoreRegistry
 from signery.keystores._remote_key import remote_private_key
 
 __all__ = [
     "BuiltinKeyStore",
-    "DestroyNotCancellable",
-    "DigestNotAllowed",
     "GeneratedKey",
     "KeyContext",
     "KeyHandle",
@@ -32,8 +28,6 @@ __all__ = [
     "KeyringEntry",
     "KeyringFile",
     "MasterKey",
-    "MasterKeyMismatch",
     "StoreHealth",
-    "UnknownKeyStore",
     "remote_private_key",
 ]

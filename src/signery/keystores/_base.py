@@ -15,8 +15,8 @@ from typing import ClassVar, TypeVar
 
 from signery.crypto import Hashed, PublicKey, check_scheme
 from signery.errors import (
-    Conflict,
-    InvalidRequest,
+    DestroyNotCancellable,
+    DigestNotAllowed,
     KeyStoreError,
     SigneryError,
     UnsupportedAlgorithm,
@@ -24,16 +24,6 @@ from signery.errors import (
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
 T = TypeVar("T")
-
-
-class DigestNotAllowed(InvalidRequest):
-    code = "digest_not_allowed"
-    title = "This key store does not sign this digest with this key type"
-
-
-class DestroyNotCancellable(Conflict):
-    code = "destroy_not_cancellable"
-    title = "This key store cannot cancel a destruction"
 
 
 @dataclass(frozen=True, slots=True)

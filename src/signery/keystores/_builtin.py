@@ -29,15 +29,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from signery.crypto import Hashed, PublicKey, signature_padding
-from signery.errors import KeyMaterialMissing, KeyStoreUnavailable
+from signery.errors import KeyMaterialMissing, KeyStoreUnavailable, MasterKeyMismatch
 from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
 from signery.keystores._keyring import Keyring
-from signery.keystores._masterkey import (
-    GCM_NONCE_BYTES,
-    GCM_TAG_BYTES,
-    MasterKey,
-    MasterKeyMismatch,
-)
+from signery.keystores._masterkey import GCM_NONCE_BYTES, GCM_TAG_BYTES, MasterKey
 from signery.protocol import Algorithm, SignatureScheme
 from signery.server.db import Base, UtcDateTime, table, writer
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from signery.errors import ConfigurationError, KeyStoreError
+from signery.errors import ConfigurationError, MasterKeyMismatch
 from signery.keystores._files import read_secret_file
 
 MASTER_KEY_BYTES = 32  # AES-256
@@ -35,11 +35,6 @@ def read_key_file(path: Path) -> str:
     return read_secret_file(
         path, "master key file", missing_hint="; run `signery init` first"
     ).strip()
-
-
-class MasterKeyMismatch(KeyStoreError):
-    code = "master_key_mismatch"
-    title = "Ciphertext does not decrypt under this master key and context"
 
 
 class MasterKey:

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from signery.errors import InvalidRequest
+from signery.errors import UnknownKeyStore
 from signery.keystores._base import KeyStore, StoreHealth
-
-
-class UnknownKeyStore(InvalidRequest):
-    code = "unknown_storage"
-    title = "No key store with this name is configured"
 
 
 class KeyStoreRegistry:

@@ -18,8 +18,10 @@ from starlette.responses import Response
 
 from signery.errors import (
     ErrorKind,
-    InvalidRequest,
+    HttpError,
     MalformedJson,
+    MethodNotAllowed,
+    NotFound,
     SigneryError,
     ValidationFailed,
 )
@@ -46,6 +48,8 @@ TOKEN_PATH = f"{API_PREFIX}/oauth/token"
 EST_PREFIX = "/.well-known/est/"
 EST_REALM = "Signery EST"
 RETRY_AFTER_SECONDS = "1"
+# Refusals of the router itself (no such path, wrong method), by HTTP status.
+ROUTING_ERRORS: dict[int, type[SigneryError]] = {404: NotFound, 405: MethodNotAllowed}
 
 
 def status_of(error: SigneryError) -> int:
@@ -135,8 +139,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         # Routing errors (no such endpoint, wrong method): not a refusal of an
         # operation, so not audited; still answered as problem+json.
-        err = InvalidRequest(str(exc.detail))
-        err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        err = ROUTING_ERRORS.get(exc.status_code, HttpError)(str(exc.detail))
         body = Problem(
             title=str(exc.detail),
             status=exc.status_code,

@@ -35,7 +35,17 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from signery.crypto import Hashed, PublicKey
-from signery.errors import ConfigurationError, SignatureVerificationFailed
+from signery.errors import (
+    ConfigurationError,
+    FailureInfo,
+    ImprintLengthMismatch,
+    MalformedTimestampQuery,
+    SignatureVerificationFailed,
+    TimestampQueryRejected,
+    UnacceptedTimestampExtension,
+    UnsupportedImprintAlgorithm,
+    UnsupportedTimestampQueryVersion,
+)
 from signery.keystores import (
     GeneratedKey,
     KeyContext,
@@ -50,17 +60,10 @@ from signery.server.ca.models import CaAuthorityRow
 from signery.server.ca.tsa import (
     TSA,
     ClientRateLimiter,
-    FailureInfo,
-    ImprintLengthMismatch,
-    MalformedTimestampQuery,
     TimestampAuthority,
-    TimestampQueryRejected,
     TokenBuilder,
     TsaConfig,
     TsaService,
-    UnacceptedTimestampExtension,
-    UnsupportedImprintAlgorithm,
-    UnsupportedTimestampQueryVersion,
     authority_of,
     granted_reply,
     parse_query,

@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.crypto import Hashed
-from signery.errors import ConfigurationError, PermissionDenied
-from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry, UnknownKeyStore
+from signery.errors import ConfigurationError, PermissionDenied, UnknownKeyStore
+from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from signery.server import meta
 from signery.server.audit.chain import AUDIT_KEY_ID, Checkpoint, checkpoint_payload, signature_valid

@@ -30,8 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio.to_thread
 from asn1crypto import cms, core, tsp  # type: ignore[import-untyped]
@@ -51,21 +50,26 @@ from signery.crypto import (
 )
 from signery.errors import (
     ConfigurationError,
-    Conflict,
     DigestLengthMismatch,
-    InvalidRequest,
-    NotFound,
+    ImprintLengthMismatch,
+    MalformedTimestampQuery,
     RateLimited,
     SignatureVerificationFailed,
     SigneryError,
-    Unavailable,
+    TimestampQueryRejected,
+    TsaAlreadyProvisioned,
+    TsaUnavailable,
+    UnacceptedTimestampExtension,
+    UnacceptedTimestampPolicy,
+    UnknownKeyStore,
+    UnsupportedImprintAlgorithm,
     UnsupportedMediaType,
+    UnsupportedTimestampQueryVersion,
 )
 from signery.keystores import (
     KeyContext,
     KeyHandle,
     KeyStoreRegistry,
-    UnknownKeyStore,
     remote_private_key,
 )
 from signery.protocol import Algorithm, AuditOutcome, DigestAlgorithm, SignatureScheme
@@ -137,79 +141,6 @@ _UTC_TIME_END = 2050
 
 
 # ------------------------------------------------------------------ rejections
-
-
-class FailureInfo(StrEnum):
-    """PKIFailureInfo bits of RFC 3161 §2.4.2, as asn1crypto names them."""
-
-    BAD_ALG = "bad_alg"
-    BAD_REQUEST = "bad_request"
-    BAD_DATA_FORMAT = "bad_data_format"
-    UNACCEPTED_POLICY = "unaccepted_policy"
-    UNACCEPTED_EXTENSION = "unaccepted_extensions"
-
-
-class TimestampQueryRejected(InvalidRequest):
-    """A query this TSA will not timestamp. Answered with a TimeStampResp whose
-    status is ``rejection`` and whose failInfo is ``failure`` (HTTP 200), not with
-    a problem document: RFC 3161 clients read the reason from the PKIStatusInfo."""
-
-    code = "timestamp_query_rejected"
-    title = "The timestamp query was rejected"
-    failure: ClassVar[FailureInfo] = FailureInfo.BAD_REQUEST
-
-
-class MalformedTimestampQuery(TimestampQueryRejected):
-    code = "timestamp_query_malformed"
-    title = "The body is not a DER TimeStampReq"
-    failure = FailureInfo.BAD_DATA_FORMAT
-
-
-class UnsupportedTimestampQueryVersion(TimestampQueryRejected):
-    code = "timestamp_query_version"
-    title = "Only version 1 timestamp queries are supported"
-    failure = FailureInfo.BAD_REQUEST
-
-
-class UnsupportedImprintAlgorithm(TimestampQueryRejected):
-    code = "timestamp_imprint_algorithm"
-    title = "The message imprint's hash algorithm is not SHA-256, SHA-384 or SHA-512"
-    failure = FailureInfo.BAD_ALG
-
-
-class ImprintLengthMismatch(TimestampQueryRejected):
-    code = "timestamp_imprint_length"
-    title = "The message imprint's length does not match its hash algorithm"
-    failure = FailureInfo.BAD_DATA_FORMAT
-
-
-class UnacceptedTimestampPolicy(TimestampQueryRejected):
-    code = "timestamp_policy_unaccepted"
-    title = "This TSA does not issue timestamps under the requested policy"
-    failure = FailureInfo.UNACCEPTED_POLICY
-
-
-class UnacceptedTimestampExtension(TimestampQueryRejected):
-    code = "timestamp_extension_unaccepted"
-    title = "This TSA recognizes no request extension"
-    failure = FailureInfo.UNACCEPTED_EXTENSION
-
-
-class TsaAlreadyProvisioned(Conflict):
-    """Another worker made the TSA first (the unique ``role``): use theirs."""
-
-    code = "tsa_already_provisioned"
-    title = "The time-stamping authority already exists"
-
-
-class TsaDisabled(NotFound):
-    code = "tsa_disabled"
-    title = "This server's time-stamping authority is disabled (tsa_access)"
-
-
-class TsaUnavailable(Unavailable):
-    code = "tsa_unavailable"
-    title = "The time-stamping authority cannot issue timestamps"
 
 
 # ------------------------------------------------------------------ values

@@ -20,10 +20,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from signery.errors import TsaDisabled
 from signery.protocol import API_PREFIX
 from signery.rfc3161 import QUERY_MEDIA_TYPE, REPLY_MEDIA_TYPE
 from signery.server.audit.recorder import ANONYMOUS, Actor
-from signery.server.ca.tsa import TsaDisabled
 from signery.server.config import TsaAccess
 from signery.server.container import Services
 from signery.server.deps import current_principal, services_of

@@ -36,7 +36,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
-from signery.errors import InvalidRequest
+from signery.errors import InvalidPolicy
 from signery.protocol import AuditOutcome, KeyStatus, Weekday
 from signery.server.accounts.models import AccountRow
 from signery.server.audit.models import UsageCounterRow
@@ -64,11 +64,6 @@ T = TypeVar("T")
 TOTAL = "total"
 RULES_CACHE_SIZE = 1024
 WEEKDAYS: tuple[Weekday, ...] = tuple(Weekday)  # Monday first, like datetime.weekday()
-
-
-class InvalidPolicy(InvalidRequest):
-    code = "invalid_policy"
-    title = "Invalid key policy"
 
 
 class StoredPolicy(p.KeyPolicy):

@@ -12,8 +12,6 @@ refusal is audited with its reason code.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import logging
@@ -43,7 +41,7 @@ from signery.errors import (
     CertificateRevoked,
     ClientIpNotAllowed,
     ConfigurationError,
-    InvalidRequest,
+    InvalidDigestEncoding,
     InvalidToken,
     KeyDestroyed,
     KeyDisabled,
@@ -61,6 +59,7 @@ from signery.errors import (
     SignatureVerificationFailed,
     SignerNotAllowed,
     SigneryError,
+    UnsupportedDigestAlgorithm,
     UnsupportedScheme,
     ValidationFailed,
 )
@@ -118,16 +117,6 @@ POLICY_ERRORS: dict[str, type[SigneryError]] = {
         KeyValidityEnded,
     )
 }
-
-
-class UnsupportedDigestAlgorithm(InvalidRequest):
-    code = "unsupported_digest_algorithm"
-    title = "Unknown digest algorithm"
-
-
-class InvalidDigestEncoding(InvalidRequest):
-    code = "invalid_digest_encoding"
-    title = "Digest is not valid base64"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,9 +200,9 @@ def parse_sign_request(body: bytes) -> ParsedSignRequest:
             f"scheme must be one of {', '.join(s.value for s in p.SignatureScheme)}"
         ) from None
     try:
-        digest = base64.b64decode(req.digest.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise InvalidDigestEncoding() from None
+        digest = p.decode_base64(req.digest)
+    except ValueError as e:
+        raise InvalidDigestEncoding(f"digest: {e}; send base64.b64encode(digest)") from None
     return ParsedSignRequest(
         Hashed(digest_algorithm, digest), scheme, req.client, req.key_version, req.justification
     )

@@ -29,11 +29,12 @@ from sqlalchemy.orm import Session
 from signery import protocol as p
 from signery.errors import (
     ApiTokenLifetimeTooLong,
+    ApiTokenNotFound,
     InvalidRequest,
     NameTaken,
-    NotFound,
     PermissionDenied,
     PrivilegeEscalation,
+    RoleBindingNotFound,
     TsgNotFound,
     UserNotFound,
 )
@@ -51,16 +52,6 @@ API_TOKEN_PREFIX = "sgy_pat_"
 API_TOKEN_ID_BYTES = 8
 API_TOKEN_SECRET_BYTES = 32  # 256-bit secret
 GENERATED_PASSWORD_BYTES = 18
-
-
-class ApiTokenNotFound(NotFound):
-    code = "api_token_not_found"
-    title = "API token not found"
-
-
-class RoleBindingNotFound(NotFound):
-    code = "role_binding_not_found"
-    title = "Role binding not found"
 
 
 def password_hasher() -> PasswordHasher:
