@@ -50,9 +50,19 @@ class Signer:
         self.token = api.access_token(account)
         self.n = 0
 
-    def sign(self, justification: str | None = None) -> httpx.Response:
-        self.n += 1
-        digest = hashlib.sha256(f"{self.account.id}-{self.n}".encode()).digest()
+    def digest(self, n: int) -> bytes:
+        """This signer's ``n``-th artifact digest (SHA-256)."""
+        return hashlib.sha256(f"{self.account.id}-{n}".encode()).digest()
+
+    def sign(
+        self, justification: str | None = None, *, again: bool = False, digest: bytes | None = None
+    ) -> httpx.Response:
+        """Sign the next digest (``again``: the same one as last time, as a client
+        does once its request is approved; or exactly ``digest``)."""
+        if digest is None:
+            if not again:
+                self.n += 1
+            digest = self.digest(self.n)
         body: dict[str, Any] = {
             "digest": base64.b64encode(digest).decode(),
             "digest_algorithm": "sha256",
