@@ -118,7 +118,7 @@ def test_a_batch_is_one_request_listing_every_digest_and_each_signs_once(
     request_id = answers[0]["request_id"]
     events = api.events_after(seq)
     assert [e["digest"] for e in events] == [s.digest(i).hex() for i in (0, 1, 2, 0)]
-    assert [e["details"]["digests"] for e in events] == [1, 2, 3, 3]
+    assert [e["details"]["digest_count"] for e in events] == [1, 2, 3, 3]
 
     expected = [sha256_item(s.digest(i)) for i in range(3)]
     assert listed_digests(shown(api, approver, request_id)) == expected

@@ -176,7 +176,7 @@ class _Attempt:
     # if no signature leaves after all; run on a database thread, in order.
     undo: list[Callable[[], None]] = field(default_factory=list)
     # The approval grant whose use this signing took (keys requiring approval).
-    grant_id: str | None = None
+    grant: GrantUse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +185,7 @@ class _Signed:
     key: UsableKey
     request: ParsedSignRequest
     signature: bytes
-    grant_id: str | None = None
+    grant: GrantUse | None = None
 
 
 def parse_sign_request(body: bytes) -> ParsedSignRequest:
@@ -277,7 +277,7 @@ class SigningService:
         # Fail closed: the signature leaves only after its event and counters are
         # durably committed; AuditUnavailable propagates and nothing is returned.
         try:
-            await self._commit_success(account, key, parsed, ctx, signed.grant_id)
+            await self._commit_success(account, key, parsed, ctx, signed.grant)
         except BaseException:
             await self._undo(attempt)
             raise
@@ -313,14 +313,17 @@ class SigningService:
         key: UsableKey,
         parsed: ParsedSignRequest,
         ctx: RequestContext,
-        grant_id: str | None = None,
+        grant: GrantUse | None = None,
     ) -> None:
         details = {
             "scheme": parsed.scheme.value,
             "digest_algorithm": parsed.hashed.algorithm.value,
         }
-        if grant_id is not None:
-            details["grant_id"] = grant_id
+        if grant is not None:
+            # The grant, and whether it was bound to this digest or a pre-approval
+            # of any digest: reviewers see which kind of approval let it sign.
+            details["grant_id"] = grant.grant_id
+            details["grant_scope"] = grant.scope.value
         await self._recorder.commit(
             AuditRecord(
                 SIGN_KIND_BY_OUTCOME[AuditOutcome.SUCCEEDED],
@@ -379,7 +382,7 @@ class SigningService:
         # bad signature (an RSA-CRT fault can even leak the key: Boneh et al. 1997).
         if not verify_signature(key.public_key, parsed.hashed, parsed.scheme, signature):
             raise SignatureVerificationFailed()
-        return _Signed(account, key, parsed, signature, attempt.grant_id)
+        return _Signed(account, key, parsed, signature, attempt.grant)
 
     async def _admit(
         self,
@@ -417,7 +420,7 @@ class SigningService:
             return admitted
         use: GrantUse = admitted
         attempt.undo.append(functools.partial(self._approvals.give_back, use))
-        attempt.grant_id = use.grant_id
+        attempt.grant = use
         return None
 
     async def signing_request(self, claims: AccessClaims, request_id: str) -> p.SigningPending:
