@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from signery.protocol import GrantScope
 from signery.server.db import Base, UtcDateTime
 
 
@@ -32,7 +33,7 @@ class SigningRequestRow(Base):
     requested_by_name: Mapped[str | None] = mapped_column(String(256))
     # digests: approving it signs exactly its SigningRequestDigestRow items;
     # any_digest: a pre-approval that said so (signery.protocol.GrantScope).
-    scope: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(16), server_default=GrantScope.DIGESTS.value)
     client_machine: Mapped[str | None] = mapped_column(String(256))
     client_tool: Mapped[str | None] = mapped_column(String(256))
     justification: Mapped[str | None] = mapped_column(Text)
@@ -111,7 +112,7 @@ class SigningGrantRow(Base):
     request_id: Mapped[str | None] = mapped_column(ForeignKey("signing_requests.id"))
     # digests: only its request's items (max_uses is per item); any_digest: any
     # digest (max_uses in all). signery.protocol.GrantScope.
-    scope: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(16), server_default=GrantScope.DIGESTS.value)
     max_uses: Mapped[int | None] = mapped_column(Integer)
     uses: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -60,10 +60,14 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_signing_request_digests_request_id"), ["request_id"], unique=False
         )
-    with op.batch_alter_table("signing_requests", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("scope", sa.String(length=16), nullable=True))
-    with op.batch_alter_table("signing_grants", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("scope", sa.String(length=16), nullable=True))
+    # Plain ALTER TABLE, never a batch copy: on SQLite a copy drops and renames the
+    # table, which the foreign keys of decisions and grants refuse. The default is
+    # the narrowest scope; every existing row gets its real one below.
+    for table in ("signing_requests", "signing_grants"):
+        op.add_column(
+            table,
+            sa.Column("scope", sa.String(length=16), server_default=DIGESTS, nullable=False),
+        )
 
     conn = op.get_bind()
     requests = sa.table(
@@ -146,21 +150,15 @@ def upgrade() -> None:
             )
         )
     )
-
-    with op.batch_alter_table("signing_grants", schema=None) as batch_op:
-        batch_op.alter_column("scope", existing_type=sa.String(length=16), nullable=False)
-    with op.batch_alter_table("signing_requests", schema=None) as batch_op:
-        batch_op.alter_column("scope", existing_type=sa.String(length=16), nullable=False)
-        batch_op.drop_column("scheme")
-        batch_op.drop_column("digest")
-        batch_op.drop_column("digest_algorithm")
+    # Native DROP COLUMN (SQLite 3.35+): these columns carry no index or constraint.
+    for column in ("scheme", "digest", "digest_algorithm"):
+        op.drop_column("signing_requests", column)
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("signing_requests", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("digest_algorithm", sa.String(length=16), nullable=True))
-        batch_op.add_column(sa.Column("digest", sa.String(length=128), nullable=True))
-        batch_op.add_column(sa.Column("scheme", sa.String(length=16), nullable=True))
+    op.add_column("signing_requests", sa.Column("digest_algorithm", sa.String(16), nullable=True))
+    op.add_column("signing_requests", sa.Column("digest", sa.String(128), nullable=True))
+    op.add_column("signing_requests", sa.Column("scheme", sa.String(16), nullable=True))
     # The first digest of each request goes back to the request (what it showed before).
     op.execute(
         """
@@ -173,10 +171,8 @@ def downgrade() -> None:
                     WHERE d.request_id = signing_requests.id AND d.position = 0)
         """
     )
-    with op.batch_alter_table("signing_requests", schema=None) as batch_op:
-        batch_op.drop_column("scope")
-    with op.batch_alter_table("signing_grants", schema=None) as batch_op:
-        batch_op.drop_column("scope")
+    for table in ("signing_requests", "signing_grants"):
+        op.drop_column(table, "scope")
     with op.batch_alter_table("signing_request_digests", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_signing_request_digests_request_id"))
     op.drop_table("signing_request_digests")
