@@ -252,9 +252,7 @@ def approval_pre_approve(
         **_pre_approval_scope(digest or [], scheme, any_digest),
     )
     with connection(ctx).admin() as c:
-        r = c.call(
-            "POST", f"{API}/approvals", p.ApprovalRequest, json=body.model_dump(mode="json")
-        )
+        r = c.call("POST", f"{API}/approvals", p.ApprovalRequest, json=body.model_dump(mode="json"))
     emit(r, as_json, lambda: _request_details(r))
 
 

@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -332,7 +333,8 @@ def sign(
 
     A key whose policy requires approval signs only with a grant: without one the
     server records a signing request for approvers (all files of one run share
-    it) and the command prints its id and exits with status 3. With --wait it
+    it; it lists each file's digest, and approving it signs exactly those) and
+    the command prints its id and exits with status 3. With --wait it
     polls until the request is approved (then signs), denied (status 1, with the
     approver's comment) or --wait-timeout passes (status 3, request id printed)."""
     timeout_seconds = parse_duration(wait_timeout)
@@ -369,6 +371,9 @@ def sign(
         pem=pem,
         append=append,
         binary=binary,
+        # One signing time for the run: a file signed again after its approval
+        # (--wait) sends the same digest as the first time, the one approved.
+        signing_time=datetime.now(UTC).replace(microsecond=0),
     )
     progress = None if as_json else _progress(files)
     results: list[SignResult | SigneryError] = []
@@ -448,9 +453,13 @@ def _wait_and_sign(
     """Wait for the approval of every pending file's signing request, then sign
     those files again (the grant is used), until none waits or the time is up.
 
-    The files of one run share one signing request (the server reuses the
-    account's pending request for the key). A grant with fewer uses than files
-    signs some of them; the others make a new request, waited for in turn."""
+    The files of one run share one signing request, which lists each file's
+    digest (the server adds them to the account's open request for the key), and
+    its grant signs exactly those digests: each file is signed again with the same
+    options and signing time, so it sends the digest that was approved. A file
+    whose digest the grant does not cover (a batch larger than one request holds,
+    or one that joined after an approver decided) makes a new request, waited for
+    in turn."""
     deadline = time.monotonic() + timeout
     results = list(results)
     while True:

@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -31,6 +32,11 @@ class SignOptions:
     pem: bool = False  # cms: PEM instead of DER
     append: bool = False  # authenticode: nest a second signature instead of replacing
     binary: bool = False  # openpgp: the binary packet instead of ASCII armor
+    # When the signature says it was made (CMS, Authenticode and JAR signingTime,
+    # OpenPGP creation time); None: now. A run fixes it, so that signing again
+    # after an approval sends the very digest the approvers approved (the time is
+    # part of what is signed in these formats).
+    signing_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,8 @@ def run(engine: Engine, action: str, revision: str) -> None:
 
 def previous() -> str:
     down = ScriptDirectory.from_config(migrate.alembic_config()).get_revision(REVISION)
-    assert down is not None and isinstance(down.down_revision, str)
+    assert down is not None
+    assert isinstance(down.down_revision, str)
     return down.down_revision
 
 
@@ -145,9 +146,7 @@ def test_existing_grants_keep_what_their_approvers_saw(engine: Engine) -> None:
     run(engine, "downgrade", previous())
     with engine.connect() as conn:
         shown = conn.execute(
-            sa.text(
-                "SELECT id, digest_algorithm, digest, scheme FROM signing_requests ORDER BY id"
-            )
+            sa.text("SELECT id, digest_algorithm, digest, scheme FROM signing_requests ORDER BY id")
         ).all()
         assert [tuple(r) for r in shown] == [
             ("req-pre", None, None, None),

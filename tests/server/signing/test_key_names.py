@@ -75,7 +75,9 @@ def test_a_key_that_would_take_over_a_deeper_key_is_refused(
     events = api.events_after(seq)
     assert [(e["kind"], e["reason"]) for e in events] == [("request.refused", "key_name_shadows")]
     # Nothing was made, and the parent's accounts sign as before.
-    listed = api.ok(api.http.get("/api/v1/keys", params={"tsg_id": team_a["id"]}, headers=api.admin))
+    listed = api.ok(
+        api.http.get("/api/v1/keys", params={"tsg_id": team_a["id"]}, headers=api.admin)
+    )
     assert name not in {k["name"] for k in listed}
     assert signed_with(api, parent_token, name) == deeper["id"]
 

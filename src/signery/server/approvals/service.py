@@ -29,9 +29,10 @@ lifetime counts from that moment.
 
 Consuming a grant use is ONE conditional UPDATE (still valid, this digest,
 uses left), so a single-use grant signs exactly once however many requests race
-for it, and never another digest; the database decides, on every replica. Deciding locks the request row (``FOR
-UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serializes writers), so two
-approvers approving at once cannot make two grants.
+for it, and never another digest; the database decides, on every replica.
+Deciding locks the request row (``FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN
+IMMEDIATE`` serializes writers), so two approvers approving at once cannot make
+two grants, and no digest joins a request while it is being decided.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from sqlalchemy import func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
+from signery.crypto import Hashed, check_scheme
 from signery.errors import (
     AccountNotFound,
     AlreadyDecided,
@@ -62,7 +64,6 @@ from signery.errors import (
     SelfApprovalForbidden,
     SigneryError,
 )
-from signery.crypto import Hashed, check_scheme
 from signery.protocol import (
     Algorithm,
     ApprovalStatus,
@@ -424,10 +425,17 @@ class ApprovalService:
         it yet and it has room; else a new one."""
         with self._db.write() as s:
             # Serializes request creation per key on PostgreSQL (SQLite writers are
-            # serialized already), so concurrent signings share one request.
+            # serialized already), so concurrent signings share one request. NO KEY
+            # UPDATE: a decision inserting a grant (a foreign key to this row) is
+            # not blocked by it, so it cannot deadlock with the request lock below.
             s.execute(
-                select(SigningKeyRow.id).where(SigningKeyRow.id == attempt.key_id).with_for_update()
+                select(SigningKeyRow.id)
+                .where(SigningKeyRow.id == attempt.key_id)
+                .with_for_update(key_share=True)
             )
+            # Locked like a decision locks its request: a digest never joins a
+            # request while an approver decides on it, and the decisions read below
+            # include every one committed before (a decided request takes none).
             pending = list(
                 s.scalars(
                     select(SigningRequestRow)
@@ -437,6 +445,7 @@ class ApprovalService:
                         SigningRequestRow.status == ApprovalStatus.PENDING_APPROVAL.value,
                     )
                     .order_by(SigningRequestRow.created_at)
+                    .with_for_update()
                 )
             )
             live: list[SigningRequestRow] = []
