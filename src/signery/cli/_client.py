@@ -158,25 +158,40 @@ def logout(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     )
 
 
-def keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Keys your built-in account may sign with."""
+def keys(
+    ctx: typer.Context,
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Also the keys you cannot sign with now, each with the reason "
+            "(their public keys still verify earlier signatures).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Keys your built-in account can sign with now. A name means the nearest key:
+    the one in your own TSG first, then below it ("distance")."""
     with connection(ctx).signing() as c:
-        found = c.keys()
+        found = c.keys(everything=everything)
+    columns = ["name", "id", "tsg", "distance", "algorithm", "version", "schemes", "certificate"]
     emit(
         found,
         as_json,
         lambda: table(
             None,
-            ["name", "id", "tsg", "algorithm", "version", "schemes", "certificate"],
+            [*columns, "usable"] if everything else columns,
             [
                 (
                     k.name,
                     k.id,
                     k.tsg_id,
+                    k.distance,
                     k.algorithm.value,
                     k.current_version,
                     ", ".join(s.value for s in k.schemes),
                     "yes" if k.certificate_chain else "no",
+                    *([("yes" if k.usable else f"no: {k.unusable_reason}")] if everything else []),
                 )
                 for k in found
             ],
@@ -588,7 +603,9 @@ def verify(
     else:
         assert key is not None
         with connection(ctx).signing() as c:
-            found = c.key(key)
+            # Also a key that cannot sign any more (disabled, certificate revoked):
+            # what it signed before still verifies with its public keys.
+            found = c.key(key, usable=False)
         # The current version first, then the earlier ones: a signature made before
         # a rotation verifies with the version that made it.
         keys = [load_public_key_pem(found.public_key_pem)] + [
