@@ -43,14 +43,19 @@ def _uses(uses: int | None, unlimited: bool) -> None:
 def _grant_terms(g: p.SigningGrant | None) -> str:
     if g is None:
         return ""
-    limit = "unlimited" if g.max_uses is None else str(g.max_uses)
     if g.scope is p.GrantScope.DIGESTS:
-        # Each listed digest has its own uses; the total is every digest's.
-        total = "unlimited" if g.max_uses is None else str(g.max_uses * len(g.digests))
-        uses = f"{g.uses}/{total} uses ({limit} per digest, {len(g.digests)} digests)"
+        limit = "unlimited" if g.max_uses is None else str(g.max_uses)
+        uses = f"{g.uses}/{_total(g)} uses ({limit} per digest, {len(g.digests)} digests)"
     else:
-        uses = f"{g.uses}/{limit} uses of ANY digest"
+        uses = f"{g.uses}/{_total(g)} uses of ANY digest"
     return f"{uses}, {g.status}, expires {g.expires_at:%Y-%m-%d %H:%M}Z"
+
+
+def _total(g: p.SigningGrant) -> str:
+    """All the uses a grant allows (each digest's, for a bound one)."""
+    if g.max_uses is None:
+        return "unlimited"
+    return str(g.max_uses * len(g.digests) if g.scope is p.GrantScope.DIGESTS else g.max_uses)
 
 
 def _covers(scope: p.GrantScope, digests: list[p.ApprovedDigest]) -> str:
@@ -316,13 +321,6 @@ def grant_list(
             ],
         ),
     )
-
-
-def _total(g: p.SigningGrant) -> str:
-    """All the uses a grant allows (each digest's, for a bound one)."""
-    if g.max_uses is None:
-        return "unlimited"
-    return str(g.max_uses * len(g.digests) if g.scope is p.GrantScope.DIGESTS else g.max_uses)
 
 
 @grant_app.command("revoke")
