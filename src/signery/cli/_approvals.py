@@ -45,7 +45,7 @@ def _grant_terms(g: p.SigningGrant | None) -> str:
         return ""
     if g.scope is p.GrantScope.DIGESTS:
         limit = "unlimited" if g.max_uses is None else str(g.max_uses)
-        uses = f"{g.uses}/{_total(g)} uses ({limit} per digest, {len(g.digests)} digests)"
+        uses = f"{g.uses}/{_total(g)} uses ({limit} per digest, {_digests(len(g.digests))})"
     else:
         uses = f"{g.uses}/{_total(g)} uses of ANY digest"
     return f"{uses}, {g.status}, expires {g.expires_at:%Y-%m-%d %H:%M}Z"
@@ -62,7 +62,11 @@ def _covers(scope: p.GrantScope, digests: list[p.ApprovedDigest]) -> str:
     """What approving (or a grant) lets the account sign, in one cell."""
     if scope is p.GrantScope.ANY_DIGEST:
         return "ANY digest"
-    return f"{len(digests)} digest{'s' if len(digests) != 1 else ''}"
+    return _digests(len(digests))
+
+
+def _digests(n: int) -> str:
+    return f"{n} digest{'' if n == 1 else 's'}"
 
 
 def _digest_line(d: p.ApprovedDigest) -> str:
@@ -83,7 +87,7 @@ def _request_details(r: p.ApprovalRequest) -> None:
             "covers",
             "ANY digest (a pre-approval of the account, not of an artifact)"
             if r.scope is p.GrantScope.ANY_DIGEST
-            else f"exactly these {len(r.digests)} digests (pass --expect-digests "
+            else f"exactly the {_digests(len(r.digests))} below (approve with --expect-digests "
             f"{len(r.digests)} to approve only this set)",
         ),
         *[("digest", _digest_line(d)) for d in r.digests],
