@@ -227,6 +227,32 @@ def test_several_files_are_one_request_listing_each_digest_and_sign_after_it(
     assert (grant["uses"], grant["max_uses"], grant["status"]) == (3, 1, "used_up")
 
 
+def test_a_later_run_signs_the_approved_digest_with_the_signing_time_it_was_given(
+    cli: Cli, setup: dict[str, Any]
+) -> None:
+    """Without --wait, the pending run prints the signing time its digest holds; a
+    later run given that time sends the same digest, which the grant covers."""
+    key = setup["key"]
+    target = write_file(cli.work / "later.bin", b"signed in a later run")
+    first = cli.run("sign", "--key", key["name"], "--format", "openpgp", target, profile="build")
+    assert first.returncode == EXIT_APPROVAL_PENDING, first.stderr
+    (hint,) = [line for line in first.stderr.splitlines() if "--signing-time" in line]
+    stated = hint.split("--signing-time ")[1].split()[0]
+    request = pending_request(cli, key["id"])
+    cli.json("approval", "approve", request["id"], "--expect-digests", "1", profile="approver")
+    again = cli.json(
+        "sign", "--key", key["name"], "--format", "openpgp", "--signing-time", stated, target,
+        profile="build",
+    )  # fmt: skip
+    assert again[0]["ok"] is True
+    [ok] = cli.json("verify", "--key", key["name"], "--format", "openpgp", target, profile="build")
+    assert ok["valid"] is True
+    # A time that is no time is refused before anything is sent.
+    bad = cli.fails("sign", "--key", key["name"], "--signing-time", "yesterday", target,
+                    profile="build")  # fmt: skip
+    assert "--signing-time" in bad
+
+
 def test_a_pre_approval_says_what_it_covers(cli: Cli, setup: dict[str, Any]) -> None:
     key = setup["key"]
     account = setup["account"]["id"]

@@ -337,6 +337,15 @@ def sign(
         str | None,
         typer.Option(help="Why you sign: shown to approvers when the key requires approval."),
     ] = None,
+    signing_time: Annotated[
+        str | None,
+        typer.Option(
+            "--signing-time",
+            help="The time the signature states (ISO 8601; default: now). To sign again "
+            "after an approval, give the one the pending run printed: cms, authenticode, "
+            "jar and openpgp sign it, so it is part of the approved digests.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Hash each file locally and write its signature in the chosen format.
@@ -349,10 +358,15 @@ def sign(
     A key whose policy requires approval signs only with a grant: without one the
     server records a signing request for approvers (all files of one run share
     it; it lists each file's digest, and approving it signs exactly those) and
-    the command prints its id and exits with status 3. With --wait it
+    the command prints its id and the signing time to sign again with
+    (--signing-time), and exits with status 3. With --wait it
     polls until the request is approved (then signs), denied (status 1, with the
     approver's comment) or --wait-timeout passes (status 3, request id printed)."""
     timeout_seconds = parse_duration(wait_timeout)
+    # One signing time for the run: a file signed again after its approval (--wait,
+    # or a later run with --signing-time) sends the same digest as the first time,
+    # the one approved.
+    stated = _signing_time(signing_time)
     _check_files(files)
     if output is not None and len(files) != 1:
         raise ClientError("-o/--output works with exactly one file")
@@ -386,9 +400,7 @@ def sign(
         pem=pem,
         append=append,
         binary=binary,
-        # One signing time for the run: a file signed again after its approval
-        # (--wait) sends the same digest as the first time, the one approved.
-        signing_time=datetime.now(UTC).replace(microsecond=0),
+        signing_time=stated,
     )
     progress = None if as_json else _progress(files)
     results: list[SignResult | SigneryError] = []
@@ -427,7 +439,7 @@ def sign(
     if as_json:
         print_json(
             [
-                _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r)
+                _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r, stated)
                 for f, r in zip(files, results, strict=True)
             ]
         )
@@ -445,10 +457,11 @@ def sign(
             else:
                 err.print(f"[red]failed[/] {f}: {r.code}: {r.detail}", highlight=False)
     if pending:
+        again = f"sign again with --signing-time {stated:%Y-%m-%dT%H:%M:%SZ} once approved"
         for request_id in dict.fromkeys(r.request_id for r in pending):
             err.print(
                 f"approval pending: signing request {request_id}; "
-                + ("--wait-timeout ran out" if wait else "sign again once approved, or use --wait"),
+                + ("--wait-timeout ran out" if wait else f"{again}, or use --wait"),
                 highlight=False,
             )
         raise typer.Exit(EXIT_APPROVAL_PENDING)
@@ -536,7 +549,7 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[int], None]:
     return lambda n: progress.advance(task, n)
 
 
-def _failure_json(file: Path, error: SigneryError) -> dict[str, object]:
+def _failure_json(file: Path, error: SigneryError, signing_time: datetime) -> dict[str, object]:
     failure: dict[str, object] = {
         "file": str(file),
         "ok": False,
@@ -545,7 +558,26 @@ def _failure_json(file: Path, error: SigneryError) -> dict[str, object]:
     }
     if "request_id" in error.extra:
         failure["request_id"] = error.extra["request_id"]
+    if isinstance(error, ApprovalPending):
+        # What to pass as --signing-time to sign the approved digests later.
+        failure["signing_time"] = signing_time.strftime("%Y-%m-%dT%H:%M:%SZ")
     return failure
+
+
+def _signing_time(text: str | None) -> datetime:
+    """--signing-time (ISO 8601, UTC when it names no offset), or now; whole seconds
+    (what CMS and OpenPGP state)."""
+    if text is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ClientError(
+            f"--signing-time {text!r}: expected ISO 8601, such as 2026-12-07T09:30:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 def _sign_json(r: SignResult) -> dict[str, object]:
