@@ -633,6 +633,19 @@ class TsaAlreadyProvisioned(Conflict):
     title = "The time-stamping authority already exists"
 
 
+class ApprovalRequestChanged(Conflict):
+    code = "approval_request_changed"
+    title = "The signing request lists other digests than you reviewed; read it again"
+
+
+class KeyNameShadows(Conflict):
+    code = "key_name_shadows"
+    title = (
+        "A key of this name here would take the place of a deeper key that accounts "
+        "above resolve this name to; choose another name"
+    )
+
+
 # ----------------------------------------------------------------- 413 / 415
 
 

@@ -91,6 +91,22 @@ class ApprovalStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+# Digests one signing request lists at most: a larger batch of files waits on
+# further requests (each still one decision for its digests).
+MAX_REQUEST_DIGESTS = 256
+
+
+class GrantScope(StrEnum):
+    """What an approval lets an account sign."""
+
+    # Exactly the listed (digest, digest_algorithm, scheme) items, each a bounded
+    # number of times: what approvers saw is what gets signed.
+    DIGESTS = "digests"
+    # Any digest, within the grant's uses and lifetime: only a pre-approval that
+    # says so on purpose (the approver signs off on an account, not an artifact).
+    ANY_DIGEST = "any_digest"
+
+
 class CertificateAuthority(StrEnum):
     NONE = "none"
     BUILTIN = "builtin"
@@ -670,6 +686,22 @@ class SigningKeySummary(ResponseModel):
     id: str
     name: str
     tsg_id: str
+    distance: int | None = Field(
+        default=None,
+        description="TSG levels between the account's TSG and the key's (0: the account's "
+        "own TSG). A key name resolves to the nearest key; keys at the same distance are "
+        "ambiguous. Absent from older servers",
+    )
+    usable: bool = Field(
+        default=True,
+        description="Whether this account can sign with the key now (listed only with "
+        "?all=true when false)",
+    )
+    unusable_reason: str | None = Field(
+        default=None,
+        description="Why it cannot: the error code the sign endpoint answers with "
+        "(key_disabled, certificate_revoked, signer_not_allowed...)",
+    )
     algorithm: Algorithm
     status: KeyStatus
     current_version: int
@@ -831,6 +863,27 @@ class ApprovalDecision(ResponseModel):
     created_at: datetime
 
 
+class DigestToSign(WireModel):
+    """One artifact an approval covers: the digest exactly as the account will send
+    it, with its algorithm and the signature scheme."""
+
+    digest: str = Field(
+        pattern=r"^[0-9a-fA-F]{40,128}$",
+        description="Hex of the digest (what sha256sum prints for a raw signature)",
+    )
+    digest_algorithm: DigestAlgorithm
+    scheme: SignatureScheme
+
+
+class ApprovedDigest(ResponseModel):
+    """One (digest, digest_algorithm, scheme) item of a signing request or grant."""
+
+    digest_algorithm: DigestAlgorithm
+    digest: str = Field(description="Hex")
+    scheme: SignatureScheme
+    uses: int = Field(default=0, description="Signatures made for it with the grant")
+
+
 class SigningGrant(ResponseModel):
     id: str
     key_id: str
@@ -838,8 +891,19 @@ class SigningGrant(ResponseModel):
     account_id: str
     account_name: str | None
     request_id: str | None
-    max_uses: int | None = Field(description="null = unlimited (then it always expires)")
-    uses: int
+    scope: GrantScope = Field(
+        default=GrantScope.ANY_DIGEST,
+        description="digests: signs only the listed digests; any_digest: any digest "
+        "(a pre-approval that said so)",
+    )
+    digests: list[ApprovedDigest] = Field(
+        default_factory=list, description="What it signs (scope digests), with each one's uses"
+    )
+    max_uses: int | None = Field(
+        description="Uses of each digest (scope digests) or in all (any_digest); "
+        "null = unlimited (then it always expires)"
+    )
+    uses: int = Field(description="Signatures made with the grant, in all")
     expires_at: datetime
     revoked_at: datetime | None
     created_at: datetime
@@ -879,9 +943,23 @@ class ApprovalRequest(ResponseModel):
     status: ApprovalStatus
     required_approvals: int
     approvals: int
-    digest_algorithm: str | None
-    digest: str | None
-    scheme: str | None
+    scope: GrantScope = Field(
+        description="digests: approving signs exactly the listed digests; any_digest: a "
+        "pre-approval for any digest"
+    )
+    digests: list[ApprovedDigest] = Field(
+        description="Every artifact the request covers (a batch of files is one request); "
+        "fixed from the first decision on"
+    )
+    digest_algorithm: str | None = Field(
+        default=None, description="Deprecated (read digests): set when it lists exactly one"
+    )
+    digest: str | None = Field(
+        default=None, description="Deprecated (read digests): set when it lists exactly one"
+    )
+    scheme: str | None = Field(
+        default=None, description="Deprecated (read digests): set when it lists exactly one"
+    )
     client_machine: str | None
     client_tool: str | None
     justification: str | None
@@ -907,14 +985,30 @@ class ApprovalDecide(WireModel):
     expires_in_hours: int | None = Field(
         default=None, ge=1, le=24 * 90, description="Narrow the grant's lifetime"
     )
+    digest_count: int | None = Field(
+        default=None,
+        ge=0,
+        description="How many digests you reviewed: refused (409 approval_request_changed) "
+        "when the request lists another number, so an approval covers what you saw",
+    )
 
 
 class PreApprovalCreate(WireModel):
-    """Body of ``POST /api/v1/approvals``: approve signing ahead of a release."""
+    """Body of ``POST /api/v1/approvals``: approve signing ahead of a release.
+
+    ``scope`` is required, with no default: ``digests`` with the list of what may be
+    signed, or ``any_digest`` to approve the account's signing of anything."""
 
     key: str = Field(min_length=1, max_length=128, description="Key name or id")
     key_tsg_id: str | None = None
     account: str = Field(min_length=1, max_length=128, description="Account name or id")
+    scope: GrantScope
+    digests: list[DigestToSign] | None = Field(
+        default=None,
+        max_length=MAX_REQUEST_DIGESTS,
+        description="With scope digests (required there, refused otherwise): what the "
+        "account may sign",
+    )
     max_uses: int | None = Field(default=1, ge=1)
     unlimited: bool = False
     expires_in_hours: int = Field(default=24, ge=1, le=24 * 90)

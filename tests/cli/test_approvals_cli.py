@@ -8,6 +8,7 @@ and the approver's comment."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -220,28 +221,110 @@ def test_ctrl_c_while_waiting_for_approval_stops_and_signs_nothing(
     cli.json("grant", "revoke", grant["id"], profile="approver")
 
 
-def test_several_files_share_one_request_and_a_pre_approval_signs_once(
+def test_several_files_are_one_request_listing_each_digest_and_sign_after_it(
     cli: Cli, setup: dict[str, Any]
 ) -> None:
+    """A batch is one decision for approvers, and what they approve is every file's
+    digest. OpenPGP (like CMS, Authenticode, JAR) puts the signing time in what is
+    signed: the waiting run signs the very digests it asked for (one signing time
+    per run), or the grant would not cover them."""
     key = setup["key"]
     files = [write_file(cli.work / f"batch-{i}.bin", f"batch {i}".encode()) for i in range(3)]
-    first = cli.run("sign", "--key", key["name"], *files, profile="build")
-    assert first.returncode == EXIT_APPROVAL_PENDING
-    request = pending_request(cli, key["id"])
-    # All three files wait on the one request.
-    assert first.stderr.count(f"signing request {request['id']}") == 1
-    cli.json(
-        "approval", "deny", request["id"], "--comment", "use a pre-approval", profile="approver"
-    )
-
-    grant = cli.json(
-        "approval", "pre-approve", "--key", key["name"], "--account", setup["account"]["id"],
-        "--uses", "3", "--expires-in", "1h", profile="approver",
+    waiting = Background(
+        cli, "sign", "--key", key["name"], "--format", "openpgp", "--jobs", "3",
+        "--wait", "--wait-timeout", "2m", *files,
     )  # fmt: skip
+    line = waiting.wait_for("waiting for approval of signing request")
+    request = pending_request(cli, key["id"])
+    assert request["id"] in line
+    # All three files wait on the one request, which lists each one's digest.
+    assert len(request["digests"]) == 3
+    assert request["scope"] == "digests"
+    shown = cli.ok("approval", "show", request["id"], profile="approver").stdout
+    assert all(d["digest"] in shown for d in request["digests"])
+    assert "--expect-digests 3" in shown
+    listed = cli.ok("approval", "list", profile="approver").stdout
+    assert "3 digests" in listed
+    # An approval of a set other than the one listed is refused.
+    stale = cli.run(
+        "approval", "approve", request["id"], "--expect-digests", "2", profile="approver"
+    )
+    assert stale.returncode == 1
+    assert "approval_request_changed" in stale.stderr
+    cli.json("approval", "approve", request["id"], "--expect-digests", "3", profile="approver")
+
+    code, stdout, stderr = waiting.finish()
+    assert code == 0, stderr
+    assert stdout.count("signed ") == 3, stdout
+    verified = cli.json(
+        "verify", "--key", key["name"], "--format", "openpgp", *files, profile="build"
+    )
+    assert [v["valid"] for v in verified] == [True, True, True], verified
+    (grant,) = [g for g in cli.json("grant", "list", "--key", key["id"], profile="approver")
+                if g["request_id"] == request["id"]]  # fmt: skip
+    assert (grant["uses"], grant["max_uses"], grant["status"]) == (3, 1, "used_up")
+
+
+def test_a_later_run_signs_the_approved_digest_with_the_signing_time_it_was_given(
+    cli: Cli, setup: dict[str, Any]
+) -> None:
+    """Without --wait, the pending run prints the signing time its digest holds; a
+    later run given that time sends the same digest, which the grant covers."""
+    key = setup["key"]
+    target = write_file(cli.work / "later.bin", b"signed in a later run")
+    first = cli.run("sign", "--key", key["name"], "--format", "openpgp", target, profile="build")
+    assert first.returncode == EXIT_APPROVAL_PENDING, first.stderr
+    (hint,) = [line for line in first.stderr.splitlines() if "--signing-time" in line]
+    stated = hint.split("--signing-time ")[1].split()[0]
+    request = pending_request(cli, key["id"])
+    cli.json("approval", "approve", request["id"], "--expect-digests", "1", profile="approver")
+    again = cli.json(
+        "sign", "--key", key["name"], "--format", "openpgp", "--signing-time", stated, target,
+        profile="build",
+    )  # fmt: skip
+    assert again[0]["ok"] is True
+    [ok] = cli.json("verify", "--key", key["name"], "--format", "openpgp", target, profile="build")
+    assert ok["valid"] is True
+    # A time that is no time is refused before anything is sent.
+    bad = cli.fails("sign", "--key", key["name"], "--signing-time", "yesterday", target,
+                    profile="build")  # fmt: skip
+    assert "--signing-time" in bad
+
+
+def test_a_pre_approval_says_what_it_covers(cli: Cli, setup: dict[str, Any]) -> None:
+    key = setup["key"]
+    account = setup["account"]["id"]
+    files = [write_file(cli.work / f"pre-{i}.bin", f"pre {i}".encode()) for i in range(3)]
+    terms = ("--key", key["name"], "--account", account, "--expires-in", "1h")
+    unsaid = cli.fails("approval", "pre-approve", *terms, profile="approver")
+    assert "--any-digest" in unsaid
+
+    # One release file, by the digest sha256sum prints: that file only, once.
+    digest = hashlib.sha256(files[0].read_bytes()).hexdigest()
+    listed = cli.json(
+        "approval", "pre-approve", *terms, "--digest", f"sha256:{digest}", "--scheme", "ecdsa",
+        profile="approver",
+    )  # fmt: skip
+    assert listed["scope"] == "digests"
+    assert [d["digest"] for d in listed["digests"]] == [digest]
+    other = cli.run("sign", "--key", key["name"], files[1], profile="build")
+    assert other.returncode == EXIT_APPROVAL_PENDING, other.stderr
+    cli.ok("sign", "--key", key["name"], files[0], profile="build")
+    for r in cli.json("approval", "list", profile="approver"):
+        if r["key_id"] == key["id"]:
+            cli.json("approval", "deny", r["id"], "--comment", "next", profile="approver")
+
+    # Any digest, said on purpose, and shown as such.
+    anything = cli.json(
+        "approval", "pre-approve", *terms, "--any-digest", "--uses", "3", profile="approver"
+    )
+    assert anything["scope"] == "any_digest"
     # The policy allows a single use per grant: the approver cannot widen it.
-    assert grant["grant"]["max_uses"] == 1
-    done = cli.run("sign", "--key", key["name"], "--jobs", "3", *files, profile="build")
+    assert anything["grant"]["max_uses"] == 1
+    assert "ANY digest" in cli.ok("approval", "show", anything["id"], profile="approver").stdout
+    assert "ANY digest" in cli.ok("grant", "list", "--key", key["id"], profile="approver").stdout
+    done = cli.run("sign", "--key", key["name"], "--jobs", "3", *files[1:], profile="build")
     assert done.returncode == EXIT_APPROVAL_PENDING
-    assert sum(Path(f"{f}.sig").exists() for f in files) == 1
-    revoked = cli.json("grant", "revoke", grant["grant"]["id"], profile="approver")
+    assert sum(Path(f"{f}.sig").exists() for f in files[1:]) == 1
+    revoked = cli.json("grant", "revoke", anything["grant"]["id"], profile="approver")
     assert revoked["status"] == "revoked"

@@ -880,3 +880,32 @@ def test_verify_after_a_rotation_accepts_signatures_of_every_version(
     v1.write_text(listed["previous_versions"][0]["public_key_pem"])
     checked = cli.run("verify", "--public-key", v1, before, after, "--json", profile="build")
     assert [r["valid"] for r in json.loads(checked.stdout)] == [True, False]
+
+
+def test_keys_lists_what_signs_and_verify_still_checks_a_revoked_key(
+    cli: Cli, world: dict[str, Any]
+) -> None:
+    """`signery keys` lists what the account can sign with now (`--all`: the others
+    too, with the reason); `signery verify --key` still finds a key that cannot
+    sign any more, for the signatures it made before. (Last in the module: its
+    signature is outside the ledger the audit and usage tests count.)"""
+    cli.json(
+        "key", "create", "withdrawn-p256", "--tsg", world["team"]["id"], "--algorithm", "EC_P256",
+        "--ca", "builtin",
+    )  # fmt: skip
+    signed = write_file(cli.work / "before-revocation.bin", os.urandom(1024))
+    cli.json("sign", "--key", "withdrawn-p256", signed, profile="build")
+    cli.json("key", "revoke-certificate", "withdrawn-p256", "--reason", "superseded")
+
+    assert "withdrawn-p256" not in {k["name"] for k in cli.json("keys", profile="build")}
+    everything = cli.ok("keys", "--all", profile="build").stdout
+    (line,) = [x for x in everything.splitlines() if "withdrawn-p256" in x]
+    assert "no: certificate_revoked" in line
+    [entry] = [
+        k for k in cli.json("keys", "--all", profile="build") if k["name"] == "withdrawn-p256"
+    ]
+    assert (entry["usable"], entry["unusable_reason"]) == (False, "certificate_revoked")
+    refused = cli.fails("sign", "--key", "withdrawn-p256", signed, profile="build")
+    assert "certificate_revoked" in refused
+    [ok] = cli.json("verify", "--key", "withdrawn-p256", signed, profile="build")
+    assert ok["valid"] is True

@@ -36,12 +36,14 @@ SHA256 = DigestAlgorithm.SHA256
 
 @pytest.fixture(scope="module")
 def world(server_api: Api) -> dict[str, Any]:
-    """team ── child; sibling. The account lives in `team`; `dup` names two keys."""
+    """team ── child, child2; sibling. The account lives in `team`; `dup` names two
+    keys as near to it (in child and child2), `near` one in team and one in child."""
     api = server_api
     team = api.create_tsg()
     child = api.create_tsg(parent=team["id"])
+    child2 = api.create_tsg(parent=team["id"])
     sibling = api.create_tsg()
-    dup = api.unique("dup")
+    dup, near = api.unique("dup"), api.unique("near")
     return {
         "team": team,
         "account": api.create_account(team["id"]),
@@ -51,8 +53,13 @@ def world(server_api: Api) -> dict[str, Any]:
         "sibling_key": api.create_key(sibling["id"], "EC_P256", ca="none"),
         "dup_name": dup,
         "dup_keys": [
-            api.create_key(team["id"], "EC_P256", ca="none", name=dup),
             api.create_key(child["id"], "EC_P256", ca="none", name=dup),
+            api.create_key(child2["id"], "EC_P256", ca="none", name=dup),
+        ],
+        "near_name": near,
+        "near_keys": [
+            api.create_key(team["id"], "EC_P256", ca="none", name=near),
+            api.create_key(child["id"], "EC_P256", ca="none", name=near),
         ],
     }
 
@@ -78,7 +85,7 @@ def test_keys_are_exactly_those_of_the_account_subtree(
     ids = {k.id for k in usable}
     assert len(ids) == len(usable)
     expected = {world[k]["id"] for k in ("ec_key", "rsa_key", "child_key")}
-    expected |= {k["id"] for k in world["dup_keys"]}
+    expected |= {k["id"] for k in world["dup_keys"] + world["near_keys"]}
     assert ids == expected
     assert world["sibling_key"]["id"] not in ids
 
@@ -163,6 +170,42 @@ def test_access_token_is_fetched_once_and_reused(
     kinds = [e["kind"] for e in server_api.events_after(seq)]
     assert kinds.count("auth.token.issued") == 1, kinds
     assert kinds.count("signing.sign.succeeded") == len(artifacts), kinds
+
+
+def test_a_name_means_the_nearest_key_to_the_client_and_the_server(
+    client: Client, world: dict[str, Any]
+) -> None:
+    near, far = world["near_keys"]
+    assert client.key(world["near_name"]).id == near["id"]
+    signer = client.signer(world["near_name"])
+    signer.sign(hash_bytes(b"nearest", SHA256))
+    assert signer.last_response is not None
+    assert signer.last_response.key_id == near["id"]
+    # By name on the wire too (the signer sends the id): the server picks the same.
+    by_name = client.sign(world["near_name"], hash_bytes(b"by name", SHA256), SignatureScheme.ECDSA)
+    assert by_name.key_id == near["id"]
+    usable = client.keys()
+    assert {k.id: k.distance for k in usable}[far["id"]] == 1
+
+
+def test_a_key_that_cannot_sign_is_refused_before_anything_is_sent(
+    client: Client, server_api: Api, world: dict[str, Any]
+) -> None:
+    key = server_api.create_key(world["team"]["id"], "EC_P256", ca="none")
+    server_api.ok(
+        server_api.http.post(f"/api/v1/keys/{key['id']}/disable", headers=server_api.admin)
+    )
+    usable = client.keys()
+    assert key["id"] not in {k.id for k in usable}
+    listed = {k.id: k for k in client.keys(everything=True)}
+    assert (listed[key["id"]].usable, listed[key["id"]].unusable_reason) == (False, "key_disabled")
+    seq = server_api.last_seq()
+    with pytest.raises(errors.KeyDisabled):
+        client.signer(key["name"])
+    kinds = [e["kind"] for e in server_api.events_after(seq)]
+    assert not [k for k in kinds if k.startswith("signing.")], kinds
+    # Its public key is still there to verify what it signed before.
+    assert client.key(key["name"], usable=False).public_key_pem == key["public_key_pem"]
 
 
 # ------------------------------------------------------------------ error mapping

@@ -11,6 +11,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -637,3 +638,20 @@ def test_cli_signs_several_files_and_verifies_them(world: World, tmp_path: Path)
     assert bare.returncode == 1
     assert "certificate_required" in bare.stderr
     assert "Traceback" not in bare.stderr
+
+
+def test_a_fixed_signing_time_signs_the_same_digest_again(world: World, tmp_path: Path) -> None:
+    """The signing time is part of what is signed: with the run's fixed time, a file
+    signed again after its approval sends the digest that was approved (PKCS#1
+    v1.5 is deterministic, so the two outputs are byte for byte the same)."""
+    file = tmp_path / "release.tar.gz"
+    file.write_bytes(os.urandom(4096))
+    moment = datetime(2026, 12, 1, 9, 30, 15, tzinfo=UTC)
+    options = SignOptions(scheme=SignatureScheme.RSA_PKCS1V15, signing_time=moment)
+    signer = world.signers[Algorithm.RSA_2048]
+    first = CMS.sign(signer, file, tmp_path / "first.p7s", options).output.read_bytes()
+    second = CMS.sign(signer, file, tmp_path / "second.p7s", options).output.read_bytes()
+    assert first == second
+    info = signer_info(tmp_path / "first.p7s")
+    attributes = {a["type"].native: a["values"][0].native for a in info["signed_attrs"]}
+    assert attributes["signing_time"] == moment

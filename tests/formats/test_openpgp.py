@@ -626,3 +626,19 @@ def test_cli_key_export_sign_and_gpg_verify(
         capture_output=True,
         check=False,
     )
+
+
+def test_a_fixed_signing_time_signs_the_same_digest_again(world: World, tmp_path: Path) -> None:
+    """The creation time is hashed into the signature: with the run's fixed time, a
+    file signed again after its approval sends the digest that was approved (PKCS#1
+    v1.5 is deterministic, so the two packets are byte for byte the same)."""
+    data = os.urandom(4096)
+    # After the key was made (a signature never predates its key).
+    moment = datetime.now().astimezone().replace(microsecond=0)
+    options: dict[str, Any] = {"binary": True, "signing_time": moment}
+    signer = world.signers[Algorithm.RSA_3072]
+    _, first = signed(signer, tmp_path, data, **options)
+    packet = first.read_bytes()
+    _, second = signed(signer, tmp_path, data, **options)
+    assert second.read_bytes() == packet
+    assert int(moment.timestamp()).to_bytes(4, "big") in packet

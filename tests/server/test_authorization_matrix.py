@@ -200,7 +200,11 @@ class World:
 
     @_reusable
     def grant(self, pos: str) -> Json:
-        body = {"key": self.guarded_keys[pos]["id"], "account": self.accounts[pos].id}
+        body = {
+            "key": self.guarded_keys[pos]["id"],
+            "account": self.accounts[pos].id,
+            "scope": "any_digest",
+        }
         request = self.api.ok(
             self.api.http.post("/api/v1/approvals", json=body, headers=self.admin), 201
         )
@@ -901,7 +905,11 @@ CASES: dict[tuple[str, str], Case] = {
         lambda w, pos: Call(
             "POST",
             "/api/v1/approvals",
-            json={"key": w.guarded_keys[pos]["id"], "account": w.accounts[pos].id},
+            json={
+                "key": w.guarded_keys[pos]["id"],
+                "account": w.accounts[pos].id,
+                "scope": "any_digest",
+            },
         ),
         ok=201,
     ),

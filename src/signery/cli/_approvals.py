@@ -43,8 +43,34 @@ def _uses(uses: int | None, unlimited: bool) -> None:
 def _grant_terms(g: p.SigningGrant | None) -> str:
     if g is None:
         return ""
-    limit = "unlimited" if g.max_uses is None else str(g.max_uses)
-    return f"{g.uses}/{limit} uses, {g.status}, expires {g.expires_at:%Y-%m-%d %H:%M}Z"
+    if g.scope is p.GrantScope.DIGESTS:
+        limit = "unlimited" if g.max_uses is None else str(g.max_uses)
+        uses = f"{g.uses}/{_total(g)} uses ({limit} per digest, {_digests(len(g.digests))})"
+    else:
+        uses = f"{g.uses}/{_total(g)} uses of ANY digest"
+    return f"{uses}, {g.status}, expires {g.expires_at:%Y-%m-%d %H:%M}Z"
+
+
+def _total(g: p.SigningGrant) -> str:
+    """All the uses a grant allows (each digest's, for a bound one)."""
+    if g.max_uses is None:
+        return "unlimited"
+    return str(g.max_uses * len(g.digests) if g.scope is p.GrantScope.DIGESTS else g.max_uses)
+
+
+def _covers(scope: p.GrantScope, digests: list[p.ApprovedDigest]) -> str:
+    """What approving (or a grant) lets the account sign, in one cell."""
+    if scope is p.GrantScope.ANY_DIGEST:
+        return "ANY digest"
+    return _digests(len(digests))
+
+
+def _digests(n: int) -> str:
+    return f"{n} digest{'' if n == 1 else 's'}"
+
+
+def _digest_line(d: p.ApprovedDigest) -> str:
+    return f"{d.digest_algorithm.value}:{d.digest} {d.scheme.value}"
 
 
 def _request_details(r: p.ApprovalRequest) -> None:
@@ -56,7 +82,15 @@ def _request_details(r: p.ApprovalRequest) -> None:
         ("requested by", f"{r.requested_by.type.value} {r.requested_by.name or r.requested_by.id}"),
         ("approvals", f"{r.approvals}/{r.required_approvals}"),
         ("justification", r.justification),
-        ("digest", f"{r.digest_algorithm}:{r.digest}" if r.digest else None),
+        # What approving signs: every digest, or, for a pre-approval that said so, any.
+        (
+            "covers",
+            "ANY digest (a pre-approval of the account, not of an artifact)"
+            if r.scope is p.GrantScope.ANY_DIGEST
+            else f"exactly the {_digests(len(r.digests))} below (approve with --expect-digests "
+            f"{len(r.digests)} to approve only this set)",
+        ),
+        *[("digest", _digest_line(d)) for d in r.digests],
         ("client", " ".join(x for x in (r.client_machine, r.client_tool) if x) or None),
         (
             "grant terms",
@@ -91,13 +125,14 @@ def approval_list(
         as_json,
         lambda: table(
             None,
-            ["id", "status", "key", "account", "approvals", "justification", "expires"],
+            ["id", "status", "key", "account", "covers", "approvals", "justification", "expires"],
             [
                 (
                     r.id,
                     r.status.value,
                     r.key_name,
                     r.account_name,
+                    _covers(r.scope, r.digests),
                     f"{r.approvals}/{r.required_approvals}",
                     r.justification,
                     f"{r.expires_at:%Y-%m-%d %H:%M}Z",
@@ -110,7 +145,8 @@ def approval_list(
 
 @approval_app.command("show")
 def approval_show(ctx: typer.Context, request_id: str, as_json: JsonOpt = False) -> None:
-    """One signing request, with its decisions and grant."""
+    """One signing request: every digest it covers (or ANY for an any_digest
+    pre-approval), its decisions and grant."""
     with connection(ctx).admin() as c:
         r = c.call("GET", f"{API}/approvals/{quote(request_id, safe='')}", p.ApprovalRequest)
     emit(r, as_json, lambda: _request_details(r))
@@ -126,13 +162,27 @@ def approval_approve(
     expires_in: Annotated[
         str | None, typer.Option("--expires-in", help="Grant lifetime, e.g. 8h (narrows).")
     ] = None,
+    expect_digests: Annotated[
+        int | None,
+        typer.Option(
+            "--expect-digests",
+            min=0,
+            help="The number of digests `approval show` listed: refused if the request "
+            "changed since (approval_request_changed).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Approve a signing request. --uses and --expires-in can only narrow the grant
-    the key's policy allows (the most restrictive terms of everyone win)."""
+    """Approve a signing request: the grant signs exactly the digests it lists.
+    --uses (per digest) and --expires-in can only narrow the grant the key's policy
+    allows (the most restrictive terms of everyone win)."""
     _uses(uses, unlimited)
     body = p.ApprovalDecide(
-        comment=comment, max_uses=uses, unlimited=unlimited, expires_in_hours=_hours(expires_in)
+        comment=comment,
+        max_uses=uses,
+        unlimited=unlimited,
+        expires_in_hours=_hours(expires_in),
+        digest_count=expect_digests,
     )
     _decide(ctx, request_id, "approve", body, as_json)
 
@@ -171,12 +221,32 @@ def approval_pre_approve(
     ],
     uses: UsesOpt = None,
     unlimited: UnlimitedOpt = False,
+    digest: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--digest",
+            help="ALGORITHM:HEX the account may sign, e.g. sha256:9f86d0... (repeat for "
+            "several; needs --scheme).",
+        ),
+    ] = None,
+    scheme: Annotated[
+        p.SignatureScheme | None, typer.Option(help="The scheme of the --digest signatures.")
+    ] = None,
+    any_digest: Annotated[
+        bool,
+        typer.Option(
+            "--any-digest",
+            help="Approve ANY digest the account sends (within uses and time) instead of "
+            "listed ones: say so on purpose.",
+        ),
+    ] = False,
     key_tsg: Annotated[str | None, typer.Option("--key-tsg", help="The key's TSG id.")] = None,
     comment: CommentOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Approve an account's signing with a key ahead of a release (counts as your
-    approval; with M-of-N approval, others must still approve)."""
+    approval; with M-of-N approval, others must still approve). Say what it covers:
+    the artifacts' digests (--digest, --scheme), or --any-digest."""
     _uses(uses, unlimited)
     hours = _hours(expires_in)
     assert hours is not None
@@ -188,10 +258,39 @@ def approval_pre_approve(
         unlimited=unlimited,
         expires_in_hours=hours,
         comment=comment,
+        **_pre_approval_scope(digest or [], scheme, any_digest),
     )
     with connection(ctx).admin() as c:
-        r = c.call("POST", f"{API}/approvals", p.ApprovalRequest, json=body.model_dump())
+        r = c.call("POST", f"{API}/approvals", p.ApprovalRequest, json=body.model_dump(mode="json"))
     emit(r, as_json, lambda: _request_details(r))
+
+
+def _pre_approval_scope(
+    digests: list[str], scheme: p.SignatureScheme | None, any_digest: bool
+) -> dict[str, Any]:
+    """The scope fields of a pre-approval: never a silent default to any digest."""
+    if any_digest:
+        if digests or scheme is not None:
+            raise ClientError("--any-digest approves any digest: give no --digest or --scheme")
+        return {"scope": p.GrantScope.ANY_DIGEST}
+    if not digests:
+        raise ClientError("say what the pre-approval covers: --digest ALG:HEX, or --any-digest")
+    if scheme is None:
+        raise ClientError("--digest needs --scheme (the signatures' scheme, e.g. ecdsa)")
+    items = []
+    for text in digests:
+        algorithm, _, hex_digest = text.partition(":")
+        try:
+            items.append(
+                p.DigestToSign(
+                    digest=hex_digest, digest_algorithm=p.DigestAlgorithm(algorithm), scheme=scheme
+                )
+            )
+        except ValueError:
+            raise ClientError(
+                f"--digest {text!r}: expected ALGORITHM:HEX, such as sha256:9f86d081..."
+            ) from None
+    return {"scope": p.GrantScope.DIGESTS, "digests": items}
 
 
 @grant_app.command("list")
@@ -211,13 +310,14 @@ def grant_list(
         as_json,
         lambda: table(
             None,
-            ["id", "key", "account", "uses", "status", "expires"],
+            ["id", "key", "account", "covers", "uses", "status", "expires"],
             [
                 (
                     g.id,
                     g.key_name,
                     g.account_name,
-                    f"{g.uses}/{'unlimited' if g.max_uses is None else g.max_uses}",
+                    _covers(g.scope, g.digests),
+                    f"{g.uses}/{_total(g)}",
                     g.status,
                     f"{g.expires_at:%Y-%m-%d %H:%M}Z",
                 )

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -166,25 +167,40 @@ def logout(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     )
 
 
-def keys(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Keys your built-in account may sign with."""
+def keys(
+    ctx: typer.Context,
+    everything: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Also the keys you cannot sign with now, each with the reason "
+            "(their public keys still verify earlier signatures).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Keys your built-in account can sign with now. A name means the nearest key:
+    the one in your own TSG first, then below it ("distance")."""
     with connection(ctx).signing() as c:
-        found = c.keys()
+        found = c.keys(everything=everything)
+    columns = ["name", "id", "tsg", "distance", "algorithm", "version", "schemes", "certificate"]
     emit(
         found,
         as_json,
         lambda: table(
             None,
-            ["name", "id", "tsg", "algorithm", "version", "schemes", "certificate"],
+            [*columns, "usable"] if everything else columns,
             [
                 (
                     k.name,
                     k.id,
                     k.tsg_id,
+                    k.distance,
                     k.algorithm.value,
                     k.current_version,
                     ", ".join(s.value for s in k.schemes),
                     "yes" if k.certificate_chain else "no",
+                    *([("yes" if k.usable else f"no: {k.unusable_reason}")] if everything else []),
                 )
                 for k in found
             ],
@@ -382,6 +398,15 @@ def sign(
         str | None,
         typer.Option(help="Why you sign: shown to approvers when the key requires approval."),
     ] = None,
+    signing_time: Annotated[
+        str | None,
+        typer.Option(
+            "--signing-time",
+            help="The time the signature states (ISO 8601; default: now). To sign again "
+            "after an approval, give the one the pending run printed: cms, authenticode, "
+            "jar and openpgp sign it, so it is part of the approved digests.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Hash each file locally and write its signature in the chosen format.
@@ -393,7 +418,9 @@ def sign(
 
     A key whose policy requires approval signs only with a grant: without one the
     server records a signing request for approvers (all files of one run share
-    it) and the command prints its id and exits with status 3. With --wait it
+    it; it lists each file's digest, and approving it signs exactly those) and
+    the command prints its id and the signing time to sign again with
+    (--signing-time), and exits with status 3. With --wait it
     polls until the request is approved (then signs), denied (status 1, with the
     approver's comment) or --wait-timeout passes (status 3, request id printed).
 
@@ -401,6 +428,10 @@ def sign(
     it, temporary files are removed, files signed in place are left as they were,
     and stderr lists what was and was not signed (status 130 or 143)."""
     timeout_seconds = parse_duration(wait_timeout)
+    # One signing time for the run: a file signed again after its approval (--wait,
+    # or a later run with --signing-time) sends the same digest as the first time,
+    # the one approved.
+    stated = _signing_time(signing_time)
     _check_files(files)
     if output is not None and len(files) != 1:
         raise ClientError("-o/--output works with exactly one file")
@@ -436,6 +467,7 @@ def sign(
         append=append,
         binary=binary,
         interrupted=interruption.event,
+        signing_time=stated,
     )
     progress = None if as_json else _progress(files)
     not_started = Interrupted("stopped before it was started")
@@ -484,7 +516,7 @@ def sign(
         if as_json:
             print_json(
                 [
-                    _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r)
+                    _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r, stated)
                     for f, r in zip(files, results, strict=True)
                 ]
             )
@@ -499,7 +531,7 @@ def sign(
     if as_json:
         print_json(
             [
-                _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r)
+                _sign_json(r) if isinstance(r, SignResult) else _failure_json(f, r, stated)
                 for f, r in zip(files, results, strict=True)
             ]
         )
@@ -512,10 +544,11 @@ def sign(
             else:
                 err.print(f"[red]failed[/] {f}: {r.code}: {r.detail}", highlight=False)
     if pending:
+        again = f"sign again with --signing-time {stated:%Y-%m-%dT%H:%M:%SZ} once approved"
         for request_id in dict.fromkeys(r.request_id for r in pending):
             err.print(
                 f"approval pending: signing request {request_id}; "
-                + ("--wait-timeout ran out" if wait else "sign again once approved, or use --wait"),
+                + ("--wait-timeout ran out" if wait else f"{again}, or use --wait"),
                 highlight=False,
             )
         raise typer.Exit(EXIT_APPROVAL_PENDING)
@@ -535,9 +568,13 @@ def _wait_and_sign(
     """Wait for the approval of every pending file's signing request, then sign
     those files again (the grant is used), until none waits or the time is up.
 
-    The files of one run share one signing request (the server reuses the
-    account's pending request for the key). A grant with fewer uses than files
-    signs some of them; the others make a new request, waited for in turn."""
+    The files of one run share one signing request, which lists each file's
+    digest (the server adds them to the account's open request for the key), and
+    its grant signs exactly those digests: each file is signed again with the same
+    options and signing time, so it sends the digest that was approved. A file
+    whose digest the grant does not cover (a batch larger than one request holds,
+    or one that joined after an approver decided) makes a new request, waited for
+    in turn."""
     deadline = time.monotonic() + timeout
     results = list(results)
     with contextlib.suppress(Interrupted):  # Ctrl-C: the files still waiting stay pending
@@ -621,7 +658,7 @@ def _advance(progress: Progress, task: TaskID) -> Callable[[int], None]:
     return lambda n: progress.advance(task, n)
 
 
-def _failure_json(file: Path, error: SigneryError) -> dict[str, object]:
+def _failure_json(file: Path, error: SigneryError, signing_time: datetime) -> dict[str, object]:
     failure: dict[str, object] = {
         "file": str(file),
         "ok": False,
@@ -630,7 +667,26 @@ def _failure_json(file: Path, error: SigneryError) -> dict[str, object]:
     }
     if "request_id" in error.extra:
         failure["request_id"] = error.extra["request_id"]
+    if isinstance(error, ApprovalPending):
+        # What to pass as --signing-time to sign the approved digests later.
+        failure["signing_time"] = signing_time.strftime("%Y-%m-%dT%H:%M:%SZ")
     return failure
+
+
+def _signing_time(text: str | None) -> datetime:
+    """--signing-time (ISO 8601, UTC when it names no offset), or now; whole seconds
+    (what CMS and OpenPGP state)."""
+    if text is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ClientError(
+            f"--signing-time {text!r}: expected ISO 8601, such as 2026-12-07T09:30:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).replace(microsecond=0)
 
 
 def _sign_json(r: SignResult) -> dict[str, object]:
@@ -688,7 +744,9 @@ def verify(
     else:
         assert key is not None
         with connection(ctx).signing() as c:
-            found = c.key(key)
+            # Also a key that cannot sign any more (disabled, certificate revoked):
+            # what it signed before still verifies with its public keys.
+            found = c.key(key, usable=False)
         # The current version first, then the earlier ones: a signature made before
         # a rotation verifies with the version that made it.
         keys = [load_public_key_pem(found.public_key_pem)] + [

@@ -231,26 +231,46 @@ class Client:
 
     # ------------------------------------------------------------ signing plane
 
-    def keys(self) -> list[p.SigningKeySummary]:
-        """Keys this account may sign with."""
+    def keys(self, *, everything: bool = False) -> list[p.SigningKeySummary]:
+        """Keys this account can sign with now; with ``everything``, every key it can
+        see, the others marked ``usable=False`` with an ``unusable_reason``."""
+        params = {"all": "true"} if everything else None
         return self._parse(
-            list[p.SigningKeySummary], self._signing("GET", f"{p.API_PREFIX}/signing/keys")
+            list[p.SigningKeySummary],
+            self._signing("GET", f"{p.API_PREFIX}/signing/keys", params=params),
         )
 
-    def key(self, name: str) -> p.SigningKeySummary:
-        matches = [k for k in self.keys() if name in (k.name, k.id)]
+    def key(self, name: str, *, usable: bool = True) -> p.SigningKeySummary:
+        """The key a name (or id) means for this account, resolved as the server
+        does: the nearest key, keys at the same distance being ambiguous. With
+        ``usable`` (to sign), a key the account cannot sign with now is refused
+        here with the server's reason, before anything is hashed or sent; without
+        (to verify), its public keys are returned all the same."""
+        listed = self.keys(everything=True)
+        matches = [k for k in listed if k.id == name] or [k for k in listed if k.name == name]
+        if matches:
+            # Older servers send no distance: every match is then as near.
+            best = min(k.distance or 0 for k in matches)
+            matches = [k for k in matches if (k.distance or 0) == best]
         if not matches:
             raise error_from_problem(
-                {"code": "key_not_found", "detail": f"no usable key named {name!r}"}
+                {"code": "key_not_found", "detail": f"no key named {name!r} is visible"}
             )
         if len(matches) > 1:
             raise error_from_problem(
                 {
                     "code": "key_name_ambiguous",
-                    "detail": f"several keys are named {name!r}; use the key id",
+                    "detail": f"several keys named {name!r} are as near; use the key id",
+                    "candidates": [{"id": k.id, "tsg_id": k.tsg_id} for k in matches],
                 }
             )
-        return matches[0]
+        found = matches[0]
+        if usable and not found.usable:
+            reason = found.unusable_reason or "key_not_active"
+            raise error_from_problem(
+                {"code": reason, "detail": f"key {found.name!r} cannot sign for you: {reason}"}
+            )
+        return found
 
     def sign(
         self,
@@ -409,14 +429,20 @@ class Client:
             )
         return self._send(method, path, auth=f"Bearer {self._api_token}", json=json, params=params)
 
-    def _signing(self, method: str, path: str, json: Any = None) -> httpx.Response:
+    def _signing(
+        self, method: str, path: str, json: Any = None, params: Mapping[str, Any] | None = None
+    ) -> httpx.Response:
         try:
-            return self._send(method, path, auth=f"Bearer {self.access_token()}", json=json)
+            return self._send(
+                method, path, auth=f"Bearer {self.access_token()}", json=json, params=params
+            )
         except SigneryError as e:
             if e.code != "invalid_token":
                 raise
         # The token may have been revoked by a server restart with a new key: retry once.
-        return self._send(method, path, auth=f"Bearer {self.access_token(refresh=True)}", json=json)
+        return self._send(
+            method, path, auth=f"Bearer {self.access_token(refresh=True)}", json=json, params=params
+        )
 
     def _send(
         self,

@@ -8,6 +8,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -58,6 +59,12 @@ class SignOptions:
                 progress(size)
 
         return chunk
+
+    # When the signature says it was made (CMS, Authenticode and JAR signingTime,
+    # OpenPGP creation time); None: now. A run fixes it, so that signing again
+    # after an approval sends the very digest the approvers approved (the time is
+    # part of what is signed in these formats).
+    signing_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

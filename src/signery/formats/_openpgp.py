@@ -381,11 +381,11 @@ def _trailer(hashed_part: bytes) -> bytes:
     return b"\x04\xff" + struct.pack(">I", len(hashed_part))
 
 
-def _signature_time(key: OpenPgpKey) -> int:
+def _signature_time(key: OpenPgpKey, when: datetime | None = None) -> int:
     # A signature cannot predate its key (gpg reports a time conflict and fails):
     # a build machine whose clock is a little behind the server's still produces
     # a verifiable signature.
-    return max(int(time.time()), key.created)
+    return max(int(when.timestamp()) if when is not None else int(time.time()), key.created)
 
 
 def _sign_packet(
@@ -676,7 +676,7 @@ class OpenPgpFormat:
             )
         plan = _plan(signer, options.digest_algorithm, options.scheme)
         subpackets = _subpacket(
-            SUB_CREATION_TIME, struct.pack(">I", _signature_time(plan.key))
+            SUB_CREATION_TIME, struct.pack(">I", _signature_time(plan.key, options.signing_time))
         ) + _subpacket(SUB_ISSUER_FINGERPRINT, b"\x04" + plan.key.fingerprint_bytes)
         hashed_part = _hashed_part(SIG_BINARY_DOCUMENT, plan.key, plan.digest_algorithm, subpackets)
         h = _hash_file(file, plan.digest_algorithm, options.on_chunk)

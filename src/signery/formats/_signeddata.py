@@ -201,7 +201,7 @@ def build_signed_data(
         cms.CMSAttribute({"type": "message_digest", "values": [message_digest.digest]}),
     ]
     if signing_time:
-        now = datetime.now(UTC).replace(microsecond=0)
+        now = (options.signing_time or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
         # RFC 5652 §11.3: UTCTime through 2049, GeneralizedTime after.
         time = cms.Time(name="utc_time" if now.year < 2050 else "generalized_time", value=now)
         attributes.append(cms.CMSAttribute({"type": "signing_time", "values": [time]}))

@@ -327,6 +327,39 @@ def decide_signing(rules: SigningRules, facts: SigningFacts) -> Decision:
     """May this signing go ahead under the key's policy? Rules are checked in a
     fixed order (signers, schemes, digests, client IP, time windows, validity);
     the first that refuses names the reason (an error code)."""
+    use = KeyUseFacts(facts.account_id, facts.account_tsg_path, facts.client_ip, facts.now)
+    signer = _decide_signer(rules, use)
+    if isinstance(signer, Denied):
+        return signer
+    if rules.schemes is not None and facts.scheme not in rules.schemes:
+        return Denied(PolicySchemeNotAllowed.code, visible=True)
+    if rules.digests is not None and facts.digest_algorithm not in rules.digests:
+        return Denied(PolicyDigestNotAllowed.code, visible=True)
+    return _decide_where_and_when(rules, use)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUseFacts:
+    """Who would sign, from where and when: what the signing plane's key listing
+    knows before any request names a scheme or a digest."""
+
+    account_id: str
+    account_tsg_path: str
+    client_ip: str | None
+    now: datetime
+
+
+def decide_key_use(rules: SigningRules, facts: KeyUseFacts) -> Decision:
+    """Could this account sign with the key now, from this address (the key
+    listing's question)? The rules of ``decide_signing`` that do not depend on
+    the request, in the same order, with the same reasons."""
+    signer = _decide_signer(rules, facts)
+    if isinstance(signer, Denied):
+        return signer
+    return _decide_where_and_when(rules, facts)
+
+
+def _decide_signer(rules: SigningRules, facts: KeyUseFacts) -> Decision:
     if rules.signers is not None or rules.signer_tsg_paths is not None:
         named = rules.signers is not None and facts.account_id in rules.signers
         in_tsg = rules.signer_tsg_paths is not None and any(
@@ -334,10 +367,10 @@ def decide_signing(rules: SigningRules, facts: SigningFacts) -> Decision:
         )
         if not (named or in_tsg):
             return Denied(SignerNotAllowed.code, visible=True)
-    if rules.schemes is not None and facts.scheme not in rules.schemes:
-        return Denied(PolicySchemeNotAllowed.code, visible=True)
-    if rules.digests is not None and facts.digest_algorithm not in rules.digests:
-        return Denied(PolicyDigestNotAllowed.code, visible=True)
+    return Allowed()
+
+
+def _decide_where_and_when(rules: SigningRules, facts: KeyUseFacts) -> Decision:
     if rules.networks is not None and not _ip_allowed(facts.client_ip, rules.networks):
         return Denied(ClientIpNotAllowed.code, visible=True)
     if rules.windows is not None:

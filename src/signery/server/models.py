@@ -3,7 +3,12 @@
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
-from signery.server.approvals.models import ApprovalDecisionRow, SigningGrantRow, SigningRequestRow
+from signery.server.approvals.models import (
+    ApprovalDecisionRow,
+    SigningGrantRow,
+    SigningRequestDigestRow,
+    SigningRequestRow,
+)
 from signery.server.audit.models import (
     AuditChainHeadRow,
     AuditCheckpointRow,
@@ -51,6 +56,7 @@ __all__ = [
     "ServerMetaRow",
     "SigningGrantRow",
     "SigningKeyRow",
+    "SigningRequestDigestRow",
     "SigningRequestRow",
     "SubjectPolicyRow",
     "TsgRow",

@@ -50,9 +50,19 @@ class Signer:
         self.token = api.access_token(account)
         self.n = 0
 
-    def sign(self, justification: str | None = None) -> httpx.Response:
-        self.n += 1
-        digest = hashlib.sha256(f"{self.account.id}-{self.n}".encode()).digest()
+    def digest(self, n: int) -> bytes:
+        """This signer's ``n``-th artifact digest (SHA-256)."""
+        return hashlib.sha256(f"{self.account.id}-{n}".encode()).digest()
+
+    def sign(
+        self, justification: str | None = None, *, again: bool = False, digest: bytes | None = None
+    ) -> httpx.Response:
+        """Sign the next digest (``again``: the same one as last time, as a client
+        does once its request is approved; or exactly ``digest``)."""
+        if digest is None:
+            if not again:
+                self.n += 1
+            digest = self.digest(self.n)
         body: dict[str, Any] = {
             "digest": base64.b64encode(digest).decode(),
             "digest_algorithm": "sha256",
@@ -136,7 +146,7 @@ def test_request_approve_sign_once_then_pending_again(
     usage = api.usage()
     first = pending(s.sign(justification="release 1.2"))
     # Concurrent retries of the same account share the one pending request.
-    again = pending(s.sign())
+    again = pending(s.sign(again=True))
     assert again["request_id"] == first["request_id"]
     assert api.usage() == usage, "a pending request is not a signature and is not counted"
     events = api.events_after(seq)
@@ -164,7 +174,8 @@ def test_request_approve_sign_once_then_pending_again(
     assert state["grant"]["id"] == grant["id"]
 
     seq = api.last_seq()
-    signed = s.sign()
+    # The client signs again what it asked for: the grant covers that digest.
+    signed = s.sign(again=True)
     assert signed.status_code == 200, signed.text
     (event,) = api.events_after(seq)
     assert event["kind"] == "signing.sign.succeeded"
@@ -220,7 +231,7 @@ def test_a_pre_approver_cannot_approve_again_and_two_of_two_needs_two_people(
     api: Api, tsg: dict[str, Any], approver: Person, approver2: Person
 ) -> None:
     s = signer(api, tsg, required=2)
-    created = api.ok(pre_approve(api, approver, s, max_uses=1), 201)
+    created = api.ok(pre_approve(api, approver, s, max_uses=1, scope="any_digest"), 201)
     assert created["status"] == "pending_approval"
     assert created["approvals"] == 1
     assert created["requested_by"]["id"] == approver.id
@@ -252,7 +263,7 @@ def test_two_of_two_on_a_signing_request(
     refusal_of(api, seq, "approval_already_decided")
     assert s.sign().status_code == 202
     assert api.ok(decide(api, approver2, request_id, "approve"))["status"] == "approved"
-    assert s.sign().status_code == 200
+    assert s.sign(digest=s.digest(1)).status_code == 200
     seq = api.last_seq()
     closed = decide(api, approver2, request_id, "deny", comment="too late")
     assert closed.status_code == 409
@@ -308,7 +319,9 @@ def test_an_expired_grant_is_refused(
     api: Api, tsg: dict[str, Any], approver: Person, clock: FakeClock
 ) -> None:
     s = signer(api, tsg, required=1)
-    created = api.ok(pre_approve(api, approver, s, max_uses=5, expires_in_hours=1), 201)
+    created = api.ok(
+        pre_approve(api, approver, s, max_uses=5, expires_in_hours=1, scope="any_digest"), 201
+    )
     assert created["status"] == "approved"
     assert created["grant"]["max_uses"] == 1, "the policy's single use bounds the grant"
     clock.advance(HOUR + 1)
@@ -366,12 +379,14 @@ def test_n_use_and_unlimited_grants_and_revocation(
     api: Api, tsg: dict[str, Any], approver: Person
 ) -> None:
     s = signer(api, tsg, required=1, grant_max_uses=None, grant_ttl_hours=48)
-    three = api.ok(pre_approve(api, approver, s, max_uses=3, expires_in_hours=24), 201)
+    three = api.ok(
+        pre_approve(api, approver, s, max_uses=3, expires_in_hours=24, scope="any_digest"), 201
+    )
     assert three["grant"]["max_uses"] == 3
     assert [s.sign().status_code for _ in range(4)] == [200, 200, 200, 202]
 
     t = Signer(api, api.create_account(tsg["id"]), s.key)
-    no_expiry = pre_approve(api, approver, t, unlimited=True, max_uses=None)
+    no_expiry = pre_approve(api, approver, t, unlimited=True, max_uses=None, scope="any_digest")
     assert no_expiry.status_code == 201  # expires_in_hours defaults to 24 on pre-approvals
     grant = no_expiry.json()["grant"]
     assert grant["max_uses"] is None
@@ -401,14 +416,15 @@ def test_an_approver_narrows_the_grant_and_unlimited_needs_an_expiry(
     decided = api.ok(decide(api, approver, request_id, "approve", max_uses=2, expires_in_hours=8))
     assert decided["grant"]["max_uses"] == 2
     assert decided["grant_ttl_hours"] == 8
-    assert [s.sign().status_code for _ in range(3)] == [200, 200, 202]
+    # Two uses of the one digest approved.
+    assert [s.sign(again=True).status_code for _ in range(3)] == [200, 200, 202]
 
 
 def test_a_single_use_grant_signs_exactly_once_under_concurrency(
     api: Api, tsg: dict[str, Any], approver: Person
 ) -> None:
     s = signer(api, tsg, required=1)
-    api.ok(pre_approve(api, approver, s, max_uses=1), 201)
+    api.ok(pre_approve(api, approver, s, max_uses=1, scope="any_digest"), 201)
     seq = api.last_seq()
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda _: s.sign(), range(8)))

@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from signery.protocol import GrantScope
 from signery.server.db import Base, UtcDateTime
 
 
@@ -30,10 +31,9 @@ class SigningRequestRow(Base):
     requested_by_type: Mapped[str] = mapped_column(String(16))
     requested_by_id: Mapped[str] = mapped_column(String(36))
     requested_by_name: Mapped[str | None] = mapped_column(String(256))
-    # What the account first asked to sign, shown to approvers (hex digest).
-    digest_algorithm: Mapped[str | None] = mapped_column(String(16))
-    digest: Mapped[str | None] = mapped_column(String(128))
-    scheme: Mapped[str | None] = mapped_column(String(16))
+    # digests: approving it signs exactly its SigningRequestDigestRow items;
+    # any_digest: a pre-approval that said so (signery.protocol.GrantScope).
+    scope: Mapped[str] = mapped_column(String(16), server_default=GrantScope.DIGESTS.value)
     client_machine: Mapped[str | None] = mapped_column(String(256))
     client_tool: Mapped[str | None] = mapped_column(String(256))
     justification: Mapped[str | None] = mapped_column(Text)
@@ -48,6 +48,36 @@ class SigningRequestRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SigningRequestDigestRow(Base):
+    """One artifact a request covers: (digest, digest_algorithm, scheme), shown to
+    approvers. Items join a pending request until its first decision (a batch of
+    files is one request); from then on the set is fixed, and the grant the
+    approval makes signs exactly these items, each at most the grant's
+    ``max_uses`` times (counted in ``uses``, taken by one conditional UPDATE)."""
+
+    __tablename__ = "signing_request_digests"
+    __table_args__ = (
+        # Named by hand: the conventional name is longer than PostgreSQL's 63 bytes.
+        UniqueConstraint(
+            "request_id",
+            "digest_algorithm",
+            "digest",
+            "scheme",
+            name="uq_signing_request_digests_item",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("signing_requests.id"), index=True)
+    # Order of arrival, for approvers reading a batch in the order it was signed.
+    position: Mapped[int] = mapped_column(Integer)
+    digest_algorithm: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(128))  # hex, lowercase
+    scheme: Mapped[str] = mapped_column(String(16))
+    uses: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class ApprovalDecisionRow(Base):
@@ -67,10 +97,12 @@ class ApprovalDecisionRow(Base):
 
 
 class SigningGrantRow(Base):
-    """Permission for one account to sign with one approval-guarded key,
-    bounded in uses (``max_uses``; None = unlimited) and always in time.
-    A signing consumes a use with one conditional UPDATE, so a single-use
-    grant signs exactly once however many requests race for it."""
+    """Permission for one account to sign with one approval-guarded key: the
+    digests its request lists (or, for an ``any_digest`` pre-approval, any
+    digest), bounded in uses (``max_uses``; None = unlimited) and always in time.
+    A signing takes a use with one conditional UPDATE that also checks the
+    digest, so a single-use grant signs exactly once however many requests race
+    for it, and never anything its approvers did not see."""
 
     __tablename__ = "signing_grants"
 
@@ -78,6 +110,9 @@ class SigningGrantRow(Base):
     key_id: Mapped[str] = mapped_column(ForeignKey("signing_keys.id"), index=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     request_id: Mapped[str | None] = mapped_column(ForeignKey("signing_requests.id"))
+    # digests: only its request's items (max_uses is per item); any_digest: any
+    # digest (max_uses in all). signery.protocol.GrantScope.
+    scope: Mapped[str] = mapped_column(String(16), server_default=GrantScope.DIGESTS.value)
     max_uses: Mapped[int | None] = mapped_column(Integer)
     uses: Mapped[int] = mapped_column(Integer)
     expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -29,7 +29,9 @@ def list_approvals(
 def pre_approve(
     body: p.PreApprovalCreate, principal: PrincipalDep, services: ServicesDep, ctx: ContextDep
 ) -> p.ApprovalRequest:
-    """Pre-approve an account's signing with a key (counts as your approval)."""
+    """Pre-approve an account's signing with a key (counts as your approval). The
+    body says what it covers, with no default: ``scope: digests`` and the digests,
+    or ``scope: any_digest`` for any digest."""
     return services.approvals.pre_approve(principal, body, ctx)
 
 
@@ -48,6 +50,8 @@ def approve(
     services: ServicesDep,
     ctx: ContextDep,
 ) -> p.ApprovalRequest:
+    """Approve: the grant signs exactly the digests the request lists (``digest_count``
+    refuses the approval if they are not the number you reviewed)."""
     return services.approvals.decide(principal, request_id, body, approve=True, ctx=ctx)
 
 

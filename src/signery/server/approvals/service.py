@@ -5,6 +5,16 @@ grant for it. Without one, the signing plane records a *signing request*
 (HTTP 202) that approvers decide on; ``required_approvals`` distinct eligible
 approvers approving it create the grant, one deny denies it.
 
+What a grant signs is what its approvers saw. A request made by the signing
+plane lists the (digest, digest_algorithm, scheme) items it covers: the
+account's other signings with the key join its open request while no approver
+has decided on it yet (a batch of files is one decision, up to
+``MAX_REQUEST_DIGESTS``), and from the first decision on the set is fixed. The
+grant it makes (scope ``digests``) signs exactly those items, each at most
+``max_uses`` times. Only a pre-approval that says ``any_digest`` on purpose makes
+a grant for any digest; its scope is shown to approvers, in the grant and in
+every audit event.
+
 Who is eligible: a user holding ``signery.signing.approve`` on the key's TSG
 and, when the policy names approvers, one of them. The requester (the account
 that asked, or the user who made a pre-approval) never approves its own request.
@@ -17,30 +27,34 @@ never larger. The narrowed terms are kept on the request as decisions arrive,
 so the grant is made from them when the last required approval comes in. The
 lifetime counts from that moment.
 
-Consuming a grant use is ONE conditional UPDATE (still valid, uses left), so a
-single-use grant signs exactly once however many requests race for it; the
-database decides, on every replica. Deciding locks the request row (``FOR
-UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` serializes writers), so two
-approvers approving at once cannot make two grants.
+Consuming a grant use is ONE conditional UPDATE (still valid, this digest,
+uses left), so a single-use grant signs exactly once however many requests race
+for it, and never another digest; the database decides, on every replica.
+Deciding locks the request row (``FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN
+IMMEDIATE`` serializes writers), so two approvers approving at once cannot make
+two grants, and no digest joins a request while it is being decided.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
+from signery.crypto import Hashed, check_scheme
 from signery.errors import (
     AccountNotFound,
     AlreadyDecided,
     ApprovalClosed,
+    ApprovalRequestChanged,
     ApprovalRequestNotFound,
     GrantNotFound,
     InvalidRequest,
@@ -50,11 +64,19 @@ from signery.errors import (
     SelfApprovalForbidden,
     SigneryError,
 )
-from signery.protocol import ApprovalStatus, AuditOutcome, PrincipalType
+from signery.protocol import (
+    Algorithm,
+    ApprovalStatus,
+    AuditOutcome,
+    GrantScope,
+    PrincipalType,
+    SignatureScheme,
+)
 from signery.server.accounts.models import AccountRow
 from signery.server.approvals.models import (
     ApprovalDecisionRow,
     SigningGrantRow,
+    SigningRequestDigestRow,
     SigningRequestRow,
 )
 from signery.server.audit.recorder import (
@@ -79,8 +101,18 @@ DENY = "deny"
 GRANT_EXPIRED = "grant_expired"
 GRANT_USED_UP = "grant_used_up"
 GRANT_REVOKED = "grant_revoked"
+GRANT_DIGEST_MISMATCH = "grant_digest_mismatch"
+# Why the account's grants did not sign, most telling first (details.grant_state).
+LAPSED = (
+    ("digest_mismatch", GRANT_DIGEST_MISMATCH),
+    ("used_up", GRANT_USED_UP),
+    ("expired", GRANT_EXPIRED),
+    ("revoked", GRANT_REVOKED),
+)
 APPROVAL_REQUIRED = "approval_required"
 POLICY_CACHE_SIZE = 1024
+DIGESTS = GrantScope.DIGESTS.value
+ANY_DIGEST = GrantScope.ANY_DIGEST.value
 
 _G = table(SigningGrantRow)
 
@@ -127,6 +159,76 @@ class GrantUse:
     """A grant use taken for a signing (given back if no signature leaves)."""
 
     grant_id: str
+    scope: GrantScope
+    # The request item whose use was taken (bound grants).
+    item_id: str | None = None
+
+
+class _Item(NamedTuple):
+    """What a signing signs, as requests and grants record it (hex digest)."""
+
+    digest_algorithm: str
+    digest: str
+    scheme: str
+
+
+class _Found(NamedTuple):
+    id: str
+    uses: int
+
+
+def _digest_counts(s: Session, request_ids: Sequence[str]) -> dict[str, int]:
+    """How many digests each of these requests lists."""
+    if not request_ids:
+        return {}
+    rows = s.execute(
+        select(SigningRequestDigestRow.request_id, func.count())
+        .where(SigningRequestDigestRow.request_id.in_(request_ids))
+        .group_by(SigningRequestDigestRow.request_id)
+    )
+    return {request_id: int(n) for request_id, n in rows}
+
+
+def _matching_items(s: Session, request_ids: Sequence[str], item: _Item) -> dict[str, _Found]:
+    """The item of each of these requests that is exactly this signing."""
+    if not request_ids:
+        return {}
+    rows = s.execute(
+        select(
+            SigningRequestDigestRow.request_id,
+            SigningRequestDigestRow.id,
+            SigningRequestDigestRow.uses,
+        ).where(
+            SigningRequestDigestRow.request_id.in_(request_ids),
+            SigningRequestDigestRow.digest_algorithm == item.digest_algorithm,
+            SigningRequestDigestRow.digest == item.digest,
+            SigningRequestDigestRow.scheme == item.scheme,
+        )
+    )
+    return {request_id: _Found(item_id, uses) for request_id, item_id, uses in rows}
+
+
+def _digest_row(
+    request_id: str, position: int, item: _Item, now: datetime
+) -> SigningRequestDigestRow:
+    return SigningRequestDigestRow(
+        id=new_id(),
+        request_id=request_id,
+        position=position,
+        digest_algorithm=item.digest_algorithm,
+        digest=item.digest,
+        scheme=item.scheme,
+        uses=0,
+        created_at=now,
+    )
+
+
+def _digests_detail(items: Sequence[SigningRequestDigestRow]) -> list[dict[str, str]]:
+    """The digests of a request, as audit events name them."""
+    return [
+        {"digest_algorithm": d.digest_algorithm, "digest": d.digest, "scheme": d.scheme}
+        for d in items
+    ]
 
 
 def _new_request(policy: p.ApprovalPolicy, now: datetime, **fields: Any) -> SigningRequestRow:
@@ -146,12 +248,16 @@ def _new_request(policy: p.ApprovalPolicy, now: datetime, **fields: Any) -> Sign
     )
 
 
-def grant_status(g: SigningGrantRow, now: datetime) -> str:
+def grant_status(g: SigningGrantRow, now: datetime, digest_count: int) -> str:
+    """valid, used_up, expired or revoked. A bound grant is used up when each of its
+    ``digest_count`` digests has had its ``max_uses`` (each item is capped, so the
+    total tells)."""
     if g.revoked_at is not None:
         return "revoked"
     if g.expires_at <= now:
         return "expired"
-    if g.max_uses is not None and g.uses >= g.max_uses:
+    limit = g.max_uses if g.scope == ANY_DIGEST or g.max_uses is None else g.max_uses * digest_count
+    if limit is not None and g.uses >= limit:
         return "used_up"
     return "valid"
 
@@ -181,60 +287,122 @@ class ApprovalService:
     # ------------------------------------------------------------ signing plane (worker threads)
 
     def admit(self, attempt: SignAttempt, policy: p.ApprovalPolicy) -> GrantUse | p.SigningPending:
-        """Take one use of a valid grant, or record (or reuse) a pending request.
+        """Take one use of a grant that covers this signing, or record the digest in
+        a pending request (a new one, or the account's open one for the key).
 
-        Blocking database work: call from a worker thread, never the event loop."""
+        A grant covers a signing when it is live and either lists this exact
+        (digest, digest_algorithm, scheme) with uses left, or is an ``any_digest``
+        pre-approval with uses left. Bound grants are tried first (the narrowest
+        permission), sooner-expiring first. Blocking database work: call from a
+        worker thread, never the event loop."""
         now = self._clock.now()
+        item = _Item(attempt.digest_algorithm, attempt.digest_hex, attempt.scheme)
         with self._db.read() as s:
             grants = list(
                 s.scalars(
-                    select(SigningGrantRow)
-                    .where(
+                    select(SigningGrantRow).where(
                         SigningGrantRow.key_id == attempt.key_id,
                         SigningGrantRow.account_id == attempt.account_id,
                     )
-                    .order_by(SigningGrantRow.expires_at)
                 )
             )
-        for g in grants:
-            if grant_status(g, now) != "valid":
-                continue
-            with self._db.write() as s:
-                taken = s.execute(
-                    update(SigningGrantRow)
-                    .where(
-                        SigningGrantRow.id == g.id,
-                        SigningGrantRow.revoked_at.is_(None),
-                        SigningGrantRow.expires_at > now,
-                        or_(
-                            SigningGrantRow.max_uses.is_(None),
-                            SigningGrantRow.uses < SigningGrantRow.max_uses,
-                        ),
-                    )
-                    .values(uses=SigningGrantRow.uses + 1)
-                    .execution_options(synchronize_session=False)
-                )
-            if taken.rowcount == 1:  # type: ignore[attr-defined]
-                return GrantUse(g.id)
+            bound = [g.request_id for g in grants if g.scope == DIGESTS and g.request_id]
+            counts = _digest_counts(s, bound)
+            matching = _matching_items(s, bound, item)
+        states: set[str] = set()
+        for g in sorted(grants, key=lambda g: (g.scope != DIGESTS, g.expires_at)):
+            state = grant_status(g, now, counts.get(g.request_id or "", 0))
+            if state == "valid" and g.scope == DIGESTS:
+                found = matching.get(g.request_id or "")
+                if found is None:
+                    state = "digest_mismatch"
+                elif g.max_uses is not None and found.uses >= g.max_uses:
+                    state = "used_up"
+                elif self._take_digest(g, found.id, item, now):
+                    return GrantUse(g.id, GrantScope.DIGESTS, found.id)
+            elif state == "valid" and self._take_any(g, now):
+                return GrantUse(g.id, GrantScope.ANY_DIGEST)
             # Lost the race for its last use (or it was revoked meanwhile): try the next.
-        states = {grant_status(g, now) for g in grants}
-        lapsed = next(
-            (
-                reason
-                for state, reason in (
-                    ("used_up", GRANT_USED_UP),
-                    ("expired", GRANT_EXPIRED),
-                    ("revoked", GRANT_REVOKED),
-                )
-                if state in states
-            ),
-            None,
+            states.add(state)
+        lapsed = next((reason for state, reason in LAPSED if state in states), None)
+        return self._pending(attempt, item, policy, lapsed, now)
+
+    def _take_digest(self, g: SigningGrantRow, item_id: str, item: _Item, now: datetime) -> bool:
+        """One use of a bound grant for exactly this item. The one conditional UPDATE
+        checks, together, that the item is this (digest, algorithm, scheme) of the
+        grant's request, that it has uses left and that the grant is still live, so
+        neither a race nor a revocation lets a digest sign more often than granted."""
+        g_live = (
+            select(SigningGrantRow.id)
+            .where(
+                SigningGrantRow.id == g.id,
+                SigningGrantRow.scope == DIGESTS,
+                SigningGrantRow.revoked_at.is_(None),
+                SigningGrantRow.expires_at > now,
+            )
+            .exists()
         )
-        return self._pending(attempt, policy, lapsed, now)
+        with self._db.write() as s:
+            taken = s.execute(
+                update(SigningRequestDigestRow)
+                .where(
+                    SigningRequestDigestRow.id == item_id,
+                    SigningRequestDigestRow.request_id == g.request_id,
+                    SigningRequestDigestRow.digest_algorithm == item.digest_algorithm,
+                    SigningRequestDigestRow.digest == item.digest,
+                    SigningRequestDigestRow.scheme == item.scheme,
+                    true()
+                    if g.max_uses is None  # max_uses never changes once granted
+                    else SigningRequestDigestRow.uses < g.max_uses,
+                    g_live,
+                )
+                .values(uses=SigningRequestDigestRow.uses + 1)
+                .execution_options(synchronize_session=False)
+            )
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            # Same transaction: the grant's total follows its items.
+            s.execute(
+                update(SigningGrantRow)
+                .where(SigningGrantRow.id == g.id)
+                .values(uses=SigningGrantRow.uses + 1)
+                .execution_options(synchronize_session=False)
+            )
+        return True
+
+    def _take_any(self, g: SigningGrantRow, now: datetime) -> bool:
+        """One use of an ``any_digest`` grant (one conditional UPDATE)."""
+        with self._db.write() as s:
+            taken = s.execute(
+                update(SigningGrantRow)
+                .where(
+                    SigningGrantRow.id == g.id,
+                    SigningGrantRow.scope == ANY_DIGEST,
+                    SigningGrantRow.revoked_at.is_(None),
+                    SigningGrantRow.expires_at > now,
+                    or_(
+                        SigningGrantRow.max_uses.is_(None),
+                        SigningGrantRow.uses < SigningGrantRow.max_uses,
+                    ),
+                )
+                .values(uses=SigningGrantRow.uses + 1)
+                .execution_options(synchronize_session=False)
+            )
+        return bool(taken.rowcount == 1)  # type: ignore[attr-defined]
 
     def give_back(self, use: GrantUse) -> None:
         """Return a use taken by a signing that returned no signature."""
         with self._db.write() as s:
+            if use.item_id is not None:
+                s.execute(
+                    update(SigningRequestDigestRow)
+                    .where(
+                        SigningRequestDigestRow.id == use.item_id,
+                        SigningRequestDigestRow.uses > 0,
+                    )
+                    .values(uses=SigningRequestDigestRow.uses - 1)
+                    .execution_options(synchronize_session=False)
+                )
             s.execute(
                 update(SigningGrantRow)
                 .where(SigningGrantRow.id == use.grant_id, SigningGrantRow.uses > 0)
@@ -245,52 +413,102 @@ class ApprovalService:
     def _pending(
         self,
         attempt: SignAttempt,
+        item: _Item,
         policy: p.ApprovalPolicy,
         lapsed: str | None,
         now: datetime,
     ) -> p.SigningPending:
+        """The request approvers decide for this digest: one that already lists it,
+        or a pending ``any_digest`` pre-approval of the account (approving it will
+        cover this signing); else the account's open request for the key, which the
+        digest joins (a batch of files is one decision) if no approver decided on
+        it yet and it has room; else a new one."""
         with self._db.write() as s:
             # Serializes request creation per key on PostgreSQL (SQLite writers are
-            # serialized already), so concurrent signings share one request.
+            # serialized already), so concurrent signings share one request. NO KEY
+            # UPDATE: a decision inserting a grant (a foreign key to this row) is
+            # not blocked by it, so it cannot deadlock with the request lock below.
             s.execute(
-                select(SigningKeyRow.id).where(SigningKeyRow.id == attempt.key_id).with_for_update()
+                select(SigningKeyRow.id)
+                .where(SigningKeyRow.id == attempt.key_id)
+                .with_for_update(key_share=True)
             )
+            # Locked like a decision locks its request: a digest never joins a
+            # request while an approver decides on it, and the decisions read below
+            # include every one committed before (a decided request takes none).
             pending = list(
                 s.scalars(
-                    select(SigningRequestRow).where(
+                    select(SigningRequestRow)
+                    .where(
                         SigningRequestRow.key_id == attempt.key_id,
                         SigningRequestRow.account_id == attempt.account_id,
                         SigningRequestRow.status == ApprovalStatus.PENDING_APPROVAL.value,
                     )
+                    .order_by(SigningRequestRow.created_at)
+                    .with_for_update()
                 )
             )
-            request: SigningRequestRow | None = None
-            for r in sorted(pending, key=lambda r: r.created_at):
+            live: list[SigningRequestRow] = []
+            for r in pending:
                 if r.expires_at <= now:
                     self._mark_expired(s, r, attempt.tsg_path, now)
-                elif request is None:
-                    request = r
+                else:
+                    live.append(r)
+            ids = [r.id for r in live]
+            listed = _matching_items(s, ids, item)
+            counts = _digest_counts(s, ids)
+            decided = set(
+                s.scalars(
+                    select(ApprovalDecisionRow.request_id).where(
+                        ApprovalDecisionRow.request_id.in_(ids)
+                    )
+                )
+            )
+            request = next((r for r in live if r.id in listed), None) or next(
+                (r for r in live if r.scope == ANY_DIGEST), None
+            )
             reused = request is not None
             if request is None:
-                request = _new_request(
-                    policy,
-                    now,
-                    key_id=attempt.key_id,
-                    tsg_id=attempt.tsg_id,
-                    account_id=attempt.account_id,
-                    requested_by_type=PrincipalType.ACCOUNT.value,
-                    requested_by_id=attempt.account_id,
-                    requested_by_name=attempt.account_name,
-                    digest_algorithm=attempt.digest_algorithm,
-                    digest=attempt.digest_hex,
-                    scheme=attempt.scheme,
-                    client_machine=attempt.context.machine,
-                    client_tool=attempt.context.tool,
-                    justification=attempt.justification,
+                # Only a request nobody decided on takes a new digest: an approver's
+                # decision covers the set that approver saw, and nothing added later.
+                request = next(
+                    (
+                        r
+                        for r in live
+                        if r.scope == DIGESTS
+                        and r.id not in decided
+                        and counts.get(r.id, 0) < p.MAX_REQUEST_DIGESTS
+                    ),
+                    None,
                 )
-                s.add(request)
+                reused = request is not None
+                if request is None:
+                    request = _new_request(
+                        policy,
+                        now,
+                        key_id=attempt.key_id,
+                        tsg_id=attempt.tsg_id,
+                        account_id=attempt.account_id,
+                        requested_by_type=PrincipalType.ACCOUNT.value,
+                        requested_by_id=attempt.account_id,
+                        requested_by_name=attempt.account_name,
+                        scope=DIGESTS,
+                        client_machine=attempt.context.machine,
+                        client_tool=attempt.context.tool,
+                        justification=attempt.justification,
+                    )
+                    s.add(request)
+                    s.flush()
+                request.updated_at = now
+                s.add(_digest_row(request.id, counts.get(request.id, 0), item, now))
                 s.flush()
-            details: dict[str, Any] = {"request_id": request.id, "reused": reused}
+                counts[request.id] = counts.get(request.id, 0) + 1
+            details: dict[str, Any] = {
+                "request_id": request.id,
+                "reused": reused,
+                "scope": request.scope,
+                "digest_count": counts.get(request.id, 0),
+            }
             if lapsed is not None:
                 details["grant_state"] = lapsed
             if attempt.justification:
@@ -423,6 +641,15 @@ class ApprovalService:
         if r.status != ApprovalStatus.PENDING_APPROVAL.value:
             raise ApprovalClosed(f"the request is {r.status}")
         self._check_approver(s, principal, r, path)
+        if body.digest_count is not None:
+            # The request row is locked: no digest joins between this check and the
+            # decision, and none after it (a decided request takes no new digest).
+            listed = _digest_counts(s, [r.id]).get(r.id, 0)
+            if listed != body.digest_count:
+                raise ApprovalRequestChanged(
+                    f"the request lists {listed} digests, not the {body.digest_count} you "
+                    "reviewed; read it again"
+                )
         if s.scalar(
             select(ApprovalDecisionRow.id).where(
                 ApprovalDecisionRow.request_id == r.id,
@@ -468,6 +695,9 @@ class ApprovalService:
         complete = approvals >= r.required_approvals
         if complete:
             r.status = ApprovalStatus.APPROVED.value
+        # What this approver approved: the scope and every digest (the set is fixed
+        # from the first decision on, so each approval names the same set).
+        covers = {"scope": r.scope, "digests": _digests_detail(self._items(s, r.id))}
         self._record(
             s,
             EventKind.APPROVAL_APPROVED,
@@ -475,7 +705,12 @@ class ApprovalService:
             r,
             path,
             ctx,
-            {"approvals": approvals, "required": r.required_approvals, "status": r.status},
+            {
+                "approvals": approvals,
+                "required": r.required_approvals,
+                "status": r.status,
+                **covers,
+            },
         )
         if not complete:
             return
@@ -484,6 +719,7 @@ class ApprovalService:
             key_id=r.key_id,
             account_id=r.account_id,
             request_id=r.id,
+            scope=r.scope,
             max_uses=r.grant_max_uses,
             uses=0,
             expires_at=now + timedelta(seconds=r.grant_ttl_seconds),
@@ -505,6 +741,7 @@ class ApprovalService:
                 "account_id": r.account_id,
                 "max_uses": grant.max_uses,
                 "expires_at": grant.expires_at.isoformat(),
+                **covers,
             },
         )
 
@@ -512,14 +749,19 @@ class ApprovalService:
         self, principal: Principal, body: p.PreApprovalCreate, ctx: RequestContext
     ) -> p.ApprovalRequest:
         """An approver approves signing ahead of a release: a request for (key,
-        account) made by that user and counting as its approval."""
+        account) made by that user and counting as its approval. It covers the
+        digests it lists, or, when it says ``any_digest``, any digest."""
         _check_terms(body.max_uses, body.unlimited, body.expires_in_hours)
+        items = _pre_approved_items(body)
         now = self._clock.now()
         with self._db.write() as s:
             key, path = self._approvable_key(s, principal, body.key, body.key_tsg_id)
             policy = approval_policy(key.policy_json)
             if policy is None:
                 raise InvalidRequest("the key's policy does not require approval")
+            for item in items:
+                # A digest the key could never sign is refused now, not at signing.
+                check_scheme(Algorithm(key.algorithm), SignatureScheme(item.scheme))
             if policy.approvers and principal.id not in policy.approvers:
                 raise NotAnApprover("the key's policy names its approvers; you are not one")
             account = self._account_for(s, body.account, path)
@@ -533,9 +775,15 @@ class ApprovalService:
                 requested_by_type=principal.type.value,
                 requested_by_id=principal.id,
                 requested_by_name=principal.name,
+                scope=body.scope.value,
+                client_machine=None,
+                client_tool=None,
                 justification=body.comment,
             )
             s.add(r)
+            s.flush()
+            rows = [_digest_row(r.id, i, item, now) for i, item in enumerate(items)]
+            s.add_all(rows)
             s.flush()
             self._record(
                 s,
@@ -544,7 +792,13 @@ class ApprovalService:
                 r,
                 path,
                 ctx,
-                {"pre_approval": True, "account_id": account.id, "comment": body.comment},
+                {
+                    "pre_approval": True,
+                    "account_id": account.id,
+                    "comment": body.comment,
+                    "scope": r.scope,
+                    "digests": _digests_detail(rows),
+                },
             )
             self._add_decision(s, principal, r, APPROVE, body.comment, now)
             self._approved_by(s, principal, r, path, max_uses, body.expires_in_hours, now, ctx)
@@ -572,8 +826,10 @@ class ApprovalService:
                     q = q.where(or_(SigningKeyRow.id == key, SigningKeyRow.name == key))
                 if account:
                     q = q.where(or_(AccountRow.id == account, AccountRow.name == account))
-                for g, k, a in s.execute(q).all():
-                    out.append(_grant(g, k.name, a.name, now))
+                found = s.execute(q).all()
+                items = self._items_of(s, [g.request_id for g, _, _ in found if g.request_id])
+                for g, k, a in found:
+                    out.append(_grant(g, k.name, a.name, items.get(g.request_id or "", []), now))
         return sorted(out, key=lambda g: g.created_at)
 
     def revoke_grant(
@@ -606,13 +862,15 @@ class ApprovalService:
                             "grant_id": g.id,
                             "account_id": g.account_id,
                             "request_id": g.request_id,
+                            "scope": g.scope,
                             "uses": g.uses,
                             "max_uses": g.max_uses,
                         },
                     ),
                 )
             account = s.get(AccountRow, g.account_id)
-            return _grant(g, key.name, account.name if account else None, now)
+            items = self._items(s, g.request_id) if g.request_id else []
+            return _grant(g, key.name, account.name if account else None, items, now)
 
     # ------------------------------------------------------------ helpers
 
@@ -830,6 +1088,9 @@ class ApprovalService:
         account = s.get(AccountRow, r.account_id)
         decisions = self._decisions(s, r.id)
         grant = s.get(SigningGrantRow, r.grant_id) if r.grant_id else None
+        items = self._items(s, r.id)
+        # The fields of older clients: filled only when they tell the whole story.
+        only = items[0] if len(items) == 1 else None
         return p.ApprovalRequest(
             id=r.id,
             key_id=r.key_id,
@@ -845,9 +1106,11 @@ class ApprovalService:
             status=ApprovalStatus(r.status),
             required_approvals=r.required_approvals,
             approvals=sum(1 for d in decisions if d.decision == APPROVE),
-            digest_algorithm=r.digest_algorithm,
-            digest=r.digest,
-            scheme=r.scheme,
+            scope=GrantScope(r.scope),
+            digests=[_approved(d) for d in items],
+            digest_algorithm=only.digest_algorithm if only else None,
+            digest=only.digest if only else None,
+            scheme=only.scheme if only else None,
             client_machine=r.client_machine,
             client_tool=r.client_tool,
             justification=r.justification,
@@ -864,21 +1127,63 @@ class ApprovalService:
                 )
                 for d in decisions
             ],
-            grant=self._grant_wire(s, grant, now) if grant else None,
+            grant=self._grant_wire(s, grant, now, items) if grant else None,
             expires_at=r.expires_at,
             created_at=r.created_at,
             updated_at=r.updated_at,
         )
 
-    def _grant_wire(self, s: Session, g: SigningGrantRow, now: datetime) -> p.SigningGrant:
+    def _grant_wire(
+        self,
+        s: Session,
+        g: SigningGrantRow,
+        now: datetime,
+        items: list[SigningRequestDigestRow] | None = None,
+    ) -> p.SigningGrant:
         key = s.get(SigningKeyRow, g.key_id)
         account = s.get(AccountRow, g.account_id)
-        return _grant(g, key.name if key else g.key_id, account.name if account else None, now)
+        if items is None:
+            items = self._items(s, g.request_id) if g.request_id else []
+        return _grant(
+            g, key.name if key else g.key_id, account.name if account else None, items, now
+        )
+
+    def _items(self, s: Session, request_id: str) -> list[SigningRequestDigestRow]:
+        """The digests a request lists, in the order they arrived."""
+        return self._items_of(s, [request_id]).get(request_id, [])
+
+    def _items_of(
+        self, s: Session, request_ids: Sequence[str]
+    ) -> dict[str, list[SigningRequestDigestRow]]:
+        if not request_ids:
+            return {}
+        out: dict[str, list[SigningRequestDigestRow]] = {}
+        for d in s.scalars(
+            select(SigningRequestDigestRow)
+            .where(SigningRequestDigestRow.request_id.in_(set(request_ids)))
+            .order_by(SigningRequestDigestRow.request_id, SigningRequestDigestRow.position)
+        ):
+            out.setdefault(d.request_id, []).append(d)
+        return out
+
+
+def _approved(d: SigningRequestDigestRow) -> p.ApprovedDigest:
+    return p.ApprovedDigest(
+        digest_algorithm=p.DigestAlgorithm(d.digest_algorithm),
+        digest=d.digest,
+        scheme=p.SignatureScheme(d.scheme),
+        uses=d.uses,
+    )
 
 
 def _grant(
-    g: SigningGrantRow, key_name: str, account_name: str | None, now: datetime
+    g: SigningGrantRow,
+    key_name: str,
+    account_name: str | None,
+    items: Sequence[SigningRequestDigestRow],
+    now: datetime,
 ) -> p.SigningGrant:
+    bound = g.scope == DIGESTS
     return p.SigningGrant(
         id=g.id,
         key_id=g.key_id,
@@ -886,13 +1191,37 @@ def _grant(
         account_id=g.account_id,
         account_name=account_name,
         request_id=g.request_id,
+        scope=GrantScope(g.scope),
+        digests=[_approved(d) for d in items] if bound else [],
         max_uses=g.max_uses,
         uses=g.uses,
         expires_at=g.expires_at,
         revoked_at=g.revoked_at,
         created_at=g.created_at,
-        status=grant_status(g, now),
+        status=grant_status(g, now, len(items)),
     )
+
+
+def _pre_approved_items(body: p.PreApprovalCreate) -> list[_Item]:
+    """The digests a pre-approval lists: required with scope ``digests`` (each the
+    right length for its algorithm), refused with ``any_digest``, which must be
+    said on purpose and lists nothing."""
+    if body.scope is GrantScope.ANY_DIGEST:
+        if body.digests is not None:
+            raise InvalidRequest("scope any_digest lists no digests; use scope digests")
+        return []
+    if not body.digests:
+        raise InvalidRequest("scope digests needs the digests it approves")
+    items: dict[_Item, None] = {}
+    for d in body.digests:
+        try:
+            raw = bytes.fromhex(d.digest)
+        except ValueError:
+            raise InvalidRequest("each digest is hexadecimal, two digits a byte") from None
+        # DigestLengthMismatch for a digest of the wrong length for its algorithm.
+        hashed = Hashed(d.digest_algorithm, raw)
+        items[_Item(hashed.algorithm.value, hashed.hex, d.scheme.value)] = None
+    return list(items)
 
 
 def _check_terms(max_uses: int | None, unlimited: bool, expires_in_hours: int | None) -> None:

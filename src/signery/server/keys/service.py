@@ -19,6 +19,7 @@ from signery.errors import (
     InvalidRequest,
     KeyDestroyed,
     KeyNameAmbiguous,
+    KeyNameShadows,
     KeyNotFound,
     NameTaken,
     PermissionDenied,
@@ -41,6 +42,7 @@ from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, flush_unique, new_id
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.keys.names import shadows
 from signery.server.keys.policy import key_usage, wire_policy
 from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
 from signery.server.tsg.models import TsgRow
@@ -176,6 +178,8 @@ class KeyService:
                 )
             ):
                 raise NameTaken(f"a key named {req.name!r} already exists in TSG {tsg_id}")
+            # Before any key pair exists; checked again when the key is recorded.
+            self._check_name_shadows(s, req.name, path)
 
         key_id, version_id = new_id(), new_id()
         generated = store.generate(req.algorithm, KeyContext(key_id, 1, tsg_id, label=req.name))
@@ -193,6 +197,7 @@ class KeyService:
             status = KeyStatus.PENDING if connector is not None else KeyStatus.ACTIVE
             now = self._clock.now()
             with self._db.write() as s:
+                self._check_name_shadows(s, req.name, path, lock=True)
                 key = SigningKeyRow(
                     id=key_id,
                     name=req.name,
@@ -281,6 +286,26 @@ class KeyService:
                 assert created is not None
                 wire = self._wire(s, created)
         return wire
+
+    def _check_name_shadows(self, s: Session, name: str, path: str, *, lock: bool = False) -> None:
+        """Refuse a name that would take over a deeper key for an account above
+        (signery.server.keys.names). With ``lock``, creations are serialized on the
+        root TSG's row first (PostgreSQL; SQLite serializes writers already), so two
+        keys created at once cannot both pass the check; NO KEY UPDATE leaves the
+        row free for the foreign keys of everything else."""
+        if lock:
+            root_id = path.strip("/").split("/")[0]
+            s.execute(select(TsgRow.id).where(TsgRow.id == root_id).with_for_update(key_share=True))
+        existing = s.scalars(
+            select(TsgRow.path)
+            .join(SigningKeyRow, SigningKeyRow.tsg_id == TsgRow.id)
+            .where(SigningKeyRow.name == name)
+        )
+        if shadows(path, existing):
+            raise KeyNameShadows(
+                f"a key named {name!r} here would take the place of a deeper key that "
+                "accounts above this TSG sign with under that name; choose another name"
+            )
 
     # ------------------------------------------------------------ read
 
@@ -628,7 +653,8 @@ class KeyService:
         """Find a key by id or name among what the principal can see, then authorize.
 
         A name shared by keys in several visible TSGs is ambiguous: the caller
-        must pass the key id or the TSG, never get one of them at random."""
+        must pass the key id or the TSG, never get one of them at random (unlike
+        the signing plane's nearest key: signery.server.keys.names says why)."""
         found = visible_rows_by_ref(s, principal, SigningKeyRow, ref, tsg_id)
         if not found:
             raise KeyNotFound()

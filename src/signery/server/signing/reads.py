@@ -206,24 +206,28 @@ class SigningReads:
         self._account_and_key_by_name = Prepared.of(_account_and_keys(by_id=False), dialect)
         self._account_and_key_by_id = Prepared.of(_account_and_keys(by_id=True), dialect)
         in_subtree = _T.c.path.like(bindparam("prefix"))
-        self._active_in_subtree = Prepared.of(
-            _keys()
-            .where(in_subtree, _K.c.status == bindparam("status"))
-            .order_by(_K.c.tsg_id, _K.c.name),
-            dialect,
-        )
-        self._previous_in_subtree = Prepared.of(
+        with_status = _K.c.status == bindparam("status")
+        keys = _keys().order_by(_K.c.tsg_id, _K.c.name)
+        # The listing's two reads, for keys in one status (the default listing: the
+        # active ones) and in any (``?all=true``).
+        self._keys_in_subtree = {
+            True: Prepared.of(keys.where(in_subtree, with_status), dialect),
+            False: Prepared.of(keys.where(in_subtree), dialect),
+        }
+        previous = (
             select(_V.c.key_id, _V.c.version, _V.c.status, _V.c.public_key_der, _V.c.created_at)
             .select_from(_V.join(_K, _K.c.id == _V.c.key_id).join(_T, _T.c.id == _K.c.tsg_id))
             .where(
                 in_subtree,
-                _K.c.status == bindparam("status"),
                 _V.c.version != _K.c.current_version,
                 _V.c.status != VersionStatus.PENDING.value,
             )
-            .order_by(_V.c.key_id, _V.c.version),
-            dialect,
+            .order_by(_V.c.key_id, _V.c.version)
         )
+        self._previous_in_subtree = {
+            True: Prepared.of(previous.where(with_status), dialect),
+            False: Prepared.of(previous, dialect),
+        }
         self._version = Prepared.of(
             select(
                 _V.c.id,
@@ -275,17 +279,18 @@ class SigningReads:
         account = AccountState(*rows[0][:width])
         return account, [KeyState(*r[width:]) for r in rows if r[width] is not None]
 
-    def previous_versions(self, tsg_path: str, status: str) -> list[PreviousVersion]:
-        """Every non-current, non-pending version of the keys ``active_keys`` lists."""
+    def previous_versions(self, tsg_path: str, status: str | None) -> list[PreviousVersion]:
+        """Every non-current, non-pending version of the keys ``keys`` lists."""
         with self._direct.cursor() as cur:
-            rows = self._previous_in_subtree.fetchall(
+            rows = self._previous_in_subtree[status is not None].fetchall(
                 cur, {"prefix": _prefix(tsg_path), "status": status}
             )
         return [PreviousVersion(*r) for r in rows]
 
-    def active_keys(self, tsg_path: str, status: str) -> list[KeyState]:
+    def keys(self, tsg_path: str, status: str | None) -> list[KeyState]:
+        """The keys of a subtree in ``status`` (None: in any status)."""
         with self._direct.cursor() as cur:
-            rows = self._active_in_subtree.fetchall(
+            rows = self._keys_in_subtree[status is not None].fetchall(
                 cur, {"prefix": _prefix(tsg_path), "status": status}
             )
         return [KeyState(*r) for r in rows]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import Annotated
 from urllib.parse import unquote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 
@@ -13,7 +14,13 @@ from signery import protocol as p
 from signery.errors import SigneryError
 from signery.protocol import API_PREFIX
 from signery.server.container import Services
-from signery.server.deps import ClaimsDep, ServicesDep, services_of, signing_claims
+from signery.server.deps import (
+    ClaimsDep,
+    ContextDep,
+    ServicesDep,
+    services_of,
+    signing_claims,
+)
 from signery.server.middleware import Receive, Scope, Send
 from signery.server.problems import error_response, unexpected_error_response
 
@@ -22,9 +29,22 @@ SIGN_PATH = re.compile(rf"^{re.escape(API_PREFIX)}/signing/keys/([^/]+)/sign$")
 
 
 @router.get("/keys", response_model=list[p.SigningKeySummary])
-async def usable_keys(claims: ClaimsDep, services: ServicesDep) -> list[p.SigningKeySummary]:
-    """Keys this account may sign with, with their public keys and certificate chains."""
-    return await services.signing.usable_keys(claims)
+async def usable_keys(
+    claims: ClaimsDep,
+    services: ServicesDep,
+    ctx: ContextDep,
+    everything: Annotated[
+        bool,
+        Query(
+            alias="all",
+            description="Also the keys this account cannot sign with now, each with "
+            "unusable_reason (their public keys still verify earlier signatures)",
+        ),
+    ] = False,
+) -> list[p.SigningKeySummary]:
+    """Keys this account can sign with now, with their public keys and certificate
+    chains (``?all=true``: every key of its subtree, the others marked unusable)."""
+    return await services.signing.usable_keys(claims, ctx, everything=everything)
 
 
 async def sign_response(services: Services, key: str, request: Request) -> Response:

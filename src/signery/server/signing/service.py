@@ -89,10 +89,18 @@ from signery.server.audit.recorder import (
     UsageDelta,
     outcome_of,
 )
-from signery.server.authz import Denied, SigningFacts, SigningRules, decide_signing
+from signery.server.authz import (
+    Denied,
+    KeyUseFacts,
+    SigningFacts,
+    SigningRules,
+    decide_key_use,
+    decide_signing,
+)
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database
+from signery.server.keys.names import distance, nearest
 from signery.server.keys.policy import RulesCache
 from signery.server.keys.service import chain_list, load_public_key_der
 from signery.server.ops.metrics import Metrics
@@ -166,7 +174,7 @@ class _Attempt:
     # if no signature leaves after all; run on a database thread, in order.
     undo: list[Callable[[], None]] = field(default_factory=list)
     # The approval grant whose use this signing took (keys requiring approval).
-    grant_id: str | None = None
+    grant: GrantUse | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +183,7 @@ class _Signed:
     key: UsableKey
     request: ParsedSignRequest
     signature: bytes
-    grant_id: str | None = None
+    grant: GrantUse | None = None
 
 
 def parse_sign_request(body: bytes) -> ParsedSignRequest:
@@ -267,7 +275,7 @@ class SigningService:
         # Fail closed: the signature leaves only after its event and counters are
         # durably committed; AuditUnavailable propagates and nothing is returned.
         try:
-            await self._commit_success(account, key, parsed, ctx, signed.grant_id)
+            await self._commit_success(account, key, parsed, ctx, signed.grant)
         except BaseException:
             await self._undo(attempt)
             raise
@@ -303,14 +311,17 @@ class SigningService:
         key: UsableKey,
         parsed: ParsedSignRequest,
         ctx: RequestContext,
-        grant_id: str | None = None,
+        grant: GrantUse | None = None,
     ) -> None:
         details = {
             "scheme": parsed.scheme.value,
             "digest_algorithm": parsed.hashed.algorithm.value,
         }
-        if grant_id is not None:
-            details["grant_id"] = grant_id
+        if grant is not None:
+            # The grant, and whether it was bound to this digest or a pre-approval
+            # of any digest: reviewers see which kind of approval let it sign.
+            details["grant_id"] = grant.grant_id
+            details["grant_scope"] = grant.scope.value
         await self._recorder.commit(
             AuditRecord(
                 SIGN_KIND_BY_OUTCOME[AuditOutcome.SUCCEEDED],
@@ -369,7 +380,7 @@ class SigningService:
         # bad signature (an RSA-CRT fault can even leak the key: Boneh et al. 1997).
         if not verify_signature(key.public_key, parsed.hashed, parsed.scheme, signature):
             raise SignatureVerificationFailed()
-        return _Signed(account, key, parsed, signature, attempt.grant_id)
+        return _Signed(account, key, parsed, signature, attempt.grant)
 
     async def _admit(
         self,
@@ -407,7 +418,7 @@ class SigningService:
             return admitted
         use: GrantUse = admitted
         attempt.undo.append(functools.partial(self._approvals.give_back, use))
-        attempt.grant_id = use.grant_id
+        attempt.grant = use
         return None
 
     async def signing_request(self, claims: AccessClaims, request_id: str) -> p.SigningPending:
@@ -511,17 +522,26 @@ class SigningService:
 
     # ------------------------------------------------------------ key listing (signing plane)
 
-    async def usable_keys(self, claims: AccessClaims) -> list[p.SigningKeySummary]:
-        return await self._reads.run(lambda: self._usable_keys(claims))
+    async def usable_keys(
+        self, claims: AccessClaims, ctx: RequestContext, *, everything: bool = False
+    ) -> list[p.SigningKeySummary]:
+        """The keys this account can sign with now; with ``everything``, every key of
+        its subtree, each unusable one with the code a signing would be refused
+        with (verifying old signatures needs those public keys too)."""
+        return await self._reads.run(lambda: self._usable_keys(claims, ctx, everything))
 
-    def _usable_keys(self, claims: AccessClaims) -> list[p.SigningKeySummary]:
+    def _usable_keys(
+        self, claims: AccessClaims, ctx: RequestContext, everything: bool
+    ) -> list[p.SigningKeySummary]:
         account = self._account(claims)
-        keys = [
-            self._to_usable(k)
-            for k in self._reads.active_keys(account.tsg_path, KeyStatus.ACTIVE.value)
-        ]
+        status = None if everything else KeyStatus.ACTIVE.value
+        rows = self._reads.keys(account.tsg_path, status)
+        reasons = {r.id: self._unusable_reason(r, account, ctx) for r in rows}
+        if not everything:
+            rows = [r for r in rows if reasons[r.id] is None]
+        keys = [(self._to_usable(r), r.status) for r in rows]
         previous: dict[str, list[p.SigningKeyVersionSummary]] = {}
-        for v in self._reads.previous_versions(account.tsg_path, KeyStatus.ACTIVE.value):
+        for v in self._reads.previous_versions(account.tsg_path, status):
             previous.setdefault(v.key_id, []).append(
                 p.SigningKeyVersionSummary(
                     version=v.version,
@@ -535,8 +555,11 @@ class SigningService:
                 id=k.id,
                 name=k.name,
                 tsg_id=k.tsg_id,
+                distance=distance(account.tsg_path, k.tsg_path),
+                usable=reasons[k.id] is None,
+                unusable_reason=reasons[k.id],
                 algorithm=k.algorithm,
-                status=KeyStatus.ACTIVE,
+                status=KeyStatus(key_status),
                 current_version=k.version,
                 schemes=list(schemes_for(k.algorithm)),
                 public_key_pem=public_key_pem(k.public_key),
@@ -544,8 +567,28 @@ class SigningService:
                 version_created_at=k.version_created_at,
                 previous_versions=previous.get(k.id, []),
             )
-            for k in keys
+            for k, key_status in keys
         ]
+
+    def _unusable_reason(
+        self, row: KeyState, account: SigningAccount, ctx: RequestContext
+    ) -> str | None:
+        """Why this account cannot sign with the key now (the code of the refusal a
+        signing would get, in the signing path's order), or None. Per request
+        rules (scheme, digest) and usage limits are not known before a request."""
+        try:
+            self._checked_key([row], row.id)
+        except SigneryError as e:
+            return e.code
+        rules = self._rules.get(row.policy_json) if row.policy_json else None
+        if rules is not None:
+            decision = decide_key_use(
+                rules,
+                KeyUseFacts(account.id, account.tsg_path, ctx.client_ip, self._clock.now()),
+            )
+            if isinstance(decision, Denied):
+                return decision.reason
+        return None
 
     # ------------------------------------------------------------ lookups
 
@@ -570,12 +613,15 @@ class SigningService:
     def _checked_key(
         self, rows: list[KeyState], key_ref: str, attempt: _Attempt | None = None
     ) -> UsableKey:
+        # A key id is exact; a name resolves to the nearest key (keys.names).
+        by_id = [r for r in rows if r.id == key_ref]
+        rows = by_id or nearest(rows, lambda r: r.path)
         if not rows:
             # Keys outside the account's subtree are indistinguishable from missing ones.
             raise KeyNotFound()
         if len(rows) > 1:
             raise KeyNameAmbiguous(
-                f"{len(rows)} keys named {key_ref!r} are visible; use the key id"
+                f"{len(rows)} keys named {key_ref!r} are as near to this account; use the key id"
             )
         row = rows[0]
         if row.status in (KeyStatus.DISABLED.value, KeyStatus.DESTROYED.value):
