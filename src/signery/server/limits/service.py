@@ -11,9 +11,9 @@ and 1.86 GB. Two kinds of limit apply, both before any expensive work:
       INSERT INTO rate_limit_counters (scope, subject, window_start, expires_at, count)
       VALUES (:scope, :subject, :window_start, :expires_at, 1)
       ON CONFLICT (scope, subject, window_start) DO UPDATE SET count = count + 1
-      WHERE count < :limit
+      WHERE count < :limit RETURNING count
 
-  A row count of 0 means the window is full: the request is refused with 429
+  No row back means the window is full: the request is refused with 429
   ``too_many_failed_attempts`` and ``Retry-After`` the end of the window, before
   any password is verified. A sign-in *reserves* its failure slots before its
   password is verified (both limits in one transaction, all or none) and gives
@@ -159,7 +159,7 @@ class Bucket:
 
 
 def _reserve_statement(dialect: str) -> Any:
-    """Count one more, unless the window is full (row count 0)."""
+    """Count one more, unless the window is full (then no row is returned)."""
     ins: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_C)
     ins = ins.values(
         scope=bindparam("scope"),
@@ -172,7 +172,7 @@ def _reserve_statement(dialect: str) -> Any:
         index_elements=["scope", "subject", "window_start"],
         set_={"count": _C.c.count + 1},
         where=_C.c.count < bindparam("limit"),
-    )
+    ).returning(_C.c.count)
 
 
 def _key(bucket: Bucket) -> Any:
@@ -208,8 +208,10 @@ class FailureCounters:
         with self._db.write() as s:
             # One lock order for every transaction of every replica (no deadlock).
             for bucket in sorted(buckets, key=lambda b: (b.scope.value, b.subject)):
-                counted = s.execute(self._reserve, bucket.params())
-                if counted.rowcount != 1:  # type: ignore[attr-defined]  # the window is full
+                # RETURNING, not the row count: SQLAlchemy reports no row count for
+                # an INSERT on PostgreSQL. No row back: the window is full.
+                counted = s.connection().execute(self._reserve, bucket.params()).first()
+                if counted is None:
                     raise bucket.refusal(now)
         self._maybe_prune()
 
