@@ -4,9 +4,12 @@ commit audit events to one file; every signature still has its event and counter
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -119,7 +122,28 @@ def test_every_scrape_counts_every_worker(sqlite_installation: Installation) -> 
                 }
         # Every scrape, whichever worker answers it, shows both workers' signatures.
         for _ in range(6):
-            with httpx.Client(base_url=server.url, timeout=30) as http:
-                r = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
-            assert r.status_code == 200, r.text
-            assert succeeded_signings(r.text) == signed
+            assert succeeded_signings(scrape(server.url)) == signed
+        # A worker that dies is replaced; what it counted stays in the sums.
+        killed = worker_pids(server.process.pid)[0]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(pids := worker_pids(server.process.pid)) < 2 or killed in pids:
+            assert time.monotonic() < deadline, "the supervisor did not replace the worker"
+            time.sleep(0.2)
+        for _ in range(6):
+            assert succeeded_signings(scrape(server.url)) == signed
+
+
+def scrape(url: str) -> str:
+    with httpx.Client(base_url=url, timeout=30) as http:  # a new connection: any worker
+        r = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [
+        int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
