@@ -66,7 +66,14 @@ from signery.errors import (
 )
 from signery.protocol import AccountStatus, AuditOutcome, PrincipalType
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
-from signery.server.audit.recorder import ANONYMOUS, Actor, AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.recorder import (
+    ANONYMOUS,
+    Actor,
+    AuditRecord,
+    AuditRecorder,
+    EventKind,
+    outcome_of,
+)
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database
@@ -443,7 +450,8 @@ class TokenService:
         self._recorder.commit_refusal_sync(
             AuditRecord(
                 EventKind.TOKEN_REFUSED,
-                AuditOutcome.DENIED if isinstance(error, InvalidGrant) else AuditOutcome.INVALID,
+                # A refused grant and a limit are decisions (denied); the rest as usual.
+                AuditOutcome.DENIED if isinstance(error, InvalidGrant) else outcome_of(error),
                 actor,
                 reason=error.code,
                 tsg_id=account.tsg_id if account is not None else None,
