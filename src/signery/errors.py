@@ -679,6 +679,23 @@ class DailyLimitReached(RateLimited):
     title = "The key's daily signature limit is reached"
 
 
+class TooManyFailedAttempts(RateLimited):
+    """Too many failed sign-ins from this address or for this username (passwords),
+    or too many refused assertions from this address (token endpoint), in the
+    current window; ``retry_after`` is when the window ends."""
+
+    code = "too_many_failed_attempts"
+    title = "Too many failed attempts"
+
+
+class PasswordChecksBusy(RateLimited):
+    """Every password verification slot of the server stayed taken for longer than
+    it waits: try again after ``retry_after`` seconds."""
+
+    code = "password_checks_busy"
+    title = "Too many password checks at once"
+
+
 # ----------------------------------------------------------------- 5xx
 
 

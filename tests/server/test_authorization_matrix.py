@@ -507,7 +507,6 @@ CASES: dict[tuple[str, str], Case] = {
     # ---------------------------------------------------------------- public
     ("GET", "/healthz"): Public("liveness only", lambda w: Call("GET", "/healthz")),
     ("GET", "/readyz"): Public("readiness without tenant data", lambda w: Call("GET", "/readyz")),
-    ("GET", "/metrics"): Public("process metrics", lambda w: Call("GET", "/metrics")),
     ("GET", "/.well-known/oauth-authorization-server"): Public(
         "RFC 8414 metadata", lambda w: Call("GET", "/.well-known/oauth-authorization-server")
     ),
@@ -954,6 +953,11 @@ CASES: dict[tuple[str, str], Case] = {
         _usage_items,
         lambda w, pos: {w.accounts[pos].id, w.keys[pos]["id"]},
     ),
+    ("GET", "/metrics"): Installation(
+        # Counts of the whole installation (or the scrape token, tested in test_ops).
+        perms(_P.METRICS_READ),
+        lambda w: Call("GET", "/metrics"),
+    ),
     ("GET", "/api/v1/audit/checkpoints"): Installation(
         perms(_P.AUDIT_READ), lambda w: Call("GET", "/api/v1/audit/checkpoints")
     ),
@@ -1083,6 +1087,9 @@ def check_installation(w: World, case: Installation) -> list[str]:
         response = send(w, case.call(w), w.callers[(role, at)])
         if response.status_code != expected:
             wrong.append(f"{role.value}@{at}: {response.status_code}, expected {expected}")
+    anonymous = send(w, case.call(w), None)
+    if anonymous.status_code != 401:
+        wrong.append(f"anonymous: {anonymous.status_code}, expected 401")
     return wrong
 
 

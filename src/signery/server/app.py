@@ -108,7 +108,7 @@ def create_app(
             # Attribute the refusal to the caller when its credential is valid.
             try:
                 principal: Principal = await anyio.to_thread.run_sync(
-                    lambda: services.authn.principal(header)
+                    services.authn.principal, header
                 )
                 scope.setdefault("state", {})["principal"] = principal
             except AuthenticationFailed:

@@ -3,7 +3,9 @@
 * ``Bearer sgy_pat_...``: a user's personal API token (management plane);
 * ``Bearer <JWT>``: an account's access token from the token endpoint;
 * ``Basic``: username and password, accepted only where a route asks for it
-  (creating an API token), never as a general credential.
+  (creating an API token, EST), never as a general credential, and only within
+  the sign-in limits (signery.server.limits): failures counted per username and
+  per source across replicas, and a bounded number of verifications at once.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import binascii
 from dataclasses import dataclass
 from datetime import timedelta
 
+import anyio.to_thread
 from sqlalchemy import select, update
 
 from signery.errors import (
@@ -27,7 +30,9 @@ from signery.server.accounts.models import AccountRow
 from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims, AccessTokenCodec
 from signery.server.authz import Principal
 from signery.server.clock import Clock
+from signery.server.context import RequestContext
 from signery.server.db import Database
+from signery.server.limits.service import AuthLimits
 from signery.server.tsg.service import TsgDirectory
 from signery.server.users.models import ApiTokenRow, UserRow
 from signery.server.users.service import (
@@ -60,6 +65,18 @@ def parse_authorization(header: str | None) -> Credentials:
     return Credentials(scheme, value)
 
 
+def parse_basic(value: str) -> tuple[str, str]:
+    """(username, password) from the value of ``Authorization: Basic`` (RFC 7617)."""
+    try:
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise AuthenticationFailed("malformed Basic credentials") from None
+    username, sep, password = decoded.partition(":")
+    if not sep:
+        raise AuthenticationFailed("malformed Basic credentials")
+    return username, password
+
+
 class Authenticator:
     def __init__(
         self,
@@ -68,12 +85,14 @@ class Authenticator:
         codec: AccessTokenCodec,
         clock: Clock,
         users: UserService,
+        limits: AuthLimits,
     ) -> None:
         self._db = db
         self._directory = directory
         self._codec = codec
         self._clock = clock
         self._users = users
+        self._limits = limits
 
     def access_claims(self, header: str | None) -> AccessClaims:
         """Verify an account's access token (CPU only; the account row is checked by
@@ -83,13 +102,22 @@ class Authenticator:
             raise InvalidToken("the signing plane takes an access token from /api/v1/oauth/token")
         return self._codec.verify(creds.value)
 
-    def principal(self, header: str | None, *, allow_password: bool = False) -> Principal:
-        """Resolve any credential to a principal, checking it against the database."""
+    async def principal_async(
+        self, header: str | None, ctx: RequestContext, *, allow_password: bool = False
+    ) -> Principal:
+        """Resolve any credential to a principal; a password (where the route takes
+        one) only within the sign-in limits."""
+        creds = parse_authorization(header)
+        if creds.scheme == "basic" and allow_password:
+            return await self._password(creds.value, ctx)
+        return await anyio.to_thread.run_sync(self.principal, header)
+
+    def principal(self, header: str | None) -> Principal:
+        """Resolve a bearer credential to a principal, checking it against the database
+        (blocking: call it from a worker thread)."""
         creds = parse_authorization(header)
         if creds.scheme == "basic":
-            if not allow_password:
-                raise AuthenticationFailed("passwords are accepted only to create an API token")
-            return self._password(creds.value)
+            raise AuthenticationFailed("passwords are accepted only to create an API token")
         parsed = parse_api_token(creds.value)
         if parsed is not None:
             return self._api_token(parsed.token_id, parsed.secret)
@@ -116,17 +144,16 @@ class Authenticator:
                 )
         return principal
 
-    def _password(self, value: str) -> Principal:
-        try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            raise AuthenticationFailed("malformed Basic credentials") from None
-        username, sep, password = decoded.partition(":")
-        if not sep:
-            raise AuthenticationFailed("malformed Basic credentials")
-        user = self._users.verify_password(username, password)
-        if user is None:
-            raise InvalidCredentials()
+    async def _password(self, value: str, ctx: RequestContext) -> Principal:
+        username, password = parse_basic(value)
+        async with self._limits.sign_in(username, ctx) as attempt:
+            user = await anyio.to_thread.run_sync(self._users.verify_password, username, password)
+            if user is None:
+                attempt.failed()
+                raise InvalidCredentials()
+        return await anyio.to_thread.run_sync(self._user_principal, user)
+
+    def _user_principal(self, user: UserRow) -> Principal:
         with self._db.read() as s:
             return load_user_principal(s, user, self._directory)
 

@@ -66,6 +66,8 @@ class Permission(StrEnum):
     CA_SUBJECT_POLICY_MANAGE = "signery.ca.subject_policy.manage"
     AUDIT_READ = "signery.audit.read"
     USAGE_READ = "signery.usage.read"
+    # /metrics: counts of the whole installation, so read at the root TSG only.
+    METRICS_READ = "signery.metrics.read"
     SIGN = "signery.signing.sign"
     # Approving (or denying) signing requests, and pre-approving signing with a
     # key. Never held by built-in accounts: a machine does not approve itself.
@@ -95,6 +97,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
             _P.TSG_READ,
             _P.AUDIT_READ,
             _P.USAGE_READ,
+            _P.METRICS_READ,
             _P.KEY_READ,
             _P.ACCOUNT_READ,
             _P.USER_READ,
@@ -176,6 +179,11 @@ def uncovered(principal: Principal, bindings: Iterable[Binding]) -> tuple[Bindin
     return tuple(b for b in bindings if not covers(principal, b.role, b.tsg_path))
 
 
+def is_root_path(path: str) -> bool:
+    """True for the root TSG's path (``/<id>/``: one segment)."""
+    return path.count("/") == 2
+
+
 class Authorizer:
     """Decides whether a principal may do something to an object in a TSG."""
 
@@ -233,6 +241,13 @@ class Authorizer:
             if not isinstance(self.decide(principal, Permission.KEY_MANAGE, path), Allowed):
                 return Denied(SignerKeyAdminRequired.code, visible=True)
         return Allowed()
+
+    def decide_installation(self, principal: Principal, permission: Permission) -> Decision:
+        """For what spans every TSG (the metrics of the whole installation): the
+        permission must be held at the root TSG."""
+        if any(is_root_path(scope) for scope in self.scopes(principal, permission)):
+            return Allowed()
+        return Denied("permission_denied", visible=True)
 
     def scopes(self, principal: Principal, permission: Permission) -> list[str]:
         """Subtree paths where ``permission`` is granted, minimal (no path inside another)."""

@@ -36,6 +36,9 @@ DEFAULT_DATA_DIR = Path("signery-data")
 # written TSA policy of their own set its OID in tsa_policy_oid.
 DEFAULT_TSA_POLICY_OID = "2.25.170333272617973591476890118894301136840"
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+# prometheus_client's multiprocess mode: set by the supervisor for its workers
+# (signery.server.supervisor), read by prometheus_client when it is imported.
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
 
@@ -121,6 +124,67 @@ class Settings(BaseSettings):
     tsa_access: TsaAccess = Field(
         default=TsaAccess.PUBLIC,
         description="Who may get timestamps: public (rate limited), authenticated, disabled",
+    )
+
+    # What an unauthenticated caller can cost (signery.server.limits, docs/security.md).
+    # Failures are counted in the database, so the limits hold across workers and
+    # replicas; a window is fixed (it starts at a multiple of its length).
+    auth_password_failures_per_user: int = Field(
+        default=10,
+        ge=1,
+        le=100_000,
+        description="Failed password sign-ins per username per window, then 429",
+    )
+    auth_password_failures_per_source: int = Field(
+        default=50,
+        ge=1,
+        le=1_000_000,
+        description="Failed password sign-ins per client address (IPv6: /64) per window, then 429",
+    )
+    auth_password_window_seconds: int = Field(
+        default=900, ge=10, le=86_400, description="Window of the password failure limits"
+    )
+    auth_password_checks_max: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Password verifications (argon2id, 64 MiB each) at once, per process",
+    )
+    auth_password_check_wait_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="How long a sign-in waits for a verification slot before a 429",
+    )
+    auth_token_failures_per_source: int = Field(
+        default=300,
+        ge=1,
+        le=1_000_000,
+        description="Refused token requests per client address (IPv6: /64) per window, then 429",
+    )
+    auth_token_window_seconds: int = Field(
+        default=60, ge=10, le=86_400, description="Window of the token endpoint's failure limit"
+    )
+    audit_anonymous_refusals: int = Field(
+        default=100,
+        ge=0,
+        le=1_000_000,
+        description="Refusals of unauthenticated requests audited one by one per client "
+        "address per interval; the rest become one event per reason at its end",
+    )
+    audit_refusal_interval_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Interval of audit_anonymous_refusals, and of the events summing the rest",
+    )
+
+    # /metrics (Prometheus) answers only to a scrape token or an auditor at the root TSG.
+    metrics_token_file: Path | None = Field(
+        default=None, description="File holding the bearer token Prometheus scrapes /metrics with"
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None, description="The scrape token itself, instead of metrics_token_file"
     )
 
     aws_kms: AwsKmsSettings | None = Field(
@@ -238,6 +302,12 @@ class Settings(BaseSettings):
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
+    @model_validator(mode="after")
+    def _metrics_token(self) -> Settings:
+        if self.metrics_token is not None and self.metrics_token_file is not None:
+            raise ValueError("set metrics_token or metrics_token_file, not both")
+        return self
+
     @field_validator("audit_syslog_url")
     @classmethod
     def _syslog_url(cls, v: str | None) -> str | None:
@@ -310,6 +380,13 @@ class Settings(BaseSettings):
     @property
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def metrics_multiprocess_dir() -> Path | None:
+    """The directory every worker counts its metrics in, when this process is one
+    of several workers (prometheus_client multiprocess mode), else None."""
+    value = os.environ.get(PROMETHEUS_MULTIPROC_ENV)
+    return Path(value) if value else None
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

@@ -18,6 +18,7 @@ from signery.keystores import (
     KeyStoreRegistry,
     MasterKey,
 )
+from signery.keystores._files import read_secret_file
 from signery.keystores._keyring import KeyWrapper
 from signery.server import meta
 from signery.server.accounts.service import AccountService
@@ -50,7 +51,7 @@ from signery.server.ca.service import BuiltinCa
 from signery.server.ca.subject_policy import SubjectPolicyService, keys_outside_every_policy
 from signery.server.ca.tsa import TsaConfig, TsaService
 from signery.server.clock import Clock, SystemClock
-from signery.server.config import Settings
+from signery.server.config import Settings, metrics_multiprocess_dir
 from signery.server.context import RequestContext
 from signery.server.db import Database, make_engine
 from signery.server.installation_secrets import access_token_secret
@@ -59,8 +60,9 @@ from signery.server.keys.policy import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
 from signery.server.keys.scheduler import Job, Scheduler
 from signery.server.keys.service import KeyService
+from signery.server.limits.service import AuthLimits, FailureCounters, LimitsConfig
 from signery.server.migrate import head_revision
-from signery.server.ops.metrics import Metrics
+from signery.server.ops.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeToken
 from signery.server.signing.service import SigningService
 from signery.server.tsg.service import TsgDirectory, TsgService
 from signery.server.users.service import UserService, password_hasher
@@ -122,6 +124,22 @@ def load_keyring(settings: Settings) -> Keyring:
     if settings.master_key is not None:
         return Keyring(MasterKey.from_base64(settings.master_key.get_secret_value()))
     return Keyring.load(keyring_file(settings))
+
+
+def load_scrape_token(settings: Settings) -> ScrapeToken:
+    """The /metrics scrape token from the settings or its file (mode 0600), if any."""
+    if settings.metrics_token_file is not None:
+        token = read_secret_file(settings.metrics_token_file, "metrics token file").strip()
+    elif settings.metrics_token is not None:
+        token = settings.metrics_token.get_secret_value().strip()
+    else:
+        return ScrapeToken(None)
+    if len(token) < MIN_SCRAPE_TOKEN_CHARS:
+        raise ConfigurationError(
+            f"the metrics token must have at least {MIN_SCRAPE_TOKEN_CHARS} characters "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    return ScrapeToken(token)
 
 
 def build_forwarders(settings: Settings, db: Database, clock: Clock) -> list[Forwarder]:
@@ -199,6 +217,8 @@ class Core:
                 clock,
                 batch_max=settings.audit_batch_max,
                 hash_chain=settings.audit_hash_chain,
+                refusal_share=settings.audit_anonymous_refusals,
+                refusal_interval=settings.audit_refusal_interval_seconds,
             ),
             directory=TsgDirectory(),
             authz=Authorizer(),
@@ -235,7 +255,8 @@ class Services:
         self.recorder = core.recorder
         installation = self._check_installation()
         self.issuer = core.settings.issuer or installation[meta.ISSUER]
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_multiprocess_dir())
+        self.scrape_token = load_scrape_token(core.settings)
         codec = AccessTokenCodec(
             access_token_secret(core.db, core.keyring), self.issuer, core.clock
         )
@@ -248,7 +269,12 @@ class Services:
         self.accounts = AccountService(
             core.db, core.authz, core.recorder, core.clock, core.directory
         )
-        self.tokens = TokenService(core.db, core.recorder, core.clock, core.directory, codec)
+        self.limits = AuthLimits(
+            FailureCounters(core.db, core.clock), LimitsConfig.of(core.settings), core.clock
+        )
+        self.tokens = TokenService(
+            core.db, core.recorder, core.clock, core.directory, codec, self.limits
+        )
         self.connectors = ConnectorService(
             core.db,
             core.authz,
@@ -317,7 +343,9 @@ class Services:
         self.tsa = TsaService(
             core.db, core.keystores, core.recorder, core.clock, TsaConfig.of(core.settings)
         )
-        self.authn = Authenticator(core.db, core.directory, codec, core.clock, self.users)
+        self.authn = Authenticator(
+            core.db, core.directory, codec, core.clock, self.users, self.limits
+        )
         # Audit sinks read the committed trail; signing never waits for them.
         self.sinks = build_forwarders(core.settings, core.db, core.clock)
 
@@ -412,7 +440,8 @@ class Services:
             if isinstance(principal, Principal)
             else ANONYMOUS
         )
-        await self.recorder.commit(
+        # An unauthenticated caller's refusals beyond its share are summed.
+        await self.recorder.commit_refusal(
             AuditRecord(
                 EventKind.REQUEST_REFUSED,
                 outcome_of(error),

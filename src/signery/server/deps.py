@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import anyio.to_thread
 from fastapi import Depends, Request
 from starlette.requests import HTTPConnection
 
-from signery.errors import AuthenticationFailed
+from signery.errors import AuthenticationFailed, PermissionDenied
 from signery.protocol import AuditOutcome
 from signery.server.accounts.tokens import AccessClaims
 from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
-from signery.server.authz import Principal
+from signery.server.authz import Denied, Permission, Principal
 from signery.server.container import Services
 from signery.server.context import RequestContext
 
@@ -39,7 +38,9 @@ def services_of(request: Request) -> Services:
 async def _audit_auth_failure(
     services: Services, request: HTTPConnection, error: AuthenticationFailed
 ) -> None:
-    await services.recorder.commit(
+    # Nobody is authenticated: one event per refusal up to the source's share, the
+    # rest summed (AuditRecorder.commit_refusal).
+    await services.recorder.commit_refusal(
         AuditRecord(
             EventKind.AUTHENTICATION_FAILED,
             AuditOutcome.DENIED,
@@ -56,8 +57,8 @@ async def _principal(request: Request, *, allow_password: bool) -> Principal:
     services = services_of(request)
     header = request.headers.get("authorization")
     try:
-        principal = await anyio.to_thread.run_sync(
-            lambda: services.authn.principal(header, allow_password=allow_password)
+        principal = await services.authn.principal_async(
+            header, services.context(request), allow_password=allow_password
         )
     except AuthenticationFailed as e:
         await _audit_auth_failure(services, request, e)
@@ -72,6 +73,21 @@ async def current_principal(request: Request) -> Principal:
 
 async def principal_or_password(request: Request) -> Principal:
     return await _principal(request, allow_password=True)
+
+
+async def metrics_reader(request: Request) -> None:
+    """/metrics: the scrape token, or a principal holding metrics read at the root
+    TSG (an installation auditor or superuser). Anything else is refused: 401 with
+    no credential or a wrong one, 403 for a principal without that permission."""
+    services = services_of(request)
+    if services.scrape_token.matches(request.headers.get("authorization")):
+        return
+    principal = await current_principal(request)
+    decision = services.core.authz.decide_installation(principal, Permission.METRICS_READ)
+    if isinstance(decision, Denied):
+        raise PermissionDenied(
+            "/metrics answers to the scrape token or to metrics read access at the root TSG"
+        )
 
 
 async def access_claims(request: Request) -> AccessClaims:
@@ -92,3 +108,4 @@ ContextDep = Annotated[RequestContext, Depends(get_context)]
 PrincipalDep = Annotated[Principal, Depends(current_principal)]
 PasswordPrincipalDep = Annotated[Principal, Depends(principal_or_password)]
 ClaimsDep = Annotated[AccessClaims, Depends(access_claims)]
+MetricsReaderDep = Annotated[None, Depends(metrics_reader)]

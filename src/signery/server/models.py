@@ -28,6 +28,7 @@ from signery.server.keys.models import (
     KeyVersionRow,
     SigningKeyRow,
 )
+from signery.server.limits.models import RateLimitCounterRow
 from signery.server.meta import ServerMetaRow
 from signery.server.tsg.models import TsgRow
 from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow
@@ -52,6 +53,7 @@ __all__ = [
     "CrlRow",
     "KeyUsageQuotaRow",
     "KeyVersionRow",
+    "RateLimitCounterRow",
     "RoleBindingRow",
     "ServerMetaRow",
     "SigningGrantRow",

@@ -10,6 +10,11 @@ connections over them evenly.
 The parent holds the port (bound, never listening, so it receives no
 connection), starts the workers, restarts one that dies, and stops them all on
 SIGTERM or SIGINT.
+
+Metrics: the workers count in files of a private directory the parent makes for
+this run (mode 0700, removed when it stops) and names in ``PROMETHEUS_MULTIPROC_DIR``
+before any worker starts, so a scrape answered by any worker sums them all
+(prometheus_client multiprocess mode; signery.server.ops.metrics).
 """
 
 from __future__ import annotations
@@ -17,12 +22,17 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
+
+from signery.server.config import PROMETHEUS_MULTIPROC_ENV
 
 log = logging.getLogger("signery.supervisor")
 
@@ -68,6 +78,7 @@ class Supervisor:
         self._processes: list[BaseProcess] = []
         self._started: list[float] = []
         self._stop = threading.Event()
+        self._metrics_dir: Path | None = None
 
     def _spawn(self) -> tuple[BaseProcess, float]:
         process = self._context.Process(
@@ -83,6 +94,16 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        # A fresh directory for this run (mkdtemp: mode 0700, nothing left from a
+        # previous one); spawned workers inherit the environment.
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="signery-metrics-"))
+        os.environ[PROMETHEUS_MULTIPROC_ENV] = str(self._metrics_dir)
+        try:
+            return self._supervise()
+        finally:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
         for _ in range(self.workers):
             process, started = self._spawn()
             self._processes.append(process)
@@ -103,10 +124,19 @@ class Supervisor:
                     self._stop.set()
                     break
                 log.warning("a worker died; starting another", extra={"exitcode": process.exitcode})
+                self._forget_metrics_of(process)
                 time.sleep(RESTART_BACKOFF_SECONDS)
                 self._processes[i], self._started[i] = self._spawn()
         self._terminate()
         return status
+
+    def _forget_metrics_of(self, process: BaseProcess) -> None:
+        """A dead worker's live gauges go; its counters stay in the sums (a
+        counter must not go back because a worker was replaced)."""
+        from prometheus_client import multiprocess
+
+        if process.pid is not None and self._metrics_dir is not None:
+            multiprocess.mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
 
     def _terminate(self) -> None:
         for process in self._processes:

@@ -20,6 +20,13 @@ Every rule below is checked, in this order, and each refusal is audited:
 The access token names the account's token epoch (``epc``); every use checks it
 against the account row, which moves it on when the account is disabled or loses
 a key, so no token issued before outlives either (signing/service.py, authn.py).
+
+Before all of it, a source (client address; IPv6: its /64) whose requests were
+refused ``auth_token_failures_per_source`` times in the current window is refused
+at once (429 ``too_many_failed_attempts``, signery.server.limits); successful
+exchanges are never counted. An unauthenticated caller's refusals (the assertion's
+signature was not verified) are audited through ``commit_refusal``: one by one up
+to a share per source and interval, summed beyond it.
 """
 
 from __future__ import annotations
@@ -51,20 +58,30 @@ from signery.errors import (
     AssertionSignatureInvalid,
     ClientDisabled,
     ClientExpired,
+    ErrorKind,
     InvalidGrant,
     InvalidRequest,
     InvalidToken,
     SigneryError,
+    TooManyFailedAttempts,
     UnknownClient,
     UnsupportedGrantType,
     UnsupportedMediaType,
 )
 from signery.protocol import AccountStatus, AuditOutcome, PrincipalType
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
-from signery.server.audit.recorder import ANONYMOUS, Actor, AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.recorder import (
+    ANONYMOUS,
+    Actor,
+    AuditRecord,
+    AuditRecorder,
+    EventKind,
+    outcome_of,
+)
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database
+from signery.server.limits.service import AuthLimits
 from signery.server.tsg.service import TsgDirectory
 
 ASSERTION_MAX_LIFETIME = timedelta(minutes=5)
@@ -246,12 +263,14 @@ class TokenService:
         clock: Clock,
         directory: TsgDirectory,
         codec: AccessTokenCodec,
+        limits: AuthLimits,
     ) -> None:
         self._db = db
         self._recorder = recorder
         self._clock = clock
         self._directory = directory
         self._codec = codec
+        self._limits = limits
         self._last_prune = 0.0
 
     def exchange(
@@ -262,6 +281,11 @@ class TokenService:
         claimed: str | None = None
         account: AccountRow | None = None
         try:
+            self._limits.check_token_request(ctx)
+        except TooManyFailedAttempts as e:
+            self._refused(e, actor, account, claimed, ctx)
+            raise
+        try:
             _, assertion = parse_token_form(body, content_type)
             claimed = self._claimed_client(assertion)
             account, claims = self._verify(assertion, claimed)
@@ -271,6 +295,9 @@ class TokenService:
             self._consume_jti_and_record(account, claims, ctx)
         except SigneryError as e:
             self._refused(e, actor, account, claimed, ctx)
+            if e.kind not in (ErrorKind.UNAVAILABLE, ErrorKind.INTERNAL):
+                # The caller's fault (not a database down): counted against its source.
+                self._limits.token_request_refused(ctx)
             raise
         self._maybe_prune()
         return p.TokenResponse(
@@ -435,10 +462,11 @@ class TokenService:
         if account is not None:
             with self._db.read() as s:
                 tsg_path = self._directory.path(s, account.tsg_id)
-        self._recorder.commit_sync(
+        self._recorder.commit_refusal_sync(
             AuditRecord(
                 EventKind.TOKEN_REFUSED,
-                AuditOutcome.DENIED if isinstance(error, InvalidGrant) else AuditOutcome.INVALID,
+                # A refused grant and a limit are decisions (denied); the rest as usual.
+                AuditOutcome.DENIED if isinstance(error, InvalidGrant) else outcome_of(error),
                 actor,
                 reason=error.code,
                 tsg_id=account.tsg_id if account is not None else None,

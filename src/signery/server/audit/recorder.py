@@ -1,13 +1,17 @@
 """The audit recorder: the only writer of audit events and usage counters.
 
-Two ways in:
+Three ways in:
 
 * ``record(session, ...)`` adds an event to the caller's transaction, so a
   management change and its event commit together or not at all;
 * ``commit(...)`` (async) / ``commit_sync(...)`` hand an event and its usage
   delta to the group-commit writer and return once they are durably committed.
   A signing returns its signature only after this, and no signature at all if
-  it fails (fail closed: ``AuditUnavailable``).
+  it fails (fail closed: ``AuditUnavailable``);
+* ``commit_refusal(...)`` / ``commit_refusal_sync(...)`` for a refused request:
+  the same, except that the refusals of unauthenticated callers beyond a share
+  per source and interval are summed into one event per reason, written when the
+  interval ends (signery.server.audit.refusals).
 
 Group commit: one writer thread per process drains every event that queued up
 while the previous transaction was committing and writes them in one
@@ -49,6 +53,7 @@ from signery.server.audit.models import (
     UsageCounterRow,
     UsageDailyRow,
 )
+from signery.server.audit.refusals import RefusalAggregator
 from signery.server.clock import Clock
 from signery.server.context import RequestContext
 from signery.server.db import Database, new_id, sorted_by_key, table, upsert_statement
@@ -61,6 +66,11 @@ _EVENTS = table(AuditEventRow)
 _COUNTERS = table(UsageCounterRow)
 _DAILY = table(UsageDailyRow)
 _HEADS = table(AuditChainHeadRow)
+# How often the summaries of anonymous refusals are looked at (they are written
+# once their interval has ended).
+REFUSAL_FLUSH_SECONDS = 1.0
+DEFAULT_REFUSAL_SHARE = 100
+DEFAULT_REFUSAL_INTERVAL = 60.0
 # Long client-supplied strings are cut, not refused: the event must be written.
 _MAX_TEXT = {"principal_name": 256, "user_agent": 256, "client_machine": 256, "client_tool": 256}
 
@@ -246,6 +256,8 @@ class AuditRecorder:
         *,
         batch_max: int = 512,
         hash_chain: bool = True,
+        refusal_share: int = DEFAULT_REFUSAL_SHARE,
+        refusal_interval: float = DEFAULT_REFUSAL_INTERVAL,
     ) -> None:
         self._db = db
         # Off only to measure what the chain costs (bench/sign_throughput.py).
@@ -293,6 +305,9 @@ class AuditRecorder:
         self._waiting: list[tuple[_Pending, asyncio.Future[str]]] = []
         self._in_flight = False
         self._flush_scheduled = False
+        self.anonymous_refusals = RefusalAggregator(refusal_share, refusal_interval, now=clock.now)
+        self._refusal_thread: threading.Thread | None = None
+        self._refusal_stop = threading.Event()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -302,9 +317,20 @@ class AuditRecorder:
                 target=self._run, name="signery-audit-writer", daemon=True
             )
             self._thread.start()
+        if self._refusal_thread is None:
+            self._refusal_stop.clear()
+            self._refusal_thread = threading.Thread(
+                target=self._write_refusal_summaries, name="signery-audit-refusals", daemon=True
+            )
+            self._refusal_thread.start()
 
     def stop(self) -> None:
-        """Write everything queued, then stop the writer thread."""
+        """Write the refusal summaries and everything queued, then stop the writer."""
+        if self._refusal_thread is not None:
+            self._refusal_stop.set()
+            self._refusal_thread.join()
+            self._refusal_thread = None
+        self._write_summaries(self.anonymous_refusals.due(everything=True))
         if self._thread is not None:
             self._queue.put(STOP)
             self._thread.join()
@@ -385,6 +411,44 @@ class AuditRecorder:
                 self.commit_sync(record)
                 e.audited = True
             raise
+
+    async def commit_refusal(self, record: AuditRecord) -> str | None:
+        """Commit a refused request's event, unless it is an unauthenticated caller's
+        beyond its source's share for the interval: then it is counted in the
+        summary written at the interval's end, and None is returned at once."""
+        if RefusalAggregator.applies_to(record) and not self.anonymous_refusals.admit(record):
+            return None
+        return await self.commit(record)
+
+    def commit_refusal_sync(self, record: AuditRecord) -> str | None:
+        """The same, from a worker thread."""
+        if RefusalAggregator.applies_to(record) and not self.anonymous_refusals.admit(record):
+            return None
+        return self.commit_sync(record)
+
+    def _write_refusal_summaries(self) -> None:  # a thread of its own
+        while not self._refusal_stop.wait(
+            min(REFUSAL_FLUSH_SECONDS, self.anonymous_refusals.interval)
+        ):
+            self._write_summaries(self.anonymous_refusals.due())
+
+    def _write_summaries(self, records: list[AuditRecord]) -> None:
+        if not records:
+            return
+        items = [_Pending(self._row(r), None) for r in records]
+        if self.running:
+            written = threading.Event()
+            self._queue.put(_Batch(items, written.set))
+            written.wait()
+        else:
+            self._write_items(items)
+        lost = sum(1 for p in items if p.error is not None)
+        if lost:
+            # The requests were answered long ago: nothing to fail closed. Say so.
+            log.error(
+                "summaries of refused requests could not be written",
+                extra={"summaries": lost},
+            )
 
     # ------------------------------------------------------------ event-loop side
 

@@ -22,7 +22,6 @@ after its ``tsa.timestamp.issued`` event and usage count are committed.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import threading
 import time
@@ -99,7 +98,7 @@ from signery.server.ca.service import (
 )
 from signery.server.clock import Clock
 from signery.server.config import Settings, TsaAccess
-from signery.server.context import RequestContext
+from signery.server.context import RequestContext, source_of
 from signery.server.db import Database, flush_unique, new_id
 from signery.server.tsg.models import TsgRow
 
@@ -114,9 +113,6 @@ TSA_VALIDITY = timedelta(days=10 * 365)
 # client is forgotten (it gets a full bucket again: the limit fails open for it,
 # never closed for anybody else).
 MAX_TRACKED_CLIENTS = 65_536
-# IPv6 clients are limited per /64: one subscriber commonly holds a whole /64 (RFC
-# 6177), so a limit per address would be a limit on nothing.
-IPV6_CLIENT_PREFIX = 64
 # A client over its rate has one refusal audited per this many seconds; the event
 # counts the refusals in between (all of them show in signery_http_requests_total).
 REFUSAL_AUDIT_INTERVAL = 60.0
@@ -770,19 +766,8 @@ class ClientRateLimiter:
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def client_key(client_ip: str | None) -> str:
-        if client_ip is None:
-            return "unknown"  # e.g. a UNIX socket: everyone there shares one bucket
-        try:
-            address = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return client_ip
-        if isinstance(address, ipaddress.IPv6Address):
-            if address.ipv4_mapped is not None:
-                return str(address.ipv4_mapped)
-            return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
-        return str(address)
+    # A client is a source (signery.server.context.source_of): an IPv6 client is its /64.
+    client_key = staticmethod(source_of)
 
     def take(self, client_ip: str | None) -> RateRefusal | None:
         """Spend one token: None when admitted, else the refusal."""

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from signery import __version__
 from signery import protocol as p
 from signery.server.accounts.tokens import ASSERTION_ALGORITHMS
-from signery.server.deps import ServicesDep
+from signery.server.deps import MetricsReaderDep, ServicesDep
 from signery.server.ops.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
@@ -48,8 +48,11 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(services: ServicesDep) -> Response:
-    return Response(services.metrics.render(), media_type=CONTENT_TYPE)
+async def metrics(services: ServicesDep, _: MetricsReaderDep) -> Response:
+    """Prometheus metrics of every worker of this server (scrape token or root auditor)."""
+    # With several workers this reads every worker's files: not on the event loop.
+    body = await anyio.to_thread.run_sync(services.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 def server_metadata(services: ServicesDep) -> p.ServerMetadata:

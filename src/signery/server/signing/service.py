@@ -256,10 +256,7 @@ class SigningService:
         except SigneryError as e:
             await self._undo(attempt)
             await self._refused(e, claims, key_ref, attempt, ctx)
-            key = attempt.key
-            self._metrics.signing(
-                key.id if key else None, key.name if key else None, outcome_of(e), started
-            )
+            self._metrics.signing(outcome_of(e), started)
             raise
         except BaseException:
             # Not one of ours (a bug, a cancelled request): no signature leaves,
@@ -267,7 +264,7 @@ class SigningService:
             await self._undo(attempt)
             raise
         if isinstance(signed, p.SigningPending):
-            self._metrics.signing(signed.key_id, signed.key_name, AuditOutcome.DENIED, started)
+            self._metrics.signing(AuditOutcome.DENIED, started)
             return signed
         account, key, parsed = signed.account, signed.key, signed.request
         if parsed.client is not None:
@@ -279,7 +276,7 @@ class SigningService:
         except BaseException:
             await self._undo(attempt)
             raise
-        self._metrics.signing(key.id, key.name, AuditOutcome.SUCCEEDED, started)
+        self._metrics.signing(AuditOutcome.SUCCEEDED, started)
         return p.SignResponse(
             signature=signed.signature,
             key_id=key.id,
