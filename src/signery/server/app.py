@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from signery import __version__
-from signery.errors import AuthenticationFailed, RequestTooLarge
+from signery.errors import AuthenticationFailed, SigneryError
 from signery.keystores import Keyring, MasterKey
 from signery.protocol import API_PREFIX
 from signery.server.accounts.routes import router as accounts_router
@@ -99,7 +99,8 @@ def create_app(
     ):
         app.include_router(router)
 
-    async def on_too_large(scope: Scope, error: RequestTooLarge) -> Response:
+    async def on_refused(scope: Scope, error: SigneryError) -> Response:
+        """The edge's refusals (413, control characters), audited like any other."""
         conn = HTTPConnection(scope)
         header = conn.headers.get("authorization")
         if header:
@@ -124,7 +125,7 @@ def create_app(
             f"{API_PREFIX}/signing/": settings.max_sign_body_bytes,
             f"{API_PREFIX}/tsa": MAX_QUERY_BYTES,
         },
-        on_too_large=on_too_large,
+        on_refused=on_refused,
         access_log_enabled=settings.access_log,
         fast_route=SignDispatcher(services),
     )

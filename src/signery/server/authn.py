@@ -22,7 +22,7 @@ from signery.errors import (
     InvalidCredentials,
     InvalidToken,
 )
-from signery.protocol import AccountStatus, PrincipalType
+from signery.protocol import AccountStatus, PrincipalType, has_control_characters
 from signery.server.accounts.models import AccountRow
 from signery.server.accounts.tokens import AccessClaims, AccessTokenCodec
 from signery.server.authz import Principal
@@ -124,6 +124,10 @@ class Authenticator:
         username, sep, password = decoded.partition(":")
         if not sep:
             raise AuthenticationFailed("malformed Basic credentials")
+        if has_control_characters(username):
+            # No user has such a name (nor could: PostgreSQL cannot even look up
+            # a NUL); answered as any unknown username is.
+            raise InvalidCredentials()
         user = self._users.verify_password(username, password)
         if user is None:
             raise InvalidCredentials()
