@@ -27,6 +27,7 @@ from signery.server.ca.tsa_routes import router as tsa_router
 from signery.server.clock import Clock
 from signery.server.config import Settings, load_settings
 from signery.server.container import Core, Services
+from signery.server.datadir import require_private
 from signery.server.keys.policy_routes import router as key_policy_router
 from signery.server.keys.request_routes import router as key_requests_router
 from signery.server.keys.routes import keystores_router
@@ -135,6 +136,7 @@ def create_app(
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` worker processes: settings from the environment."""
     settings = load_settings()
+    require_private(settings)
     if settings.node_id:
         # Several workers share the configured name: each is a node of its own in
         # the audit trail (its events, its sequence), so it gets its pid appended.
