@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from signery.server.bootstrap import InitResult
     from signery.server.config import Settings
+    from signery.server.supervisor import ClaimedPort
 
 DataDirOpt = Annotated[
     Path | None,
@@ -137,29 +138,55 @@ def serve(
     Refuses to start from a data directory that group or others may access, and
     on a port that something else listens on (another installation's server
     included): only this command's workers share its port."""
+    from signery.server.datadir import require_private, use_private_umask
+    from signery.server.ops.logging import configure_logging
+    from signery.server.supervisor import claim_port
+    from signery.server.tls import uvicorn_tls_options
+
+    flags: dict[str, object] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "log_level": log_level,
+    }
+    settings = _settings(config, **flags)
+    configure_logging(settings.log_level)
+    use_private_umask()  # inherited by the workers: the -wal and -shm files they create
+    require_private(settings)
+    tls = uvicorn_tls_options(settings)
+    # Claim the port first (a busy one is refused at once), so that port 0 (any
+    # free port) can be announced before serving, and so that no other server
+    # shares it. With several workers this socket only holds the port: each
+    # worker listens on a socket of its own (signery.server.supervisor).
+    claimed = claim_port(settings.host, settings.port)
+    try:
+        status = _serve(settings, claimed, tls=tls, as_json=as_json, flags=flags, config=config)
+    finally:
+        claimed.close()
+    if status:
+        raise typer.Exit(status)
+
+
+def _serve(
+    settings: Settings,
+    claimed: ClaimedPort,
+    *,
+    tls: dict[str, Any],
+    as_json: bool,
+    flags: dict[str, object],
+    config: Path | None,
+) -> int:
+    """Open the app, announce the URL, serve on the claimed port until stopped;
+    the exit status."""
     import os
 
     import uvicorn
 
     from signery.server.app import create_app
-    from signery.server.datadir import require_private, use_private_umask
-    from signery.server.ops.logging import configure_logging
-    from signery.server.supervisor import Supervisor, claim_port
-    from signery.server.tls import uvicorn_tls_options
+    from signery.server.supervisor import Supervisor
 
-    settings = _settings(
-        config,
-        data_dir=data_dir,
-        database_url=database_url,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-    )
-    configure_logging(settings.log_level)
-    use_private_umask()  # inherited by the workers: the -wal and -shm files they create
-    require_private(settings)
-    tls = uvicorn_tls_options(settings)
     # Opening the app refuses a bad setup before anything listens. With several
     # workers this is a dry run, so that a bad configuration (a wrong HSM PIN!)
     # is refused once here instead of being tried by every worker.
@@ -168,12 +195,6 @@ def serve(
     if settings.workers > 1:
         opened.state.services.stop()
         app = None
-    # Claim the port here, so that port 0 (any free port) can be announced before
-    # serving, and so that no other server shares it. With several workers this
-    # socket only holds the port: each worker listens on a socket of its own
-    # (signery.server.supervisor).
-    claimed = claim_port(settings.host, settings.port)
-    sock = claimed.listening
     bound_port = claimed.port
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"{'https' if tls else 'http'}://{shown_host}:{bound_port}"
@@ -193,32 +214,16 @@ def serve(
         # The TCP socket itself, as uvicorn.run would pass it after binding (a bare
         # fd would be taken for a UNIX socket: no TCP_NODELAY, no client address).
         server_config = uvicorn.Config(app, host=settings.host, port=bound_port, **options)
-        try:
-            uvicorn.Server(server_config).run(sockets=[sock])
-        finally:
-            claimed.close()
-        return
+        uvicorn.Server(server_config).run(sockets=[claimed.listening])
+        return 0
     # Each worker reads the same environment and config file; only the flags of
     # this command are handed down (as the environment variables they stand for).
-    flags = {
-        "data_dir": data_dir,
-        "database_url": database_url,
-        "host": host,
-        "port": port,
-        "workers": workers,
-        "log_level": log_level,
-    }
     for key, value in flags.items():
         if value is not None:
             os.environ[f"SIGNERY_{key.upper()}"] = str(value)
     if config is not None:
         os.environ["SIGNERY_CONFIG"] = str(config)
-    try:
-        status = Supervisor(settings.host, bound_port, settings.workers, options).run()
-    finally:
-        claimed.close()
-    if status:
-        raise typer.Exit(status)
+    return Supervisor(settings.host, bound_port, settings.workers, options).run()
 
 
 def rotate_master_key(
