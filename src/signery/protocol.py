@@ -176,10 +176,6 @@ B64Bytes = Annotated[
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # What multi-line text (PEM, a comment) may hold besides: tab and line breaks.
 MULTILINE_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
-# The instants a request may name, once in UTC: the Unix epoch to the last year
-# whose arithmetic (a day or a year later) cannot overflow Python's datetime.
-EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
-LATEST_INSTANT = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def has_control_characters(text: str) -> bool:
@@ -202,29 +198,28 @@ MULTILINE = _Multiline()
 MultilineText = Annotated[str, MULTILINE]
 
 
-def _bounded_instant(value: datetime) -> datetime:
-    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+def _in_utc(value: datetime) -> datetime:
+    """The instant in UTC; a time without an offset is taken as UTC. Refuses one
+    that cannot be converted: 9999-12-31T23:59:59-14:00 is in year 10000 in UTC,
+    0001-01-01T00:00:00+14:00 before year 1."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
     try:
-        in_utc = aware.astimezone(UTC)
-    except OverflowError:  # 9999-12-31T23:59:59-14:00 is in year 10000 in UTC
-        in_utc = None
-    if in_utc is None or not EARLIEST_INSTANT <= in_utc < LATEST_INSTANT:
+        return value.astimezone(UTC)
+    except OverflowError:
         raise PydanticCustomError(
-            "instant_out_of_range",
-            "must lie between {earliest} and {latest} (UTC)",
-            {"earliest": EARLIEST_INSTANT.isoformat(), "latest": LATEST_INSTANT.isoformat()},
-        )
-    return value
+            "instant_out_of_range", "must lie within years 1 to 9999 once converted to UTC"
+        ) from None
 
 
-# A point in time a request names (a query's since/until, a policy's validity).
-Instant = Annotated[datetime, AfterValidator(_bounded_instant)]
+# A point in time a query names (since, until, after), in UTC.
+Instant = Annotated[datetime, AfterValidator(_in_utc)]
 
 
 def _refused_text(value: Any, pattern: re.Pattern[str]) -> PydanticCustomError | None:
     """Why ``value`` (a field's validated value) is refused: a text in it with a
-    character ``pattern`` matches, or an instant out of range. Nested wire models
-    were checked by their own validator."""
+    character ``pattern`` matches. Nested wire models were checked by their own
+    validator."""
     if isinstance(value, str):
         if pattern.search(value) is None:
             return None
@@ -233,12 +228,6 @@ def _refused_text(value: Any, pattern: re.Pattern[str]) -> PydanticCustomError |
             "control characters are not allowed"
             + (" (except tab and line breaks)" if pattern is MULTILINE_CONTROL_CHARACTERS else ""),
         )
-    if isinstance(value, datetime):
-        try:
-            _bounded_instant(value)
-        except PydanticCustomError as e:
-            return e
-        return None
     items: Any = ()
     if isinstance(value, list | tuple | set | frozenset):
         items = value
@@ -251,8 +240,8 @@ def _refused_text(value: Any, pattern: re.Pattern[str]) -> PydanticCustomError |
     return None
 
 
-# Values that may hold text or an instant (nested wire models check themselves).
-_CONTAINERS = (datetime, list, tuple, set, frozenset, dict)
+# Values that may hold text (nested wire models check themselves).
+_CONTAINERS = (list, tuple, set, frozenset, dict)
 
 
 def _is_multiline(field: FieldInfo) -> bool:
@@ -267,8 +256,7 @@ class WireModel(BaseModel):
     """Base of all wire models (requests): immutable, unknown fields refused, and
     no control character in any text, so that none reaches a database (PostgreSQL
     cannot store a NUL), a log line or a terminal. Fields marked ``MULTILINE``
-    may hold tabs and line breaks. Instants lie within ``EARLIEST_INSTANT`` and
-    ``LATEST_INSTANT``."""
+    may hold tabs and line breaks."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     # Per field: the characters its text may not hold (set for each subclass).
