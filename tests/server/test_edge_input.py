@@ -5,8 +5,9 @@ reached the database and came back as a 500/503, and out-of-range query
 parameters (a cursor beyond 64 bits, a date past year 9999 once in UTC, a day
 count beyond timedelta) were 500s on both databases.
 
-The route tests enumerate the application's own routes and their parameters,
-so a route added later is covered without touching this file.
+The route tests enumerate the routes and parameters of the server's own OpenAPI
+document, and the body tests every request model, so a route or a model added
+later is covered without touching this file.
 """
 
 from __future__ import annotations
