@@ -797,7 +797,7 @@ class Demo:
                 return
             status = self.server.returncode
             self.server = None
-            in_use = "address already in use" in self.server_log_tail().lower()
+            in_use = "port_in_use" in self.server_log_tail()
             if not (in_use and attempt < START_ATTEMPTS):
                 raise StepFailed(
                     f"the server exited with status {status} before it was ready",

@@ -65,6 +65,14 @@ class ValidationFailed(InvalidRequest):
     title = "Request failed validation"
 
 
+class ControlCharacters(InvalidRequest):
+    """A path or query string carried a control character (or a NUL): no name,
+    id or value Signery knows can hold one, and PostgreSQL cannot even store a NUL."""
+
+    code = "control_characters"
+    title = "Control characters are not accepted in a request"
+
+
 class DigestLengthMismatch(InvalidRequest):
     code = "digest_length_mismatch"
     title = "Digest length does not match the digest algorithm"
@@ -779,6 +787,20 @@ class SignatureVerificationFailed(KeyStoreError):
 class ConfigurationError(SigneryError):
     code = "configuration_error"
     title = "Configuration error"
+
+
+class DataDirectoryNotPrivate(ConfigurationError):
+    """The data directory (database, master key) is open to other users."""
+
+    code = "data_directory_not_private"
+    title = "The data directory is accessible by other users"
+
+
+class PortInUse(ConfigurationError):
+    """Another server (another installation, or anything else) listens on the port."""
+
+    code = "port_in_use"
+    title = "The port is already in use"
 
 
 class ClientError(SigneryError):

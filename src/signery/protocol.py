@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import date, datetime
+import re
+from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar, Self, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 API_PREFIX = "/api/v1"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -186,10 +198,128 @@ B64Bytes = Annotated[
 ]
 
 
+# ------------------------------------------------------------------ what a request may hold
+
+# C0 controls (NUL included: PostgreSQL text cannot hold it), DEL, C1 controls, and
+# lone surrogates (not text: no database or terminal encoding can carry them).
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# What multi-line text (PEM, a comment) may hold besides: tab and line breaks.
+MULTILINE_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def has_control_characters(text: str) -> bool:
+    """True if ``text`` cannot be a name, an id or any one-line value Signery accepts."""
+    # Printable ASCII first: the common case, and faster to tell than the search.
+    return (
+        not (text.isascii() and text.isprintable()) and CONTROL_CHARACTERS.search(text) is not None
+    )
+
+
+class _Multiline:
+    """Marks a text field that may span lines (PEM, a description, a comment):
+    it may hold tabs and line breaks, still no other control character."""
+
+    def __repr__(self) -> str:
+        return "MULTILINE"
+
+
+MULTILINE = _Multiline()
+MultilineText = Annotated[str, MULTILINE]
+
+
+def _in_utc(value: datetime) -> datetime:
+    """The instant in UTC; a time without an offset is taken as UTC. Refuses one
+    that cannot be converted: 9999-12-31T23:59:59-14:00 is in year 10000 in UTC,
+    0001-01-01T00:00:00+14:00 before year 1."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise PydanticCustomError(
+            "instant_out_of_range", "must lie within years 1 to 9999 once converted to UTC"
+        ) from None
+
+
+# A point in time a query names (since, until, after), in UTC.
+Instant = Annotated[datetime, AfterValidator(_in_utc)]
+
+
+def _refused_text(value: Any, pattern: re.Pattern[str]) -> PydanticCustomError | None:
+    """Why ``value`` (a field's validated value) is refused: a text in it with a
+    character ``pattern`` matches. Nested wire models were checked by their own
+    validator."""
+    if isinstance(value, str):
+        if pattern.search(value) is None:
+            return None
+        return PydanticCustomError(
+            "control_characters",
+            "control characters are not allowed"
+            + (" (except tab and line breaks)" if pattern is MULTILINE_CONTROL_CHARACTERS else ""),
+        )
+    items: Any = ()
+    if isinstance(value, list | tuple | set | frozenset):
+        items = value
+    elif isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    for item in items:
+        refused = _refused_text(item, pattern)
+        if refused is not None:
+            return refused
+    return None
+
+
+# Values that may hold text (nested wire models check themselves).
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+
+def _is_multiline(field: FieldInfo) -> bool:
+    # Annotated[str, MULTILINE] puts the marker in the field's metadata;
+    # Annotated[str, MULTILINE] | None keeps it inside the union.
+    return MULTILINE in field.metadata or any(
+        MULTILINE in getattr(arg, "__metadata__", ()) for arg in get_args(field.annotation)
+    )
+
+
 class WireModel(BaseModel):
-    """Base of all wire models: immutable, unknown fields refused."""
+    """Base of all wire models (requests): immutable, unknown fields refused, and
+    no control character in any text, so that none reaches a database (PostgreSQL
+    cannot store a NUL), a log line or a terminal. Fields marked ``MULTILINE``
+    may hold tabs and line breaks."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # Per field: the characters its text may not hold (set for each subclass).
+    _refuses: ClassVar[dict[str, re.Pattern[str]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._refuses = {
+            name: MULTILINE_CONTROL_CHARACTERS if _is_multiline(field) else CONTROL_CHARACTERS
+            for name, field in cls.model_fields.items()
+        }
+
+    # One model validator, not a validator per field: this runs on every signing
+    # request, and it costs one Python call instead of one per field.
+    @model_validator(mode="after")
+    def _no_control_characters(self) -> Self:
+        refuses = type(self)._refuses
+        for name, value in self.__dict__.items():
+            if isinstance(value, str):
+                # Printable ASCII first: the common case, and faster to tell.
+                if value.isascii() and value.isprintable():
+                    continue
+                if refuses[name].search(value) is None:
+                    continue
+            elif not isinstance(value, _CONTAINERS):
+                continue
+            refused = _refused_text(value, refuses[name])
+            if refused is not None:
+                raise ValidationError.from_exception_data(
+                    type(self).__name__,
+                    [InitErrorDetails(type=refused, loc=(name,), input=value)],
+                )
+        return self
 
 
 class ResponseModel(BaseModel):
@@ -329,7 +459,7 @@ class AccountCreate(WireModel):
     name: str = Field(min_length=1, max_length=128)
     tsg_id: str | None = None
     validity_days: int = Field(default=365, ge=1, le=3650)
-    public_key_pem: str | None = Field(
+    public_key_pem: MultilineText | None = Field(
         default=None,
         description="Upload a public key (RSA >= 2048, EC P-256/384/521, Ed25519); "
         "when omitted the server generates a key pair and returns the private key once",
@@ -366,7 +496,7 @@ class AccountCreated(Account):
 
 
 class AccountKeyAdd(WireModel):
-    public_key_pem: str
+    public_key_pem: MultilineText
 
 
 # ------------------------------------------------------------------ signing keys
@@ -447,7 +577,7 @@ class KeyCreate(WireModel):
     )
     subject: KeySubject | None = None
     validity_days: int = Field(default=365, ge=1, le=3650)
-    description: str | None = Field(default=None, max_length=1024)
+    description: MultilineText | None = Field(default=None, max_length=1024)
     rotation_period_days: int | None = Field(
         default=None, ge=1, le=3650, description="Rotate the key every N days (default: never)"
     )
@@ -734,16 +864,16 @@ class EstSettings(WireModel):
     )
     username: str | None = Field(default=None, max_length=256, description="HTTP basic auth")
     password: str | None = Field(default=None, max_length=1024, description="Write-only")
-    tls_ca_pem: str | None = Field(
+    tls_ca_pem: MultilineText | None = Field(
         default=None,
         max_length=256 * 1024,
         description="CA certificates that verify the EST server's TLS certificate "
         "(default: the system's trust store)",
     )
-    client_certificate_pem: str | None = Field(
+    client_certificate_pem: MultilineText | None = Field(
         default=None, max_length=256 * 1024, description="TLS client certificate (chain), PEM"
     )
-    client_key_pem: str | None = Field(
+    client_key_pem: MultilineText | None = Field(
         default=None, max_length=64 * 1024, description="TLS client private key, PEM; write-only"
     )
     timeout_seconds: float = Field(default=30, gt=0, le=300)
@@ -756,7 +886,7 @@ class CaConnectorCreate(WireModel):
     public: bool = Field(
         default=False, description="A public CA: only keys in a hardware store may use it"
     )
-    roots_pem: str = Field(
+    roots_pem: MultilineText = Field(
         min_length=1,
         max_length=1024 * 1024,
         description="Trust anchors (PEM) every issued chain must reach",
@@ -769,7 +899,7 @@ class CaConnectorUpdate(WireModel):
     excepted, always given): an omitted setting or secret is kept, null removes it."""
 
     public: bool | None = None
-    roots_pem: str | None = Field(default=None, min_length=1, max_length=1024 * 1024)
+    roots_pem: MultilineText | None = Field(default=None, min_length=1, max_length=1024 * 1024)
     est: EstSettings | None = None
 
 
@@ -796,7 +926,7 @@ class CaConnector(ResponseModel):
 
 
 class CertificateUpload(WireModel):
-    chain_pem: str = Field(
+    chain_pem: MultilineText = Field(
         min_length=1,
         max_length=1024 * 1024,
         description="The issued certificate and its chain (PEM, any order)",
@@ -829,7 +959,7 @@ class SignRequest(WireModel):
         description="Sign with this version (default: the current one); older versions "
         "sign only when the key's policy sets min_signing_version",
     )
-    justification: str | None = Field(
+    justification: MultilineText | None = Field(
         default=None,
         max_length=1024,
         description="Shown to approvers when the key requires approval",
@@ -975,7 +1105,7 @@ class ApprovalRequest(ResponseModel):
 class ApprovalDecide(WireModel):
     """Body of ``POST /api/v1/approvals/{id}/approve`` and ``.../deny``."""
 
-    comment: str | None = Field(default=None, max_length=2048)
+    comment: MultilineText | None = Field(default=None, max_length=2048)
     max_uses: int | None = Field(
         default=None, ge=1, description="Narrow the grant: at most this many uses"
     )
@@ -1012,7 +1142,7 @@ class PreApprovalCreate(WireModel):
     max_uses: int | None = Field(default=1, ge=1)
     unlimited: bool = False
     expires_in_hours: int = Field(default=24, ge=1, le=24 * 90)
-    comment: str | None = Field(default=None, max_length=2048)
+    comment: MultilineText | None = Field(default=None, max_length=2048)
 
 
 # ------------------------------------------------------------------ audit and usage

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from signery.cli import main
 from signery.cli._client import EXIT_APPROVAL_PENDING
 from tests.cli.test_cli_e2e import Cli, openssl, write_file
 from tests.support import SIGNERY, Installation, ServerProcess
@@ -328,3 +329,17 @@ def test_a_pre_approval_says_what_it_covers(cli: Cli, setup: dict[str, Any]) -> 
     assert sum(Path(f"{f}.sig").exists() for f in files[1:]) == 1
     revoked = cli.json("grant", "revoke", anything["grant"]["id"], profile="approver")
     assert revoked["status"] == "revoked"
+
+
+def test_a_comment_the_wire_model_refuses_is_an_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Refused before anything is sent (no server here): a control character.
+    args = ["--server", "http://127.0.0.1:9", "--api-token", "sgy_pat_0000000000000000_x"]
+    status = main([*args, "approval", "deny", "r", "--comment", "a\x1b[2Jb"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "validation_failed" in err
+    assert "comment: control characters are not allowed" in err
+    assert "Traceback" not in err
+    assert "\x1b" not in err  # the refused value is not repeated

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from signery import __version__
 from signery.cli import _admin, _approvals, _client, _server
 from signery.cli._common import Connection, report_error
 from signery.client import DEFAULT_PROFILE
-from signery.errors import SigneryError
+from signery.errors import SigneryError, ValidationFailed
 
 app = typer.Typer(
     name="signery",
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status.
 
     Usage errors are handled by the CLI framework itself (message and status 2);
-    a SigneryError becomes a one-line message and status 1, never a traceback."""
+    a SigneryError, or a request the wire models refuse, becomes a one-line
+    message and status 1, never a traceback."""
     try:
         app(args=argv, prog_name="signery", standalone_mode=True)
     except SystemExit as e:
@@ -119,6 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except SigneryError as e:
         report_error(e)
+        return 1
+    except ValidationError as e:
+        # A request the client refuses to send (a control character, a text too
+        # long): said as the server would say it. The value is not repeated: it
+        # may be a secret.
+        report_error(
+            ValidationFailed(
+                "; ".join(
+                    f"{'.'.join(str(x) for x in error['loc']) or 'value'}: {error['msg']}"
+                    for error in e.errors()
+                )
+            )
+        )
         return 1
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)

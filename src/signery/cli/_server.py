@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from signery.server.bootstrap import InitResult
     from signery.server.config import Settings
+    from signery.server.supervisor import ClaimedPort
 
 DataDirOpt = Annotated[
     Path | None,
@@ -60,10 +61,14 @@ def init(
 ) -> None:
     """Create a new installation (database, master key, root TSG, built-in CA, superuser).
 
-    Safe to run again: an initialized installation is left untouched."""
+    The data directory is created 0700 and every file in it 0600; an existing
+    directory that group or others may access is refused. Safe to run again: an
+    initialized installation is left untouched."""
     from signery.server.bootstrap import initialize
+    from signery.server.datadir import use_private_umask
 
     settings = _settings(config, data_dir=data_dir, database_url=database_url, issuer=issuer)
+    use_private_umask()
     result = initialize(settings, admin_username=admin_username)
     emit(asdict(result), as_json, lambda: _print_init(result))
 
@@ -128,27 +133,60 @@ def serve(
         typer.Option("--json", help="Announce the listening URL as one JSON line on stdout."),
     ] = False,
 ) -> None:
-    """Run the Signery server (FastAPI on uvicorn). Logs are JSON lines on stderr."""
+    """Run the Signery server (FastAPI on uvicorn). Logs are JSON lines on stderr.
+
+    Refuses to start from a data directory that group or others may access, and
+    on a port that something else listens on (another installation's server
+    included): only this command's workers share its port."""
+    from signery.server.datadir import require_private, use_private_umask
+    from signery.server.ops.logging import configure_logging
+    from signery.server.supervisor import claim_port
+    from signery.server.tls import uvicorn_tls_options
+
+    flags: dict[str, object] = {
+        "data_dir": data_dir,
+        "database_url": database_url,
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "log_level": log_level,
+    }
+    settings = _settings(config, **flags)
+    configure_logging(settings.log_level)
+    use_private_umask()  # inherited by the workers: the -wal and -shm files they create
+    require_private(settings)
+    tls = uvicorn_tls_options(settings)
+    # Claim the port first (a busy one is refused at once), so that port 0 (any
+    # free port) can be announced before serving, and so that no other server
+    # shares it. With several workers this socket only holds the port: each
+    # worker listens on a socket of its own (signery.server.supervisor).
+    claimed = claim_port(settings.host, settings.port)
+    try:
+        status = _serve(settings, claimed, tls=tls, as_json=as_json, flags=flags, config=config)
+    finally:
+        claimed.close()
+    if status:
+        raise typer.Exit(status)
+
+
+def _serve(
+    settings: Settings,
+    claimed: ClaimedPort,
+    *,
+    tls: dict[str, Any],
+    as_json: bool,
+    flags: dict[str, object],
+    config: Path | None,
+) -> int:
+    """Open the app, announce the URL, serve on the claimed port until stopped;
+    the exit status."""
     import os
 
     import uvicorn
 
     from signery.server.app import create_app
-    from signery.server.ops.logging import configure_logging
-    from signery.server.supervisor import Supervisor, reuseport_socket
-    from signery.server.tls import uvicorn_tls_options
+    from signery.server.supervisor import Supervisor
 
-    settings = _settings(
-        config,
-        data_dir=data_dir,
-        database_url=database_url,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-    )
-    configure_logging(settings.log_level)
-    tls = uvicorn_tls_options(settings)
     # Opening the app refuses a bad setup before anything listens. With several
     # workers this is a dry run, so that a bad configuration (a wrong HSM PIN!)
     # is refused once here instead of being tried by every worker.
@@ -157,16 +195,7 @@ def serve(
     if settings.workers > 1:
         opened.state.services.stop()
         app = None
-    # Bind here, so that port 0 (any free port) can be announced before serving.
-    # With several workers this socket only holds the port: each worker listens
-    # on a socket of its own (signery.server.supervisor).
-    try:
-        sock = reuseport_socket(settings.host, settings.port)
-    except OSError as e:
-        raise ConfigurationError(
-            f"cannot listen on {settings.host}:{settings.port}: {e.strerror}"
-        ) from e
-    bound_port = sock.getsockname()[1]
+    bound_port = claimed.port
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     url = f"{'https' if tls else 'http'}://{shown_host}:{bound_port}"
     if as_json:
@@ -185,27 +214,16 @@ def serve(
         # The TCP socket itself, as uvicorn.run would pass it after binding (a bare
         # fd would be taken for a UNIX socket: no TCP_NODELAY, no client address).
         server_config = uvicorn.Config(app, host=settings.host, port=bound_port, **options)
-        uvicorn.Server(server_config).run(sockets=[sock])
-        return
+        uvicorn.Server(server_config).run(sockets=[claimed.listening])
+        return 0
     # Each worker reads the same environment and config file; only the flags of
     # this command are handed down (as the environment variables they stand for).
-    flags = {
-        "data_dir": data_dir,
-        "database_url": database_url,
-        "host": host,
-        "port": port,
-        "workers": workers,
-        "log_level": log_level,
-    }
     for key, value in flags.items():
         if value is not None:
             os.environ[f"SIGNERY_{key.upper()}"] = str(value)
     if config is not None:
         os.environ["SIGNERY_CONFIG"] = str(config)
-    status = Supervisor(settings.host, bound_port, settings.workers, options).run()
-    sock.close()
-    if status:
-        raise typer.Exit(status)
+    return Supervisor(settings.host, bound_port, settings.workers, options).run()
 
 
 def rotate_master_key(
@@ -223,9 +241,11 @@ def rotate_master_key(
     Safe to interrupt: every key stays usable, and running the command again
     finishes the rotation it finds in progress. With several hosts, every host
     must see the same master key file."""
+    from signery.server.datadir import use_private_umask
     from signery.server.rotation import rotate_master_key as rotate
 
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
+    use_private_umask()  # the new master key file
     show = not as_json and err.is_terminal
 
     def progress(done: int, total: int) -> None:
@@ -256,9 +276,11 @@ def db_upgrade(
 ) -> None:
     """Apply pending schema migrations (safe to run at any time)."""
     from signery.server import migrate
+    from signery.server.datadir import use_private_umask
     from signery.server.db import make_engine
 
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
+    use_private_umask()  # the database file, if this creates it
     engine = make_engine(settings.resolved_database_url, pool_size=1)
     try:
         before = migrate.current_revision(engine)

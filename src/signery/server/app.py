@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
 from signery import __version__
-from signery.errors import AuthenticationFailed, RequestTooLarge
+from signery.errors import AuthenticationFailed, SigneryError
 from signery.keystores import Keyring, MasterKey
 from signery.protocol import API_PREFIX
 from signery.server.accounts.routes import router as accounts_router
@@ -28,6 +28,7 @@ from signery.server.ca.tsa_routes import router as tsa_router
 from signery.server.clock import Clock
 from signery.server.config import Settings, load_settings
 from signery.server.container import Core, Services
+from signery.server.datadir import require_private
 from signery.server.keys.policy_routes import router as key_policy_router
 from signery.server.keys.request_routes import router as key_requests_router
 from signery.server.keys.routes import keystores_router
@@ -101,7 +102,8 @@ def create_app(
     ):
         app.include_router(router)
 
-    async def on_too_large(scope: Scope, error: RequestTooLarge) -> Response:
+    async def on_refused(scope: Scope, error: SigneryError) -> Response:
+        """The edge's refusals (413, control characters), audited like any other."""
         conn = HTTPConnection(scope)
         header = conn.headers.get("authorization")
         if header:
@@ -126,7 +128,7 @@ def create_app(
             f"{API_PREFIX}/signing/": settings.max_sign_body_bytes,
             f"{API_PREFIX}/tsa": MAX_QUERY_BYTES,
         },
-        on_too_large=on_too_large,
+        on_refused=on_refused,
         access_log_enabled=settings.access_log,
         fast_route=SignDispatcher(services),
     )
@@ -136,6 +138,7 @@ def create_app(
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` worker processes: settings from the environment."""
     settings = load_settings()
+    require_private(settings)
     if settings.node_id:
         # Several workers share the configured name: each is a node of its own in
         # the audit trail (its events, its sequence), so it gets its pid appended.

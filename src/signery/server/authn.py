@@ -25,7 +25,7 @@ from signery.errors import (
     InvalidCredentials,
     InvalidToken,
 )
-from signery.protocol import AccountStatus, PrincipalType
+from signery.protocol import AccountStatus, PrincipalType, has_control_characters
 from signery.server.accounts.models import AccountRow
 from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims, AccessTokenCodec
 from signery.server.authz import Principal
@@ -146,6 +146,10 @@ class Authenticator:
 
     async def _password(self, value: str, ctx: RequestContext) -> Principal:
         username, password = parse_basic(value)
+        if has_control_characters(username):
+            # No user has such a name (nor could: PostgreSQL cannot even look up
+            # a NUL); answered as any unknown username is, before any cost.
+            raise InvalidCredentials()
         async with self._limits.sign_in(username, ctx) as attempt:
             user = await anyio.to_thread.run_sync(self._users.verify_password, username, password)
             if user is None:

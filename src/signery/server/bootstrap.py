@@ -1,6 +1,7 @@
 """`signery init`: create a new installation, or confirm an existing one.
 
-Creates, in this order: the data directory (0700), the database schema
+Creates, in this order: the data directory (0700; an existing one that group
+or others may access is refused, see signery.server.datadir), the database schema
 (Alembic), the master key file (0600, never overwritten), then in ONE
 transaction: the root TSG, the built-in CA's rows (and the time-stamping
 authority's), the bootstrap superuser with an API token (living
@@ -26,6 +27,7 @@ from signery.server.ca.tsa import TsaConfig, created_record, provision_at_init
 from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings
 from signery.server.container import Core, keyring_file, load_keyring
+from signery.server.datadir import create_private
 from signery.server.db import Database, make_engine
 from signery.server.tsg.service import insert_tsg, new_tsg_id
 from signery.server.users.service import GENERATED_PASSWORD_BYTES
@@ -68,9 +70,7 @@ def initialize(
     clock: Clock | None = None,
 ) -> InitResult:
     clock = clock or SystemClock()
-    is_sqlite = settings.resolved_database_url.startswith("sqlite")
-    if is_sqlite or settings.master_key is None:
-        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    create_private(settings)
 
     db = Database(make_engine(settings.resolved_database_url, pool_size=2))
     try:

@@ -2,8 +2,11 @@
 
 * a request id for every request (``X-Request-ID`` kept when well-formed),
   returned in the response and attached to every log line and audit event;
-* request bodies bounded before any route reads them (413 otherwise; the
-  refusal is audited through ``on_too_large``);
+* no control character in the path or the query string once percent-decoded
+  (400 ``control_characters``): no name, id or parameter can hold one, and a NUL
+  would otherwise reach the database, which PostgreSQL refuses with an error;
+* request bodies bounded before any route reads them (413 otherwise);
+* both refusals audited through ``on_refused``;
 * one structured access-log line and Prometheus metrics per request.
 """
 
@@ -15,10 +18,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 from starlette.responses import Response
 
-from signery.errors import RequestTooLarge
+from signery.errors import ControlCharacters, RequestTooLarge, SigneryError
+from signery.protocol import has_control_characters
 from signery.server.ops.logging import request_id_var
 from signery.server.ops.metrics import Metrics
 
@@ -52,7 +57,7 @@ class EdgeMiddleware:
         metrics: Metrics,
         max_body: int,
         limits_by_prefix: dict[str, int],
-        on_too_large: Callable[[Scope, RequestTooLarge], Awaitable[Response]],
+        on_refused: Callable[[Scope, SigneryError], Awaitable[Response]],
         access_log_enabled: bool = True,
         fast_route: FastRoute | None = None,
     ) -> None:
@@ -61,7 +66,7 @@ class EdgeMiddleware:
         self.metrics = metrics
         self.max_body = max_body
         self.limits = sorted(limits_by_prefix.items(), key=lambda kv: -len(kv[0]))
-        self.on_too_large = on_too_large
+        self.on_refused = on_refused
         self.access_log_enabled = access_log_enabled
 
     def _limit(self, path: str) -> int:
@@ -105,7 +110,10 @@ class EdgeMiddleware:
                     too_large = int(content_length) > limit
                 except ValueError:
                     too_large = True
-            if too_large:
+            unreadable = _control_characters_in(scope)
+            if unreadable is not None:
+                await self._answer(scope, receive, send_wrapper, ControlCharacters(unreadable))
+            elif too_large:
                 await self._refuse(scope, receive, send_wrapper, limit)
             elif content_length is None and scope.get("method") in ("POST", "PUT", "PATCH"):
                 # Chunked body: read it here (bounded) so no route sees more than the limit.
@@ -144,8 +152,27 @@ class EdgeMiddleware:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         error = RequestTooLarge(f"request bodies here are limited to {limit} bytes")
-        response = await self.on_too_large(scope, error)
+        await self._answer(scope, receive, send, error)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, error: SigneryError
+    ) -> None:
+        response = await self.on_refused(scope, error)
         await response(scope, receive, send)
+
+
+def _control_characters_in(scope: Scope) -> str | None:
+    """What holds a control character once percent-decoded (the path, the query
+    string), or None. The ASGI server has decoded the path already; the query
+    string is decoded as the framework will decode it (UTF-8, invalid bytes
+    replaced), all of it at once: a character hidden in a name or a value is found
+    either way."""
+    if has_control_characters(scope.get("path", "")):
+        return "the path holds a control character"
+    query = scope.get("query_string", b"")
+    if query and has_control_characters(unquote(query.decode("latin-1"))):
+        return "the query string holds a control character"
+    return None
 
 
 async def _read_bounded(receive: Receive, limit: int) -> tuple[bytes, bool]:

@@ -15,23 +15,42 @@ Metrics: the workers count in files of a private directory the parent makes for
 this run (mode 0700, removed when it stops) and names in ``PROMETHEUS_MULTIPROC_DIR``
 before any worker starts, so a scrape answered by any worker sums them all
 (prometheus_client multiprocess mode; signery.server.ops.metrics).
+
+SO_REUSEPORT lets any process of the same user join the port, and the kernel
+then spreads connections over two unrelated servers: a second installation's
+`signery serve` on a busy port would answer half of the first one's clients
+with ``unknown_client``. So the parent claims the port first (:func:`claim_port`):
+
+* a lock only one `signery serve` on the host can hold per port number: a name
+  in Linux's abstract socket namespace, which belongs to the network namespace
+  like the port itself and disappears with the process, so a crash leaves no
+  stale lock. Two servers starting at the same instant cannot both hold it;
+* then a bind of the address *without* SO_REUSEPORT, which fails while anything
+  else listens there (an older Signery, another program), and succeeds beside
+  the parent's own socket, which is not listening.
+
+Either failure is a clear start-up error (:class:`~signery.errors.PortInUse`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from signery.errors import PortInUse
 from signery.server.config import PROMETHEUS_MULTIPROC_ENV
 
 log = logging.getLogger("signery.supervisor")
@@ -39,6 +58,10 @@ log = logging.getLogger("signery.supervisor")
 RESTART_BACKOFF_SECONDS = 1.0
 STARTUP_GRACE_SECONDS = 10.0
 STOP_GRACE_SECONDS = 15.0
+PORT_LOCK_NAME = "signery-serve-port-{port}"  # in the abstract namespace: no file
+# Port 0: the kernel may pick a port whose only other socket is another server's
+# (bound, not yet listening) holder; then another free port is picked.
+FREE_PORT_ATTEMPTS = 10
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -48,6 +71,91 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedPort:
+    """A port this `signery serve` and its workers alone listen on, for as long
+    as ``close`` is not called (or the process lives)."""
+
+    listening: socket.socket  # bound with SO_REUSEPORT (workers: each binds its own)
+    lock: socket.socket | None  # None where there is no abstract socket namespace
+
+    @property
+    def port(self) -> int:
+        return int(self.listening.getsockname()[1])
+
+    def close(self) -> None:
+        self.listening.close()
+        if self.lock is not None:
+            self.lock.close()
+
+
+def claim_port(host: str, port: int) -> ClaimedPort:
+    """Bind ``host:port`` for this server's workers only (see the module's
+    docstring); port 0 picks a free port. Raises PortInUse."""
+    for _ in range(FREE_PORT_ATTEMPTS if port == 0 else 1):
+        try:
+            sock = reuseport_socket(host, port)
+        except OSError as e:
+            raise PortInUse(
+                f"cannot listen on {_address(host, port)}: {e.strerror}; "
+                "stop what listens there or choose another --port"
+            ) from e
+        bound = int(sock.getsockname()[1])
+        try:
+            lock = _lock(host, bound)
+        except PortInUse:
+            sock.close()
+            if port == 0:
+                continue
+            raise
+        try:
+            _nothing_listens(host, bound)
+        except BaseException:
+            sock.close()
+            if lock is not None:
+                lock.close()
+            raise
+        return ClaimedPort(sock, lock)
+    raise PortInUse(f"found no free port on {host} in {FREE_PORT_ATTEMPTS} attempts")
+
+
+def _lock(host: str, port: int) -> socket.socket | None:
+    if not sys.platform.startswith("linux"):
+        return None  # only the bind of _nothing_listens guards the port there
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(b"\0" + PORT_LOCK_NAME.format(port=port).encode())
+    except OSError as e:
+        lock.close()
+        if e.errno != errno.EADDRINUSE:
+            raise
+        raise PortInUse(
+            f"cannot listen on {_address(host, port)}: another `signery serve` on this host "
+            f"holds port {port}; stop it or choose another --port"
+        ) from None
+    return lock
+
+
+def _nothing_listens(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # SO_REUSEADDR: connections of an earlier run in TIME_WAIT, or our own
+        # socket (bound, not listening), do not make the port busy; a listening
+        # socket does, SO_REUSEPORT or not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise PortInUse(
+                f"cannot listen on {_address(host, port)}: another server listens there "
+                f"({e.strerror}); stop it or choose another --port"
+            ) from None
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _worker(host: str, port: int, uvicorn_options: dict[str, Any], parent: int) -> None:

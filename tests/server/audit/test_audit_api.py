@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from signery.protocol import AuditOutcome
+from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
+from signery.server.context import RequestContext
 from tests.support import Api
 
 
@@ -106,10 +109,11 @@ def test_usage_counters(api: Api, scene: dict[str, Any]) -> None:
     )
 
 
-def test_a_nul_in_a_client_string_is_recorded_not_refused(api: Api) -> None:
+def test_a_nul_in_a_client_string_is_refused_not_a_server_error(api: Api) -> None:
     """Regression guard: PostgreSQL text cannot hold NUL, so a client string with
     one failed the audit insert and (failing closed) the signing: a client could
-    turn its own requests into 503s. The event is written with U+FFFD instead."""
+    turn its own requests into 503s. No request text may hold a control character
+    (issue 12 item 8): the request is refused as malformed, and recorded."""
     tsg = api.create_tsg()
     account = api.create_account(tsg["id"])
     key = api.create_key(tsg["id"], "EC_P256")
@@ -122,12 +126,29 @@ def test_a_nul_in_a_client_string_is_recorded_not_refused(api: Api) -> None:
             "scheme": "ecdsa",
             "client": {"machine": "build\x00host", "tool": "x\x00"},
         },
-        headers={
-            "Authorization": f"Bearer {api.access_token(account)}",
-            "User-Agent": "agent",
-        },
+        headers={"Authorization": f"Bearer {api.access_token(account)}"},
     )
-    assert response.status_code == 200, response.text
-    (event,) = [e for e in api.events_after(seq) if e["kind"] == "signing.sign.succeeded"]
+    assert response.status_code == 400, response.text
+    assert response.json()["code"] == "validation_failed"
+    refused = [e for e in api.events_after(seq) if e["reason"] == "validation_failed"]
+    assert [e["principal"]["id"] for e in refused] == [account.id]
+
+
+def test_a_nul_in_a_client_string_is_recorded_with_a_replacement(api: Api) -> None:
+    """The recorder's own guard, for any client string that reaches it: PostgreSQL
+    text cannot hold NUL, and failing the insert would refuse the request."""
+    services = api.http.app.state.services  # type: ignore[attr-defined]
+    seq = api.last_seq()
+    services.recorder.commit_sync(
+        AuditRecord(
+            EventKind.REQUEST_REFUSED,
+            AuditOutcome.INVALID,
+            ANONYMOUS,
+            reason="nul_test",
+            context=RequestContext(machine="build\x00host", tool="x\x00", user_agent="a\x00"),
+        )
+    )
+    (event,) = api.events_after(seq)
     assert event["client_machine"] == "build\ufffdhost"
     assert event["client_tool"] == "x\ufffd"
+    assert event["user_agent"] == "a\ufffd"

@@ -68,7 +68,7 @@ from signery.errors import (
     UnsupportedGrantType,
     UnsupportedMediaType,
 )
-from signery.protocol import AccountStatus, AuditOutcome, PrincipalType
+from signery.protocol import AccountStatus, AuditOutcome, PrincipalType, has_control_characters
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
 from signery.server.audit.recorder import (
     ANONYMOUS,
@@ -323,6 +323,9 @@ class TokenService:
         iss = unverified.get("iss")
         if not isinstance(iss, str) or not iss or len(iss) > 64:
             raise AssertionClaimsInvalid("iss must be the account's client_id")
+        if has_control_characters(iss):
+            # No client_id holds one (and PostgreSQL cannot look up a NUL).
+            raise UnknownClient()
         return iss
 
     def _verify(self, assertion: str, claimed: str) -> tuple[AccountRow, dict[str, Any]]:
@@ -384,8 +387,15 @@ class TokenService:
         if claims.get("sub") != account.client_id:
             raise AssertionClaimsInvalid("sub must equal iss (the client_id)")
         jti = claims.get("jti")
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
-            raise AssertionClaimsInvalid(f"jti must be a string of 1 to {MAX_JTI_CHARS} characters")
+        if (
+            not isinstance(jti, str)
+            or not jti
+            or len(jti) > MAX_JTI_CHARS
+            or has_control_characters(jti)  # it is stored: PostgreSQL cannot hold a NUL
+        ):
+            raise AssertionClaimsInvalid(
+                f"jti must be 1 to {MAX_JTI_CHARS} characters, none of them a control character"
+            )
         exp, iat = claims.get("exp"), claims.get("iat")
         if (
             not isinstance(exp, int)

@@ -221,7 +221,8 @@ class CheckpointService:
     def _export(self, row: AuditCheckpointRow, key: AuditKey) -> None:
         """Write the checkpoint file atomically (a reader never sees half of one)."""
         assert self.export_dir is not None
-        self.export_dir.mkdir(parents=True, exist_ok=True)
+        # Created private like the data directory (each file is 0600: mkstemp).
+        self.export_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         doc = Checkpoint(row.payload.encode(), row.signature, "").to_file(key.public_key_pem)
         target = self.export_dir / checkpoint_file_name(row.node_id, row.seq)
         fd, tmp = tempfile.mkstemp(dir=self.export_dir, prefix=".checkpoint-", suffix=".tmp")

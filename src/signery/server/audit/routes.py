@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
-from typing import Literal
+from datetime import date
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from signery import protocol as p
-from signery.protocol import API_PREFIX, AuditOutcome, ExportFormat
-from signery.server.audit.service import CSV, JSONL, EventFilter, UsageQuery
+from signery.protocol import API_PREFIX, AuditOutcome, ExportFormat, Instant
+from signery.server.audit.service import CSV, JSONL, MAX_PAGE, EventFilter, UsageQuery
 from signery.server.deps import PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=API_PREFIX, tags=["audit"])
@@ -25,9 +25,9 @@ def audit_events(
     account_id: str | None = None,
     outcome: AuditOutcome | None = None,
     kind: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    limit: int = 100,
+    since: Instant | None = None,
+    until: Instant | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     cursor: str | None = None,
     order: str = "asc",
 ) -> p.AuditEventPage:
@@ -51,7 +51,7 @@ def audit_checkpoints(
     principal: PrincipalDep,
     services: ServicesDep,
     node_id: str | None = None,
-    after: datetime | None = None,
+    after: Instant | None = None,
 ) -> p.AuditCheckpointList:
     return services.checkpoints.listing(principal, node_id, after)
 
@@ -75,7 +75,7 @@ def usage(
     tsg_id: str | None = None,
     since: date | None = None,
     until: date | None = None,
-    top: int | None = None,
+    top: Annotated[int | None, Query(ge=1, le=MAX_PAGE)] = None,
     group_by: Literal["day"] | None = None,
 ) -> p.UsageReport:
     q = UsageQuery(scope, tsg_id, since, until, top, by_day=group_by == "day")
@@ -90,8 +90,8 @@ def usage(
 def audit_export(
     principal: PrincipalDep,
     services: ServicesDep,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Instant | None = None,
+    until: Instant | None = None,
     format: ExportFormat = ExportFormat.JSONL,
 ) -> StreamingResponse:
     """The audit events the caller may read, oldest first, streamed page by page."""

@@ -25,6 +25,7 @@ from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.tsg.models import TsgRow
 
 MAX_PAGE = 1000
+MAX_SEQ = 2**63 - 1  # audit_events.seq: a signed 64-bit integer
 JSONL = "application/jsonl"
 CSV = "text/csv; charset=utf-8"
 # A cell starting with one of these is taken for a formula by spreadsheets (OWASP
@@ -120,10 +121,12 @@ class AuditService:
         if f.through_seq is not None:
             q = q.where(ev.seq <= f.through_seq)
         if f.cursor:
-            try:
-                after = int(f.cursor)
-            except ValueError:
-                raise InvalidRequest("cursor is not valid") from None
+            # A cursor is a seq: digits only (int() takes " +1_0" too), within
+            # the 64-bit column (a larger number overflows the database driver).
+            digits = f.cursor.isascii() and f.cursor.isdigit()
+            if not digits or len(f.cursor) > len(str(MAX_SEQ)) or int(f.cursor) > MAX_SEQ:
+                raise InvalidRequest("cursor is not valid")
+            after = int(f.cursor)
             q = q.where(ev.seq < after if f.descending else ev.seq > after)
         q = q.order_by(ev.seq.desc() if f.descending else ev.seq).limit(f.limit + 1)
         with self._db.read() as s:

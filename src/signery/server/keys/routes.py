@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 
 from signery import protocol as p
 from signery.protocol import API_PREFIX
 from signery.server.deps import ContextDep, PrincipalDep, ServicesDep
+from signery.server.keys.service import MAX_EXPIRING_WITHIN_DAYS
 
 router = APIRouter(prefix=f"{API_PREFIX}/keys", tags=["keys"])
 PEM = "application/x-pem-file"
@@ -25,7 +28,7 @@ def list_keys(
     principal: PrincipalDep,
     services: ServicesDep,
     tsg_id: str | None = None,
-    expiring_within_days: int | None = None,
+    expiring_within_days: Annotated[int | None, Query(ge=0, le=MAX_EXPIRING_WITHIN_DAYS)] = None,
 ) -> list[p.SigningKey]:
     """Keys you can see; ``expiring_within_days`` keeps those whose current
     certificate ends within that many days (expired ones included)."""

@@ -49,6 +49,10 @@ from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of, visible_rows_by_ref
 
 # RFC 5280 §5.3.1 CRLReason names (x509.ReasonFlags values), without removeFromCRL.
+# The widest horizon of ``GET /keys?expiring_within_days``: a century (and far
+# from the overflow of datetime arithmetic).
+MAX_EXPIRING_WITHIN_DAYS = 36_500
+
 REVOCATION_REASONS = frozenset(
     {
         "unspecified",
@@ -346,8 +350,10 @@ class KeyService:
             keys = [self._wire(s, r) for r in self._rows_in(s, scopes, tsg_id)]
         if expiring_within_days is None:
             return keys
-        if expiring_within_days < 0:
-            raise InvalidRequest("expiring_within_days must not be negative")
+        if not 0 <= expiring_within_days <= MAX_EXPIRING_WITHIN_DAYS:
+            raise InvalidRequest(
+                f"expiring_within_days must be between 0 and {MAX_EXPIRING_WITHIN_DAYS}"
+            )
         horizon = self._clock.now() + timedelta(days=expiring_within_days)
         out = []
         for key in keys:

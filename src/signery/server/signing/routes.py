@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from typing import Annotated
-from urllib.parse import unquote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -112,8 +111,10 @@ class SignDispatcher:
     def match(self, scope: Scope) -> str | None:
         if scope.get("method") != "POST":
             return None
+        # The ASGI server has percent-decoded the path already (as for the
+        # framework's routes): decoding it again would turn %2500 into a NUL.
         m = SIGN_PATH.match(scope.get("path", ""))
-        return unquote(m.group(1)) if m else None
+        return m.group(1) if m else None
 
     async def __call__(self, key: str, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
