@@ -9,15 +9,19 @@ two unrelated installations (`unknown_client` for half of the requests).
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from signery.server.config import PROMETHEUS_MULTIPROC_ENV
+from signery.server.supervisor import Supervisor
 from tests.support import (
     SIGNERY,
     Installation,
@@ -149,3 +153,24 @@ def wait_ready(url: str) -> None:
                 pass
             time.sleep(0.1)
     raise AssertionError(f"{url} did not become ready")
+
+
+def test_a_worker_that_dies_before_it_serves_stops_the_supervisor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that cannot start (here: a TLS certificate file that does not
+    exist) would fail the same way on every restart: the supervisor stops with
+    status 1 instead of restarting it forever. Whether a worker had started is
+    what it said (it serves), not how long ago it was spawned: a worker killed
+    just after it began serving is replaced (tests/e2e/test_workers.py)."""
+    options = {"log_config": None, "ssl_certfile": str(tmp_path / "missing.pem")}
+    supervisor = Supervisor("127.0.0.1", free_port(), 1, options)
+    # run() is a process's main loop: it names the metrics directory in the
+    # environment and takes SIGTERM/SIGINT; give both back to this test process.
+    monkeypatch.setenv(PROMETHEUS_MULTIPROC_ENV, "")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert supervisor.run() == 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

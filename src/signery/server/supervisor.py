@@ -47,6 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,6 @@ from signery.server.config import PROMETHEUS_MULTIPROC_ENV
 log = logging.getLogger("signery.supervisor")
 
 RESTART_BACKOFF_SECONDS = 1.0
-STARTUP_GRACE_SECONDS = 10.0
 STOP_GRACE_SECONDS = 15.0
 PORT_LOCK_NAME = "signery-serve-port-{port}"  # in the abstract namespace: no file
 # Port 0: the kernel may pick a port whose only other socket is another server's
@@ -158,9 +158,18 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _worker(host: str, port: int, uvicorn_options: dict[str, Any], parent: int) -> None:
-    """Entry point of a worker process (spawned: a fresh interpreter)."""
+def _worker(
+    host: str, port: int, uvicorn_options: dict[str, Any], parent: int, ready: EventType
+) -> None:
+    """Entry point of a worker process (spawned: a fresh interpreter). Sets ``ready``
+    once the application has started and the worker serves."""
     import uvicorn
+
+    class Worker(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:  # a failed lifespan startup asks to exit
+                ready.set()
 
     sock = reuseport_socket(host, port)
 
@@ -173,7 +182,7 @@ def _worker(host: str, port: int, uvicorn_options: dict[str, Any], parent: int) 
     config = uvicorn.Config(
         "signery.server.app:create_app_from_env", factory=True, **uvicorn_options
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    Worker(config).run(sockets=[sock])
 
 
 class Supervisor:
@@ -184,19 +193,20 @@ class Supervisor:
         self.options = uvicorn_options
         self._context = multiprocessing.get_context("spawn")
         self._processes: list[BaseProcess] = []
-        self._started: list[float] = []
+        self._ready: list[EventType] = []
         self._stop = threading.Event()
         self._metrics_dir: Path | None = None
 
-    def _spawn(self) -> tuple[BaseProcess, float]:
+    def _spawn(self) -> tuple[BaseProcess, EventType]:
+        ready = self._context.Event()
         process = self._context.Process(
             target=_worker,
-            args=(self.host, self.port, self.options, os.getpid()),
+            args=(self.host, self.port, self.options, os.getpid(), ready),
             name="signery-worker",
             daemon=False,
         )
         process.start()
-        return process, time.monotonic()
+        return process, ready
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
@@ -213,18 +223,19 @@ class Supervisor:
 
     def _supervise(self) -> int:
         for _ in range(self.workers):
-            process, started = self._spawn()
+            process, ready = self._spawn()
             self._processes.append(process)
-            self._started.append(started)
+            self._ready.append(ready)
         log.info("workers started", extra={"workers": [p.pid for p in self._processes]})
         status = 0
         while not self._stop.wait(0.5):
             for i, process in enumerate(self._processes):
                 if process.is_alive():
                     continue
-                if time.monotonic() - self._started[i] < STARTUP_GRACE_SECONDS:
-                    # Died while starting: the configuration is broken, and every
-                    # restart would fail the same way.
+                if not self._ready[i].is_set():
+                    # Died before it served: the configuration is broken, and every
+                    # restart would fail the same way. (A worker that served and
+                    # then died, however soon, is replaced.)
                     log.error(
                         "a worker failed to start; stopping", extra={"exitcode": process.exitcode}
                     )
@@ -234,7 +245,7 @@ class Supervisor:
                 log.warning("a worker died; starting another", extra={"exitcode": process.exitcode})
                 self._forget_metrics_of(process)
                 time.sleep(RESTART_BACKOFF_SECONDS)
-                self._processes[i], self._started[i] = self._spawn()
+                self._processes[i], self._ready[i] = self._spawn()
         self._terminate()
         return status
 
