@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -265,6 +265,29 @@ def _announced_url(
     return str(json.loads(lines[0])["url"])
 
 
+def wait_until_ready(
+    process: subprocess.Popen[bytes],
+    url: str,
+    log_tail: Callable[[], str] = lambda: "",
+    *,
+    verify: ssl.SSLContext | bool = True,
+) -> None:
+    """Poll ``/readyz`` until the server answers 200 (the URL is announced before
+    its socket listens), or fail when the process exits or the time is up."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_tail()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1, verify=verify).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server did not become ready:\n{log_tail()}")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running_server(
     installation: Installation,
@@ -286,18 +309,7 @@ def running_server(
         )
     server = ServerProcess(_announced_url(process, log), process, log)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=1, verify=verify).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become ready:\n{server.log_tail()}")
-            time.sleep(0.1)
+        wait_until_ready(process, server.url, server.log_tail, verify=verify)
         yield server
     finally:
         server.stop()

@@ -227,6 +227,19 @@ MULTILINE = _Multiline()
 MultilineText = Annotated[str, MULTILINE]
 
 
+class _Encoded:
+    """Marks a text field its own decoder parses strictly (the base64 of a digest,
+    :func:`decode_base64`): anything but its alphabet, control characters
+    included, is that decoder's refusal, with its precise code."""
+
+    def __repr__(self) -> str:
+        return "ENCODED"
+
+
+ENCODED = _Encoded()
+EncodedText = Annotated[str, ENCODED]
+
+
 def _in_utc(value: datetime) -> datetime:
     """The instant in UTC; a time without an offset is taken as UTC. Refuses one
     that cannot be converted: 9999-12-31T23:59:59-14:00 is in year 10000 in UTC,
@@ -273,11 +286,11 @@ def _refused_text(value: Any, pattern: re.Pattern[str]) -> PydanticCustomError |
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 
 
-def _is_multiline(field: FieldInfo) -> bool:
-    # Annotated[str, MULTILINE] puts the marker in the field's metadata;
-    # Annotated[str, MULTILINE] | None keeps it inside the union.
-    return MULTILINE in field.metadata or any(
-        MULTILINE in getattr(arg, "__metadata__", ()) for arg in get_args(field.annotation)
+def _marked(field: FieldInfo, marker: object) -> bool:
+    # Annotated[str, MARKER] puts the marker in the field's metadata;
+    # Annotated[str, MARKER] | None keeps it inside the union.
+    return marker in field.metadata or any(
+        marker in getattr(arg, "__metadata__", ()) for arg in get_args(field.annotation)
     )
 
 
@@ -295,8 +308,9 @@ class WireModel(BaseModel):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         cls._refuses = {
-            name: MULTILINE_CONTROL_CHARACTERS if _is_multiline(field) else CONTROL_CHARACTERS
+            name: MULTILINE_CONTROL_CHARACTERS if _marked(field, MULTILINE) else CONTROL_CHARACTERS
             for name, field in cls.model_fields.items()
+            if not _marked(field, ENCODED)
         }
 
     # One model validator, not a validator per field: this runs on every signing
@@ -309,9 +323,9 @@ class WireModel(BaseModel):
                 # Printable ASCII first: the common case, and faster to tell.
                 if value.isascii() and value.isprintable():
                     continue
-                if refuses[name].search(value) is None:
+                if name not in refuses or refuses[name].search(value) is None:
                     continue
-            elif not isinstance(value, _CONTAINERS):
+            elif name not in refuses or not isinstance(value, _CONTAINERS):
                 continue
             refused = _refused_text(value, refuses[name])
             if refused is not None:
@@ -949,7 +963,9 @@ class SignRequest(WireModel):
     instead of a generic validation error.
     """
 
-    digest: str = Field(description="Base64 (RFC 4648) of the digest", max_length=256)
+    digest: EncodedText = Field(
+        description="Canonical base64 (RFC 4648) of the digest", max_length=256
+    )
     digest_algorithm: str = Field(examples=["sha256", "sha384", "sha512"], max_length=32)
     scheme: str = Field(examples=["rsa-pkcs1v15", "rsa-pss", "ecdsa"], max_length=32)
     client: ClientInfo | None = None

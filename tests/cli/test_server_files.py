@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import SIGNERY
+from tests.support import SIGNERY, wait_until_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -68,6 +68,7 @@ def serving(tmp_path: Path) -> Iterator[tuple[Path, str, str]]:
     try:
         assert process.stdout is not None
         url = json.loads(process.stdout.readline())["url"]
+        wait_until_ready(process, url)
         yield data_dir, url, token
     finally:
         process.terminate()

@@ -338,6 +338,7 @@ def _trailing_bits_set(canonical: str) -> str:
             "sha256", base64.urlsafe_b64encode(URL_SAFE_DIGEST).decode(), id="url-safe-alphabet"
         ),
         pytest.param("sha256", CANONICAL[:20] + "\n" + CANONICAL[20:], id="embedded-newline"),
+        pytest.param("sha256", CANONICAL[:20] + "\x00" + CANONICAL[20:], id="embedded-nul"),
         pytest.param("sha256", " " + CANONICAL, id="leading-space"),
     ],
 )

@@ -271,12 +271,21 @@ REQUIRED_EXAMPLES: dict[str, object] = {
     "digest": "AAAA",
     "digest_algorithm": "sha256",
     "scheme": "ecdsa",
+    "scope": "any_digest",
+}
+# Where one model takes a field in another shape than the others.
+MODEL_EXAMPLES: dict[str, dict[str, object]] = {
+    "DigestToSign": {"digest": "ab" * 32},  # hex, where a signing request sends base64
 }
 
 
 def text_fields(model: type[BaseModel]) -> Iterator[tuple[str, object]]:
-    """(field, a value with a NUL in the right shape) for each field holding text."""
+    """(field, a value with a NUL in the right shape) for each field holding text.
+    Fields marked ENCODED are parsed strictly by their own decoder, which refuses
+    a NUL with its own code (a digest: tests/e2e/test_refusals.py)."""
     for name, info in model.model_fields.items():
+        if p.ENCODED in info.metadata:
+            continue
         args = typing.get_args(info.annotation) or (info.annotation,)
         if str in args:
             yield name, "a\x00"
@@ -311,7 +320,8 @@ def test_every_json_request_body_is_a_wire_model(api: Api) -> None:
 def test_no_text_field_of_a_request_takes_a_nul(model: type[WireModel]) -> None:
     required = [n for n, f in model.model_fields.items() if f.is_required()]
     assert set(required) <= set(REQUIRED_EXAMPLES), "add an example for the new field"
-    valid = {n: REQUIRED_EXAMPLES[n] for n in required}
+    examples = {**REQUIRED_EXAMPLES, **MODEL_EXAMPLES.get(model.__name__, {})}
+    valid = {n: examples[n] for n in required}
     model.model_validate(valid)
     accepted = []
     for name, value in text_fields(model):

@@ -54,6 +54,9 @@ FAST = {
 }
 TOKEN = "sink-token-4c1d9e"  # a test secret, checked never to be logged
 FORGED = 'evil\n<13>1 2026-01-01T00:00:00Z forged signery - - - {"forged":true}\u2028\rx'
+# What a client may still send in a one-line field (control characters are
+# refused at the edge): line and paragraph separators and a forged syslog header.
+FORGED_ONE_LINE = 'evil\u2028<13>1 2026-01-01T00:00:00Z forged signery - - - {"forged":true}\u2029x'
 
 # ------------------------------------------------------------------ helpers
 
@@ -196,7 +199,7 @@ def test_syslog_receives_every_event_in_order_and_a_forged_line_stays_one_messag
                     "digest": "A" * 43 + "=",
                     "digest_algorithm": "sha256",
                     "scheme": "ecdsa",
-                    "client": {"machine": FORGED, "tool": "<13>1 - - - - - forged"},
+                    "client": {"machine": FORGED_ONE_LINE, "tool": "<13>1 - - - - - forged"},
                 },
                 headers={"Authorization": f"Bearer {token}"},
             )
@@ -206,12 +209,14 @@ def test_syslog_receives_every_event_in_order_and_a_forged_line_stays_one_messag
             wait_for(lambda: cursor_of(db, "syslog") >= last)
         received = received_after(receiver, db, before)
         assert_delivered(received, db, before)
-        forged = [e for e in received if e["client_machine"] == FORGED]
+        forged = [e for e in received if e["client_machine"] == FORGED_ONE_LINE]
         assert len(forged) == 1
         assert forged[0]["client_tool"] == "<13>1 - - - - - forged"
         # Exactly one frame/datagram per event: the forged header never split one.
         assert len(receiver.messages) == len(received)
-        assert not any(b"\n" in m or b"\xe2\x80\xa8" in m for m in receiver.messages)
+        assert not any(
+            b"\n" in m or b"\xe2\x80\xa8" in m or b"\xe2\x80\xa9" in m for m in receiver.messages
+        )
     finally:
         receiver.stop()
 
