@@ -353,23 +353,36 @@ class AccountService:
             if self._key_count(s, row) >= MAX_KEYS_PER_ACCOUNT:
                 raise InvalidRequest(f"an account holds at most {MAX_KEYS_PER_ACCOUNT} keys")
             added = self._add_key(s, row, key, algorithm)
-            self._recorder.record(
-                s,
-                AuditRecord(
-                    EventKind.ACCOUNT_KEY_ADDED,
-                    AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
-                    tsg_id=row.tsg_id,
-                    tsg_path=path,
-                    context=ctx,
-                    details={
-                        "account_id": row.id,
-                        "key_id": added.id,
-                        "key_fingerprint": added.fingerprint,
-                    },
-                ),
-            )
+            self._key_event(s, EventKind.ACCOUNT_KEY_ADDED, principal, row, path, added, ctx)
             return self._wire(s, row)
+
+    def _key_event(
+        self,
+        s: Session,
+        kind: EventKind,
+        principal: Principal,
+        row: AccountRow,
+        path: str,
+        key: AccountKeyRow,
+        ctx: RequestContext,
+    ) -> None:
+        """A key added to or removed from an account: who did it, which key."""
+        self._recorder.record(
+            s,
+            AuditRecord(
+                kind,
+                AuditOutcome.SUCCEEDED,
+                actor_of(principal),
+                tsg_id=row.tsg_id,
+                tsg_path=path,
+                context=ctx,
+                details={
+                    "account_id": row.id,
+                    "key_id": key.id,
+                    "key_fingerprint": key.fingerprint,
+                },
+            ),
+        )
 
     def remove_key(
         self, principal: Principal, ref: str, key_id: str, ctx: RequestContext
@@ -392,21 +405,6 @@ class AccountService:
             s.delete(key)
             row.updated_at = self._clock.now()
             self._end_access_tokens(s, row)
-            self._recorder.record(
-                s,
-                AuditRecord(
-                    EventKind.ACCOUNT_KEY_REMOVED,
-                    AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
-                    tsg_id=row.tsg_id,
-                    tsg_path=path,
-                    context=ctx,
-                    details={
-                        "account_id": row.id,
-                        "key_id": key.id,
-                        "key_fingerprint": key.fingerprint,
-                    },
-                ),
-            )
+            self._key_event(s, EventKind.ACCOUNT_KEY_REMOVED, principal, row, path, key, ctx)
             s.flush()
             return self._wire(s, row)
