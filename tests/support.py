@@ -34,10 +34,10 @@ from sqlalchemy.orm import Session
 
 from signery.client import AccountCredentials
 from signery.protocol import JWT_BEARER_GRANT, SubjectPolicyRules
-from signery.server.bootstrap import InitResult, initialize
 from signery.server.ca.models import SubjectPolicyRow
 from signery.server.config import Settings, load_settings
-from signery.server.db import make_engine
+from signery.server.installation.bootstrap import InitResult, initialize
+from signery.server.persistence.db import make_engine
 
 PG_ADMIN_DSN = os.environ.get(
     "SIGNERY_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -29,7 +29,7 @@ from signery.errors import (
     SigneryError,
     error_from_problem,
 )
-from signery.server.problems import STATUS_BY_KIND, problem_response
+from signery.server.http.problems import STATUS_BY_KIND, problem_response
 
 # Codes that two classes may share on purpose. There are none: the client maps a
 # code to exactly one class, so a shared code would rebuild the wrong one.

@@ -17,8 +17,8 @@ from signery.client import (
 from signery.crypto import hash_bytes
 from signery.errors import ClientError, FailureInfo, UnsupportedImprintAlgorithm
 from signery.protocol import DigestAlgorithm
-from signery.server.ca.tsa import rejection_reply
 from signery.server.config import DEFAULT_TSA_POLICY_OID
+from signery.server.tsa.service import rejection_reply
 from tests.support import Api
 
 URL = "http://signery.test/api/v1/tsa"

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import text
 
-from signery.server.db import make_engine
+from signery.server.persistence.db import make_engine
 from tests.support import (
     Installation,
     ServerProcess,

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select
 
 from signery.server.audit.models import AuditEventRow
-from signery.server.db import make_engine
+from signery.server.persistence.db import make_engine
 from tests.support import Api, Installation, ServerProcess, new_installation, running_server
 
 pytestmark = pytest.mark.e2e

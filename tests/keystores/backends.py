@@ -14,8 +14,8 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from signery.keystores import BuiltinKeyStore, KeyStore, MasterKey
-from signery.server import migrate
-from signery.server.db import make_engine
+from signery.server.persistence import migrate
+from signery.server.persistence.db import make_engine
 from tests.keystores.moto import aws_kms_store
 from tests.keystores.softhsm import pkcs11_store
 

@@ -50,9 +50,9 @@ from signery.keystores import (
     remote_private_key,
 )
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
-from signery.server import migrate
-from signery.server.db import make_engine
-from signery.server.models import Base
+from signery.server.persistence import migrate
+from signery.server.persistence.db import make_engine
+from signery.server.persistence.models import Base
 from tests.support import postgres_database
 
 BACKENDS = ["sqlite", "postgresql"]

@@ -1513,7 +1513,7 @@ def audit_verify(
     Reports, by event id: altered, deleted, inserted and reordered events, a
     truncated tail, and a database rolled back behind an exported checkpoint.
     Through the API (the default) it needs audit read access at the root TSG."""
-    from signery.server.audit.chain import read_exported
+    from signery.auditchain import read_exported
 
     exported = read_exported(checkpoints) if checkpoints else []
     pinned = _pinned_key(public_key) if public_key else None
@@ -1533,7 +1533,7 @@ def audit_verify(
 def _pinned_key(path: Path) -> dict[str, bytes]:
     from cryptography.hazmat.primitives import serialization
 
-    from signery.server.audit.chain import AUDIT_KEY_ID
+    from signery.auditchain import AUDIT_KEY_ID
 
     key = serialization.load_pem_public_key(path.read_bytes())
     der = key.public_bytes(
@@ -1547,7 +1547,7 @@ def _verify_through_api(
 ) -> Any:
     from cryptography.hazmat.primitives import serialization
 
-    from signery.server.audit.chain import Checkpoint, verify
+    from signery.auditchain import Checkpoint, verify
 
     def events(c: Any) -> Any:
         cursor: str | None = None

@@ -15,9 +15,9 @@ from signery.errors import ConfigurationError
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from signery.server.bootstrap import InitResult
     from signery.server.config import Settings
-    from signery.server.supervisor import ClaimedPort
+    from signery.server.installation.bootstrap import InitResult
+    from signery.server.runtime.supervisor import ClaimedPort
 
 DataDirOpt = Annotated[
     Path | None,
@@ -64,8 +64,8 @@ def init(
     The data directory is created 0700 and every file in it 0600; an existing
     directory that group or others may access is refused. Safe to run again: an
     initialized installation is left untouched."""
-    from signery.server.bootstrap import initialize
-    from signery.server.datadir import use_private_umask
+    from signery.server.installation.bootstrap import initialize
+    from signery.server.installation.datadir import use_private_umask
 
     settings = _settings(config, data_dir=data_dir, database_url=database_url, issuer=issuer)
     use_private_umask()
@@ -138,10 +138,10 @@ def serve(
     Refuses to start from a data directory that group or others may access, and
     on a port that something else listens on (another installation's server
     included): only this command's workers share its port."""
-    from signery.server.datadir import require_private, use_private_umask
+    from signery.server.installation.datadir import require_private, use_private_umask
     from signery.server.ops.logging import configure_logging
-    from signery.server.supervisor import claim_port
-    from signery.server.tls import uvicorn_tls_options
+    from signery.server.runtime.supervisor import claim_port
+    from signery.server.runtime.tls import uvicorn_tls_options
 
     flags: dict[str, object] = {
         "data_dir": data_dir,
@@ -159,7 +159,7 @@ def serve(
     # Claim the port first (a busy one is refused at once), so that port 0 (any
     # free port) can be announced before serving, and so that no other server
     # shares it. With several workers this socket only holds the port: each
-    # worker listens on a socket of its own (signery.server.supervisor).
+    # worker listens on a socket of its own (signery.server.runtime.supervisor).
     claimed = claim_port(settings.host, settings.port)
     try:
         status = _serve(settings, claimed, tls=tls, as_json=as_json, flags=flags, config=config)
@@ -185,7 +185,7 @@ def _serve(
     import uvicorn
 
     from signery.server.app import create_app
-    from signery.server.supervisor import Supervisor
+    from signery.server.runtime.supervisor import Supervisor
 
     # Opening the app refuses a bad setup before anything listens. With several
     # workers this is a dry run, so that a bad configuration (a wrong HSM PIN!)
@@ -241,8 +241,8 @@ def rotate_master_key(
     Safe to interrupt: every key stays usable, and running the command again
     finishes the rotation it finds in progress. With several hosts, every host
     must see the same master key file."""
-    from signery.server.datadir import use_private_umask
-    from signery.server.rotation import rotate_master_key as rotate
+    from signery.server.installation.datadir import use_private_umask
+    from signery.server.installation.masterkey import rotate_master_key as rotate
 
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
     use_private_umask()  # the new master key file
@@ -275,9 +275,9 @@ def db_upgrade(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply pending schema migrations (safe to run at any time)."""
-    from signery.server import migrate
-    from signery.server.datadir import use_private_umask
-    from signery.server.db import make_engine
+    from signery.server.installation.datadir import use_private_umask
+    from signery.server.persistence import migrate
+    from signery.server.persistence.db import make_engine
 
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
     use_private_umask()  # the database file, if this creates it
@@ -303,8 +303,8 @@ def db_current(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the schema revision of the database and the newest one this version knows."""
-    from signery.server import migrate
-    from signery.server.db import make_engine
+    from signery.server.persistence import migrate
+    from signery.server.persistence.db import make_engine
 
     settings = _settings(config, data_dir=data_dir, database_url=database_url)
     engine = make_engine(settings.resolved_database_url, pool_size=1)

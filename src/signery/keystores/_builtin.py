@@ -34,7 +34,7 @@ from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStor
 from signery.keystores._keyring import Keyring
 from signery.keystores._masterkey import GCM_NONCE_BYTES, GCM_TAG_BYTES, MasterKey
 from signery.protocol import Algorithm, SignatureScheme
-from signery.server.db import Base, UtcDateTime, table, writer
+from signery.server.persistence.db import Base, UtcDateTime, table, writer
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 

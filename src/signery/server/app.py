@@ -18,27 +18,27 @@ from signery.protocol import API_PREFIX
 from signery.server.accounts.routes import router as accounts_router
 from signery.server.approvals.routes import router as approvals_router
 from signery.server.audit.routes import router as audit_router
-from signery.server.authz import Principal
-from signery.server.ca.connector_routes import router as ca_connectors_router
-from signery.server.ca.est_routes import router as est_router
 from signery.server.ca.routes import router as ca_router
 from signery.server.ca.subject_policy_routes import router as subject_policy_router
-from signery.server.ca.tsa import MAX_QUERY_BYTES
-from signery.server.ca.tsa_routes import router as tsa_router
-from signery.server.clock import Clock
 from signery.server.config import Settings, load_settings
+from signery.server.connectors.est_routes import router as est_router
+from signery.server.connectors.routes import router as ca_connectors_router
 from signery.server.container import Core, Services
-from signery.server.datadir import require_private
+from signery.server.http.middleware import EdgeMiddleware, Scope
+from signery.server.http.problems import install_problem_handlers, problem_response
+from signery.server.identity.authz import Principal
+from signery.server.installation.datadir import require_private
 from signery.server.keys.policy_routes import router as key_policy_router
 from signery.server.keys.request_routes import router as key_requests_router
 from signery.server.keys.routes import keystores_router
 from signery.server.keys.routes import router as keys_router
-from signery.server.middleware import EdgeMiddleware, Scope
 from signery.server.ops.logging import configure_logging
 from signery.server.ops.routes import router as ops_router
-from signery.server.problems import install_problem_handlers, problem_response
+from signery.server.runtime.clock import Clock
 from signery.server.signing.routes import SignDispatcher
 from signery.server.signing.routes import router as signing_router
+from signery.server.tsa.routes import router as tsa_router
+from signery.server.tsa.service import MAX_QUERY_BYTES
 from signery.server.tsg.routes import router as tsg_router
 from signery.server.users.routes import router as users_router
 

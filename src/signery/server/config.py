@@ -37,7 +37,7 @@ DEFAULT_DATA_DIR = Path("signery-data")
 DEFAULT_TSA_POLICY_OID = "2.25.170333272617973591476890118894301136840"
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 # prometheus_client's multiprocess mode: set by the supervisor for its workers
-# (signery.server.supervisor), read by prometheus_client when it is imported.
+# (signery.server.runtime.supervisor), read by prometheus_client when it is imported.
 PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OID_RE = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     ca_storage: str = Field(default="builtin", description="Key store of the built-in CA's keys")
     crl_validity_hours: int = Field(default=168, ge=2, le=24 * 90, description="CRL nextUpdate")
 
-    # RFC 3161 time-stamping authority (POST /api/v1/tsa; signery.server.ca.tsa).
+    # RFC 3161 time-stamping authority (POST /api/v1/tsa; signery.server.tsa.service).
     tsa_policy_oid: str = Field(
         default=DEFAULT_TSA_POLICY_OID,
         description="TSA policy OID written into every timestamp (RFC 3161 §2.4.2 policy)",

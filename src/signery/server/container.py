@@ -20,7 +20,6 @@ from signery.keystores import (
 )
 from signery.keystores._files import read_secret_file
 from signery.keystores._keyring import KeyWrapper
-from signery.server import meta
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
 from signery.server.approvals.service import ApprovalService
@@ -42,28 +41,29 @@ from signery.server.audit.sinks import (
     SyslogTarget,
     WebhookSink,
 )
-from signery.server.authn import Authenticator
-from signery.server.authz import Authorizer, Principal
-from signery.server.ca.connectors import ConnectorService
-from signery.server.ca.est_server import EstService
 from signery.server.ca.revocation import RevocationService
 from signery.server.ca.service import BuiltinCa
 from signery.server.ca.subject_policy import SubjectPolicyService, keys_outside_every_policy
-from signery.server.ca.tsa import TsaConfig, TsaService
-from signery.server.clock import Clock, SystemClock
 from signery.server.config import Settings, metrics_multiprocess_dir
-from signery.server.context import RequestContext
-from signery.server.db import Database, make_engine
-from signery.server.installation_secrets import access_token_secret
+from signery.server.connectors.est_server import EstService
+from signery.server.connectors.service import ConnectorService
+from signery.server.identity.authn import Authenticator
+from signery.server.identity.authz import Authorizer, Principal
+from signery.server.identity.context import RequestContext
+from signery.server.installation.secrets import access_token_secret
 from signery.server.keys.lifecycle import KeyLifecycle
 from signery.server.keys.policy import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
-from signery.server.keys.scheduler import Job, Scheduler
 from signery.server.keys.service import KeyService
 from signery.server.limits.service import AuthLimits, FailureCounters, LimitsConfig
-from signery.server.migrate import head_revision
 from signery.server.ops.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeToken
+from signery.server.persistence import meta
+from signery.server.persistence.db import Database, make_engine
+from signery.server.persistence.migrate import head_revision
+from signery.server.runtime.clock import Clock, SystemClock
+from signery.server.runtime.jobs import Job, Scheduler
 from signery.server.signing.service import SigningService
+from signery.server.tsa.service import TsaConfig, TsaService
 from signery.server.tsg.service import TsgDirectory, TsgService
 from signery.server.users.service import UserService, password_hasher
 

@@ -15,8 +15,8 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
 
-from signery.server import migrate
-from tests.server.test_migrations import BACKENDS, empty_database
+from signery.server.persistence import migrate
+from tests.server.persistence.test_migrations import BACKENDS, empty_database
 
 REVISION = "0008_grant_binding"
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)

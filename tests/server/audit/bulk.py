@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import insert
 
 from signery.server.audit.models import AuditEventRow
-from signery.server.db import make_engine
+from signery.server.persistence.db import make_engine
 from tests.support import Installation
 
 # A formula, a forged JSON line, a forged CSV row, a quote, a tab.

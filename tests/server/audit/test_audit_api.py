@@ -11,7 +11,7 @@ import pytest
 
 from signery.protocol import AuditOutcome
 from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
-from signery.server.context import RequestContext
+from signery.server.identity.context import RequestContext
 from tests.support import Api
 
 

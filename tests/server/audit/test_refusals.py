@@ -6,7 +6,7 @@ from __future__ import annotations
 from signery.protocol import AuditOutcome, PrincipalType
 from signery.server.audit.recorder import ANONYMOUS, Actor, AuditRecord, EventKind
 from signery.server.audit.refusals import RefusalAggregator
-from signery.server.context import RequestContext
+from signery.server.identity.context import RequestContext
 from tests.support import FakeClock
 
 BAD_TOKEN = {"Authorization": "Bearer sgy_pat_0123456789abcdef_not-a-secret"}

@@ -38,9 +38,9 @@ from signery.server.audit.sinks import (
     event_json,
     syslog_message,
 )
-from signery.server.clock import SystemClock
 from signery.server.config import load_settings
-from signery.server.db import Database, make_engine
+from signery.server.persistence.db import Database, make_engine
+from signery.server.runtime.clock import SystemClock
 from tests.server.audit.sink_receivers import SyslogReceiver, WebhookReceiver
 from tests.support import Api, FakeClock, Installation, free_port
 

@@ -20,8 +20,8 @@ from signery.protocol import AuditOutcome
 from signery.server.audit.models import AuditEventRow, AuditSinkGapRow
 from signery.server.audit.recorder import SYSTEM, AuditRecord, AuditRecorder, EventKind
 from signery.server.audit.sinks import Forwarder, ForwarderConfig, SyslogSink, SyslogTarget
-from signery.server.clock import SystemClock
-from signery.server.db import Database, make_engine
+from signery.server.persistence.db import Database, make_engine
+from signery.server.runtime.clock import SystemClock
 from tests.server.audit.sink_receivers import SyslogReceiver
 from tests.server.audit.test_sinks import (
     assert_delivered,

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from fastapi.testclient import TestClient
 
 from signery.server.ca.revocation import parse_serial
-from tests.server.ca.test_est_server import EST, cn, make_csr, post
+from tests.server.connectors.test_est_server import EST, cn, make_csr, post
 from tests.server.keys.test_certificate_lifecycle import crl, crl_count, openssl_verify
 from tests.server.users.test_users import Person, basic
 from tests.support import Api, Installation, inserts_fail, refused_once

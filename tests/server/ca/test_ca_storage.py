@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from signery.server.app import create_app
 from signery.server.ca.models import CaAuthorityRow
-from signery.server.db import make_engine
+from signery.server.persistence.db import make_engine
 from tests.keystores.moto import kms_settings, moto_kms
 from tests.keystores.softhsm import claim_token, pkcs11_tool
 from tests.support import Api, Installation, new_installation, require_tool
@@ -128,9 +128,9 @@ def test_a_failed_init_leaves_no_ca_key_on_the_token(tmp_path: Path) -> None:
     """No half-created CA: when init's transaction fails, the keys it generated in
     the hardware store are destroyed there (not looked for in the built-in store)."""
     from signery.errors import SigneryError
-    from signery.server import migrate
-    from signery.server.bootstrap import initialize
     from signery.server.config import load_settings
+    from signery.server.installation.bootstrap import initialize
+    from signery.server.persistence import migrate
 
     token = claim_token()
     settings = load_settings(

@@ -27,8 +27,8 @@ from signery.errors import SubjectPolicyInvalid
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.app import create_app
 from signery.server.ca.subject_policy import compile_pattern, validate_rules
-from signery.server.db import make_engine
-from tests.server.ca.test_est_server import EST, make_csr, post
+from signery.server.persistence.db import make_engine
+from tests.server.connectors.test_est_server import EST, make_csr, post
 from tests.server.keys.lifecycle_helpers import action, key_of, services_of
 from tests.server.users.test_users import Person, basic
 from tests.support import Api, FakeClock, Installation, new_installation, refused_once

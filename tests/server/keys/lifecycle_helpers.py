@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.server.container import Services
-from signery.server.db import make_engine
 from signery.server.keys.models import KeyVersionRow
+from signery.server.persistence.db import make_engine
 from tests.support import Api, Installation
 
 

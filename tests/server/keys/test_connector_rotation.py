@@ -25,15 +25,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
-from signery.server.db import make_engine
+from signery.server.persistence.db import make_engine
 from tests.server.ca.pki import TLS_SERVER_EXT, TestCa, make_ca, tls_pair
-from tests.server.ca.test_csr_connector import (
+from tests.server.connectors.test_csr_connector import (
     connector_key,
     create_connector,
     download_csr,
     upload,
 )
-from tests.server.ca.test_est_server import Tls, tls_env
+from tests.server.connectors.test_est_server import Tls, tls_env
 from tests.server.keys.lifecycle_helpers import (
     action,
     builtin_material,

@@ -179,8 +179,8 @@ def test_a_failed_destruction_is_audited_and_retried(
     un-scheduled any more, and a later run completes the destruction."""
     from sqlalchemy import update
 
-    from signery.server.db import make_engine
     from signery.server.keys.models import SigningKeyRow
+    from signery.server.persistence.db import make_engine
 
     key = api.create_key(tsg["id"], "EC_P256")
     refs = store_refs(installation, key["id"])

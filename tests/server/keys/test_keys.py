@@ -13,8 +13,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sqlalchemy import func, select
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
-from signery.server.db import make_engine
 from signery.server.keys.models import SigningKeyRow
+from signery.server.persistence.db import make_engine
 from tests.support import Api, Installation, inserts_fail, require_tool
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from signery.server.db import make_engine
 from signery.server.keys.models import KeyUsageQuotaRow, SigningKeyRow
+from signery.server.persistence.db import make_engine
 from tests.server.users.test_users import Person
 from tests.support import Api, Installation
 

@@ -19,7 +19,7 @@ from cryptography import x509
 from sqlalchemy import func, select
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
-from signery.server.db import make_engine
+from signery.server.persistence.db import make_engine
 from tests.server.keys.lifecycle_helpers import (
     action,
     events_of,

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from signery.server.authz import (
+from signery.server.identity.authz import (
     Allowed,
     Denied,
     SigningFacts,

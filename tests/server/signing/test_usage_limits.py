@@ -16,8 +16,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from signery.server.db import make_engine
 from signery.server.keys.models import KeyUsageQuotaRow
+from signery.server.persistence.db import make_engine
 from tests.support import Api, FakeClock, Installation, ServerProcess, inserts_fail, refused_once
 
 DIGEST = hashlib.sha256(b"limited").digest()

@@ -15,9 +15,9 @@ from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, text
 
-from signery.server import migrate
 from signery.server.app import create_app
-from signery.server.db import make_engine
+from signery.server.persistence import migrate
+from signery.server.persistence.db import make_engine
 from signery.server.users.models import ApiTokenRow
 from tests.support import Api, Installation, new_installation, postgres_database, refused_once
 

@@ -10,7 +10,7 @@ from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from signery.server.db import make_engine
+from signery.server.persistence.db import make_engine
 from signery.server.users.models import ApiTokenRow, UserRow
 from signery.server.users.service import parse_api_token
 from tests.server.keys.lifecycle_helpers import services_of

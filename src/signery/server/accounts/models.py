@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from signery.server.db import Base, UtcDateTime
+from signery.server.persistence.db import Base, UtcDateTime
 
 
 class AccountRow(Base):

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from signery import protocol as p
 from signery.protocol import API_PREFIX
-from signery.server.deps import ContextDep, PrincipalDep, ServicesDep
+from signery.server.http.deps import ContextDep, PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=API_PREFIX, tags=["accounts"])
 

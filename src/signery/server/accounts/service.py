@@ -34,11 +34,11 @@ from signery.errors import (
 from signery.protocol import AccountStatus, AuditOutcome
 from signery.server.accounts.models import AccountKeyRow, AccountRow
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Denied, Permission, Principal
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, flush_unique, new_id
+from signery.server.identity.authz import Authorizer, Denied, Permission, Principal
+from signery.server.identity.context import RequestContext
 from signery.server.keys.policy import keys_naming_signer
+from signery.server.persistence.db import Database, flush_unique, new_id
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
 

@@ -78,10 +78,10 @@ from signery.server.audit.recorder import (
     EventKind,
     outcome_of,
 )
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database
+from signery.server.identity.context import RequestContext
 from signery.server.limits.service import AuthLimits
+from signery.server.persistence.db import Database
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.service import TsgDirectory
 
 ASSERTION_MAX_LIFETIME = timedelta(minutes=5)

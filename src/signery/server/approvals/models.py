@@ -8,7 +8,7 @@ from sqlalchemy import ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from signery.protocol import GrantScope
-from signery.server.db import Base, UtcDateTime
+from signery.server.persistence.db import Base, UtcDateTime
 
 
 class SigningRequestRow(Base):

@@ -87,11 +87,11 @@ from signery.server.audit.recorder import (
     EventKind,
     outcome_of,
 )
-from signery.server.authz import Authorizer, Denied, Permission, Principal
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, flush_unique, new_id, table
+from signery.server.identity.authz import Authorizer, Denied, Permission, Principal
+from signery.server.identity.context import RequestContext
 from signery.server.keys.models import SigningKeyRow
+from signery.server.persistence.db import Database, flush_unique, new_id, table
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of, rows_by_ref, visible_rows_by_ref
 

@@ -25,20 +25,20 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
+from signery.auditchain import AUDIT_KEY_ID, Checkpoint, checkpoint_payload, signature_valid
 from signery.crypto import Hashed
 from signery.errors import ConfigurationError, PermissionDenied, UnknownKeyStore
 from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
-from signery.server import meta
-from signery.server.audit.chain import AUDIT_KEY_ID, Checkpoint, checkpoint_payload, signature_valid
 from signery.server.audit.models import (
     AuditChainHeadRow,
     AuditCheckpointRow,
     AuditSigningKeyRow,
 )
-from signery.server.authz import Authorizer, Permission, Principal
-from signery.server.clock import Clock
-from signery.server.db import Database, flush_unique, new_id
+from signery.server.identity.authz import Authorizer, Permission, Principal
+from signery.server.persistence import meta
+from signery.server.persistence.db import Database, flush_unique, new_id
+from signery.server.runtime.clock import Clock
 
 AUDIT_KEY_ALGORITHM = Algorithm.EC_P256
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]")

@@ -7,7 +7,7 @@ from datetime import date, datetime
 from sqlalchemy import BigInteger, Date, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from signery.server.db import Base, UtcDateTime
+from signery.server.persistence.db import Base, UtcDateTime
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets BIGINT identity.
 _SEQ = BigInteger().with_variant(Integer(), "sqlite")

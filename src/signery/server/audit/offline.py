@@ -9,14 +9,14 @@ from typing import Any
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Connection
 
-from signery.server.audit.chain import Checkpoint, Report, verify
+from signery.auditchain import Checkpoint, Report, verify
 from signery.server.audit.models import (
     AuditChainHeadRow,
     AuditCheckpointRow,
     AuditEventRow,
     AuditSigningKeyRow,
 )
-from signery.server.db import table
+from signery.server.persistence.db import table
 
 _PAGE = 5000
 

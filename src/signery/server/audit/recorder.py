@@ -44,9 +44,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from signery.auditchain import GENESIS_HASH, link
 from signery.errors import AuditUnavailable, ErrorKind, SigneryError
 from signery.protocol import AuditOutcome, PrincipalType
-from signery.server.audit.chain import GENESIS_HASH, link
 from signery.server.audit.models import (
     AuditChainHeadRow,
     AuditEventRow,
@@ -54,11 +54,11 @@ from signery.server.audit.models import (
     UsageDailyRow,
 )
 from signery.server.audit.refusals import RefusalAggregator
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, new_id, sorted_by_key, table, upsert_statement
-from signery.server.direct import Prepared
-from signery.server.groupcommit import STOP, run_writer
+from signery.server.identity.context import RequestContext
+from signery.server.persistence.db import Database, new_id, sorted_by_key, table, upsert_statement
+from signery.server.persistence.direct import Prepared
+from signery.server.persistence.groupcommit import STOP, run_writer
+from signery.server.runtime.clock import Clock
 
 log = logging.getLogger("signery.audit")
 
@@ -88,7 +88,7 @@ class EventKind(StrEnum):
     AUTHENTICATION_FAILED = "auth.authentication.failed"
     REQUEST_REFUSED = "request.refused"
     # Acting on someone's credentials or roles beyond the caller's own reach
-    # (signery.server.authz.decide_over / decide_binding, a named signer's keys).
+    # (signery.server.identity.authz.decide_over / decide_binding, a named signer's keys).
     ESCALATION_REFUSED = "authz.escalation.refused"
     TSG_CREATED = "tsg.created"
     USER_CREATED = "user.created"
@@ -262,7 +262,8 @@ class AuditRecorder:
         self._db = db
         # Off only to measure what the chain costs (bench/sign_throughput.py).
         self.hash_chain = hash_chain
-        # The group-commit path writes on its own raw connection (signery.server.direct).
+        # The group-commit path writes on its own raw connection
+        # (signery.server.persistence.direct).
         self._direct = db.direct(autocommit=False)
         dialect = self._direct.dialect
         self._insert_events = Prepared.of(

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from signery import protocol as p
 from signery.protocol import API_PREFIX, AuditOutcome, ExportFormat, Instant
 from signery.server.audit.service import CSV, JSONL, MAX_PAGE, EventFilter, UsageQuery
-from signery.server.deps import PrincipalDep, ServicesDep
+from signery.server.http.deps import PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=API_PREFIX, tags=["audit"])
 

@@ -17,11 +17,11 @@ from signery.errors import InvalidRequest
 from signery.protocol import AuditOutcome, PrincipalType
 from signery.server.accounts.models import AccountRow
 from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
-from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.models import CaAuthorityRow
-from signery.server.ca.tsa import TSA
-from signery.server.db import Database
+from signery.server.identity.authz import Authorizer, Permission, Principal
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
+from signery.server.persistence.db import Database
+from signery.server.tsa.service import TSA
 from signery.server.tsg.models import TsgRow
 
 MAX_PAGE = 1000

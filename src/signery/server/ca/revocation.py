@@ -24,13 +24,13 @@ from signery import protocol as p
 from signery.errors import CertificateNotFound, Conflict, InvalidRequest
 from signery.protocol import AuditOutcome
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.service import BuiltinCa
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database
+from signery.server.identity.authz import Authorizer, Permission, Principal
+from signery.server.identity.context import RequestContext
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
 from signery.server.keys.service import REVOCATION_REASONS, cert_info
+from signery.server.persistence.db import Database
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.service import TsgDirectory, actor_of
 
 # RFC 5280 §4.1.2.2: conforming serial numbers are at most 20 octets.

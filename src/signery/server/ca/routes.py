@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from signery import protocol as p
 from signery.protocol import API_PREFIX
-from signery.server.deps import ContextDep, PrincipalDep, ServicesDep
+from signery.server.http.deps import ContextDep, PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=f"{API_PREFIX}/ca", tags=["ca"])
 

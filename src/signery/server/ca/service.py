@@ -33,9 +33,9 @@ from signery.keystores import (
 )
 from signery.protocol import Algorithm
 from signery.server.ca.models import CaAuthorityRow, CrlRow
-from signery.server.clock import Clock
-from signery.server.db import Database, new_id
 from signery.server.keys.models import CertificateRow
+from signery.server.persistence.db import Database, new_id
+from signery.server.runtime.clock import Clock
 
 ROOT_VALIDITY = timedelta(days=20 * 365)
 ISSUING_VALIDITY = timedelta(days=10 * 365)

@@ -53,12 +53,12 @@ from signery.errors import (
 )
 from signery.protocol import AuditOutcome, CertificateAuthority, KeyStatus, SubjectPolicyEffect
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Denied, Permission, Principal
 from signery.server.ca.models import SubjectPolicyRow
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, flush_unique
+from signery.server.identity.authz import Authorizer, Denied, Permission, Principal
+from signery.server.identity.context import RequestContext
 from signery.server.keys.models import SigningKeyRow
+from signery.server.persistence.db import Database, flush_unique
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
 

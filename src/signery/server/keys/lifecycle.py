@@ -10,7 +10,7 @@ plane reads a key's status and current version on every request, so each change
 takes effect on every replica at the next signing.
 
 Work that the server does by itself (scheduled rotations and destructions, run
-by signery.server.keys.scheduler) is claimed per key with a compare-and-set on
+by signery.server.runtime.jobs) is claimed per key with a compare-and-set on
 the key's row, so that exactly one replica does it; a claim that fails to
 complete expires after a lease and the work is retried.
 """
@@ -45,13 +45,11 @@ from signery.protocol import (
     KeyStatus,
 )
 from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Permission, Principal
-from signery.server.ca.connectors import Connector
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, new_id
+from signery.server.connectors.service import Connector
+from signery.server.identity.authz import Permission, Principal
+from signery.server.identity.context import RequestContext
 from signery.server.keys.models import (
     CertificateRequestRow,
     CertificateRow,
@@ -65,6 +63,8 @@ from signery.server.keys.requests import (
     pending_rotation,
 )
 from signery.server.keys.service import KeyService, certificate_row, handle_for
+from signery.server.persistence.db import Database, new_id
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import actor_of
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from signery import protocol as p
 from signery.protocol import API_PREFIX
-from signery.server.deps import ContextDep, PrincipalDep, ServicesDep
+from signery.server.http.deps import ContextDep, PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=f"{API_PREFIX}/keys", tags=["keys"])
 

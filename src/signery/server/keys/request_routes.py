@@ -10,8 +10,8 @@ from pydantic import ValidationError
 from signery import protocol as p
 from signery.errors import InvalidRequest, MalformedJson, UnsupportedMediaType
 from signery.protocol import API_PREFIX
-from signery.server.ca.est import media_type
-from signery.server.deps import ContextDep, PrincipalDep, ServicesDep
+from signery.server.connectors.est_client import media_type
+from signery.server.http.deps import ContextDep, PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=f"{API_PREFIX}/keys", tags=["keys"])
 PEM = "application/x-pem-file"

@@ -54,20 +54,20 @@ from signery.protocol import (
     KeyStatus,
 )
 from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind, outcome_of
-from signery.server.authz import Principal
 from signery.server.ca.chains import parse_certificates, pem_of, validate_issued_chain
-from signery.server.ca.connectors import Connector, ConnectorService
-from signery.server.ca.est import EstClient
 from signery.server.ca.service import signature_hash, subject_name
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, flush_unique, new_id
+from signery.server.connectors.est_client import EstClient
+from signery.server.connectors.service import Connector, ConnectorService
+from signery.server.identity.authz import Principal
+from signery.server.identity.context import RequestContext
 from signery.server.keys.models import (
     CertificateRequestRow,
     CertificateRow,
     KeyVersionRow,
     SigningKeyRow,
 )
+from signery.server.persistence.db import Database, flush_unique, new_id
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.service import actor_of
 
 log = logging.getLogger("signery.keys")

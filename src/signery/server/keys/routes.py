@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 
 from signery import protocol as p
 from signery.protocol import API_PREFIX
-from signery.server.deps import ContextDep, PrincipalDep, ServicesDep
+from signery.server.http.deps import ContextDep, PrincipalDep, ServicesDep
 from signery.server.keys.service import MAX_EXPIRING_WITHIN_DAYS
 
 router = APIRouter(prefix=f"{API_PREFIX}/keys", tags=["keys"])

@@ -35,16 +35,16 @@ from signery.protocol import (
     PrincipalType,
 )
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Permission, Principal
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, flush_unique, new_id
+from signery.server.identity.authz import Authorizer, Permission, Principal
+from signery.server.identity.context import RequestContext
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
 from signery.server.keys.names import shadows
 from signery.server.keys.policy import key_usage, wire_policy
 from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
+from signery.server.persistence.db import Database, flush_unique, new_id
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of, visible_rows_by_ref
 

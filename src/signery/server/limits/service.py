@@ -56,11 +56,11 @@ from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from signery.errors import PasswordChecksBusy, TooManyFailedAttempts
-from signery.server.clock import Clock
 from signery.server.config import Settings
-from signery.server.context import RequestContext
-from signery.server.db import Database, table, upsert_statement
+from signery.server.identity.context import RequestContext
 from signery.server.limits.models import RateLimitCounterRow
+from signery.server.persistence.db import Database, table, upsert_statement
+from signery.server.runtime.clock import Clock
 
 _C = table(RateLimitCounterRow)
 # Rows of ended windows are deleted at most this often (by whichever request

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from signery import __version__
 from signery import protocol as p
 from signery.server.accounts.tokens import ASSERTION_ALGORITHMS
-from signery.server.deps import MetricsReaderDep, ServicesDep
+from signery.server.http.deps import MetricsReaderDep, ServicesDep
 from signery.server.ops.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])

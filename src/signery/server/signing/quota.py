@@ -39,12 +39,12 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from signery.errors import DailyLimitReached, UsageLimitReached
-from signery.server.authz import SigningRules
-from signery.server.db import Database, table
-from signery.server.direct import Prepared
-from signery.server.groupcommit import STOP, run_writer
+from signery.server.identity.authz import SigningRules
 from signery.server.keys.models import KeyUsageQuotaRow
 from signery.server.keys.policy import TOTAL, local_day, next_local_midnight
+from signery.server.persistence.db import Database, table
+from signery.server.persistence.direct import Prepared
+from signery.server.persistence.groupcommit import STOP, run_writer
 
 _Q = table(KeyUsageQuotaRow)
 # Reservations made in one transaction at most (the rest wait for the next one).

@@ -1,4 +1,4 @@
-"""The reads of every signing request, on raw connections (signery.server.direct).
+"""The reads of every signing request, on raw connections (signery.server.persistence.direct).
 
 Each signing reads the account (still enabled? not expired? the token's epoch
 still the account's?) and the key it
@@ -22,9 +22,9 @@ from sqlalchemy import Select, bindparam, select
 
 from signery.protocol import VersionStatus
 from signery.server.accounts.models import AccountRow
-from signery.server.db import Database, table
-from signery.server.direct import Prepared
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.persistence.db import Database, table
+from signery.server.persistence.direct import Prepared
 from signery.server.tsg.models import TsgRow
 
 T = TypeVar("T")

@@ -13,15 +13,15 @@ from signery import protocol as p
 from signery.errors import SigneryError
 from signery.protocol import API_PREFIX
 from signery.server.container import Services
-from signery.server.deps import (
+from signery.server.http.deps import (
     ClaimsDep,
     ContextDep,
     ServicesDep,
     services_of,
     signing_claims,
 )
-from signery.server.middleware import Receive, Scope, Send
-from signery.server.problems import error_response, unexpected_error_response
+from signery.server.http.middleware import Receive, Scope, Send
+from signery.server.http.problems import error_response, unexpected_error_response
 
 router = APIRouter(prefix=f"{API_PREFIX}/signing", tags=["signing"])
 SIGN_PATH = re.compile(rf"^{re.escape(API_PREFIX)}/signing/keys/([^/]+)/sign$")

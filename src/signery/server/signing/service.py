@@ -89,7 +89,7 @@ from signery.server.audit.recorder import (
     UsageDelta,
     outcome_of,
 )
-from signery.server.authz import (
+from signery.server.identity.authz import (
     Denied,
     KeyUseFacts,
     SigningFacts,
@@ -97,13 +97,13 @@ from signery.server.authz import (
     decide_key_use,
     decide_signing,
 )
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database
+from signery.server.identity.context import RequestContext
 from signery.server.keys.names import distance, nearest
 from signery.server.keys.policy import RulesCache
 from signery.server.keys.service import chain_list, load_public_key_der
 from signery.server.ops.metrics import Metrics
+from signery.server.persistence.db import Database
+from signery.server.runtime.clock import Clock
 from signery.server.signing.quota import UsageQuotas
 from signery.server.signing.reads import AccountState, KeyState, SigningReads, VersionState
 from signery.server.tsg.service import UUID_RE

@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session
 from signery import protocol as p
 from signery.errors import ConfigurationError, InvalidRequest, NameTaken, TsgNotFound
 from signery.protocol import AuditOutcome
-from signery.server import meta
 from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Permission, Principal
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, flush_unique
+from signery.server.identity.authz import Authorizer, Permission, Principal
+from signery.server.identity.context import RequestContext
+from signery.server.persistence import meta
+from signery.server.persistence.db import Database, flush_unique
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 
 TSG_ID_MIN = 1_000_000_000  # 10 digits, no leading zero

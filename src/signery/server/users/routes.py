@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from signery import protocol as p
 from signery.protocol import API_PREFIX
-from signery.server.deps import ContextDep, PasswordPrincipalDep, PrincipalDep, ServicesDep
+from signery.server.http.deps import ContextDep, PasswordPrincipalDep, PrincipalDep, ServicesDep
 
 router = APIRouter(prefix=API_PREFIX, tags=["users"])
 

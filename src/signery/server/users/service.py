@@ -40,10 +40,17 @@ from signery.errors import (
 )
 from signery.protocol import AuditOutcome, PrincipalType, Role
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.authz import Authorizer, Binding, Denied, Permission, Principal, uncovered
-from signery.server.clock import Clock
-from signery.server.context import RequestContext
-from signery.server.db import Database, flush_unique, new_id
+from signery.server.identity.authz import (
+    Authorizer,
+    Binding,
+    Denied,
+    Permission,
+    Principal,
+    uncovered,
+)
+from signery.server.identity.context import RequestContext
+from signery.server.persistence.db import Database, flush_unique, new_id
+from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.service import TsgDirectory, actor_of
 from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow

@@ -1,0 +1,23 @@
+"""Alembic environment: always called with a connection from signery.server.persistence.migrate."""
+
+from __future__ import annotations
+
+from alembic import context
+
+from signery.server.persistence.models import Base
+
+connection = context.config.attributes.get("connection")
+if (
+    connection is None
+):  # pragma: no cover - migrations are only run through signery.server.persistence.migrate
+    raise RuntimeError("run migrations with `signery db upgrade`")
+
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    # SQLite cannot ALTER most things in place; batch mode copies the table.
+    render_as_batch=connection.dialect.name == "sqlite",
+    compare_type=True,
+)
+with context.begin_transaction():
+    context.run_migrations()

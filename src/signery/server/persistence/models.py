@@ -1,0 +1,69 @@
+"""Every table of the server, imported so that ``Base.metadata`` is complete
+(Alembic migrations and the schema-drift test read it from here)."""
+
+from signery.keystores._builtin import BuiltinKeyMaterialRow
+from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
+from signery.server.approvals.models import (
+    ApprovalDecisionRow,
+    SigningGrantRow,
+    SigningRequestDigestRow,
+    SigningRequestRow,
+)
+from signery.server.audit.models import (
+    AuditChainHeadRow,
+    AuditCheckpointRow,
+    AuditEventRow,
+    AuditSigningKeyRow,
+    AuditSinkCursorRow,
+    AuditSinkGapRow,
+    UsageCounterRow,
+    UsageDailyRow,
+)
+from signery.server.ca.models import CaAuthorityRow, CaConnectorRow, CrlRow, SubjectPolicyRow
+from signery.server.keys.models import (
+    CertificateRequestRow,
+    CertificateRow,
+    KeyUsageQuotaRow,
+    KeyVersionRow,
+    SigningKeyRow,
+)
+from signery.server.limits.models import RateLimitCounterRow
+from signery.server.persistence.db import Base
+from signery.server.persistence.meta import ServerMetaRow
+from signery.server.tsg.models import TsgRow
+from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow
+
+__all__ = [
+    "AccountKeyRow",
+    "AccountRow",
+    "ApiTokenRow",
+    "ApprovalDecisionRow",
+    "AuditChainHeadRow",
+    "AuditCheckpointRow",
+    "AuditEventRow",
+    "AuditSigningKeyRow",
+    "AuditSinkCursorRow",
+    "AuditSinkGapRow",
+    "Base",
+    "BuiltinKeyMaterialRow",
+    "CaAuthorityRow",
+    "CaConnectorRow",
+    "CertificateRequestRow",
+    "CertificateRow",
+    "CrlRow",
+    "KeyUsageQuotaRow",
+    "KeyVersionRow",
+    "RateLimitCounterRow",
+    "RoleBindingRow",
+    "ServerMetaRow",
+    "SigningGrantRow",
+    "SigningKeyRow",
+    "SigningRequestDigestRow",
+    "SigningRequestRow",
+    "SubjectPolicyRow",
+    "TsgRow",
+    "UsageCounterRow",
+    "UsageDailyRow",
+    "UsedAssertionRow",
+    "UserRow",
+]
