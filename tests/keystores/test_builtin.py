@@ -52,7 +52,7 @@ from signery.keystores import (
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from signery.server.persistence import migrate
 from signery.server.persistence.db import make_engine
-from signery.server.persistence.models import Base
+from signery.server.schema import Base
 from tests.support import postgres_database
 
 BACKENDS = ["sqlite", "postgresql"]

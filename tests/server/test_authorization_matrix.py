@@ -4,7 +4,7 @@ those four TSGs.
 
 What each route needs is written down here, once, as an independent statement of
 the contract (the permission, and where it is checked); the answer expected in a
-cell follows from the rule of ``signery.server.identity.authz``: a role reaches its TSG's
+cell follows from the rule of ``signery.server.access.authz``: a role reaches its TSG's
 subtree, never ancestors or siblings; inside its reach a missing permission is 403,
 outside it everything is 404 (an object's existence does not leak). Listings may
 return nothing outside the caller's reach and must return what is inside it.
@@ -34,7 +34,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Mount, Route
 
 from signery.protocol import Role
-from signery.server.identity.authz import ROLE_PERMISSIONS, Permission
+from signery.server.access.authz import ROLE_PERMISSIONS, Permission
 from tests.support import Account, Api
 
 _P = Permission

@@ -15,9 +15,9 @@ from signery import __version__
 from signery.errors import AuthenticationFailed, SigneryError
 from signery.keystores import Keyring, MasterKey
 from signery.protocol import API_PREFIX
+from signery.server.access.authz import Principal
 from signery.server.accounts.routes import router as accounts_router
 from signery.server.approvals.routes import router as approvals_router
-from signery.server.audit.routes import router as audit_router
 from signery.server.ca.routes import router as ca_router
 from signery.server.ca.subject_policy_routes import router as subject_policy_router
 from signery.server.config import Settings, load_settings
@@ -26,7 +26,6 @@ from signery.server.connectors.routes import router as ca_connectors_router
 from signery.server.container import Core, Services
 from signery.server.http.middleware import EdgeMiddleware, Scope
 from signery.server.http.problems import install_problem_handlers, problem_response
-from signery.server.identity.authz import Principal
 from signery.server.installation.datadir import require_private
 from signery.server.keys.policy_routes import router as key_policy_router
 from signery.server.keys.request_routes import router as key_requests_router
@@ -34,6 +33,7 @@ from signery.server.keys.routes import keystores_router
 from signery.server.keys.routes import router as keys_router
 from signery.server.ops.logging import configure_logging
 from signery.server.ops.routes import router as ops_router
+from signery.server.reports.routes import router as audit_router
 from signery.server.runtime.clock import Clock
 from signery.server.signing.routes import SignDispatcher
 from signery.server.signing.routes import router as signing_router

@@ -20,6 +20,8 @@ from signery.keystores import (
 )
 from signery.keystores._files import read_secret_file
 from signery.keystores._keyring import KeyWrapper
+from signery.server.access.authz import Authorizer, Principal
+from signery.server.access.context import RequestContext
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
 from signery.server.approvals.service import ApprovalService
@@ -32,7 +34,6 @@ from signery.server.audit.recorder import (
     EventKind,
     outcome_of,
 )
-from signery.server.audit.service import AuditService
 from signery.server.audit.sinks import (
     Forwarder,
     ForwarderConfig,
@@ -48,8 +49,6 @@ from signery.server.config import Settings, metrics_multiprocess_dir
 from signery.server.connectors.est_server import EstService
 from signery.server.connectors.service import ConnectorService
 from signery.server.identity.authn import Authenticator
-from signery.server.identity.authz import Authorizer, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.installation.secrets import access_token_secret
 from signery.server.keys.lifecycle import KeyLifecycle
 from signery.server.keys.policy import KeyPolicyService
@@ -60,6 +59,7 @@ from signery.server.ops.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeTo
 from signery.server.persistence import meta
 from signery.server.persistence.db import Database, make_engine
 from signery.server.persistence.migrate import head_revision
+from signery.server.reports.service import AuditService
 from signery.server.runtime.clock import Clock, SystemClock
 from signery.server.runtime.jobs import Job, Scheduler
 from signery.server.signing.service import SigningService

@@ -4,9 +4,9 @@ summing event per reason."""
 from __future__ import annotations
 
 from signery.protocol import AuditOutcome, PrincipalType
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import ANONYMOUS, Actor, AuditRecord, EventKind
 from signery.server.audit.refusals import RefusalAggregator
-from signery.server.identity.context import RequestContext
 from tests.support import FakeClock
 
 BAD_TOKEN = {"Authorization": "Bearer sgy_pat_0123456789abcdef_not-a-secret"}

@@ -16,7 +16,7 @@ from sqlalchemy import Column, Engine, MetaData, String, inspect, text
 
 from signery.server.persistence import migrate
 from signery.server.persistence.db import make_engine
-from signery.server.persistence.models import Base
+from signery.server.schema import Base
 from tests.support import postgres_database
 
 BACKENDS = ["sqlite", "postgresql"]

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from signery.server.identity.authz import (
+from signery.server.access.authz import (
     Allowed,
     Denied,
     SigningFacts,

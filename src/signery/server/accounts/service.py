@@ -32,10 +32,10 @@ from signery.errors import (
     TsgNotFound,
 )
 from signery.protocol import AccountStatus, AuditOutcome
+from signery.server.access.authz import Authorizer, Denied, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.identity.authz import Authorizer, Denied, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.keys.policy import keys_naming_signer
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock

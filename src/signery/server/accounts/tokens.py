@@ -69,6 +69,7 @@ from signery.errors import (
     UnsupportedMediaType,
 )
 from signery.protocol import AccountStatus, AuditOutcome, PrincipalType, has_control_characters
+from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
 from signery.server.audit.recorder import (
     ANONYMOUS,
@@ -78,7 +79,6 @@ from signery.server.audit.recorder import (
     EventKind,
     outcome_of,
 )
-from signery.server.identity.context import RequestContext
 from signery.server.limits.service import AuthLimits
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock

@@ -72,6 +72,8 @@ from signery.protocol import (
     PrincipalType,
     SignatureScheme,
 )
+from signery.server.access.authz import Authorizer, Denied, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountRow
 from signery.server.approvals.models import (
     ApprovalDecisionRow,
@@ -87,8 +89,6 @@ from signery.server.audit.recorder import (
     EventKind,
     outcome_of,
 )
-from signery.server.identity.authz import Authorizer, Denied, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.keys.models import SigningKeyRow
 from signery.server.persistence.db import Database, flush_unique, new_id, table
 from signery.server.runtime.clock import Clock

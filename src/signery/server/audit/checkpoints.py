@@ -30,12 +30,12 @@ from signery.crypto import Hashed
 from signery.errors import ConfigurationError, PermissionDenied, UnknownKeyStore
 from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
+from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.audit.models import (
     AuditChainHeadRow,
     AuditCheckpointRow,
     AuditSigningKeyRow,
 )
-from signery.server.identity.authz import Authorizer, Permission, Principal
 from signery.server.persistence import meta
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock

@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 from signery.auditchain import GENESIS_HASH, link
 from signery.errors import AuditUnavailable, ErrorKind, SigneryError
 from signery.protocol import AuditOutcome, PrincipalType
+from signery.server.access.context import RequestContext
 from signery.server.audit.models import (
     AuditChainHeadRow,
     AuditEventRow,
@@ -54,7 +55,6 @@ from signery.server.audit.models import (
     UsageDailyRow,
 )
 from signery.server.audit.refusals import RefusalAggregator
-from signery.server.identity.context import RequestContext
 from signery.server.persistence.db import Database, new_id, sorted_by_key, table, upsert_statement
 from signery.server.persistence.direct import Prepared
 from signery.server.persistence.groupcommit import STOP, run_writer
@@ -88,7 +88,7 @@ class EventKind(StrEnum):
     AUTHENTICATION_FAILED = "auth.authentication.failed"
     REQUEST_REFUSED = "request.refused"
     # Acting on someone's credentials or roles beyond the caller's own reach
-    # (signery.server.identity.authz.decide_over / decide_binding, a named signer's keys).
+    # (signery.server.access.authz.decide_over / decide_binding, a named signer's keys).
     ESCALATION_REFUSED = "authz.escalation.refused"
     TSG_CREATED = "tsg.created"
     USER_CREATED = "user.created"

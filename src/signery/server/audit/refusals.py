@@ -39,7 +39,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from signery.protocol import PrincipalType
-from signery.server.identity.context import RequestContext
+from signery.server.access.context import RequestContext
 
 if TYPE_CHECKING:
     from signery.server.audit.recorder import AuditRecord

@@ -23,10 +23,10 @@ from sqlalchemy import select
 from signery import protocol as p
 from signery.errors import CertificateNotFound, Conflict, InvalidRequest
 from signery.protocol import AuditOutcome
+from signery.server.access.authz import Authorizer, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.ca.service import BuiltinCa
-from signery.server.identity.authz import Authorizer, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
 from signery.server.keys.service import REVOCATION_REASONS, cert_info
 from signery.server.persistence.db import Database

@@ -52,10 +52,10 @@ from signery.errors import (
     TsgNotFound,
 )
 from signery.protocol import AuditOutcome, CertificateAuthority, KeyStatus, SubjectPolicyEffect
+from signery.server.access.authz import Authorizer, Denied, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.ca.models import SubjectPolicyRow
-from signery.server.identity.authz import Authorizer, Denied, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.keys.models import SigningKeyRow
 from signery.server.persistence.db import Database, flush_unique
 from signery.server.runtime.clock import Clock

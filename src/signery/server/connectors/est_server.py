@@ -35,12 +35,12 @@ from signery import protocol as p
 from signery.crypto import PublicKey
 from signery.errors import CsrInvalid, PermissionDenied, TsgNotFound
 from signery.protocol import AuditOutcome
+from signery.server.access.authz import Authorizer, Denied, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.ca.service import BuiltinCa, subject_name
 from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.connectors.est_client import certs_only, decode_base64
-from signery.server.identity.authz import Authorizer, Denied, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.keys.models import CertificateRow
 from signery.server.persistence.db import Database, new_id
 from signery.server.runtime.clock import Clock

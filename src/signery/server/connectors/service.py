@@ -33,12 +33,12 @@ from signery.errors import (
 )
 from signery.keystores import Keyring, KeyStoreRegistry
 from signery.protocol import AuditOutcome, ConnectorKind
+from signery.server.access.authz import Authorizer, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.ca.chains import fingerprint, parse_certificates, parse_trust_anchors
 from signery.server.ca.models import CaConnectorRow
 from signery.server.connectors.est_client import EstEndpoint
-from signery.server.identity.authz import Authorizer, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.keys.models import SigningKeyRow
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock

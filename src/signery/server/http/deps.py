@@ -12,11 +12,11 @@ from starlette.requests import HTTPConnection
 
 from signery.errors import AuthenticationFailed, PermissionDenied
 from signery.protocol import AuditOutcome
+from signery.server.access.authz import Denied, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.accounts.tokens import AccessClaims
 from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
 from signery.server.container import Services
-from signery.server.identity.authz import Denied, Permission, Principal
-from signery.server.identity.context import RequestContext
 
 # Dependencies are ``async def`` even when they do not await: FastAPI runs a plain
 # ``def`` dependency in a worker thread, a thread hop per dependency per request.

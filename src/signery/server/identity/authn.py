@@ -26,10 +26,10 @@ from signery.errors import (
     InvalidToken,
 )
 from signery.protocol import AccountStatus, PrincipalType, has_control_characters
+from signery.server.access.authz import Principal
+from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountRow
 from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims, AccessTokenCodec
-from signery.server.identity.authz import Principal
-from signery.server.identity.context import RequestContext
 from signery.server.limits.service import AuthLimits
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock

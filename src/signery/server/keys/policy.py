@@ -5,7 +5,7 @@ name is resolved and every value checked when the policy is set, so the stored
 form (``signing_keys.policy_json``, :class:`StoredPolicy` as JSON) holds only
 ids and already valid values, and the signing path only parses it (once per
 distinct JSON string, :class:`RulesCache`) into the
-:class:`signery.server.identity.authz.SigningRules` that ``decide_signing`` evaluates.
+:class:`signery.server.access.authz.SigningRules` that ``decide_signing`` evaluates.
 A key without a policy stores NULL and costs nothing on the signing path.
 
 The stored form keeps the field names of :class:`signery.protocol.KeyPolicy`:
@@ -38,10 +38,7 @@ from sqlalchemy.orm import Session
 from signery import protocol as p
 from signery.errors import InvalidPolicy
 from signery.protocol import AuditOutcome, KeyStatus, Weekday
-from signery.server.accounts.models import AccountRow
-from signery.server.audit.models import UsageCounterRow
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.identity.authz import (
+from signery.server.access.authz import (
     Network,
     Permission,
     Principal,
@@ -49,7 +46,10 @@ from signery.server.identity.authz import (
     WindowRule,
     in_subtree,
 )
-from signery.server.identity.context import RequestContext
+from signery.server.access.context import RequestContext
+from signery.server.accounts.models import AccountRow
+from signery.server.audit.models import UsageCounterRow
+from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.keys.models import KeyUsageQuotaRow, SigningKeyRow
 from signery.server.persistence.db import Database, table, upsert_statement
 from signery.server.runtime.clock import Clock

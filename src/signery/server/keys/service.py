@@ -34,11 +34,11 @@ from signery.protocol import (
     KeyStatus,
     PrincipalType,
 )
+from signery.server.access.authz import Authorizer, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
-from signery.server.identity.authz import Authorizer, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
 from signery.server.keys.names import shadows
 from signery.server.keys.policy import key_usage, wire_policy

@@ -56,8 +56,8 @@ from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from signery.errors import PasswordChecksBusy, TooManyFailedAttempts
+from signery.server.access.context import RequestContext
 from signery.server.config import Settings
-from signery.server.identity.context import RequestContext
 from signery.server.limits.models import RateLimitCounterRow
 from signery.server.persistence.db import Database, table, upsert_statement
 from signery.server.runtime.clock import Clock

@@ -39,7 +39,7 @@ from sqlalchemy import bindparam, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from signery.errors import DailyLimitReached, UsageLimitReached
-from signery.server.identity.authz import SigningRules
+from signery.server.access.authz import SigningRules
 from signery.server.keys.models import KeyUsageQuotaRow
 from signery.server.keys.policy import TOTAL, local_day, next_local_midnight
 from signery.server.persistence.db import Database, table

@@ -73,6 +73,15 @@ from signery.protocol import (
     PrincipalType,
     VersionStatus,
 )
+from signery.server.access.authz import (
+    Denied,
+    KeyUseFacts,
+    SigningFacts,
+    SigningRules,
+    decide_key_use,
+    decide_signing,
+)
+from signery.server.access.context import RequestContext
 from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims
 from signery.server.approvals.service import (
     ApprovalService,
@@ -89,15 +98,6 @@ from signery.server.audit.recorder import (
     UsageDelta,
     outcome_of,
 )
-from signery.server.identity.authz import (
-    Denied,
-    KeyUseFacts,
-    SigningFacts,
-    SigningRules,
-    decide_key_use,
-    decide_signing,
-)
-from signery.server.identity.context import RequestContext
 from signery.server.keys.names import distance, nearest
 from signery.server.keys.policy import RulesCache
 from signery.server.keys.service import chain_list, load_public_key_der

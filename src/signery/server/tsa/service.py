@@ -73,6 +73,7 @@ from signery.keystores import (
 )
 from signery.protocol import Algorithm, AuditOutcome, DigestAlgorithm, SignatureScheme
 from signery.rfc3161 import QUERY_MEDIA_TYPE, TimeStampResp
+from signery.server.access.context import RequestContext, source_of
 from signery.server.audit.recorder import (
     ANONYMOUS,
     SYSTEM,
@@ -96,7 +97,6 @@ from signery.server.ca.service import (
     with_revocation_pointers,
 )
 from signery.server.config import Settings, TsaAccess
-from signery.server.identity.context import RequestContext, source_of
 from signery.server.persistence import meta
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
@@ -766,7 +766,7 @@ class ClientRateLimiter:
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._lock = threading.Lock()
 
-    # A client is a source (signery.server.identity.context.source_of): an IPv6 client is its /64.
+    # A client is a source (signery.server.access.context.source_of): an IPv6 client is its /64.
     client_key = staticmethod(source_of)
 
     def take(self, client_ip: str | None) -> RateRefusal | None:

@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 from signery import protocol as p
 from signery.errors import ConfigurationError, InvalidRequest, NameTaken, TsgNotFound
 from signery.protocol import AuditOutcome
+from signery.server.access.authz import Authorizer, Permission, Principal
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind
-from signery.server.identity.authz import Authorizer, Permission, Principal
-from signery.server.identity.context import RequestContext
 from signery.server.persistence import meta
 from signery.server.persistence.db import Database, flush_unique
 from signery.server.runtime.clock import Clock

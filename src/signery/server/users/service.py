@@ -39,8 +39,7 @@ from signery.errors import (
     UserNotFound,
 )
 from signery.protocol import AuditOutcome, PrincipalType, Role
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
-from signery.server.identity.authz import (
+from signery.server.access.authz import (
     Authorizer,
     Binding,
     Denied,
@@ -48,7 +47,8 @@ from signery.server.identity.authz import (
     Principal,
     uncovered,
 )
-from signery.server.identity.context import RequestContext
+from signery.server.access.context import RequestContext
+from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow

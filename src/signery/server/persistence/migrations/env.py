@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from signery.server.persistence.models import Base
+from signery.server.schema import Base
 
 connection = context.config.attributes.get("connection")
 if (

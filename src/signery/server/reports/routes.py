@@ -10,8 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from signery import protocol as p
 from signery.protocol import API_PREFIX, AuditOutcome, ExportFormat, Instant
-from signery.server.audit.service import CSV, JSONL, MAX_PAGE, EventFilter, UsageQuery
 from signery.server.http.deps import PrincipalDep, ServicesDep
+from signery.server.reports.service import CSV, JSONL, MAX_PAGE, EventFilter, UsageQuery
 
 router = APIRouter(prefix=API_PREFIX, tags=["audit"])
 

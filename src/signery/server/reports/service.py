@@ -15,10 +15,10 @@ from sqlalchemy import Row, Select, Subquery, false, func, literal, null, or_, s
 from signery import protocol as p
 from signery.errors import InvalidRequest
 from signery.protocol import AuditOutcome, PrincipalType
+from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.accounts.models import AccountRow
 from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
 from signery.server.ca.models import CaAuthorityRow
-from signery.server.identity.authz import Authorizer, Permission, Principal
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.persistence.db import Database
 from signery.server.tsa.service import TSA

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from signery.protocol import AuditOutcome
+from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
-from signery.server.identity.context import RequestContext
 from tests.support import Api
 
 

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from signery.protocol import PrincipalType, Role
-from signery.server.identity.authz import (
+from signery.server.access.authz import (
     ROLE_PERMISSIONS,
     Allowed,
     Authorizer,
