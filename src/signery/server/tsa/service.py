@@ -37,7 +37,7 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
 from signery.crypto import (
@@ -86,6 +86,7 @@ from signery.server.audit.recorder import (
     outcome_of,
 )
 from signery.server.ca.models import CaAuthorityRow
+from signery.server.ca.profiles import TIME_STAMPING
 from signery.server.ca.service import (
     BACKDATE,
     ISSUING,
@@ -614,28 +615,9 @@ def provision_tsa(
             .serial_number(random_serial())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(min(now + TSA_VALIDITY, issuer.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                # digitalSignature, and nonRepudiation (contentCommitment) as TSAs
-                # customarily assert; OpenSSL's timestamp purpose allows only these two.
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=True,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            # RFC 3161 §2.3: the TSA's certificate MUST contain exactly one EKU,
-            # id-kp-timeStamping, and the extension MUST be critical.
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.TIME_STAMPING]), critical=True
-            )
+        )
+        builder = (
+            TIME_STAMPING.apply(builder)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(_rsa_or_ec(issuer.public_key())),
