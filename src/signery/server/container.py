@@ -63,7 +63,8 @@ from signery.server.reports.service import AuditService
 from signery.server.runtime.clock import Clock, SystemClock
 from signery.server.runtime.jobs import Job, Scheduler
 from signery.server.signing.service import SigningService
-from signery.server.tsa.service import TsaConfig, TsaService
+from signery.server.tsa.authority import TsaConfig
+from signery.server.tsa.service import TsaService
 from signery.server.tsg.service import TsgDirectory, TsgService
 from signery.server.users.service import UserService, password_hasher
 

@@ -21,7 +21,7 @@ from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDai
 from signery.server.ca.models import CaAuthorityRow
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.persistence.db import Database
-from signery.server.tsa.service import TSA
+from signery.server.tsa.authority import TSA
 from signery.server.tsg.models import TsgRow
 
 MAX_PAGE = 1000
