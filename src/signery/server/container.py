@@ -44,12 +44,13 @@ from signery.server.audit.sinks import (
 )
 from signery.server.ca.revocation import RevocationService
 from signery.server.ca.service import BuiltinCa
-from signery.server.ca.subject_policy import SubjectPolicyService, keys_outside_every_policy
+from signery.server.ca.subject_policy import SubjectPolicyService
 from signery.server.config import Settings, metrics_multiprocess_dir
 from signery.server.connectors.est_server import EstService
 from signery.server.connectors.service import ConnectorService
 from signery.server.identity.authn import Authenticator
 from signery.server.installation.secrets import access_token_secret
+from signery.server.keys.certified import CertifiedKeys, keys_outside_every_policy
 from signery.server.keys.lifecycle import KeyLifecycle
 from signery.server.keys.policy import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
@@ -321,7 +322,13 @@ class Services:
             validity_days=core.settings.est_validity_days,
         )
         self.revocation = RevocationService(
-            core.db, core.authz, core.recorder, core.clock, core.directory, core.ca
+            core.db,
+            core.authz,
+            core.recorder,
+            core.clock,
+            core.directory,
+            core.ca,
+            CertifiedKeys(),
         )
         self.approvals = ApprovalService(
             core.db, core.authz, core.recorder, core.clock, core.directory

@@ -32,9 +32,8 @@ from signery.keystores import (
     remote_private_key,
 )
 from signery.protocol import Algorithm
-from signery.server.ca.models import CaAuthorityRow, CrlRow
+from signery.server.ca.models import CaAuthorityRow, CertificateRow, CrlRow
 from signery.server.ca.profiles import CODE_SIGNING, ISSUING_CA, ROOT_CA
-from signery.server.keys.models import CertificateRow
 from signery.server.persistence.db import Database, new_id
 from signery.server.runtime.clock import Clock
 

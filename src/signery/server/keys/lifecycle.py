@@ -47,12 +47,12 @@ from signery.protocol import (
 from signery.server.access.authz import Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, AuditRecorder, EventKind
+from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.connectors.service import Connector
 from signery.server.keys.models import (
     CertificateRequestRow,
-    CertificateRow,
     KeyVersionRow,
     SigningKeyRow,
 )

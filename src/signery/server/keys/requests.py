@@ -56,13 +56,13 @@ from signery.server.access.authz import Principal
 from signery.server.access.context import RequestContext
 from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind, outcome_of
 from signery.server.ca.chains import parse_certificates, pem_of, validate_issued_chain
+from signery.server.ca.models import CertificateRow
 from signery.server.ca.profiles import CODE_SIGNING
 from signery.server.ca.service import signature_hash, subject_name
 from signery.server.connectors.est_client import EstClient
 from signery.server.connectors.service import Connector, ConnectorService
 from signery.server.keys.models import (
     CertificateRequestRow,
-    CertificateRow,
     KeyVersionRow,
     SigningKeyRow,
 )
