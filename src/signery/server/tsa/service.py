@@ -74,17 +74,17 @@ from signery.keystores import (
 from signery.protocol import Algorithm, AuditOutcome, DigestAlgorithm, SignatureScheme
 from signery.rfc3161 import QUERY_MEDIA_TYPE, TimeStampResp
 from signery.server.access.context import RequestContext, source_of
-from signery.server.audit.recorder import (
+from signery.server.audit.events import (
     ANONYMOUS,
     SYSTEM,
     Actor,
     AuditRecord,
-    AuditRecorder,
     Counted,
     EventKind,
     UsageDelta,
     outcome_of,
 )
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import CaAuthorityRow
 from signery.server.ca.service import (
     BACKDATE,
