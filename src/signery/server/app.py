@@ -24,6 +24,7 @@ from signery.server.config import Settings, load_settings
 from signery.server.connectors.est_routes import router as est_router
 from signery.server.connectors.routes import router as ca_connectors_router
 from signery.server.container import Core, Services
+from signery.server.http.edge import audit_refusal
 from signery.server.http.middleware import EdgeMiddleware, Scope
 from signery.server.http.problems import install_problem_handlers, problem_response
 from signery.server.installation.datadir import require_private
@@ -115,7 +116,7 @@ def create_app(
                 scope.setdefault("state", {})["principal"] = principal
             except AuthenticationFailed:
                 pass
-        await services.audit_refusal(conn, error)
+        await audit_refusal(services, conn, error)
         return problem_response(
             error, request_id=scope["state"].get("request_id"), path=conn.url.path
         )

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from alembic.runtime.migration import MigrationContext
-from starlette.requests import HTTPConnection
 
 from signery.errors import ConfigurationError, SigneryError
 from signery.keystores import (
@@ -20,20 +19,12 @@ from signery.keystores import (
 )
 from signery.keystores._files import read_secret_file
 from signery.keystores._keyring import KeyWrapper
-from signery.server.access.authz import Authorizer, Principal
-from signery.server.access.context import RequestContext
+from signery.server.access.authz import Authorizer
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
 from signery.server.approvals.service import ApprovalService
 from signery.server.audit.checkpoints import CheckpointService
-from signery.server.audit.recorder import (
-    ANONYMOUS,
-    Actor,
-    AuditRecord,
-    AuditRecorder,
-    EventKind,
-    outcome_of,
-)
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.audit.sinks import (
     Forwarder,
     ForwarderConfig,
@@ -66,12 +57,11 @@ from signery.server.runtime.jobs import Job, Scheduler
 from signery.server.signing.service import SigningService
 from signery.server.tsa.authority import TsaConfig
 from signery.server.tsa.service import TsaService
-from signery.server.tsg.service import TsgDirectory, TsgService
+from signery.server.tsg.service import TsgService
+from signery.server.tsg.tree import TsgDirectory
 from signery.server.users.service import UserService, password_hasher
 
 log = logging.getLogger("signery.server")
-
-MAX_USER_AGENT = 256
 
 
 def build_keystores(
@@ -418,47 +408,3 @@ class Services:
         self.signing.close()
         self.core.keystores.close()
         self.db.dispose()
-
-    # ------------------------------------------------------------ edge helpers
-
-    def context(self, conn: HTTPConnection) -> RequestContext:
-        client_ip = conn.client.host if conn.client else None
-        if client_ip is not None and client_ip in self.settings.trusted_proxies:
-            forwarded = conn.headers.get("x-forwarded-for")
-            if forwarded:
-                # The right-most address not added by a trusted proxy is the client.
-                hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-                while hops and hops[-1] in self.settings.trusted_proxies:
-                    hops.pop()
-                if hops:
-                    client_ip = hops[-1][:64]
-        rid = conn.scope.get("state", {}).get("request_id")
-        ua = conn.headers.get("user-agent")
-        return RequestContext(
-            request_id=rid if isinstance(rid, str) else None,
-            client_ip=client_ip,
-            user_agent=ua[:MAX_USER_AGENT] if ua else None,
-        )
-
-    async def audit_refusal(self, conn: HTTPConnection, error: SigneryError) -> None:
-        """Record a refused request that no service recorded (validation, 403, 404, 413...)."""
-        principal = conn.scope.get("state", {}).get("principal")
-        actor = (
-            Actor(principal.type, principal.id, principal.name)
-            if isinstance(principal, Principal)
-            else ANONYMOUS
-        )
-        # An unauthenticated caller's refusals beyond its share are summed.
-        await self.recorder.commit_refusal(
-            AuditRecord(
-                EventKind.REQUEST_REFUSED,
-                outcome_of(error),
-                actor,
-                reason=error.code,
-                tsg_id=principal.tsg_id if isinstance(principal, Principal) else None,
-                tsg_path=principal.tsg_path if isinstance(principal, Principal) else None,
-                context=self.context(conn),
-                details={"method": conn.scope.get("method"), "path": conn.url.path[:256]},
-            )
-        )
-        error.audited = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from signery.protocol import AuditOutcome, PrincipalType
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import ANONYMOUS, Actor, AuditRecord, EventKind
+from signery.server.audit.events import ANONYMOUS, Actor, AuditRecord, EventKind
 from signery.server.audit.refusals import RefusalAggregator
 from tests.support import FakeClock
 

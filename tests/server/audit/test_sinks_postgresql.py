@@ -17,8 +17,9 @@ import pytest
 from sqlalchemy import Connection, Engine, insert, select, text
 
 from signery.protocol import AuditOutcome
+from signery.server.audit.events import SYSTEM, AuditRecord, EventKind
 from signery.server.audit.models import AuditEventRow, AuditSinkGapRow
-from signery.server.audit.recorder import SYSTEM, AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.audit.sinks import Forwarder, ForwarderConfig, SyslogSink, SyslogTarget
 from signery.server.persistence.db import Database, make_engine
 from signery.server.runtime.clock import SystemClock

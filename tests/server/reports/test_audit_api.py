@@ -11,7 +11,7 @@ import pytest
 
 from signery.protocol import AuditOutcome
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
+from signery.server.audit.events import ANONYMOUS, AuditRecord, EventKind
 from tests.support import Api
 
 

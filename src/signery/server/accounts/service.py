@@ -35,12 +35,13 @@ from signery.protocol import AccountStatus, AuditOutcome
 from signery.server.access.authz import Authorizer, Denied, Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.keys.policy import keys_naming_signer
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import TsgDirectory, actor_of
+from signery.server.tsg.tree import TsgDirectory
 
 AccountPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
@@ -197,7 +198,7 @@ class AccountService:
                 AuditRecord(
                     EventKind.ACCOUNT_CREATED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=tsg_id,
                     tsg_path=path,
                     context=ctx,
@@ -289,7 +290,7 @@ class AccountService:
                     AuditRecord(
                         EventKind.ACCOUNT_ENABLED if enabled else EventKind.ACCOUNT_DISABLED,
                         AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
+                        Actor.of(principal),
                         tsg_id=row.tsg_id,
                         tsg_path=path,
                         context=ctx,
@@ -334,7 +335,7 @@ class AccountService:
                     AuditRecord(
                         EventKind.ESCALATION_REFUSED,
                         AuditOutcome.DENIED,
-                        actor_of(principal),
+                        Actor.of(principal),
                         reason=decision.reason,
                         tsg_id=row.tsg_id,
                         tsg_path=path,
@@ -372,7 +373,7 @@ class AccountService:
             AuditRecord(
                 kind,
                 AuditOutcome.SUCCEEDED,
-                actor_of(principal),
+                Actor.of(principal),
                 tsg_id=row.tsg_id,
                 tsg_path=path,
                 context=ctx,

@@ -71,18 +71,12 @@ from signery.errors import (
 from signery.protocol import AccountStatus, AuditOutcome, PrincipalType, has_control_characters
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
-from signery.server.audit.recorder import (
-    ANONYMOUS,
-    Actor,
-    AuditRecord,
-    AuditRecorder,
-    EventKind,
-    outcome_of,
-)
+from signery.server.audit.events import ANONYMOUS, Actor, AuditRecord, EventKind, outcome_of
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.limits.service import AuthLimits
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock
-from signery.server.tsg.service import TsgDirectory
+from signery.server.tsg.tree import TsgDirectory
 
 ASSERTION_MAX_LIFETIME = timedelta(minutes=5)
 CLOCK_SKEW = timedelta(seconds=60)

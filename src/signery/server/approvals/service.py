@@ -81,19 +81,13 @@ from signery.server.approvals.models import (
     SigningRequestDigestRow,
     SigningRequestRow,
 )
-from signery.server.audit.recorder import (
-    SYSTEM,
-    Actor,
-    AuditRecord,
-    AuditRecorder,
-    EventKind,
-    outcome_of,
-)
+from signery.server.audit.events import SYSTEM, Actor, AuditRecord, EventKind, outcome_of
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.keys.models import SigningKeyRow
 from signery.server.persistence.db import Database, flush_unique, new_id, table
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import TsgDirectory, actor_of, rows_by_ref, visible_rows_by_ref
+from signery.server.tsg.tree import TsgDirectory, rows_by_ref, visible_rows_by_ref
 
 APPROVE = "approve"
 DENY = "deny"
@@ -853,7 +847,7 @@ class ApprovalService:
                     AuditRecord(
                         EventKind.GRANT_REVOKED,
                         AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
+                        Actor.of(principal),
                         tsg_id=key.tsg_id,
                         tsg_path=path,
                         key_id=key.id,
@@ -1047,7 +1041,7 @@ class ApprovalService:
             AuditRecord(
                 kind,
                 AuditOutcome.SUCCEEDED,
-                actor_of(principal),
+                Actor.of(principal),
                 tsg_id=r.tsg_id,
                 tsg_path=path,
                 key_id=r.key_id,
@@ -1072,7 +1066,7 @@ class ApprovalService:
             AuditRecord(
                 EventKind.APPROVAL_REFUSED,
                 outcome,
-                actor_of(principal),
+                Actor.of(principal),
                 reason=error.code,
                 tsg_id=known.get("tsg_id", principal.tsg_id),
                 tsg_path=known.get("tsg_path", principal.tsg_path),

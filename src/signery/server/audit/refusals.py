@@ -42,7 +42,7 @@ from signery.protocol import PrincipalType
 from signery.server.access.context import RequestContext
 
 if TYPE_CHECKING:
-    from signery.server.audit.recorder import AuditRecord
+    from signery.server.audit.events import AuditRecord
 
 # Sources tracked at once per process; beyond this the least recently seen source
 # is forgotten (its summaries written first), and gets a new share if it returns.

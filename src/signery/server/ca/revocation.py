@@ -32,12 +32,13 @@ from signery.errors import CertificateNotFound, Conflict, InvalidRequest
 from signery.protocol import AuditOutcome
 from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock
-from signery.server.tsg.service import TsgDirectory, actor_of
+from signery.server.tsg.tree import TsgDirectory
 
 # RFC 5280 §4.1.2.2: conforming serial numbers are at most 20 octets.
 SERIAL_MAX_OCTETS = 20
@@ -211,7 +212,7 @@ class RevocationService:
                 AuditRecord(
                     EventKind.CA_CERTIFICATE_REVOKED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=tsg_id,
                     tsg_path=tsg_path,
                     key_id=holder.key_id if holder is not None else None,

@@ -54,11 +54,12 @@ from signery.errors import (
 from signery.protocol import AuditOutcome, SubjectPolicyEffect
 from signery.server.access.authz import Authorizer, Denied, Permission, Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import SubjectPolicyRow
 from signery.server.persistence.db import Database, flush_unique
 from signery.server.runtime.clock import Clock
-from signery.server.tsg.service import TsgDirectory, actor_of
+from signery.server.tsg.tree import TsgDirectory
 
 # The attributes of a subject, as p.KeySubject names them, in certificate order.
 ATTRIBUTES: tuple[str, ...] = (
@@ -353,7 +354,7 @@ class SubjectPolicyService:
             AuditRecord(
                 EventKind.CA_SUBJECT_POLICY_UPDATED,
                 AuditOutcome.SUCCEEDED,
-                actor_of(principal),
+                Actor.of(principal),
                 tsg_id=tsg_id,
                 tsg_path=path,
                 context=ctx,

@@ -37,14 +37,15 @@ from signery.errors import CsrInvalid, PermissionDenied, TsgNotFound
 from signery.protocol import AuditOutcome
 from signery.server.access.authz import Authorizer, Denied, Permission, Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa, subject_name
 from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.connectors.est_client import certs_only, decode_base64
 from signery.server.persistence.db import Database, new_id
 from signery.server.runtime.clock import Clock
-from signery.server.tsg.service import TsgDirectory, actor_of
+from signery.server.tsg.tree import TsgDirectory
 
 MIN_RSA_BITS = 2048
 EC_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
@@ -214,7 +215,7 @@ class EstService:
                 AuditRecord(
                     EventKind.CERTIFICATE_ISSUED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=tsg_id,
                     tsg_path=path,
                     context=ctx,

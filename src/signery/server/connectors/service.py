@@ -35,7 +35,8 @@ from signery.keystores import Keyring, KeyStoreRegistry
 from signery.protocol import AuditOutcome, ConnectorKind
 from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.chains import fingerprint, parse_certificates, parse_trust_anchors
 from signery.server.ca.models import CaConnectorRow
 from signery.server.connectors.est_client import EstEndpoint
@@ -43,7 +44,7 @@ from signery.server.keys.models import SigningKeyRow
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import TsgDirectory, actor_of, rows_by_ref, visible_rows_by_ref
+from signery.server.tsg.tree import TsgDirectory, rows_by_ref, visible_rows_by_ref
 
 # The rule of the product Signery replaces: a key certified by a public CA must
 # live in hardware. Store kinds, not store names (a server may name them freely).
@@ -467,7 +468,7 @@ class ConnectorService:
             AuditRecord(
                 kind,
                 AuditOutcome.SUCCEEDED,
-                actor_of(principal),
+                Actor.of(principal),
                 tsg_id=row.tsg_id,
                 tsg_path=path,
                 context=ctx,

@@ -15,8 +15,9 @@ from signery.protocol import AuditOutcome
 from signery.server.access.authz import Denied, Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.accounts.tokens import AccessClaims
-from signery.server.audit.recorder import ANONYMOUS, AuditRecord, EventKind
+from signery.server.audit.events import ANONYMOUS, AuditRecord, EventKind
 from signery.server.container import Services
+from signery.server.http.edge import request_context
 
 # Dependencies are ``async def`` even when they do not await: FastAPI runs a plain
 # ``def`` dependency in a worker thread, a thread hop per dependency per request.
@@ -27,7 +28,7 @@ async def get_services(request: Request) -> Services:
 
 
 async def get_context(request: Request) -> RequestContext:
-    return services_of(request).context(request)
+    return request_context(services_of(request), request)
 
 
 def services_of(request: Request) -> Services:
@@ -46,7 +47,7 @@ async def _audit_auth_failure(
             AuditOutcome.DENIED,
             ANONYMOUS,
             reason=error.code,
-            context=services.context(request),
+            context=request_context(services, request),
             details={"method": request.scope.get("method"), "path": request.url.path[:256]},
         )
     )
@@ -58,7 +59,7 @@ async def _principal(request: Request, *, allow_password: bool) -> Principal:
     header = request.headers.get("authorization")
     try:
         principal = await services.authn.principal_async(
-            header, services.context(request), allow_password=allow_password
+            header, request_context(services, request), allow_password=allow_password
         )
     except AuthenticationFailed as e:
         await _audit_auth_failure(services, request, e)

@@ -26,6 +26,7 @@ from signery.errors import (
     ValidationFailed,
 )
 from signery.protocol import API_PREFIX, PROBLEM_MEDIA_TYPE, Problem
+from signery.server.http.edge import audit_refusal
 
 if TYPE_CHECKING:
     from signery.server.container import Services
@@ -117,7 +118,7 @@ async def error_response(
 ) -> Response:
     """The answer to a refused or failed request, after auditing it if no service did."""
     if not error.audited and status_of(error) < 500:
-        await services.audit_refusal(request, error)
+        await audit_refusal(services, request, error)
     elif status_of(error) >= 500:
         log.warning("request failed", extra={"code": error.code, "path": request.url.path})
     return problem_response(error, request_id=_request_id(request), path=request.url.path)

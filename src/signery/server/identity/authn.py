@@ -33,7 +33,7 @@ from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims, AccessToke
 from signery.server.limits.service import AuthLimits
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock
-from signery.server.tsg.service import TsgDirectory
+from signery.server.tsg.tree import TsgDirectory
 from signery.server.users.models import ApiTokenRow, UserRow
 from signery.server.users.service import (
     UserService,

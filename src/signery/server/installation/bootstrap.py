@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from signery.errors import ConfigurationError
 from signery.keystores import Keyring, KeyringEntry, KeyringFile, MasterKey
 from signery.protocol import AuditOutcome, PrincipalType, Role
-from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, EventKind
+from signery.server.audit.events import SYSTEM, Actor, AuditRecord, EventKind
 from signery.server.config import Settings
 from signery.server.container import Core, keyring_file, load_keyring
 from signery.server.installation.datadir import create_private

@@ -29,7 +29,8 @@ from signery.errors import ConfigurationError
 from signery.keystores import BuiltinKeyStore, Keyring, KeyringEntry, MasterKey
 from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.protocol import AuditOutcome
-from signery.server.audit.recorder import SYSTEM, AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import SYSTEM, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.config import Settings
 from signery.server.connectors.service import connectors_not_under, rewrap_connector_secrets
 from signery.server.container import keyring_file

@@ -46,7 +46,8 @@ from signery.protocol import (
 )
 from signery.server.access.authz import Permission, Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import SYSTEM, Actor, AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import SYSTEM, Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
@@ -66,7 +67,6 @@ from signery.server.keys.service import KeyService, certificate_row, handle_for
 from signery.server.persistence.db import Database, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import actor_of
 
 log = logging.getLogger("signery.keys")
 
@@ -141,7 +141,7 @@ class KeyLifecycle:
         connector is asked at once); the current version signs until then."""
         with self._db.read() as s:
             resolved = self._keys.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
-        self._rotate(resolved.row.id, actor_of(principal), req.validity_days, ctx)
+        self._rotate(resolved.row.id, Actor.of(principal), req.validity_days, ctx)
         return self._keys.get(principal, resolved.row.id)
 
     def _rotate(
@@ -431,7 +431,7 @@ class KeyLifecycle:
             self._record(
                 s,
                 EventKind.KEY_ROTATION_CANCELLED,
-                actor_of(principal),
+                Actor.of(principal),
                 key,
                 resolved.path,
                 ctx,
@@ -495,7 +495,7 @@ class KeyLifecycle:
             self._record(
                 s,
                 EventKind.KEY_ROTATION_SCHEDULED,
-                actor_of(principal),
+                Actor.of(principal),
                 key,
                 resolved.path,
                 ctx,
@@ -554,7 +554,7 @@ class KeyLifecycle:
             key.status = KeyStatus.DISABLED.value
             key.updated_at = self._clock.now()
             self._record(
-                s, EventKind.KEY_DISABLED, actor_of(principal), key, resolved.path, ctx, {}
+                s, EventKind.KEY_DISABLED, Actor.of(principal), key, resolved.path, ctx, {}
             )
         return self._keys.get(principal, resolved.row.id)
 
@@ -569,7 +569,7 @@ class KeyLifecycle:
                 raise Conflict(f"the key is not disabled (it is {key.status})")
             key.status = KeyStatus.ACTIVE.value
             key.updated_at = self._clock.now()
-            self._record(s, EventKind.KEY_ENABLED, actor_of(principal), key, resolved.path, ctx, {})
+            self._record(s, EventKind.KEY_ENABLED, Actor.of(principal), key, resolved.path, ctx, {})
         return self._keys.get(principal, resolved.row.id)
 
     # ------------------------------------------------------------ destruction
@@ -600,7 +600,7 @@ class KeyLifecycle:
             self._record(
                 s,
                 EventKind.KEY_DESTRUCTION_SCHEDULED,
-                actor_of(principal),
+                Actor.of(principal),
                 key,
                 resolved.path,
                 ctx,
@@ -633,7 +633,7 @@ class KeyLifecycle:
             self._record(
                 s,
                 EventKind.KEY_DESTRUCTION_CANCELLED,
-                actor_of(principal),
+                Actor.of(principal),
                 key,
                 resolved.path,
                 ctx,

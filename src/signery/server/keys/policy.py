@@ -48,13 +48,14 @@ from signery.server.access.authz import (
 )
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountRow
+from signery.server.audit.events import Actor, AuditRecord, EventKind
 from signery.server.audit.models import UsageCounterRow
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.keys.models import KeyUsageQuotaRow, SigningKeyRow
 from signery.server.persistence.db import Database, table, upsert_statement
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import UUID_RE, actor_of
+from signery.server.tsg.tree import UUID_RE
 from signery.server.users.models import UserRow
 
 if TYPE_CHECKING:
@@ -349,7 +350,7 @@ class KeyPolicyService:
             AuditRecord(
                 EventKind.KEY_POLICY_UPDATED,
                 AuditOutcome.SUCCEEDED,
-                actor_of(principal),
+                Actor.of(principal),
                 tsg_id=key.tsg_id,
                 tsg_path=path,
                 key_id=key.id,

@@ -54,7 +54,8 @@ from signery.protocol import (
 )
 from signery.server.access.authz import Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind, outcome_of
+from signery.server.audit.events import Actor, AuditRecord, EventKind, outcome_of
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.chains import parse_certificates, pem_of, validate_issued_chain
 from signery.server.ca.models import CertificateRow
 from signery.server.ca.profiles import CODE_SIGNING
@@ -68,7 +69,6 @@ from signery.server.keys.models import (
 )
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
-from signery.server.tsg.service import actor_of
 
 log = logging.getLogger("signery.keys")
 
@@ -278,7 +278,7 @@ class CertificateRequests:
                 AuditRecord(
                     EventKind.CERTIFICATE_REQUESTED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=key.tsg_id,
                     tsg_path=tsg_path,
                     key_id=key.id,
@@ -297,7 +297,7 @@ class CertificateRequests:
                 ),
             )
         if connector.kind is ConnectorKind.EST:
-            self.try_enroll(actor_of(principal), key_id, tsg_path, ctx)
+            self.try_enroll(Actor.of(principal), key_id, tsg_path, ctx)
 
     # ------------------------------------------------------------ answers from the CA
 

@@ -36,7 +36,8 @@ from signery.protocol import (
 )
 from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import CertificateRow
 from signery.server.ca.revocation import REVOCATION_REASONS, cert_info
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
@@ -48,7 +49,7 @@ from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequ
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import TsgDirectory, actor_of, visible_rows_by_ref
+from signery.server.tsg.tree import TsgDirectory, visible_rows_by_ref
 
 # RFC 5280 §5.3.1 CRLReason names (x509.ReasonFlags values), without removeFromCRL.
 # The widest horizon of ``GET /keys?expiring_within_days``: a century (and far
@@ -244,7 +245,7 @@ class KeyService:
                     AuditRecord(
                         EventKind.KEY_CREATED,
                         AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
+                        Actor.of(principal),
                         tsg_id=tsg_id,
                         tsg_path=path,
                         key_id=key_id,
@@ -261,7 +262,7 @@ class KeyService:
         if connector is not None and connector.kind is ConnectorKind.EST:
             # Enrolled at once; a failure leaves the key pending with the error noted
             # on its request, for `POST /api/v1/keys/{key}/enroll` to retry.
-            self._connector_requests().try_enroll(actor_of(principal), key_id, path, ctx)
+            self._connector_requests().try_enroll(Actor.of(principal), key_id, path, ctx)
             with self._db.read() as s:
                 created = s.get(SigningKeyRow, key_id)
                 assert created is not None
@@ -481,7 +482,7 @@ class KeyService:
                 AuditRecord(
                     kind,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=key.tsg_id,
                     tsg_path=resolved.path,
                     key_id=key.id,
@@ -543,7 +544,7 @@ class KeyService:
                 AuditRecord(
                     EventKind.CERTIFICATE_REVOKED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=key.tsg_id,
                     tsg_path=resolved.path,
                     key_id=key.id,
@@ -590,7 +591,7 @@ class KeyService:
         with self._db.read() as s:
             resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
         self._connector_requests().install(
-            actor_of(principal), resolved.row.id, resolved.path, chain_pem, ctx
+            Actor.of(principal), resolved.row.id, resolved.path, chain_pem, ctx
         )
         return self.get(principal, resolved.row.id)
 
@@ -600,7 +601,7 @@ class KeyService:
         """Send the key's pending request to its EST connector again."""
         with self._db.read() as s:
             resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
-        self._connector_requests().enroll(actor_of(principal), resolved.row.id, resolved.path, ctx)
+        self._connector_requests().enroll(Actor.of(principal), resolved.row.id, resolved.path, ctx)
         return self.get(principal, resolved.row.id)
 
     def _connector_requests(self) -> CertificateRequests:

@@ -20,6 +20,7 @@ from signery.server.http.deps import (
     services_of,
     signing_claims,
 )
+from signery.server.http.edge import request_context
 from signery.server.http.middleware import Receive, Scope, Send
 from signery.server.http.problems import error_response, unexpected_error_response
 
@@ -50,7 +51,7 @@ async def sign_response(services: Services, key: str, request: Request) -> Respo
     """Authenticate, read the body, sign: the whole route, shared by both dispatchers."""
     claims = await signing_claims(services, request)
     body = await request.body()
-    result = await services.signing.sign(claims, key, body, services.context(request))
+    result = await services.signing.sign(claims, key, body, request_context(services, request))
     if isinstance(result, p.SigningPending):
         # RFC 9110 §15.3.3: accepted, not done; Location names what to poll.
         return Response(

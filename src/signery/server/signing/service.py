@@ -89,15 +89,15 @@ from signery.server.approvals.service import (
     SignAttempt,
     approval_policy,
 )
-from signery.server.audit.recorder import (
+from signery.server.audit.events import (
     SIGN_KIND_BY_OUTCOME,
     Actor,
     AuditRecord,
-    AuditRecorder,
     Counted,
     UsageDelta,
     outcome_of,
 )
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.keys.names import distance, nearest
 from signery.server.keys.policy import RulesCache
 from signery.server.keys.service import chain_list, load_public_key_der
@@ -106,7 +106,7 @@ from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock
 from signery.server.signing.quota import UsageQuotas
 from signery.server.signing.reads import AccountState, KeyState, SigningReads, VersionState
-from signery.server.tsg.service import UUID_RE
+from signery.server.tsg.tree import UUID_RE
 
 log = logging.getLogger("signery.signing")
 

@@ -23,7 +23,7 @@ from signery.keystores import (
     remote_private_key,
 )
 from signery.protocol import AuditOutcome
-from signery.server.audit.recorder import (
+from signery.server.audit.events import (
     SYSTEM,
     AuditRecord,
     EventKind,

@@ -23,10 +23,11 @@ from fastapi.responses import Response
 from signery.errors import TsaDisabled
 from signery.protocol import API_PREFIX
 from signery.rfc3161 import QUERY_MEDIA_TYPE, REPLY_MEDIA_TYPE
-from signery.server.audit.recorder import ANONYMOUS, Actor
+from signery.server.audit.events import ANONYMOUS, Actor
 from signery.server.config import TsaAccess
 from signery.server.container import Services
 from signery.server.http.deps import current_principal, services_of
+from signery.server.http.edge import request_context
 
 router = APIRouter(prefix=f"{API_PREFIX}/tsa", tags=["tsa"])
 PEM_CHAIN_MEDIA_TYPE = "application/pem-certificate-chain"  # RFC 8555 §9.1
@@ -57,7 +58,7 @@ async def timestamp(request: Request) -> Response:
     if services.tsa.config.access is TsaAccess.AUTHENTICATED:
         principal = await current_principal(request)  # a failure is audited and 401
         actor = Actor(principal.type, principal.id, principal.name)
-    ctx = services.context(request)
+    ctx = request_context(services, request)
     await services.tsa.admit(ctx, actor)
     body = await request.body()
     reply = await services.tsa.timestamp(request.headers.get("content-type"), body, ctx, actor)

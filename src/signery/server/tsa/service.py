@@ -38,16 +38,16 @@ from signery.keystores import (
 from signery.protocol import AuditOutcome
 from signery.rfc3161 import QUERY_MEDIA_TYPE
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import (
+from signery.server.audit.events import (
     ANONYMOUS,
     Actor,
     AuditRecord,
-    AuditRecorder,
     Counted,
     EventKind,
     UsageDelta,
     outcome_of,
 )
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import CaAuthorityRow
 from signery.server.ca.service import (
     ISSUING,

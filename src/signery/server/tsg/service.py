@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import re
 import secrets
-import threading
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from signery import protocol as p
-from signery.errors import ConfigurationError, InvalidRequest, NameTaken, TsgNotFound
+from signery.errors import InvalidRequest, NameTaken, TsgNotFound
 from signery.protocol import AuditOutcome
 from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import Actor, AuditRecord, AuditRecorder, EventKind
-from signery.server.persistence import meta
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.persistence.db import Database, flush_unique
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
+from signery.server.tsg.tree import TsgDirectory
 
 TSG_ID_MIN = 1_000_000_000  # 10 digits, no leading zero
 TSG_ID_SPAN = 9_000_000_000
@@ -39,74 +37,6 @@ def to_wire(row: TsgRow) -> p.Tsg:
         depth=row.depth,
         created_at=row.created_at,
     )
-
-
-def actor_of(principal: Principal) -> Actor:
-    return Actor(principal.type, principal.id, principal.name)
-
-
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
-def rows_by_ref(
-    s: Session, model: Any, ref: str, *, tsg_id: str | None = None
-) -> list[tuple[Any, str]]:
-    """Rows of ``model`` (a table with ``id``, ``name`` and ``tsg_id``) whose name is
-    ``ref``, or whose id is ``ref`` when it looks like a UUID, each with its TSG's
-    path; only in TSG ``tsg_id`` when given. Who may see them is the caller's
-    business (``visible_rows_by_ref``)."""
-    matches = or_(model.id == ref, model.name == ref) if UUID_RE.match(ref) else model.name == ref
-    q = select(model, TsgRow.path).join(TsgRow, TsgRow.id == model.tsg_id).where(matches)
-    if tsg_id:
-        q = q.where(model.tsg_id == tsg_id)
-    return [(row, path) for row, path in s.execute(q).all()]
-
-
-def visible_rows_by_ref(
-    s: Session, principal: Principal, model: Any, ref: str, tsg_id: str | None = None
-) -> list[tuple[Any, str]]:
-    """``rows_by_ref`` limited to the subtrees where ``principal`` holds any role:
-    what it may know exists (the permission is checked by the caller, once the
-    row is chosen, so that an unseen row answers 404 like a missing one)."""
-    visible = [scope for _, scope in principal.grants()]
-    return [
-        (row, path)
-        for row, path in rows_by_ref(s, model, ref, tsg_id=tsg_id)
-        if any(path.startswith(v) for v in visible)
-    ]
-
-
-class TsgDirectory:
-    """TSG id -> materialized path. Paths never change, so they are cached forever."""
-
-    def __init__(self) -> None:
-        self._paths: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def path(self, session: Session, tsg_id: str) -> str | None:
-        cached = self._paths.get(tsg_id)
-        if cached is not None:
-            return cached
-        found = session.scalar(select(TsgRow.path).where(TsgRow.id == tsg_id))
-        if found is not None:
-            with self._lock:
-                self._paths[tsg_id] = found
-        return found
-
-    def require_path(self, session: Session, tsg_id: str) -> str:
-        found = self.path(session, tsg_id)
-        if found is None:
-            raise TsgNotFound()
-        return found
-
-    def root(self, session: Session) -> tuple[str, str]:
-        """The root TSG (id, path): where the installation itself, and its built-in
-        CA, are administered."""
-        root_id = meta.read_meta(session).get(meta.ROOT_TSG_ID)
-        root_path = self.path(session, root_id) if root_id is not None else None
-        if root_id is None or root_path is None:
-            raise ConfigurationError("the installation has no root TSG; run `signery init`")
-        return root_id, root_path
 
 
 def insert_tsg(
@@ -171,7 +101,7 @@ class TsgService:
                 AuditRecord(
                     EventKind.TSG_CREATED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=row.id,
                     tsg_path=row.path,
                     context=ctx,

@@ -48,11 +48,12 @@ from signery.server.access.authz import (
     uncovered,
 )
 from signery.server.access.context import RequestContext
-from signery.server.audit.recorder import AuditRecord, AuditRecorder, EventKind
+from signery.server.audit.events import Actor, AuditRecord, EventKind
+from signery.server.audit.recorder import AuditRecorder
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
-from signery.server.tsg.service import TsgDirectory, actor_of
+from signery.server.tsg.tree import TsgDirectory
 from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow
 
 API_TOKEN_PREFIX = "sgy_pat_"
@@ -175,7 +176,7 @@ class UserService:
                 AuditRecord(
                     EventKind.USER_CREATED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=tsg_id,
                     tsg_path=path,
                     context=ctx,
@@ -261,7 +262,7 @@ class UserService:
             AuditRecord(
                 EventKind.ESCALATION_REFUSED,
                 AuditOutcome.DENIED,
-                actor_of(principal),
+                Actor.of(principal),
                 reason=decision.reason,
                 tsg_id=user.tsg_id,
                 tsg_path=target.tsg_path,
@@ -315,7 +316,7 @@ class UserService:
                 AuditRecord(
                     EventKind.API_TOKEN_CREATED,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=user.tsg_id,
                     tsg_path=self._directory.path(s, user.tsg_id),
                     context=ctx,
@@ -382,7 +383,7 @@ class UserService:
                     AuditRecord(
                         EventKind.API_TOKEN_REVOKED,
                         AuditOutcome.SUCCEEDED,
-                        actor_of(principal),
+                        Actor.of(principal),
                         tsg_id=user.tsg_id,
                         tsg_path=self._directory.path(s, user.tsg_id),
                         context=ctx,
@@ -414,7 +415,7 @@ class UserService:
             AuditRecord(
                 EventKind.ESCALATION_REFUSED,
                 AuditOutcome.DENIED,
-                actor_of(principal),
+                Actor.of(principal),
                 reason=decision.reason,
                 tsg_id=tsg_id,
                 tsg_path=path,
@@ -458,7 +459,7 @@ class UserService:
                 AuditRecord(
                     EventKind.ROLE_BOUND,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=req.tsg_id,
                     tsg_path=path,
                     context=ctx,
@@ -508,7 +509,7 @@ class UserService:
                 AuditRecord(
                     EventKind.ROLE_UNBOUND,
                     AuditOutcome.SUCCEEDED,
-                    actor_of(principal),
+                    Actor.of(principal),
                     tsg_id=row.tsg_id,
                     tsg_path=path,
                     context=ctx,

@@ -1,4 +1,6 @@
-"""Alembic environment: always called with a connection from signery.server.persistence.migrate."""
+"""Alembic environment: always called with a connection from
+signery.server.persistence.migrate; it compares against every table
+(signery.server.schema)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,8 @@ from alembic import context
 from signery.server.schema import Base
 
 connection = context.config.attributes.get("connection")
-if (
-    connection is None
-):  # pragma: no cover - migrations are only run through signery.server.persistence.migrate
+# Migrations are only run through signery.server.persistence.migrate.
+if connection is None:  # pragma: no cover
     raise RuntimeError("run migrations with `signery db upgrade`")
 
 context.configure(
