@@ -275,6 +275,7 @@ class Services:
             core.directory,
             core.keyring,
             core.keystores,
+            users=CertifiedKeys(),
         )
         requests = CertificateRequests(
             core.db, core.recorder, core.clock, core.keystores, self.connectors

@@ -6,16 +6,20 @@ trust anchors every chain it delivers must reach. Its secrets (the EST
 password, the TLS client key) are encrypted under the master key, bound to the
 connector's id, and never returned by the API: responses say only whether one
 is set.
+
+What a connector does with a CSR is its kind's business (one module per kind,
+signery.server.connectors.registry); this service stores, authorizes and audits
+connectors whatever their kind. Which keys use a connector comes through the
+narrow :class:`ConnectorUsers` interface (implemented by signery.server.keys).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
@@ -37,18 +41,20 @@ from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.audit.events import Actor, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
-from signery.server.ca.chains import fingerprint, parse_certificates, parse_trust_anchors
+from signery.server.ca.chains import fingerprint, parse_trust_anchors
 from signery.server.ca.models import CaConnectorRow
-from signery.server.connectors.est_client import EstEndpoint
-from signery.server.keys.models import SigningKeyRow
+from signery.server.connectors.base import (
+    HARDWARE_STORE_KINDS,
+    Connector,
+    ConnectorRecord,
+    StoredSettings,
+)
+from signery.server.connectors.registry import ConnectorKinds
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.tree import TsgDirectory, rows_by_ref, visible_rows_by_ref
 
-# The rule of the product Signery replaces: a key certified by a public CA must
-# live in hardware. Store kinds, not store names (a server may name them freely).
-HARDWARE_STORE_KINDS = frozenset({"aws-kms", "pkcs11"})
 _SECRETS_AAD = b"signery/ca-connector-secrets/v1/"
 
 
@@ -118,51 +124,16 @@ def connectors_not_under(db: Database, primary_key_id: str) -> int:
     return sum(1 for v in values if v and json.loads(v).get("master_key_id") != primary_key_id)
 
 
-@dataclass(frozen=True, slots=True)
-class Connector:
-    """A connector ready for use: parsed trust anchors and, for EST, its endpoint."""
+class ConnectorUsers(Protocol):
+    """What the connectors need to know of the signing keys that use them."""
 
-    id: str
-    name: str
-    tsg_id: str
-    kind: ConnectorKind
-    public: bool
-    roots: tuple[x509.Certificate, ...]
-    est: EstEndpoint | None
+    def key_names(self, s: Session, connector_id: str, *, limit: int) -> Sequence[str]:
+        """Names of (up to ``limit``) keys certified through the connector."""
+        ...
 
-    def check_store(self, store_kind: str) -> None:
-        if self.public and store_kind not in HARDWARE_STORE_KINDS:
-            raise ConnectorRequiresHardwareKey(
-                f"CA connector {self.name!r} is public: its keys must be in a hardware store "
-                f"({', '.join(sorted(HARDWARE_STORE_KINDS))}), not {store_kind}"
-            )
-
-
-def _check_https_url(url: str) -> str:
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError) as e:
-        raise InvalidRequest(f"est.url is not a URL: {e}") from None
-    # RFC 7030 §3.3: EST runs over HTTPS only.
-    if parsed.scheme != "https" or not parsed.host:
-        raise InvalidRequest("est.url must be an https:// URL (RFC 7030 §3.3)")
-    if parsed.userinfo or parsed.query or parsed.fragment:
-        raise InvalidRequest("est.url must not carry credentials, a query or a fragment")
-    return str(parsed).rstrip("/")
-
-
-def _check_client_certificate(cert_pem: str, key_pem: str) -> None:
-    try:
-        certs = parse_certificates(cert_pem, "est.client_certificate_pem")
-    except InvalidRequest as e:
-        raise InvalidRequest(e.detail) from None
-    try:
-        key = serialization.load_pem_private_key(key_pem.encode(), password=None)
-    except (ValueError, TypeError):
-        raise InvalidRequest("est.client_key_pem is not an unencrypted PEM private key") from None
-    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    if key.public_key().public_bytes(*spki) != certs[0].public_key().public_bytes(*spki):
-        raise InvalidRequest("est.client_key_pem does not belong to est.client_certificate_pem")
+    def key_stores(self, s: Session, connector_id: str) -> Sequence[str]:
+        """The key stores (names) of the keys certified through the connector."""
+        ...
 
 
 class ConnectorService:
@@ -175,8 +146,13 @@ class ConnectorService:
         directory: TsgDirectory,
         keyring: Keyring,
         keystores: KeyStoreRegistry,
+        *,
+        users: ConnectorUsers,
+        kinds: ConnectorKinds | None = None,
     ) -> None:
         self._keystores = keystores
+        self._users = users
+        self.kinds = kinds or ConnectorKinds()
         self._db = db
         self._authz = authz
         self._recorder = recorder
@@ -191,7 +167,7 @@ class ConnectorService:
     ) -> p.CaConnector:
         tsg_id = req.tsg_id or principal.tsg_id
         roots = parse_trust_anchors(req.roots_pem)
-        config, secrets = self._est_settings(req.kind, req.est, {}, {})
+        settings = self.kinds.get(req.kind.value).configure(req.est, StoredSettings())
         connector_id = new_id()
         with self._db.write() as s:
             path = self._directory.path(s, tsg_id)
@@ -209,8 +185,8 @@ class ConnectorService:
                 roots_pem="".join(
                     c.public_bytes(serialization.Encoding.PEM).decode() for c in roots
                 ),
-                config_json=json.dumps(config),
-                secrets_wrapped=wrap_secrets(self._keyring, connector_id, secrets),
+                config_json=json.dumps(settings.config),
+                secrets_wrapped=wrap_secrets(self._keyring, connector_id, settings.secrets),
                 created_at=self._clock.now(),
             )
             s.add(row)
@@ -228,7 +204,7 @@ class ConnectorService:
                     "kind": req.kind.value,
                     "public": req.public,
                     "roots": [fingerprint(r) for r in roots],
-                    "est_url": config.get("url"),
+                    "est_url": settings.config.get("url"),
                 },
             )
             return self._wire(row)
@@ -278,14 +254,9 @@ class ConnectorService:
                 row.public = req.public
                 changed.append("public")
             if req.est is not None:
-                config, secrets = self._est_settings(
-                    ConnectorKind(row.kind),
-                    req.est,
-                    json.loads(row.config_json),
-                    unwrap_secrets(self._keyring, row.id, row.secrets_wrapped),
-                )
-                row.config_json = json.dumps(config)
-                row.secrets_wrapped = wrap_secrets(self._keyring, row.id, secrets)
+                settings = self.kinds.get(row.kind).configure(req.est, self._settings(row))
+                row.config_json = json.dumps(settings.config)
+                row.secrets_wrapped = wrap_secrets(self._keyring, row.id, settings.secrets)
                 changed.append("est")
             if not changed:
                 raise InvalidRequest("nothing to change")
@@ -306,9 +277,7 @@ class ConnectorService:
     ) -> None:
         with self._db.write() as s:
             row, path = self._resolve(s, principal, ref, Permission.CA_CONNECTOR_MANAGE, tsg_id)
-            users = s.scalars(
-                select(SigningKeyRow.name).where(SigningKeyRow.ca_connector_id == row.id).limit(5)
-            ).all()
+            users = self._users.key_names(s, row.id, limit=5)
             if users:
                 raise ConnectorInUse(
                     f"CA connector {row.name!r} is used by signing keys ({', '.join(users)})"
@@ -349,81 +318,24 @@ class ConnectorService:
         return self.load(row)
 
     def load(self, row: CaConnectorRow) -> Connector:
-        kind = ConnectorKind(row.kind)
-        est: EstEndpoint | None = None
-        if kind is ConnectorKind.EST:
-            config: dict[str, Any] = json.loads(row.config_json)
-            secrets = unwrap_secrets(self._keyring, row.id, row.secrets_wrapped)
-            est = EstEndpoint(
-                url=str(config["url"]),
-                username=config.get("username"),
-                password=secrets.get("password"),
-                tls_ca_pem=config.get("tls_ca_pem"),
-                client_certificate_pem=config.get("client_certificate_pem"),
-                client_key_pem=secrets.get("client_key_pem"),
-                timeout_seconds=float(config.get("timeout_seconds", 30)),
-            )
-        return Connector(
+        """The connector of ``row``, opened by its kind's class."""
+        record = ConnectorRecord(
             id=row.id,
             name=row.name,
             tsg_id=row.tsg_id,
-            kind=kind,
             public=row.public,
             roots=tuple(x509.load_pem_x509_certificates(row.roots_pem.encode())),
-            est=est,
         )
+        return self.kinds.get(row.kind)(record, self._settings(row))
 
     # ------------------------------------------------------------ helpers
 
-    def _est_settings(
-        self,
-        kind: ConnectorKind,
-        est: p.EstSettings | None,
-        kept_config: dict[str, Any],
-        kept_secrets: dict[str, str],
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        """(non-secret config, secrets) from the request. A field the request leaves
-        out keeps its ``kept_*`` value (an update); null or "" removes it."""
-        if kind is ConnectorKind.CSR:
-            if est is not None:
-                raise InvalidRequest("a csr connector takes no est settings")
-            return {}, {}
-        if est is None:
-            raise InvalidRequest("an est connector needs its est settings (at least the url)")
-        given = est.model_fields_set
-        config = {k: v for k, v in kept_config.items() if v}
-        secrets = {k: v for k, v in kept_secrets.items() if v}
-        config["url"] = _check_https_url(est.url)
-        for name in ("username", "tls_ca_pem", "client_certificate_pem", "timeout_seconds"):
-            if name in given:
-                config[name] = getattr(est, name)
-        for name in ("password", "client_key_pem"):
-            if name in given:
-                secrets[name] = getattr(est, name) or ""
-        config = {k: v for k, v in config.items() if v not in (None, "")}
-        secrets = {k: v for k, v in secrets.items() if v}
-        config.setdefault("timeout_seconds", est.timeout_seconds)
-        if secrets.get("password") and not config.get("username"):
-            raise InvalidRequest("est.password needs est.username (HTTP basic auth)")
-        if "tls_ca_pem" in config:
-            try:
-                tls_roots = parse_certificates(config["tls_ca_pem"], "est.tls_ca_pem")
-            except InvalidRequest as e:
-                raise InvalidRequest(e.detail) from None
-            config["tls_ca_pem"] = "".join(
-                c.public_bytes(serialization.Encoding.PEM).decode() for c in tls_roots
-            )
-        cert_pem, key_pem = config.get("client_certificate_pem"), secrets.get("client_key_pem")
-        if bool(cert_pem) != bool(key_pem):
-            raise InvalidRequest("est.client_certificate_pem and est.client_key_pem go together")
-        if cert_pem and key_pem:
-            _check_client_certificate(cert_pem, key_pem)
-        return config, secrets
+    def _settings(self, row: CaConnectorRow) -> StoredSettings:
+        config: dict[str, Any] = json.loads(row.config_json)
+        return StoredSettings(config, unwrap_secrets(self._keyring, row.id, row.secrets_wrapped))
 
     def _refuse_software_keys(self, s: Session, row: CaConnectorRow) -> None:
-        stores = s.scalars(
-            select(SigningKeyRow.storage).where(SigningKeyRow.ca_connector_id == row.id).distinct()
-        ).all()
+        stores = self._users.key_stores(s, row.id)
         configured = set(self._keystores.names())
         for name in stores:
             # A store no longer configured here cannot be shown to be hardware.
@@ -478,19 +390,7 @@ class ConnectorService:
 
     def _wire(self, row: CaConnectorRow) -> p.CaConnector:
         roots = x509.load_pem_x509_certificates(row.roots_pem.encode())
-        est: p.EstSettingsInfo | None = None
-        if row.kind == ConnectorKind.EST.value:
-            config = json.loads(row.config_json)
-            secrets = unwrap_secrets(self._keyring, row.id, row.secrets_wrapped)
-            est = p.EstSettingsInfo(
-                url=config["url"],
-                username=config.get("username"),
-                has_password=bool(secrets.get("password")),
-                tls_ca_pem=config.get("tls_ca_pem"),
-                client_certificate_pem=config.get("client_certificate_pem"),
-                has_client_key=bool(secrets.get("client_key_pem")),
-                timeout_seconds=float(config.get("timeout_seconds", 30)),
-            )
+        est = self.kinds.get(row.kind).describe(self._settings(row))
         return p.CaConnector(
             id=row.id,
             name=row.name,

@@ -41,7 +41,6 @@ from signery.protocol import (
     AuditOutcome,
     CertificateAuthority,
     CertificateRequestStatus,
-    ConnectorKind,
     KeyStatus,
 )
 from signery.server.access.authz import Permission, Principal
@@ -51,14 +50,13 @@ from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
-from signery.server.connectors.service import Connector
+from signery.server.connectors.base import ROTATE, Connector
 from signery.server.keys.models import (
     CertificateRequestRow,
     KeyVersionRow,
     SigningKeyRow,
 )
 from signery.server.keys.requests import (
-    ROTATE,
     CertificateRequests,
     build_csr,
     pending_rotation,
@@ -390,10 +388,9 @@ class KeyLifecycle:
             # No half-created version: the new pair goes if it was not recorded.
             store.destroy(generated.handle)
             raise
-        if connector.kind is ConnectorKind.EST:
-            # Enrolled at once; a failure stays noted on the request, for
-            # `POST /api/v1/keys/{key}/enroll` to retry; the current version signs meanwhile.
-            requests.try_enroll(actor, key.id, path, ctx)
+        # Submitted at once; a failure stays noted on the request, for
+        # `POST /api/v1/keys/{key}/enroll` to retry; the current version signs meanwhile.
+        requests.submit(actor, key.id, path, ctx)
         with self._db.read() as s:
             done = s.get(SigningKeyRow, key.id)
             assert done is not None

@@ -2,12 +2,15 @@
 
 A key bound to a connector gets a CSR made and signed through its key store
 (the CSR's signature is the proof that the private key exists there and never
-left), and waits ``pending`` until the CA's chain arrives: uploaded by an
-administrator (``csr`` connector) or fetched by RFC 7030 enrollment (``est``).
+left), and waits ``pending`` until the CA's chain arrives. What the CA does with
+the CSR is its connector's business (signery.server.connectors.base.Connector,
+one module per kind): the request is submitted when it is made and collected
+when an administrator asks again; an administrator may also upload the chain,
+whatever the kind.
 The chain is checked (signery.server.ca.chains) before anything changes; then
 one transaction records the certificate, makes it current, activates the key
-and answers the request. A refused chain changes nothing; a failed EST
-enrollment only notes its error on the request, for the operator and a retry.
+and answers the request. A refused chain changes nothing; a failed
+submission only notes its error on the request, for the operator and a retry.
 
 Renewing or reissuing a connector key asks the CA again in the same way; the
 key keeps signing with its current certificate until the new one arrives.
@@ -20,11 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select, update
@@ -34,7 +37,6 @@ from signery import protocol as p
 from signery.crypto import PublicKey
 from signery.errors import (
     Conflict,
-    ConnectorFailed,
     InvalidRequest,
     KeyChangedConcurrently,
     KeyDestroyed,
@@ -49,7 +51,6 @@ from signery.keystores import KeyHandle, KeyStore, KeyStoreRegistry, remote_priv
 from signery.protocol import (
     AuditOutcome,
     CertificateRequestStatus,
-    ConnectorKind,
     KeyStatus,
 )
 from signery.server.access.authz import Principal
@@ -60,8 +61,17 @@ from signery.server.ca.chains import parse_certificates, pem_of, validate_issued
 from signery.server.ca.models import CertificateRow
 from signery.server.ca.profiles import CODE_SIGNING
 from signery.server.ca.service import signature_hash, subject_name
-from signery.server.connectors.est_client import EstClient
-from signery.server.connectors.service import Connector, ConnectorService
+from signery.server.connectors.base import (
+    ENROLL,
+    REISSUE,
+    RENEW,
+    ROTATE,
+    Answer,
+    CertificateOrder,
+    Connector,
+    Pending,
+)
+from signery.server.connectors.service import ConnectorService
 from signery.server.keys.models import (
     CertificateRequestRow,
     KeyVersionRow,
@@ -72,10 +82,16 @@ from signery.server.runtime.clock import Clock
 
 log = logging.getLogger("signery.keys")
 
-ENROLL = "enroll"
-RENEW = "renew"
-REISSUE = "reissue"
-ROTATE = "rotate"
+__all__ = [
+    "ENROLL",
+    "REISSUE",
+    "RENEW",
+    "ROTATE",
+    "CertificateRequests",
+    "build_csr",
+    "pending_rotation",
+    "request_wire",
+]
 MAX_ERROR_CHARS = 1000
 _PENDING = CertificateRequestStatus.PENDING.value
 
@@ -157,15 +173,12 @@ class CertificateRequests:
         clock: Clock,
         keystores: KeyStoreRegistry,
         connectors: ConnectorService,
-        *,
-        est_transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._db = db
         self._recorder = recorder
         self._clock = clock
         self._keystores = keystores
         self._connectors = connectors
-        self._est_transport = est_transport
 
     # ------------------------------------------------------------ used by KeyService
 
@@ -296,8 +309,7 @@ class CertificateRequests:
                     },
                 ),
             )
-        if connector.kind is ConnectorKind.EST:
-            self.try_enroll(Actor.of(principal), key_id, tsg_path, ctx)
+        self.submit(Actor.of(principal), key_id, tsg_path, ctx)
 
     # ------------------------------------------------------------ answers from the CA
 
@@ -313,59 +325,61 @@ class CertificateRequests:
         )
         self._install(actor, pending, chain, tsg_path, ctx)
 
-    def enroll(self, actor: Actor, key_id: str, tsg_path: str, ctx: RequestContext | None) -> None:
-        """Send the pending request to the connector's EST server and install what
-        comes back. A failure is noted on the request, audited, and raised."""
+    def submit(self, actor: Actor, key_id: str, tsg_path: str, ctx: RequestContext | None) -> None:
+        """Hand the key's pending request to its CA and install what comes back at
+        once. A failure stays noted on the request (and audited) for a retry with
+        ``POST /api/v1/keys/{key}/enroll``, instead of failing the caller."""
+        try:
+            pending = self._pending(key_id)
+            self._ask(actor, pending, pending.connector.submit, tsg_path, ctx)
+        except SigneryError as e:
+            # Noted on the request and audited by _ask(); the caller sees the
+            # key pending with certificate_request.error.
+            log.info("certificate request failed", extra={"key_id": key_id, "code": e.code})
+
+    def collect(self, actor: Actor, key_id: str, tsg_path: str, ctx: RequestContext | None) -> None:
+        """Ask the key's CA again about its pending request and install what comes
+        back. A failure is noted on the request, audited, and raised."""
         pending = self._pending(key_id)
         connector = pending.connector
-        if connector.kind is not ConnectorKind.EST or connector.est is None:
+        if not connector.answers_online:
             raise InvalidRequest(
-                f"CA connector {connector.name!r} is a {connector.kind.value} connector: "
+                f"CA connector {connector.name!r} is a {connector.kind} connector: "
                 "upload the issued chain instead"
             )
-        csr = x509.load_pem_x509_csr(pending.csr_pem.encode())
+        self._ask(actor, pending, connector.collect, tsg_path, ctx)
+
+    # ------------------------------------------------------------ internals
+
+    def _ask(
+        self,
+        actor: Actor,
+        pending: _Pending,
+        ask: Callable[[CertificateOrder], Answer],
+        tsg_path: str,
+        ctx: RequestContext | None,
+    ) -> None:
+        """Ask the CA (``ask``: the connector's submit or collect) and install an
+        issued chain once it is checked; a pending answer notes what the CA said."""
+        order = CertificateOrder(x509.load_pem_x509_csr(pending.csr_pem.encode()), pending.purpose)
         try:
-            with EstClient(connector.est, transport=self._est_transport) as est:
-                # RFC 7030 §4.2.2: a renewal (same subject) is a re-enrollment; a
-                # reissue changes the subject, so it is a new enrollment.
-                answer = est.enroll(csr, reenroll=pending.purpose == RENEW)
-                if answer.retry_after is not None:
-                    self._note(
-                        pending,
-                        f"accepted by the CA for approval; retry after {answer.retry_after} s",
-                    )
-                    return
-                try:
-                    # Intermediates the answer may leave out; never trust anchors.
-                    extra = est.cacerts()
-                except ConnectorFailed:
-                    extra = []
+            answer = ask(order)
+            if isinstance(answer, Pending):
+                if answer.note is not None:
+                    self._note(pending, answer.note)
+                return
             chain = validate_issued_chain(
-                [*answer.certificates, *extra],
+                answer.certificates,
                 pending.public_key,
-                connector.roots,
+                pending.connector.roots,
                 self._clock.now(),
             )
             self._install(actor, pending, chain, tsg_path, ctx)
         except NoPendingRequest:
-            raise  # answered meanwhile (another enrollment won): nothing to note
+            raise  # answered meanwhile (another answer won): nothing to note
         except SigneryError as e:
             self._failed(actor, pending, tsg_path, e, ctx)
             raise
-
-    def try_enroll(
-        self, actor: Actor, key_id: str, tsg_path: str, ctx: RequestContext | None
-    ) -> None:
-        """Enroll now; a failure stays noted on the request (and audited) for a retry
-        with ``POST /api/v1/keys/{key}/enroll``, instead of failing the caller."""
-        try:
-            self.enroll(actor, key_id, tsg_path, ctx)
-        except SigneryError as e:
-            # Noted on the request and audited by enroll(); the caller sees the
-            # key pending with certificate_request.error.
-            log.info("EST enrollment failed", extra={"key_id": key_id, "code": e.code})
-
-    # ------------------------------------------------------------ internals
 
     def _install(
         self,

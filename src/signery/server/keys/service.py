@@ -30,7 +30,6 @@ from signery.protocol import (
     Algorithm,
     AuditOutcome,
     CertificateAuthority,
-    ConnectorKind,
     KeyStatus,
     PrincipalType,
 )
@@ -42,10 +41,11 @@ from signery.server.ca.models import CertificateRow
 from signery.server.ca.revocation import REVOCATION_REASONS, cert_info
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
+from signery.server.connectors.base import ENROLL, REISSUE, RENEW
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.keys.names import shadows
 from signery.server.keys.policy import key_usage, wire_policy
-from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
+from signery.server.keys.requests import CertificateRequests, build_csr
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
@@ -259,10 +259,10 @@ class KeyService:
         except BaseException:
             store.destroy(generated.handle)
             raise
-        if connector is not None and connector.kind is ConnectorKind.EST:
-            # Enrolled at once; a failure leaves the key pending with the error noted
+        if connector is not None:
+            # Submitted at once; a failure leaves the key pending with the error noted
             # on its request, for `POST /api/v1/keys/{key}/enroll` to retry.
-            self._connector_requests().try_enroll(Actor.of(principal), key_id, path, ctx)
+            self._connector_requests().submit(Actor.of(principal), key_id, path, ctx)
             with self._db.read() as s:
                 created = s.get(SigningKeyRow, key_id)
                 assert created is not None
@@ -601,7 +601,7 @@ class KeyService:
         """Send the key's pending request to its EST connector again."""
         with self._db.read() as s:
             resolved = self.resolve(s, principal, ref, Permission.KEY_MANAGE, tsg_id)
-        self._connector_requests().enroll(Actor.of(principal), resolved.row.id, resolved.path, ctx)
+        self._connector_requests().collect(Actor.of(principal), resolved.row.id, resolved.path, ctx)
         return self.get(principal, resolved.row.id)
 
     def _connector_requests(self) -> CertificateRequests:
