@@ -46,13 +46,13 @@ from signery.server.keys.policy import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
 from signery.server.keys.service import KeyService
 from signery.server.limits.service import AuthLimits, FailureCounters, LimitsConfig
-from signery.server.ops.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeToken
 from signery.server.persistence import meta
 from signery.server.persistence.db import Database, make_engine
 from signery.server.persistence.migrate import head_revision
 from signery.server.reports.service import AuditService
 from signery.server.runtime.clock import Clock, SystemClock
 from signery.server.runtime.jobs import Job, Scheduler
+from signery.server.runtime.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeToken
 from signery.server.signing.service import SigningService
 from signery.server.tsa.service import TsaConfig, TsaService
 from signery.server.tsg.service import TsgService

@@ -36,7 +36,6 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -69,6 +68,7 @@ from signery.errors import (
     UnsupportedMediaType,
 )
 from signery.protocol import AccountStatus, AuditOutcome, PrincipalType, has_control_characters
+from signery.server.access.claims import AccessClaims
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
 from signery.server.audit.events import ANONYMOUS, Actor, AuditRecord, EventKind, outcome_of
@@ -110,18 +110,6 @@ def pinned_algorithms(key: object) -> tuple[str, ...]:
     if isinstance(key, ed25519.Ed25519PublicKey):
         return EDDSA_ALGORITHMS
     return ()
-
-
-@dataclass(frozen=True, slots=True)
-class AccessClaims:
-    """A fully verified access token."""
-
-    account_id: str
-    client_id: str
-    tsg_id: str
-    expires_at: datetime
-    # Valid only while the account's token_epoch is still this one.
-    epoch: int
 
 
 class AccessTokenCodec:

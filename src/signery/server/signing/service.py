@@ -81,8 +81,9 @@ from signery.server.access.authz import (
     decide_key_use,
     decide_signing,
 )
+from signery.server.access.claims import AccessClaims
 from signery.server.access.context import RequestContext
-from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims
+from signery.server.accounts.tokens import STALE_TOKEN
 from signery.server.approvals.service import (
     ApprovalService,
     GrantUse,
@@ -101,9 +102,9 @@ from signery.server.audit.recorder import AuditRecorder
 from signery.server.keys.names import distance, nearest
 from signery.server.keys.policy import RulesCache
 from signery.server.keys.service import chain_list, load_public_key_der
-from signery.server.ops.metrics import Metrics
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock
+from signery.server.runtime.metrics import Metrics
 from signery.server.signing.quota import UsageQuotas
 from signery.server.signing.reads import AccountState, KeyState, SigningReads, VersionState
 from signery.server.tsg.tree import UUID_RE

@@ -1,0 +1,20 @@
+"""What a verified access token says: the account that signs, and until when.
+A value of the access room, so that the HTTP edge and the signing service read it
+without depending on the accounts room that issues it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AccessClaims:
+    """A fully verified access token."""
+
+    account_id: str
+    client_id: str
+    tsg_id: str
+    expires_at: datetime
+    # Valid only while the account's token_epoch is still this one.
+    epoch: int
