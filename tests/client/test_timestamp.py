@@ -18,7 +18,7 @@ from signery.crypto import hash_bytes
 from signery.errors import ClientError, FailureInfo, UnsupportedImprintAlgorithm
 from signery.protocol import DigestAlgorithm
 from signery.server.config import DEFAULT_TSA_POLICY_OID
-from signery.server.tsa.service import rejection_reply
+from signery.server.tsa.token import rejection_reply
 from tests.support import Api
 
 URL = "http://signery.test/api/v1/tsa"

@@ -38,8 +38,8 @@ from signery.server.runtime.clock import Clock
 from signery.server.runtime.logging import configure_logging
 from signery.server.signing.routes import SignDispatcher
 from signery.server.signing.routes import router as signing_router
+from signery.server.tsa.query import MAX_QUERY_BYTES
 from signery.server.tsa.routes import router as tsa_router
-from signery.server.tsa.service import MAX_QUERY_BYTES
 from signery.server.tsg.routes import router as tsg_router
 from signery.server.users.routes import router as users_router
 

@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     ca_storage: str = Field(default="builtin", description="Key store of the built-in CA's keys")
     crl_validity_hours: int = Field(default=168, ge=2, le=24 * 90, description="CRL nextUpdate")
 
-    # RFC 3161 time-stamping authority (POST /api/v1/tsa; signery.server.tsa.service).
+    # RFC 3161 time-stamping authority (POST /api/v1/tsa; signery.server.tsa).
     tsa_policy_oid: str = Field(
         default=DEFAULT_TSA_POLICY_OID,
         description="TSA policy OID written into every timestamp (RFC 3161 §2.4.2 policy)",

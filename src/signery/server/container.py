@@ -35,12 +35,13 @@ from signery.server.audit.sinks import (
 )
 from signery.server.ca.revocation import RevocationService
 from signery.server.ca.service import BuiltinCa
-from signery.server.ca.subject_policy import SubjectPolicyService, keys_outside_every_policy
+from signery.server.ca.subject_policy import SubjectPolicyService
 from signery.server.config import Settings, metrics_multiprocess_dir
 from signery.server.connectors.est_server import EstService
 from signery.server.connectors.service import ConnectorService
 from signery.server.identity.authn import Authenticator
 from signery.server.installation.secrets import access_token_secret
+from signery.server.keys.certified import CertifiedKeys, keys_outside_every_policy
 from signery.server.keys.lifecycle import KeyLifecycle
 from signery.server.keys.policy import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
@@ -54,7 +55,8 @@ from signery.server.runtime.clock import Clock, SystemClock
 from signery.server.runtime.jobs import Job, Scheduler
 from signery.server.runtime.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeToken
 from signery.server.signing.service import SigningService
-from signery.server.tsa.service import TsaConfig, TsaService
+from signery.server.tsa.authority import TsaConfig
+from signery.server.tsa.service import TsaService
 from signery.server.tsg.service import TsgService
 from signery.server.tsg.tree import TsgDirectory
 from signery.server.users.service import UserService, password_hasher
@@ -310,7 +312,13 @@ class Services:
             validity_days=core.settings.est_validity_days,
         )
         self.revocation = RevocationService(
-            core.db, core.authz, core.recorder, core.clock, core.directory, core.ca
+            core.db,
+            core.authz,
+            core.recorder,
+            core.clock,
+            core.directory,
+            core.ca,
+            CertifiedKeys(),
         )
         self.approvals = ApprovalService(
             core.db, core.authz, core.recorder, core.clock, core.directory

@@ -19,10 +19,15 @@ from signery.server.audit.models import (
     UsageCounterRow,
     UsageDailyRow,
 )
-from signery.server.ca.models import CaAuthorityRow, CaConnectorRow, CrlRow, SubjectPolicyRow
+from signery.server.ca.models import (
+    CaAuthorityRow,
+    CaConnectorRow,
+    CertificateRow,
+    CrlRow,
+    SubjectPolicyRow,
+)
 from signery.server.keys.models import (
     CertificateRequestRow,
-    CertificateRow,
     KeyUsageQuotaRow,
     KeyVersionRow,
     SigningKeyRow,

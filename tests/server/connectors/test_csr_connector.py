@@ -22,9 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from sqlalchemy import func, select
 
 from signery.keystores._builtin import BuiltinKeyMaterialRow
+from signery.server.ca.models import CertificateRow
 from signery.server.keys.models import (
     CertificateRequestRow,
-    CertificateRow,
     KeyVersionRow,
     SigningKeyRow,
 )

@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from sqlalchemy import func, select
 
-from signery.server.ca.models import CrlRow
-from signery.server.keys.models import CertificateRow
+from signery.server.ca.models import CertificateRow, CrlRow
 from signery.server.persistence.db import make_engine
 from tests.support import Api, FakeClock, Installation, inserts_fail, new_installation, require_tool
 

@@ -1,4 +1,4 @@
-"""The RFC 3161 time-stamping authority (signery.server.tsa.service), in process, on
+"""The RFC 3161 time-stamping authority (signery.server.tsa), in process, on
 SQLite and PostgreSQL.
 
 Granted timestamps are checked by the real verifiers (`openssl ts -verify`, and
@@ -60,18 +60,12 @@ from signery.server.ca.models import CaAuthorityRow
 from signery.server.config import DEFAULT_TSA_POLICY_OID, TsaAccess, load_settings
 from signery.server.container import Core, Services
 from signery.server.persistence.db import make_engine
-from signery.server.tsa.service import (
-    TSA,
-    ClientRateLimiter,
-    TimestampAuthority,
-    TokenBuilder,
-    TsaConfig,
-    TsaService,
-    authority_of,
-    granted_reply,
-    parse_query,
-    provision_tsa,
-)
+from signery.server.tsa.authority import TSA, TimestampAuthority, TsaConfig, authority_of
+from signery.server.tsa.provisioning import provision_tsa
+from signery.server.tsa.query import parse_query
+from signery.server.tsa.ratelimit import ClientRateLimiter
+from signery.server.tsa.service import TsaService
+from signery.server.tsa.token import TokenBuilder, granted_reply
 from tests.support import (
     Api,
     FakeClock,

@@ -1,4 +1,5 @@
-"""The built-in CA's authorities (root and issuing)."""
+"""The built-in CA's authorities (root, issuing, TSA), the certificates recorded for
+signing keys and EST enrollments, CRLs, subject policies and external CA connectors."""
 
 from __future__ import annotations
 
@@ -66,3 +67,26 @@ class SubjectPolicyRow(Base):
     rules_json: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_by: Mapped[str | None] = mapped_column(String(36))
+
+
+class CertificateRow(Base):
+    """A certificate Signery recorded: issued by the built-in CA (for a key version,
+    or over EST with no key version) or brought by an external CA connector."""
+
+    __tablename__ = "certificates"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key_version_id: Mapped[str | None] = mapped_column(ForeignKey("key_versions.id"), index=True)
+    serial: Mapped[str] = mapped_column(String(64), unique=True)
+    subject: Mapped[str] = mapped_column(String(1024))
+    issuer: Mapped[str] = mapped_column(String(1024))
+    not_before: Mapped[datetime] = mapped_column(UtcDateTime)
+    not_after: Mapped[datetime] = mapped_column(UtcDateTime)
+    fingerprint_sha256: Mapped[str] = mapped_column(String(64))
+    # The whole chain as PEM, leaf first and root last: what clients embed.
+    chain_pem: Mapped[str] = mapped_column(Text)
+    # "builtin", or the id of the CA connector the certificate came through.
+    source: Mapped[str] = mapped_column(String(64), default="builtin")
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revocation_reason: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)

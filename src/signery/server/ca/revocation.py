@@ -10,15 +10,22 @@ The effect is the same as the key's revoke-certificate: the certificate row is
 marked, a new CRL is published and the event is audited in one transaction (if
 the audit record cannot be written, nothing changes), and a key whose current
 certificate it was can no longer sign (409 ``certificate_revoked``).
+
+The CA does not read signing keys: which key version holds a certificate it
+issued comes through the narrow :class:`CertificateHolders` interface, which the
+keys package implements (signery.server.keys.certified).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 from cryptography import x509
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.errors import CertificateNotFound, Conflict, InvalidRequest
@@ -27,9 +34,8 @@ from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.audit.events import Actor, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
+from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa
-from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
-from signery.server.keys.service import REVOCATION_REASONS, cert_info
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.tree import TsgDirectory
@@ -43,6 +49,50 @@ SERIAL_MAX_TEXT = 128
 _SERIAL_RE = re.compile(r"(?:0x)?(?:[0-9a-f]+|[0-9a-f]{2}(?::[0-9a-f]{2})+)")
 # Certificates of the built-in CA (others carry the id of their CA connector).
 BUILTIN_SOURCE = "builtin"
+# RFC 5280 §5.3.1 CRLReason names a certificate may be revoked with (removeFromCRL
+# is for delta CRLs, which Signery does not publish).
+REVOCATION_REASONS = frozenset(
+    {
+        "unspecified",
+        "keyCompromise",
+        "cACompromise",
+        "affiliationChanged",
+        "superseded",
+        "cessationOfOperation",
+        "certificateHold",
+        "privilegeWithdrawn",
+        "aACompromise",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateHolder:
+    """The signing key version a recorded certificate certifies."""
+
+    key_id: str
+    key_version: int
+    tsg_id: str
+    algorithm: str
+
+
+class CertificateHolders(Protocol):
+    """What revocation needs to know of signing keys."""
+
+    def holder(self, s: Session, key_version_id: str) -> CertificateHolder | None:
+        """The key version ``key_version_id`` (None when it no longer exists)."""
+        ...
+
+
+def cert_info(row: CertificateRow) -> p.CertificateInfo:
+    return p.CertificateInfo(
+        serial=row.serial,
+        subject=row.subject,
+        issuer=row.issuer,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        fingerprint_sha256=row.fingerprint_sha256,
+    )
 
 
 def parse_serial(text: str) -> str:
@@ -66,7 +116,7 @@ def parse_serial(text: str) -> str:
 
 
 def ca_certificate(
-    cert: CertificateRow, version: KeyVersionRow | None, now: datetime
+    cert: CertificateRow, holder: CertificateHolder | None, now: datetime
 ) -> p.CaCertificate:
     if cert.revoked_at is not None:
         status = "revoked"
@@ -77,8 +127,8 @@ def ca_certificate(
     return p.CaCertificate(
         **cert_info(cert).model_dump(),
         status=status,
-        key_id=version.key_id if version is not None else None,
-        key_version=version.version if version is not None else None,
+        key_id=holder.key_id if holder is not None else None,
+        key_version=holder.key_version if holder is not None else None,
         revoked_at=cert.revoked_at,
         revocation_reason=cert.revocation_reason,
     )
@@ -93,6 +143,7 @@ class RevocationService:
         clock: Clock,
         directory: TsgDirectory,
         ca: BuiltinCa,
+        holders: CertificateHolders,
     ) -> None:
         self._db = db
         self._authz = authz
@@ -100,6 +151,7 @@ class RevocationService:
         self._clock = clock
         self._directory = directory
         self._ca = ca
+        self._holders = holders
 
     def revoke(
         self,
@@ -130,12 +182,11 @@ class RevocationService:
                 )
             if cert.revoked_at is not None:
                 raise Conflict(f"certificate {cert.serial} is already revoked")
-            version = (
-                s.get(KeyVersionRow, cert.key_version_id)
+            holder = (
+                self._holders.holder(s, cert.key_version_id)
                 if cert.key_version_id is not None
                 else None
             )
-            key = s.get(SigningKeyRow, version.key_id) if version is not None else None
             now = self._clock.now()
             cert.revoked_at = now
             cert.revocation_reason = req.reason
@@ -152,8 +203,8 @@ class RevocationService:
             }
             # A key's certificate is recorded in the key's TSG, so that the key's
             # own auditors see it; an EST certificate belongs to the CA's (root) TSG.
-            if key is not None:
-                tsg_id, tsg_path = key.tsg_id, self._directory.require_path(s, key.tsg_id)
+            if holder is not None:
+                tsg_id, tsg_path = holder.tsg_id, self._directory.require_path(s, holder.tsg_id)
             else:
                 tsg_id, tsg_path = root_id, root_path
             self._recorder.record(
@@ -164,11 +215,11 @@ class RevocationService:
                     Actor.of(principal),
                     tsg_id=tsg_id,
                     tsg_path=tsg_path,
-                    key_id=key.id if key is not None else None,
-                    key_version=version.version if version is not None else None,
-                    algorithm=key.algorithm if key is not None else None,
+                    key_id=holder.key_id if holder is not None else None,
+                    key_version=holder.key_version if holder is not None else None,
+                    algorithm=holder.algorithm if holder is not None else None,
                     context=ctx,
                     details=details,
                 ),
             )
-            return ca_certificate(cert, version, now)
+            return ca_certificate(cert, holder, now)

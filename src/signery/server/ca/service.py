@@ -17,7 +17,7 @@ from datetime import timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -32,8 +32,8 @@ from signery.keystores import (
     remote_private_key,
 )
 from signery.protocol import Algorithm
-from signery.server.ca.models import CaAuthorityRow, CrlRow
-from signery.server.keys.models import CertificateRow
+from signery.server.ca.models import CaAuthorityRow, CertificateRow, CrlRow
+from signery.server.ca.profiles import CODE_SIGNING, ISSUING_CA, ROOT_CA
 from signery.server.persistence.db import Database, new_id
 from signery.server.runtime.clock import Clock
 
@@ -193,7 +193,7 @@ class BuiltinCa:
             ]
         )
         root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key)
-        root_cert = (
+        root_builder = (
             x509.CertificateBuilder()
             .subject_name(root_name)
             .issuer_name(root_name)
@@ -201,15 +201,16 @@ class BuiltinCa:
             .serial_number(random_serial())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + ROOT_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+        )
+        root_cert = (
+            ROOT_CA.apply(root_builder)
             .add_extension(root_ski, critical=False)
             .sign(
                 remote_private_key(store, root_key.handle, root_key.public_key),
                 signature_hash(algorithm),
             )
         )
-        issuing_cert = (
+        issuing_builder = (
             x509.CertificateBuilder()
             .subject_name(issuing_name)
             .issuer_name(root_name)
@@ -217,8 +218,9 @@ class BuiltinCa:
             .serial_number(random_serial())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(now + ISSUING_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
+        )
+        issuing_cert = (
+            ISSUING_CA.apply(issuing_builder)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(issuing_key.public_key), critical=False
             )
@@ -386,24 +388,9 @@ class BuiltinCa:
             .serial_number(random_serial())
             .not_valid_before(now - BACKDATE)
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
-            )
+        )
+        builder = (
+            CODE_SIGNING.apply(builder)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(
@@ -457,20 +444,6 @@ def with_revocation_pointers(
             ]
         ),
         critical=False,
-    )
-
-
-def _ca_key_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
     )
 
 

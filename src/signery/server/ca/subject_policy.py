@@ -51,16 +51,14 @@ from signery.errors import (
     SubjectPolicyNotFound,
     TsgNotFound,
 )
-from signery.protocol import AuditOutcome, CertificateAuthority, KeyStatus, SubjectPolicyEffect
+from signery.protocol import AuditOutcome, SubjectPolicyEffect
 from signery.server.access.authz import Authorizer, Denied, Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.audit.events import Actor, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.models import SubjectPolicyRow
-from signery.server.keys.models import SigningKeyRow
 from signery.server.persistence.db import Database, flush_unique
 from signery.server.runtime.clock import Clock
-from signery.server.tsg.models import TsgRow
 from signery.server.tsg.tree import TsgDirectory
 
 # The attributes of a subject, as p.KeySubject names them, in certificate order.
@@ -237,25 +235,6 @@ def require_allowed_subject(
             patterns: list[str] = getattr(rules, attribute)
             if not allows(patterns, values[attribute]):
                 raise _refusal(tsg_id, row.tsg_id, attribute, values[attribute], patterns)
-
-
-def keys_outside_every_policy(s: Session) -> int:
-    """How many keys below the root TSG have built-in CA certificates while no
-    subject policy covers their TSG (after an upgrade): their renewals and
-    rotations are refused until a root superuser sets one."""
-    covered = list(
-        s.scalars(select(TsgRow.path).join(SubjectPolicyRow, SubjectPolicyRow.tsg_id == TsgRow.id))
-    )
-    paths = s.scalars(
-        select(TsgRow.path)
-        .join(SigningKeyRow, SigningKeyRow.tsg_id == TsgRow.id)
-        .where(
-            SigningKeyRow.certificate_authority == CertificateAuthority.BUILTIN.value,
-            SigningKeyRow.status != KeyStatus.DESTROYED.value,
-            TsgRow.depth > 0,
-        )
-    )
-    return sum(1 for path in paths if not any(path.startswith(c) for c in covered))
 
 
 def _level(row: SubjectPolicyRow) -> p.SubjectPolicyLevel:

@@ -39,10 +39,10 @@ from signery.server.access.authz import Authorizer, Denied, Permission, Principa
 from signery.server.access.context import RequestContext
 from signery.server.audit.events import Actor, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
+from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa, subject_name
 from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.connectors.est_client import certs_only, decode_base64
-from signery.server.keys.models import CertificateRow
 from signery.server.persistence.db import Database, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.tree import TsgDirectory

@@ -28,7 +28,8 @@ from signery.server.installation.datadir import create_private
 from signery.server.persistence import meta, migrate
 from signery.server.persistence.db import Database, make_engine
 from signery.server.runtime.clock import Clock, SystemClock
-from signery.server.tsa.service import TsaConfig, created_record, provision_at_init
+from signery.server.tsa.authority import TsaConfig
+from signery.server.tsa.provisioning import created_record, provision_at_init
 from signery.server.tsg.service import insert_tsg, new_tsg_id
 from signery.server.users.service import GENERATED_PASSWORD_BYTES
 

@@ -48,12 +48,12 @@ from signery.server.access.authz import Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.audit.events import SYSTEM, Actor, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
+from signery.server.ca.models import CertificateRow
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.connectors.service import Connector
 from signery.server.keys.models import (
     CertificateRequestRow,
-    CertificateRow,
     KeyVersionRow,
     SigningKeyRow,
 )

@@ -76,26 +76,6 @@ class KeyUsageQuotaRow(Base):
     used: Mapped[int] = mapped_column(Integer)
 
 
-class CertificateRow(Base):
-    __tablename__ = "certificates"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    key_version_id: Mapped[str | None] = mapped_column(ForeignKey("key_versions.id"), index=True)
-    serial: Mapped[str] = mapped_column(String(64), unique=True)
-    subject: Mapped[str] = mapped_column(String(1024))
-    issuer: Mapped[str] = mapped_column(String(1024))
-    not_before: Mapped[datetime] = mapped_column(UtcDateTime)
-    not_after: Mapped[datetime] = mapped_column(UtcDateTime)
-    fingerprint_sha256: Mapped[str] = mapped_column(String(64))
-    # The whole chain as PEM, leaf first and root last: what clients embed.
-    chain_pem: Mapped[str] = mapped_column(Text)
-    # "builtin", or the id of the CA connector the certificate came through.
-    source: Mapped[str] = mapped_column(String(64), default="builtin")
-    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    revocation_reason: Mapped[str | None] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-
 class CertificateRequestRow(Base):
     """A CSR sent (or to be sent) to an external CA for a key version."""
 

@@ -27,7 +27,6 @@ from typing import Any
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -58,12 +57,13 @@ from signery.server.access.context import RequestContext
 from signery.server.audit.events import Actor, AuditRecord, EventKind, outcome_of
 from signery.server.audit.recorder import AuditRecorder
 from signery.server.ca.chains import parse_certificates, pem_of, validate_issued_chain
+from signery.server.ca.models import CertificateRow
+from signery.server.ca.profiles import CODE_SIGNING
 from signery.server.ca.service import signature_hash, subject_name
 from signery.server.connectors.est_client import EstClient
 from signery.server.connectors.service import Connector, ConnectorService
 from signery.server.keys.models import (
     CertificateRequestRow,
-    CertificateRow,
     KeyVersionRow,
     SigningKeyRow,
 )
@@ -89,24 +89,8 @@ def build_csr(
 ) -> x509.CertificateSigningRequest:
     """A PKCS#10 request signed by the key store, asking for a code-signing profile
     (RFC 2986 extensionRequest: EKU codeSigning, KU digitalSignature)."""
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(subject_name(subject, default_cn))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+    builder = CODE_SIGNING.request(
+        x509.CertificateSigningRequestBuilder().subject_name(subject_name(subject, default_cn))
     )
     if subject.email:
         builder = builder.add_extension(

@@ -38,9 +38,11 @@ from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.audit.events import Actor, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
+from signery.server.ca.models import CertificateRow
+from signery.server.ca.revocation import REVOCATION_REASONS, cert_info
 from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
-from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.keys.names import shadows
 from signery.server.keys.policy import key_usage, wire_policy
 from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
@@ -53,20 +55,6 @@ from signery.server.tsg.tree import TsgDirectory, visible_rows_by_ref
 # The widest horizon of ``GET /keys?expiring_within_days``: a century (and far
 # from the overflow of datetime arithmetic).
 MAX_EXPIRING_WITHIN_DAYS = 36_500
-
-REVOCATION_REASONS = frozenset(
-    {
-        "unspecified",
-        "keyCompromise",
-        "cACompromise",
-        "affiliationChanged",
-        "superseded",
-        "cessationOfOperation",
-        "certificateHold",
-        "privilegeWithdrawn",
-        "aACompromise",
-    }
-)
 
 
 def load_public_key_der(der: bytes) -> PublicKey:
@@ -81,17 +69,6 @@ def chain_list(chain_pem: str | None) -> list[str]:
         return []
     marker = "-----END CERTIFICATE-----"
     return [part.strip() + "\n" + marker + "\n" for part in chain_pem.split(marker) if part.strip()]
-
-
-def cert_info(row: CertificateRow) -> p.CertificateInfo:
-    return p.CertificateInfo(
-        serial=row.serial,
-        subject=row.subject,
-        issuer=row.issuer,
-        not_before=row.not_before,
-        not_after=row.not_after,
-        fingerprint_sha256=row.fingerprint_sha256,
-    )
 
 
 def certificate_row(

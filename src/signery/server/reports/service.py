@@ -22,7 +22,7 @@ from signery.server.audit.wire import event_to_wire
 from signery.server.ca.models import CaAuthorityRow
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.persistence.db import Database
-from signery.server.tsa.service import TSA
+from signery.server.tsa.authority import TSA
 from signery.server.tsg.models import TsgRow
 
 MAX_PAGE = 1000

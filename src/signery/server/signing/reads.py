@@ -22,7 +22,8 @@ from sqlalchemy import Select, bindparam, select
 
 from signery.protocol import VersionStatus
 from signery.server.accounts.models import AccountRow
-from signery.server.keys.models import CertificateRow, KeyVersionRow, SigningKeyRow
+from signery.server.ca.models import CertificateRow
+from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.persistence.db import Database, table
 from signery.server.persistence.direct import Prepared
 from signery.server.tsg.models import TsgRow
