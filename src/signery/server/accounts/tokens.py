@@ -32,10 +32,8 @@ to a share per source and interval, summed beyond it.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 import urllib.parse
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,6 +45,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from signery import protocol as p
+from signery.cache import BoundedCache
 from signery.errors import (
     AssertionAlgorithmRefused,
     AssertionAudienceMismatch,
@@ -68,6 +67,7 @@ from signery.errors import (
     UnsupportedGrantType,
     UnsupportedMediaType,
 )
+from signery.ids import AccountId, TsgId
 from signery.protocol import AccountStatus, AuditOutcome, PrincipalType, has_control_characters
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
@@ -122,9 +122,9 @@ def pinned_algorithms(key: object) -> tuple[str, ...]:
 class AccessClaims:
     """A fully verified access token."""
 
-    account_id: str
+    account_id: AccountId
     client_id: str
-    tsg_id: str
+    tsg_id: TsgId
     expires_at: datetime
     # Valid only while the account's token_epoch is still this one.
     epoch: int
@@ -142,8 +142,7 @@ class AccessTokenCodec:
         self._clock = clock
         # Tokens already verified (exact string -> claims), so a token that is used
         # for many signings costs one JWT verification (~100 µs), not one each.
-        self._verified: OrderedDict[str, AccessClaims] = OrderedDict()
-        self._lock = threading.Lock()
+        self._verified: BoundedCache[str, AccessClaims] = BoundedCache(VERIFIED_CACHE_SIZE)
 
     def issue(self, account: AccountRow) -> tuple[str, int]:
         now = self._clock.now()
@@ -171,17 +170,13 @@ class AccessTokenCodec:
     def verify(self, token: str) -> AccessClaims:
         if len(token) > MAX_ASSERTION_CHARS:
             raise InvalidToken()
-        with self._lock:
-            cached = self._verified.get(token)
+        cached = self._verified.get(token)
         if cached is not None:
             if cached.expires_at > self._clock.now():
                 return cached
             raise InvalidToken("access token expired")
         claims = self._verify(token)
-        with self._lock:
-            self._verified[token] = claims
-            while len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
+        self._verified.put(token, claims)
         return claims
 
     def _verify(self, token: str) -> AccessClaims:
@@ -221,9 +216,9 @@ class AccessTokenCodec:
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise InvalidToken()
         return AccessClaims(
-            account_id=claims["acct"],
+            account_id=AccountId(claims["acct"]),
             client_id=claims["sub"],
-            tsg_id=claims["tsg"],
+            tsg_id=TsgId(claims["tsg"]),
             expires_at=datetime.fromtimestamp(exp, UTC),
             epoch=epoch,
         )
