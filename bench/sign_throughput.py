@@ -706,8 +706,21 @@ def check_stores(admin: httpx.Client, stores: list[str]) -> dict[str, str]:
     return {store: str(listed[store]["detail"]) for store in stores}
 
 
+BENCH_SUBJECT_FIELDS = ("common_name", "organization", "organizational_unit", "country", "email")
+
+
 def set_up(admin: httpx.Client, pairs: list[tuple[str, str]]) -> Fixture:
     tsg = _expect(admin.post(f"{API}/tsgs", json={"name": "bench"}), 201, "create TSG")
+    # Below the root TSG the built-in CA certifies only the subjects a subject
+    # policy allows: the bench's keys may have any.
+    _expect(
+        admin.put(
+            f"{API}/tsgs/{tsg['id']}/subject-policy",
+            json={field: ["*"] for field in BENCH_SUBJECT_FIELDS},
+        ),
+        200,
+        "set subject policy",
+    )
     account = _expect(
         admin.post(f"{API}/accounts", json={"name": "bench", "tsg_id": tsg["id"]}),
         201,

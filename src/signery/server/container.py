@@ -43,7 +43,8 @@ from signery.server.identity.authn import Authenticator
 from signery.server.installation.secrets import access_token_secret
 from signery.server.keys.certified import CertifiedKeys, keys_outside_every_policy
 from signery.server.keys.lifecycle import KeyLifecycle
-from signery.server.keys.policy import KeyPolicyService
+from signery.server.keys.policy_reads import keys_naming_signer
+from signery.server.keys.policy_service import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
 from signery.server.keys.service import KeyService
 from signery.server.limits.service import AuthLimits, FailureCounters, LimitsConfig
@@ -259,7 +260,12 @@ class Services:
         )
         self.users = core.users()
         self.accounts = AccountService(
-            core.db, core.authz, core.recorder, core.clock, core.directory
+            core.db,
+            core.authz,
+            core.recorder,
+            core.clock,
+            core.directory,
+            signer_keys=keys_naming_signer,
         )
         self.limits = AuthLimits(
             FailureCounters(core.db, core.clock), LimitsConfig.of(core.settings), core.clock

@@ -44,7 +44,7 @@ from signery.server.ca.service import BuiltinCa, IssuedCertificate
 from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.keys.names import shadows
-from signery.server.keys.policy import key_usage, wire_policy
+from signery.server.keys.policy_reads import key_usage, wire_policy
 from signery.server.keys.requests import ENROLL, REISSUE, RENEW, CertificateRequests, build_csr
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
