@@ -66,6 +66,7 @@ from signery.errors import (
     UnsupportedTimestampQueryVersion,
 )
 from signery.keystores import (
+    Destroyable,
     KeyContext,
     KeyHandle,
     KeyStoreRegistry,
@@ -653,7 +654,8 @@ def provision_tsa(
             signature_hash(issuing.algorithm),
         )
     except BaseException:
-        store.destroy(key.handle)
+        if isinstance(store, Destroyable):
+            store.destroy(key.handle)
         raise
     row = CaAuthorityRow(
         id=row_id,
@@ -901,9 +903,11 @@ class TsaService:
                     s, created_record(provisioned, root_path or "", when="first_use")
                 )
         except TsaAlreadyProvisioned:
-            store.destroy(provisioned.handle)  # the race was lost: no orphaned key
+            if isinstance(store, Destroyable):
+                store.destroy(provisioned.handle)  # the race was lost: no orphaned key
         except BaseException:
-            store.destroy(provisioned.handle)
+            if isinstance(store, Destroyable):
+                store.destroy(provisioned.handle)
             raise
         tsa = self._read()
         if tsa is None:  # pragma: no cover - a row was committed, by us or a rival
