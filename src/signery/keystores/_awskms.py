@@ -74,7 +74,14 @@ from signery.errors import (
     SigneryError,
     UnsupportedAlgorithm,
 )
-from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
+from signery.keystores._base import (
+    CancellableKeyStore,
+    GeneratedKey,
+    HealthCheckedKeyStore,
+    KeyContext,
+    KeyHandle,
+    StoreHealth,
+)
 from signery.keystores._settings import AwsKmsSettings
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
@@ -332,7 +339,7 @@ def _identity_tags(context: KeyContext) -> dict[str, str]:
 # ---------------------------------------------------------------- the store
 
 
-class AwsKmsKeyStore(KeyStore):
+class AwsKmsKeyStore(CancellableKeyStore, HealthCheckedKeyStore):
     kind = KIND
     supported_algorithms = frozenset(KEY_SPECS)
 

@@ -25,7 +25,7 @@ from signery.errors import (
     PermissionDenied,
     TsgNotFound,
 )
-from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
+from signery.keystores import Destroyable, KeyContext, KeyHandle, KeyStoreRegistry, health_of
 from signery.protocol import (
     Algorithm,
     AuditOutcome,
@@ -257,7 +257,8 @@ class KeyService:
                 )
                 wire = self._wire(s, key)
         except BaseException:
-            store.destroy(generated.handle)
+            if isinstance(store, Destroyable):
+                store.destroy(generated.handle)
             raise
         if connector is not None and connector.kind is ConnectorKind.EST:
             # Enrolled at once; a failure leaves the key pending with the error noted
@@ -298,7 +299,7 @@ class KeyService:
             raise PermissionDenied("key stores are listed for users")
         out = []
         for store in self._keystores.all():
-            health = store.health()
+            health = health_of(store)
             out.append(
                 p.KeyStoreInfo(
                     name=store.name,
