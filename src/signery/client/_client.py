@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import jwt
@@ -21,11 +21,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from signery import __version__
 from signery import protocol as p
+from signery.client._signer import RemoteSigner
 from signery.crypto import Hashed
 from signery.errors import ClientError, Interrupted, SigneryError, error_from_problem
-
-if TYPE_CHECKING:
-    from signery.client._signer import RemoteSigner
 
 M = TypeVar("M")
 
@@ -339,8 +337,8 @@ class Client:
         client_info: p.ClientInfo | None = None,
         justification: str | None = None,
     ) -> RemoteSigner:
-        from signery.client._signer import RemoteSigner
-
+        """The key ``key`` as formats see it (:meth:`key` resolves it first, so a
+        key this account cannot sign with is refused here, before any hashing)."""
         return RemoteSigner.from_summary(
             self, self.key(key), client_info=client_info, justification=justification
         )

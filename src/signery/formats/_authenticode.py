@@ -51,10 +51,9 @@ from asn1crypto import algos, cms, core, tsp  # type: ignore[import-untyped]
 from asn1crypto import parser as asn1_parser
 from cryptography import x509
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import HASH_CHUNK, Hashed, PublicKey, hash_bytes
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, SignResult, VerifyResult, open_atomically
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult, open_atomically
 from signery.formats._signeddata import (
     ID_AA_TIMESTAMP_TOKEN,
     build_signed_data,
@@ -661,9 +660,7 @@ class AuthenticodeFormat:
         """The file itself: the signature lives inside it, replaced atomically."""
         return file
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         """Sign ``file`` and write the signed image to ``output`` (which may be
         ``file``); a signed input has its signature replaced, or with
         ``options.append`` gets the new one nested in it."""

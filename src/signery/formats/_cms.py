@@ -19,10 +19,9 @@ from typing import Any
 
 from asn1crypto import cms, pem  # type: ignore[import-untyped]
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import PublicKey, hash_file
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, SignResult, VerifyResult, write_atomically
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult, write_atomically
 from signery.formats._signeddata import (
     ID_AA_TIMESTAMP_TOKEN,
     build_signed_data,
@@ -63,9 +62,7 @@ class CmsFormat:
     def default_output(self, file: Path, options: SignOptions) -> Path:
         return file.with_name(file.name + SUFFIX)
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         # Refusals first: nothing is hashed or sent for a key that cannot sign cms.
         signing_certificate(signer, FORMAT_NAME)
         digest_algorithm, _ = choose(signer, options, FORMAT_NAME, allow_pss_with_timestamp=True)

@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import IO
 
 from signery import __version__
-from signery.client._signer import RemoteSigner
 from signery.crypto import HASH_CHUNK, PublicKey, hash_bytes
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, SignResult, VerifyResult
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult
 from signery.formats._signeddata import (
     build_signed_data,
     check_signer,
@@ -530,9 +529,7 @@ class JarFormat:
     def default_output(self, file: Path, options: SignOptions) -> Path:
         return file
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         # Refuse a key that cannot sign a JAR before reading the file or calling
         # the server: the block file names the signer by its certificate.
         signing_certificate(signer, self.name)

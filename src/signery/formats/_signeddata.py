@@ -2,7 +2,7 @@
 authenticode and jar formats.
 
 The format decides what is digested and where the result goes; this module builds
-the signed attributes, asks the RemoteSigner for the signature of their digest,
+the signed attributes, asks the Signer for the signature of their digest,
 checks that signature against the certificate it names (verify-after-sign on the
 build machine too: a key rotated between listing and signing, or a faulty
 server, never leaves a bad signature in an artifact), optionally asks a TSA for a
@@ -22,10 +22,9 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import Hashed, PublicKey, check_scheme, hash_bytes, verify_signature
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, Timestamper
+from signery.formats._base import Signer, SignOptions, Timestamper
 from signery.protocol import DigestAlgorithm, SignatureScheme
 
 # RFC 3161 Appendix A / RFC 5652 §11: the unsigned attribute that carries a
@@ -99,7 +98,7 @@ class SignedDataResult:
     timestamped: bool
 
 
-def signing_certificate(signer: RemoteSigner, format_name: str) -> x509.Certificate:
+def signing_certificate(signer: Signer, format_name: str) -> x509.Certificate:
     """The key's leaf certificate, or a clear refusal before anything is sent."""
     if not signer.certificate_chain:
         raise CertificateRequired(
@@ -110,7 +109,7 @@ def signing_certificate(signer: RemoteSigner, format_name: str) -> x509.Certific
 
 
 def choose(
-    signer: RemoteSigner,
+    signer: Signer,
     options: SignOptions,
     format_name: str,
     *,
@@ -156,7 +155,7 @@ def signature_algorithm(scheme: SignatureScheme, digest: DigestAlgorithm) -> dic
 
 
 def build_signed_data(
-    signer: RemoteSigner,
+    signer: Signer,
     options: SignOptions,
     *,
     format_name: str,
@@ -265,7 +264,7 @@ def build_signed_data(
 
 
 def check_signature(
-    signer: RemoteSigner,
+    signer: Signer,
     leaf: x509.Certificate,
     response_chain: Sequence[str],
     hashed: Hashed,
