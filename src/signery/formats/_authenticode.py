@@ -56,6 +56,7 @@ from signery.errors import ClientError
 from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult, open_atomically
 from signery.formats._signeddata import (
     ID_AA_TIMESTAMP_TOKEN,
+    SignedDataSpec,
     build_signed_data,
     check_signer,
     choose,
@@ -528,6 +529,19 @@ AUTHENTICODE_SIGNED_ATTRIBUTES = (
         SpcStatementType([SPC_INDIVIDUAL_SP_KEY_PURPOSE_OBJID]).dump(),
     ),
 )
+# The SignedData embedded in a PE file: it carries the SpcIndirectDataContent,
+# no CMSAlgorithmProtection and no RSA-PSS (Windows' verifier knows neither),
+# and its timestamp goes into Microsoft's RFC 3161 attribute.
+SIGNED_DATA = SignedDataSpec(
+    "authenticode",
+    content_type=SPC_INDIRECT_DATA_OBJID,
+    extra_signed_attributes=AUTHENTICODE_SIGNED_ATTRIBUTES,
+    signing_time=True,
+    algorithm_protection=False,
+    timestamp_attribute=SPC_RFC3161_OBJID,
+    version="v1",
+    allow_pss=False,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,7 +668,7 @@ def nest_signature(primary_der: bytes, nested_der: bytes) -> bytes:
 class AuthenticodeFormat:
     """Authenticode signatures embedded in PE32 / PE32+ files."""
 
-    name = "authenticode"
+    name = SIGNED_DATA.format_name
 
     def default_output(self, file: Path, options: SignOptions) -> Path:
         """The file itself: the signature lives inside it, replaced atomically."""
@@ -668,7 +682,7 @@ class AuthenticodeFormat:
         # no certificate to name the signer, or RSA-PSS (osslsigncode and Windows
         # refuse it).
         signing_certificate(signer, self.name)
-        digest_algorithm, _ = choose(signer, options, self.name, allow_pss=False)
+        digest_algorithm, _ = choose(signer, options, SIGNED_DATA)
         with file.open("rb") as source:
             info = os.fstat(source.fileno())
             layout = read_layout(source, info.st_size)
@@ -695,16 +709,9 @@ class AuthenticodeFormat:
                 signed = build_signed_data(
                     signer,
                     options,
-                    format_name=self.name,
-                    message_digest=_content_digest(content, digest_algorithm),
-                    content_type=SPC_INDIRECT_DATA_OBJID,
+                    SIGNED_DATA,
+                    _content_digest(content, digest_algorithm),
                     content=content,
-                    extra_signed_attributes=AUTHENTICODE_SIGNED_ATTRIBUTES,
-                    signing_time=True,
-                    algorithm_protection=False,
-                    timestamp_attribute=SPC_RFC3161_OBJID,
-                    version="v1",
-                    allow_pss=False,
                 )
                 der = signed.der if primary is None else nest_signature(primary, signed.der)
                 table = b"".join(win_certificate(d) for d in (der, *kept))
