@@ -18,6 +18,7 @@ from signery.crypto import hash_bytes, verify_signature
 from signery.errors import ConfigurationError, KeyStoreError, UnknownKeyStore
 from signery.keystores import (
     BACKENDS,
+    AwsKmsSettings,
     Backend,
     BuiltinKeyStore,
     BuiltinSettings,
@@ -26,6 +27,7 @@ from signery.keystores import (
     Keyring,
     KeyStore,
     MasterKey,
+    Pkcs11Settings,
     StoreHealth,
     health_of,
     open_key_stores,
@@ -131,6 +133,8 @@ def test_every_kind_names_its_module_and_its_stores_kind() -> None:
             "pkcs11": "Pkcs11KeyStore",
         }[kind]
         assert getattr(backend.load(), store_class).kind == kind
+    # Each kind's settings say which kind they open (the server keys them so).
+    assert {BuiltinSettings.kind, AwsKmsSettings.kind, Pkcs11Settings.kind} == set(BACKENDS)
 
 
 def test_a_new_kind_is_one_module_and_one_entry() -> None:

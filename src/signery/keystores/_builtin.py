@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
@@ -126,6 +127,8 @@ class BuiltinSettings:
     takes SQLite's write lock at BEGIN (``signery.server.persistence.db.writer``),
     which a read-then-update such as :meth:`BuiltinKeyStore.rewrap` needs when
     other processes write at the same time."""
+
+    kind: ClassVar[str] = "builtin"
 
     engine: Engine
     keyring: Keyring

@@ -75,7 +75,7 @@ def build_keystores(
     install hint when missing; a store that cannot be opened stops the start
     with one clear ConfigurationError (signery.keystores.open_key_stores)."""
     configured: dict[str, object] = {
-        "builtin": BuiltinSettings(db.engine, keyring, write_engine=writer(db.engine))
+        BuiltinSettings.kind: BuiltinSettings(db.engine, keyring, write_engine=writer(db.engine))
     }
     if optional_stores:
         configured.update(settings.optional_key_stores())
