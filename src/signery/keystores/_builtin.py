@@ -20,10 +20,8 @@ SQLAlchemy engines it is given, never through the server's modules.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from signery.cache import BoundedCache
 from signery.crypto import Hashed, PublicKey, signature_padding
 from signery.errors import KeyMaterialMissing, KeyStoreUnavailable, MasterKeyMismatch
 from signery.keystores._base import (
@@ -158,9 +157,9 @@ class BuiltinKeyStore(DestroyableKeyStore, HealthCheckedKeyStore):
         self._engine = engine
         self._writer = write_engine or engine
         self._keyring = master_key if isinstance(master_key, Keyring) else Keyring(master_key)
-        self._cache_ttl = cache_ttl
-        self._cache: OrderedDict[tuple[str, KeyContext], tuple[PrivateKey, float]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: BoundedCache[tuple[str, KeyContext], PrivateKey] = BoundedCache(
+            CACHE_SIZE, ttl=cache_ttl
+        )
 
     def signs_inline(self, algorithm: Algorithm) -> bool:
         # No network and no device: CPU work (an EC signature ~25-250 µs, RSA-3072
@@ -215,7 +214,7 @@ class BuiltinKeyStore(DestroyableKeyStore, HealthCheckedKeyStore):
         except SQLAlchemyError as e:
             raise KeyStoreUnavailable("the built-in key store could not store the new key") from e
         handle = KeyHandle(self.name, ref, algorithm, context)
-        self._remember(handle, private_key)
+        self._cache.put((handle.ref, handle.context), private_key)
         return GeneratedKey(handle, public_key)
 
     def _sign(self, handle: KeyHandle, hashed: Hashed, scheme: SignatureScheme) -> bytes:
@@ -229,8 +228,7 @@ class BuiltinKeyStore(DestroyableKeyStore, HealthCheckedKeyStore):
         return self._private_key(handle).public_key()
 
     def _destroy(self, handle: KeyHandle) -> None:
-        with self._lock:
-            self._cache.pop((handle.ref, handle.context), None)
+        self._cache.pop((handle.ref, handle.context))
         try:
             with self._writer.begin() as conn:
                 # SQLite runs with secure_delete=ON, so the freed pages are zeroed.
@@ -346,12 +344,9 @@ class BuiltinKeyStore(DestroyableKeyStore, HealthCheckedKeyStore):
     # ------------------------------------------------------------ internals
 
     def _private_key(self, handle: KeyHandle) -> PrivateKey:
-        cache_key = (handle.ref, handle.context)
-        with self._lock:
-            cached = self._cache.get(cache_key)
-            if cached is not None and time.monotonic() - cached[1] < self._cache_ttl:
-                self._cache.move_to_end(cache_key)
-                return cached[0]
+        cached = self._cache.get((handle.ref, handle.context))
+        if cached is not None:
+            return cached
         try:
             with self._engine.connect() as conn:
                 row = conn.execute(
@@ -389,12 +384,5 @@ class BuiltinKeyStore(DestroyableKeyStore, HealthCheckedKeyStore):
         del plaintext, dek
         if not isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise KeyMaterialMissing("stored key material is not an RSA or EC key")
-        self._remember(handle, loaded)
+        self._cache.put((handle.ref, handle.context), loaded)
         return loaded
-
-    def _remember(self, handle: KeyHandle, key: PrivateKey) -> None:
-        with self._lock:
-            self._cache[(handle.ref, handle.context)] = (key, time.monotonic())
-            self._cache.move_to_end((handle.ref, handle.context))
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
