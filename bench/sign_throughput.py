@@ -126,7 +126,14 @@ from _common import (
 from signery.client import AccountCredentials
 from signery.crypto import Hashed, verify_signature
 from signery.errors import SigneryError
-from signery.keystores import KeyContext, KeyStore
+from signery.keystores import (
+    BACKENDS,
+    AwsKmsSettings,
+    Destroyable,
+    KeyContext,
+    KeyStore,
+    health_of,
+)
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
 if TYPE_CHECKING:
@@ -526,16 +533,11 @@ def _open_store_in_process(store: str, setup: StoreSetup) -> KeyStore:
         assert setup.raw_token is not None
         # SoftHSM2 reads SOFTHSM2_CONF when this process first loads it (just below).
         os.environ["SOFTHSM2_CONF"] = str(setup.raw_token.conf)
-        from signery.keystores._pkcs11 import open_store as open_pkcs11
-
-        return open_pkcs11(setup.raw_token.settings())
+        return BACKENDS["pkcs11"].open_store(setup.raw_token.settings())
     assert setup.moto is not None
     from pydantic import SecretStr
 
-    from signery.keystores._awskms import open_store as open_aws_kms
-    from signery.keystores._settings import AwsKmsSettings
-
-    return open_aws_kms(
+    return BACKENDS["aws-kms"].open_store(
         AwsKmsSettings(
             region=KMS_REGION,
             endpoint_url=setup.moto.url,
@@ -562,7 +564,7 @@ def measure_store_baselines(
             raise BenchError(f"{store_name}: the key store does not open in-process: {e}") from e
         out[store_name] = {}
         try:
-            health = store.health()
+            health = health_of(store)
             if not health.ok:
                 raise BenchError(f"{store_name}: the key store is not healthy: {health.detail}")
             for algorithm in algorithms:
@@ -593,8 +595,9 @@ def _store_baseline(
     except SigneryError as e:
         raise BenchError(f"{store_name} {algorithm}: signing in-process failed: {e}") from e
     finally:
-        with contextlib.suppress(SigneryError):
-            store.destroy(generated.handle)
+        if isinstance(store, Destroyable):
+            with contextlib.suppress(SigneryError):
+                store.destroy(generated.handle)
     use = meter.use
     moto = f"  (moto used {use.moto:.2f} cpu)" if use and store_name == "aws-kms" else ""
     log(
@@ -706,8 +709,21 @@ def check_stores(admin: httpx.Client, stores: list[str]) -> dict[str, str]:
     return {store: str(listed[store]["detail"]) for store in stores}
 
 
+BENCH_SUBJECT_FIELDS = ("common_name", "organization", "organizational_unit", "country", "email")
+
+
 def set_up(admin: httpx.Client, pairs: list[tuple[str, str]]) -> Fixture:
     tsg = _expect(admin.post(f"{API}/tsgs", json={"name": "bench"}), 201, "create TSG")
+    # Below the root TSG the built-in CA certifies only the subjects a subject
+    # policy allows: the bench's keys may have any.
+    _expect(
+        admin.put(
+            f"{API}/tsgs/{tsg['id']}/subject-policy",
+            json={field: ["*"] for field in BENCH_SUBJECT_FIELDS},
+        ),
+        200,
+        "set subject policy",
+    )
     account = _expect(
         admin.post(f"{API}/accounts", json={"name": "bench", "tsg_id": tsg["id"]}),
         201,

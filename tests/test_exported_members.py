@@ -78,3 +78,40 @@ def test_the_implementation_modules_are_private() -> None:
             name for name, value in vars(package).items() if isinstance(value, ModuleType)
         }
         assert all(name.startswith("_") for name in submodules), (package.__name__, submodules)
+
+
+def test_the_keystores_door_is_pinned() -> None:
+    """What the server and the tests may use of the key stores (issue 13): the core
+    interface, its optional capabilities, the registry of kinds, the built-in
+    store's table, the master key and keyring, and the settings of each kind."""
+    assert signery.keystores.__all__ == [
+        "BACKENDS",
+        "BUILTIN_METADATA",
+        "AwsKmsSettings",
+        "Backend",
+        "BuiltinKeyStore",
+        "BuiltinSettings",
+        "CancellableKeyStore",
+        "DestroyCancellable",
+        "Destroyable",
+        "DestroyableKeyStore",
+        "GeneratedKey",
+        "HealthChecked",
+        "HealthCheckedKeyStore",
+        "KeyContext",
+        "KeyHandle",
+        "KeyStore",
+        "KeyStoreRegistry",
+        "KeyWrapper",
+        "Keyring",
+        "KeyringEntry",
+        "KeyringFile",
+        "MasterKey",
+        "Pkcs11Settings",
+        "StoreHealth",
+        "health_of",
+        "open_key_stores",
+        "open_kms_key_wrapper",
+        "read_secret_file",
+        "remote_private_key",
+    ]

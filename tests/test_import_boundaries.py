@@ -229,34 +229,6 @@ STILL_OPEN = {
         "signery.cli._server:18 imports signery.server.config at module level",
         "signery.cli._server:19 imports signery.server.installation.bootstrap at module level",
         "signery.cli._server:20 imports signery.server.runtime.supervisor at module level",
-        "signery.keystores._builtin:37 imports signery.server.persistence.db",
-    ],
-    "private": [
-        "signery.cli._client:51 imports signery.client._timestamp",
-        "signery.devtools.softhsm:18 imports signery.keystores._settings",
-        "signery.formats._authenticode:54 imports signery.client._signer",
-        "signery.formats._base:15 imports signery.client._signer",
-        "signery.formats._cms:22 imports signery.client._signer",
-        "signery.formats._jar:39 imports signery.client._signer",
-        "signery.formats._openpgp:39 imports signery.client._signer",
-        "signery.formats._raw:11 imports signery.client._signer",
-        "signery.formats._signeddata:25 imports signery.client._signer",
-        "signery.server.config:26 imports signery.keystores._settings",
-        "signery.server.container:20 imports signery.keystores._files",
-        "signery.server.container:21 imports signery.keystores._keyring",
-        "signery.server.container:81 imports signery.keystores._awskms",
-        "signery.server.container:89 imports signery.keystores._pkcs11",
-        "signery.server.container:107 imports signery.keystores._awskms",
-        "signery.server.installation.masterkey:30 imports signery.keystores._builtin",
-        "signery.server.schema:4 imports signery.keystores._builtin",
-    ],
-    "module_cycles": [
-        "signery.server.keys.policy <-> signery.server.keys.service",
-        "signery.client._client <-> signery.client._signer",
-    ],
-    "room_cycles": [
-        "accounts <-> audit <-> ca <-> connectors <-> http <-> keys <-> ops <-> reports"
-        " <-> tsa <-> tsg <-> users"
     ],
 }
 

@@ -7,13 +7,8 @@ from __future__ import annotations
 import pytest
 from asn1crypto import tsp
 
-from signery.client import (
-    TimestampFailed,
-    TimestampRefused,
-    check_reply,
-    make_query,
-    request_timestamp,
-)
+from signery.client import TimestampFailed, TimestampRefused, request_timestamp
+from signery.client._timestamp import check_reply, make_query
 from signery.crypto import hash_bytes
 from signery.errors import ClientError, FailureInfo, UnsupportedImprintAlgorithm
 from signery.protocol import DigestAlgorithm

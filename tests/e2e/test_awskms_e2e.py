@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from signery.crypto import Hashed, load_public_key_pem, verify_signature
-from signery.keystores._settings import AwsKmsSettings
+from signery.keystores import AwsKmsSettings
 from signery.protocol import DigestAlgorithm, SignatureScheme
 from tests.keystores.moto import AWS_TEST_ENV, REGION, MotoKms, moto_kms
 from tests.support import Api, new_installation, refused_once, running_server

@@ -30,6 +30,7 @@ from signery.formats._signeddata import (
     CertificateRequired,
     FormatSchemeUnsupported,
     KeyChangedWhileSigning,
+    SignedDataSpec,
     choose,
 )
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
@@ -481,10 +482,14 @@ def test_pss_with_a_timestamp_stays_refused_for_other_formats(world: World) -> N
     rsa = world.signers[Algorithm.RSA_2048]
     options = SignOptions(scheme=SignatureScheme.RSA_PSS, timestamper=world.timestamper)
     with pytest.raises(FormatSchemeUnsupported, match="with a timestamp"):
-        choose(rsa, options, "jar")
+        choose(rsa, options, SignedDataSpec("jar"))
     with pytest.raises(FormatSchemeUnsupported):
-        choose(rsa, options, "authenticode", allow_pss=False, allow_pss_with_timestamp=True)
-    assert choose(rsa, options, "cms", allow_pss_with_timestamp=True) == (
+        choose(
+            rsa,
+            options,
+            SignedDataSpec("authenticode", allow_pss=False, allow_pss_with_timestamp=True),
+        )
+    assert choose(rsa, options, SignedDataSpec("cms", allow_pss_with_timestamp=True)) == (
         DigestAlgorithm.SHA256,
         SignatureScheme.RSA_PSS,
     )

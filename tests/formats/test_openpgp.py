@@ -39,9 +39,8 @@ from signery.formats import (
     SignOptions,
     export_public_key,
     get_format,
-    parse_signature,
 )
-from signery.formats._openpgp import armor, crc24, dearmor
+from signery.formats._openpgp import armor, crc24, dearmor, parse_signature
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from tests.support import SIGNERY, Api, Installation, ServerProcess, require_tool
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from signery.keystores import KeyStore
+from signery.keystores import BACKENDS, KeyStore
 from tests.support import missing
 
 REGION = "us-east-1"
@@ -158,7 +158,7 @@ def moto_kms() -> MotoKms:
 
 def kms_settings(url: str, **overrides: Any) -> Any:
     """AwsKmsSettings for a store on ``url`` with the dummy credentials."""
-    from signery.keystores._settings import AwsKmsSettings
+    from signery.keystores import AwsKmsSettings
 
     values: dict[str, Any] = {
         "region": REGION,
@@ -175,9 +175,7 @@ def kms_settings(url: str, **overrides: Any) -> Any:
 def aws_kms_store(tmp: Path) -> Iterator[KeyStore]:
     """The conformance factory: an aws-kms store on the session's moto server."""
     server = moto_kms()
-    from signery.keystores._awskms import open_store
-
-    store = open_store(kms_settings(server.url))
+    store = BACKENDS["aws-kms"].open_store(kms_settings(server.url))
     try:
         yield store
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from signery.devtools.softhsm import SoftHsm, SoftHsmToken
 from signery.devtools.softhsm import available as softhsm_available
-from signery.keystores import KeyStore
+from signery.keystores import BACKENDS, KeyStore
 from tests.support import missing
 
 __all__ = ["SoftHsm", "SoftHsmToken", "claim_token", "pkcs11_store", "pkcs11_tool"]
@@ -86,9 +86,7 @@ def claim_token() -> SoftHsmToken:
 @contextlib.contextmanager
 def pkcs11_store(tmp: Path, *, sessions: int = 4) -> Iterator[KeyStore]:
     """A pkcs11 key store on a fresh SoftHSM2 token (the conformance factory)."""
-    from signery.keystores._pkcs11 import open_store
-
-    store = open_store(claim_token().settings(sessions=sessions))
+    store = BACKENDS["pkcs11"].open_store(claim_token().settings(sessions=sessions))
     try:
         yield store
     finally:

@@ -46,6 +46,7 @@ from signery.keystores import (
     BuiltinKeyStore,
     GeneratedKey,
     KeyContext,
+    Keyring,
     MasterKey,
     remote_private_key,
 )
@@ -809,3 +810,29 @@ def test_remote_key_refuses_prehashed_and_unsupported_hashes(
     for call in calls:
         with pytest.raises(KeyStoreError):
             call()
+
+
+def test_rewrap_all_moves_every_data_key_under_the_new_primary(scratch_db: Db) -> None:
+    """The store's own half of a master-key rotation (signery.server.installation.masterkey)."""
+    old, new = MasterKey.generate(), MasterKey.generate()
+    made = [
+        BuiltinKeyStore(scratch_db.engine, old).generate(
+            Algorithm.EC_P256, KeyContext(str(uuid.uuid4()), 1, "1234567890")
+        )
+        for _ in range(3)
+    ]
+    store = BuiltinKeyStore(scratch_db.engine, Keyring(new, [old]))
+    steps: list[tuple[int, int]] = []
+
+    assert store.count_not_under_primary() == 3
+    assert store.rewrap_all(progress=lambda done, total: steps.append((done, total))) == 3
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert store.count_not_under_primary() == 0
+    assert store.rewrap_all() == 0
+    hashed = hash_bytes(b"after the rotation", DigestAlgorithm.SHA256)
+    for generated in made:
+        # A store that knows only the new master key signs with every key.
+        signature = BuiltinKeyStore(scratch_db.engine, new).sign(
+            generated.handle, hashed, SignatureScheme.ECDSA
+        )
+        assert verify_signature(generated.public_key, hashed, SignatureScheme.ECDSA, signature)

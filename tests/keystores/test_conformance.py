@@ -1,5 +1,9 @@
 """The key-store contract, run against every key store (builtin, aws-kms, pkcs11).
 
+The core (generate, sign, public key) is asked of every store; the optional
+capabilities (Destroyable, DestroyCancellable, HealthChecked) are tested on the
+stores that declare them, and which store declares which is pinned below.
+
 Every signature is verified with ``cryptography`` against the public key the
 store returned, never with the store's own verify (moto's Verify agrees with
 its own wrong signatures; see ECOSYSTEM-FACTS.md).
@@ -26,7 +30,15 @@ from signery.errors import (
     SigneryError,
     UnsupportedAlgorithm,
 )
-from signery.keystores import GeneratedKey, KeyContext, KeyHandle, KeyStore
+from signery.keystores import (
+    Destroyable,
+    DestroyCancellable,
+    GeneratedKey,
+    HealthChecked,
+    KeyContext,
+    KeyHandle,
+    KeyStore,
+)
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from tests.keystores.backends import FACTORIES
 
@@ -34,6 +46,15 @@ HASHES = {
     DigestAlgorithm.SHA256: hashes.SHA256,
     DigestAlgorithm.SHA384: hashes.SHA384,
     DigestAlgorithm.SHA512: hashes.SHA512,
+}
+
+
+# The optional capabilities of each store. A store that loses one (or gains one
+# without its tests) fails here, not silently in a skipped test.
+CAPABILITIES = {
+    "builtin": {"Destroyable", "HealthChecked"},
+    "aws-kms": {"Destroyable", "DestroyCancellable", "HealthChecked"},
+    "pkcs11": {"Destroyable", "HealthChecked"},
 }
 
 
@@ -161,8 +182,20 @@ def missing_ref(store: KeyStore) -> str:
     return str(uuid.uuid4())
 
 
+def test_the_store_declares_its_capabilities(store: KeyStore) -> None:
+    declared = {
+        capability.__name__
+        for capability in (Destroyable, DestroyCancellable, HealthChecked)
+        if isinstance(store, capability)
+    }
+
+    assert declared == CAPABILITIES[store.kind]
+
+
 @pytest.mark.parametrize("algorithm", [Algorithm.EC_P256, Algorithm.RSA_2048])
 def test_a_destroyed_key_cannot_sign(store: KeyStore, algorithm: Algorithm) -> None:
+    if not isinstance(store, Destroyable):
+        pytest.skip(f"{store.kind} does not erase keys")
     generated = store.generate(algorithm, context())
     hashed = digest(DigestAlgorithm.SHA256, "doomed")
     scheme = schemes_for(algorithm)[0]
@@ -190,7 +223,8 @@ def test_no_private_key_material_is_returned_or_logged(
     signature = store.sign(
         generated.handle, digest(DigestAlgorithm.SHA256, "log"), SignatureScheme.RSA_PKCS1V15
     )
-    store.destroy(generated.handle)
+    if isinstance(store, Destroyable):
+        store.destroy(generated.handle)
     text = caplog.text + repr(generated) + repr(store)
     for marker in ("PRIVATE KEY", "private_exponent", "prime1", "CKA_PRIVATE_EXPONENT"):
         assert marker not in text
@@ -202,5 +236,7 @@ def test_no_private_key_material_is_returned_or_logged(
 
 
 def test_health_is_reported(store: KeyStore) -> None:
+    if not isinstance(store, HealthChecked):
+        pytest.skip(f"{store.kind} has no health check")
     health = store.health()
     assert health.ok, health.detail

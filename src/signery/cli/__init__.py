@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from signery import __version__
 from signery.cli import _admin, _approvals, _client, _server
 from signery.cli._common import Connection, report_error
-from signery.client import DEFAULT_PROFILE
+from signery.cli._profiles import DEFAULT_PROFILE, home_dir
 from signery.errors import SigneryError, ValidationFailed
 
 app = typer.Typer(
@@ -68,7 +68,7 @@ def root(
     ] = False,
 ) -> None:
     ctx.obj = Connection(
-        home=_client.home_dir(),
+        home=home_dir(),
         profile_name=profile,
         server=server,
         api_token=api_token,

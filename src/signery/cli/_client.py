@@ -40,15 +40,15 @@ from signery.cli._common import (
     read_secret_file,
     table,
 )
+from signery.cli._profiles import Profile
 from signery.client import (
     AccountCredentials,
     ApprovalDenied,
     ApprovalExpired,
     ApprovalPending,
     Client,
-    Profile,
+    request_timestamp,
 )
-from signery.client._timestamp import request_timestamp
 from signery.crypto import Hashed, PublicKey, check_scheme, hash_file, load_public_key_pem
 from signery.errors import ClientError, Interrupted, SignatureInvalid, SigneryError
 from signery.formats import (
@@ -778,14 +778,6 @@ def verify(
     bad = [r for r in results if not r.valid]
     if bad:
         raise SignatureInvalid(f"{len(bad)} of {len(results)} signatures do not verify")
-
-
-def home_dir() -> Path:
-    """Where profiles live: $SIGNERY_HOME, else $XDG_CONFIG_HOME/signery, else ~/.config/signery."""
-    if os.environ.get("SIGNERY_HOME"):
-        return Path(os.environ["SIGNERY_HOME"])
-    base = os.environ.get("XDG_CONFIG_HOME")
-    return (Path(base) if base else Path.home() / ".config") / "signery"
 
 
 def timestamp(

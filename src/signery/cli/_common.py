@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from signery.client import DEFAULT_PROFILE, AccountCredentials, Client, Profile, ProfileStore
+from signery.cli._profiles import DEFAULT_PROFILE, Profile, ProfileStore
+from signery.client import AccountCredentials, Client
 from signery.errors import ClientError, SigneryError
 
 out = Console(soft_wrap=True)

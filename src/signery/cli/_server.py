@@ -139,7 +139,7 @@ def serve(
     on a port that something else listens on (another installation's server
     included): only this command's workers share its port."""
     from signery.server.installation.datadir import require_private, use_private_umask
-    from signery.server.ops.logging import configure_logging
+    from signery.server.runtime.logging import configure_logging
     from signery.server.runtime.supervisor import claim_port
     from signery.server.runtime.tls import uvicorn_tls_options
 

@@ -20,27 +20,21 @@ from signery.client._client import (
     UnexpectedResponse,
     load_account_key,
 )
-from signery.client._profiles import DEFAULT_PROFILE, Profile, ProfileStore
 from signery.client._signer import RemoteSigner
 from signery.client._timestamp import (
     Timestamp,
     TimestampFailed,
     TimestampQuery,
     TimestampRefused,
-    check_reply,
-    make_query,
     request_timestamp,
 )
 
 __all__ = [
-    "DEFAULT_PROFILE",
     "AccountCredentials",
     "ApprovalDenied",
     "ApprovalExpired",
     "ApprovalPending",
     "Client",
-    "Profile",
-    "ProfileStore",
     "RemoteSigner",
     "ServerUnreachable",
     "Timestamp",
@@ -48,8 +42,6 @@ __all__ = [
     "TimestampQuery",
     "TimestampRefused",
     "UnexpectedResponse",
-    "check_reply",
     "load_account_key",
-    "make_query",
     "request_timestamp",
 ]

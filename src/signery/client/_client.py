@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import jwt
@@ -21,11 +21,15 @@ from pydantic import TypeAdapter, ValidationError
 
 from signery import __version__
 from signery import protocol as p
+from signery.client._signer import RemoteSigner
 from signery.crypto import Hashed
-from signery.errors import ClientError, Interrupted, SigneryError, error_from_problem
-
-if TYPE_CHECKING:
-    from signery.client._signer import RemoteSigner
+from signery.errors import (
+    ClientError,
+    Interrupted,
+    SigneryError,
+    ValidationFailed,
+    error_from_problem,
+)
 
 M = TypeVar("M")
 
@@ -289,17 +293,22 @@ class Client:
 
         Raises :class:`ApprovalPending` when the key requires approval and the
         account holds no valid grant (HTTP 202)."""
-        body: dict[str, Any] = {
-            "digest": base64.b64encode(hashed.digest).decode("ascii"),
-            "digest_algorithm": hashed.algorithm.value,
-            "scheme": scheme.value,
-        }
-        if client_info is not None:
-            body["client"] = client_info.model_dump(exclude_none=True)
-        if justification is not None:
-            body["justification"] = justification
+        try:
+            request = p.SignRequest(
+                digest=base64.b64encode(hashed.digest).decode("ascii"),
+                digest_algorithm=hashed.algorithm.value,
+                scheme=scheme.value,
+                client=client_info,
+                justification=justification,
+            )
+        except ValidationError as e:
+            # What the server would answer (a justification too long, a control
+            # character), said before anything is sent; the value is not repeated.
+            raise ValidationFailed(_refusal(e)) from None
         path = f"{p.API_PREFIX}/signing/keys/{_segment(key)}/sign"
-        response = self._signing("POST", path, json=body)
+        response = self._signing(
+            "POST", path, json=request.model_dump(mode="json", exclude_none=True)
+        )
         if self._interrupted.is_set():
             # The request left before the interrupt: the server signed (and
             # recorded it), but whoever interrupted wants nothing written now.
@@ -339,8 +348,8 @@ class Client:
         client_info: p.ClientInfo | None = None,
         justification: str | None = None,
     ) -> RemoteSigner:
-        from signery.client._signer import RemoteSigner
-
+        """The key ``key`` as formats see it (:meth:`key` resolves it first, so a
+        key this account cannot sign with is refused here, before any hashing)."""
         return RemoteSigner.from_summary(
             self, self.key(key), client_info=client_info, justification=justification
         )
@@ -500,6 +509,14 @@ class Client:
 @functools.cache
 def _adapter(model: Any) -> TypeAdapter[Any]:
     return TypeAdapter(model)
+
+
+def _refusal(error: ValidationError) -> str:
+    """A request model's refusal as the server words it: field locations and
+    messages, never the input (it may be a secret)."""
+    return "; ".join(
+        f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()
+    )[:1000]
 
 
 def _segment(value: str) -> str:

@@ -1,10 +1,15 @@
-"""RemoteSigner: what a signature format sees of a key that lives on the server."""
+"""RemoteSigner: what a signature format sees of a key that lives on the server.
+
+This module sits below the HTTP client: a RemoteSigner signs through any
+:class:`SigningPlane` (``Client`` is the one that speaks HTTP), so it needs
+nothing from ``_client`` and ``Client.signer`` can build one without a lazy import.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cryptography import x509
 
@@ -18,8 +23,22 @@ from signery.crypto import (
     load_public_key_pem,
 )
 
-if TYPE_CHECKING:
-    from signery.client._client import Client
+
+class SigningPlane(Protocol):
+    """Where a RemoteSigner sends its digests: the signing call of a Signery
+    server (:meth:`signery.client.Client.sign`), or a double in a test."""
+
+    def sign(
+        self,
+        key: str,
+        hashed: Hashed,
+        scheme: p.SignatureScheme,
+        *,
+        client_info: p.ClientInfo | None = None,
+        justification: str | None = None,
+    ) -> p.SignResponse:
+        """Send a digest for ``key`` (an id or a name); the server's answer."""
+        ...
 
 
 @dataclass
@@ -27,9 +46,10 @@ class RemoteSigner:
     """A key by name: its algorithm, public key, certificate chain and ``sign(digest)``.
 
     Formats compute the digest locally and call :meth:`sign`; they never see HTTP.
+    It is the :class:`signery.formats.Signer` of a key held by a Signery server.
     """
 
-    client: Client
+    client: SigningPlane
     key_name: str
     key_id: str
     algorithm: p.Algorithm
@@ -49,7 +69,7 @@ class RemoteSigner:
     @classmethod
     def from_summary(
         cls,
-        client: Client,
+        client: SigningPlane,
         summary: p.SigningKeySummary,
         *,
         client_info: p.ClientInfo | None = None,

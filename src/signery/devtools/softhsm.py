@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from signery.keystores._settings import Pkcs11Settings
+from signery.keystores import Pkcs11Settings
 
 MODULE_CANDIDATES = (
     Path("/usr/lib/softhsm/libsofthsm2.so"),

@@ -1,17 +1,28 @@
-"""Signature formats, by name. Each writes a real format from a remote signature."""
+"""Signature formats, by name. Each writes a real format from a remote signature.
+
+A format hashes the file locally, asks a :class:`Signer` (``signery.client.RemoteSigner``
+for a key held by a Signery server) for the signature of that digest, and writes
+the format; ``verify`` checks one offline against public keys. The errors are
+the ones a caller may want to tell apart (each carries a stable ``code``)."""
 
 from signery.errors import ClientError
-from signery.formats._authenticode import AuthenticodeFormat
+from signery.formats._authenticode import (
+    AuthenticodeFormat,
+    AuthenticodeSignatureRequired,
+    CorruptCertificateTable,
+    NotPortableExecutable,
+    TruncatedPortableExecutable,
+)
 from signery.formats._base import (
     SignatureFormat,
+    Signer,
     SignOptions,
     SignResult,
     Timestamper,
     VerifyResult,
-    open_atomically,
     write_atomically,
 )
-from signery.formats._cms import CmsFormat
+from signery.formats._cms import CmsFormat, NotACmsSignature, OutputIsInput
 from signery.formats._jar import CorruptJar, InvalidManifest, JarFormat, NotAJar
 from signery.formats._openpgp import (
     OpenPgpFormat,
@@ -23,11 +34,14 @@ from signery.formats._openpgp import (
     OpenPgpMalformed,
     OpenPgpPublicKey,
     OpenPgpTimestampUnsupported,
-    ParsedSignature,
     export_public_key,
-    parse_signature,
 )
 from signery.formats._raw import RawFormat
+from signery.formats._signeddata import (
+    CertificateRequired,
+    FormatSchemeUnsupported,
+    KeyChangedWhileSigning,
+)
 
 FORMATS: dict[str, SignatureFormat] = {
     f.name: f
@@ -41,6 +55,7 @@ class UnknownFormat(ClientError):
 
 
 def get_format(name: str) -> SignatureFormat:
+    """The format called ``name`` (a key of :data:`FORMATS`)."""
     try:
         return FORMATS[name]
     except KeyError:
@@ -50,11 +65,18 @@ def get_format(name: str) -> SignatureFormat:
 __all__ = [
     "FORMATS",
     "AuthenticodeFormat",
+    "AuthenticodeSignatureRequired",
+    "CertificateRequired",
     "CmsFormat",
+    "CorruptCertificateTable",
     "CorruptJar",
+    "FormatSchemeUnsupported",
     "InvalidManifest",
     "JarFormat",
+    "KeyChangedWhileSigning",
+    "NotACmsSignature",
     "NotAJar",
+    "NotPortableExecutable",
     "OpenPgpFormat",
     "OpenPgpInvalidUserId",
     "OpenPgpKey",
@@ -64,17 +86,17 @@ __all__ = [
     "OpenPgpMalformed",
     "OpenPgpPublicKey",
     "OpenPgpTimestampUnsupported",
-    "ParsedSignature",
+    "OutputIsInput",
     "RawFormat",
     "SignOptions",
     "SignResult",
     "SignatureFormat",
+    "Signer",
     "Timestamper",
+    "TruncatedPortableExecutable",
     "UnknownFormat",
     "VerifyResult",
     "export_public_key",
     "get_format",
-    "open_atomically",
-    "parse_signature",
     "write_atomically",
 ]

@@ -51,12 +51,12 @@ from asn1crypto import algos, cms, core, tsp  # type: ignore[import-untyped]
 from asn1crypto import parser as asn1_parser
 from cryptography import x509
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import HASH_CHUNK, Hashed, PublicKey, hash_bytes
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, SignResult, VerifyResult, open_atomically
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult, open_atomically
 from signery.formats._signeddata import (
     ID_AA_TIMESTAMP_TOKEN,
+    SignedDataSpec,
     build_signed_data,
     check_signer,
     choose,
@@ -529,6 +529,19 @@ AUTHENTICODE_SIGNED_ATTRIBUTES = (
         SpcStatementType([SPC_INDIVIDUAL_SP_KEY_PURPOSE_OBJID]).dump(),
     ),
 )
+# The SignedData embedded in a PE file: it carries the SpcIndirectDataContent,
+# no CMSAlgorithmProtection and no RSA-PSS (Windows' verifier knows neither),
+# and its timestamp goes into Microsoft's RFC 3161 attribute.
+SIGNED_DATA = SignedDataSpec(
+    "authenticode",
+    content_type=SPC_INDIRECT_DATA_OBJID,
+    extra_signed_attributes=AUTHENTICODE_SIGNED_ATTRIBUTES,
+    signing_time=True,
+    algorithm_protection=False,
+    timestamp_attribute=SPC_RFC3161_OBJID,
+    version="v1",
+    allow_pss=False,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -655,15 +668,13 @@ def nest_signature(primary_der: bytes, nested_der: bytes) -> bytes:
 class AuthenticodeFormat:
     """Authenticode signatures embedded in PE32 / PE32+ files."""
 
-    name = "authenticode"
+    name = SIGNED_DATA.format_name
 
     def default_output(self, file: Path, options: SignOptions) -> Path:
         """The file itself: the signature lives inside it, replaced atomically."""
         return file
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         """Sign ``file`` and write the signed image to ``output`` (which may be
         ``file``); a signed input has its signature replaced, or with
         ``options.append`` gets the new one nested in it."""
@@ -671,7 +682,7 @@ class AuthenticodeFormat:
         # no certificate to name the signer, or RSA-PSS (osslsigncode and Windows
         # refuse it).
         signing_certificate(signer, self.name)
-        digest_algorithm, _ = choose(signer, options, self.name, allow_pss=False)
+        digest_algorithm, _ = choose(signer, options, SIGNED_DATA)
         with file.open("rb") as source:
             info = os.fstat(source.fileno())
             layout = read_layout(source, info.st_size)
@@ -698,16 +709,9 @@ class AuthenticodeFormat:
                 signed = build_signed_data(
                     signer,
                     options,
-                    format_name=self.name,
-                    message_digest=_content_digest(content, digest_algorithm),
-                    content_type=SPC_INDIRECT_DATA_OBJID,
+                    SIGNED_DATA,
+                    _content_digest(content, digest_algorithm),
                     content=content,
-                    extra_signed_attributes=AUTHENTICODE_SIGNED_ATTRIBUTES,
-                    signing_time=True,
-                    algorithm_protection=False,
-                    timestamp_attribute=SPC_RFC3161_OBJID,
-                    version="v1",
-                    allow_pss=False,
                 )
                 der = signed.der if primary is None else nest_signature(primary, signed.der)
                 table = b"".join(win_certificate(d) for d in (der, *kept))

@@ -1,4 +1,10 @@
-"""What every signature format provides; formats see a RemoteSigner, never HTTP."""
+"""What every signature format provides, and what it sees of a key: a :class:`Signer`.
+
+Formats see a Signer, never HTTP: ``signery.client.RemoteSigner`` is the one
+that signs through a Signery server, and any object with the same shape (a local
+key in a test, another service) signs the same formats. This package imports
+nothing from ``signery.client``: the client depends on the formats (its
+``sign_files`` drives them), never the other way round."""
 
 from __future__ import annotations
 
@@ -6,21 +12,71 @@ import contextlib
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from signery.client._signer import RemoteSigner
+from cryptography import x509
+
 from signery.crypto import Hashed, PublicKey
 from signery.errors import Interrupted
-from signery.protocol import DigestAlgorithm, SignatureScheme
+from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme, SignResponse
 
 Timestamper = Callable[[Hashed], bytes]
 """Asks an RFC 3161 TSA for a token over a message imprint; returns the DER
 TimeStampToken (a CMS ContentInfo), already checked against the imprint and the
-nonce (signery.client.request_timestamp). Formats embed it; they never see HTTP."""
+nonce (``signery.client.request_timestamp``). Formats embed it; they never see HTTP."""
+
+
+class Signer(Protocol):
+    """A key as a format sees it: what it is, and ``sign_detailed(digest)``.
+
+    The format hashes the file locally and sends only the digest; the answer
+    names the key version that signed and its certificate chain, which the
+    format embeds (a key rotated between listing and signing is detected there).
+    Members are read-only: a format never changes the signer it is given."""
+
+    @property
+    def key_name(self) -> str:
+        """The key's name, as results and errors name it."""
+        ...
+
+    @property
+    def algorithm(self) -> Algorithm: ...
+
+    @property
+    def public_key(self) -> PublicKey:
+        """The public key of ``key_version``."""
+        ...
+
+    @property
+    def certificate_chain(self) -> Sequence[x509.Certificate]:
+        """Leaf first; empty for a key without a certificate."""
+        ...
+
+    @property
+    def key_version(self) -> int | None:
+        """The key version listed (the one ``public_key`` belongs to)."""
+        ...
+
+    @property
+    def key_created_at(self) -> datetime | None:
+        """When ``key_version`` was made (None when unknown): the creation time
+        of the key's OpenPGP identity."""
+        ...
+
+    @property
+    def default_digest(self) -> DigestAlgorithm: ...
+
+    @property
+    def default_scheme(self) -> SignatureScheme: ...
+
+    def sign_detailed(self, hashed: Hashed, scheme: SignatureScheme | None = None) -> SignResponse:
+        """Sign a digest with the key's current version: signature, key version,
+        certificate chain. Safe to call from several threads at once."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +157,7 @@ class SignatureFormat(Protocol):
         ...
 
     def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
+        self, signer: Signer, file: Path, output: Path, options: SignOptions
     ) -> SignResult: ...
 
     def verify(

@@ -19,12 +19,12 @@ from typing import Any
 
 from asn1crypto import cms, pem  # type: ignore[import-untyped]
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import PublicKey, hash_file
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, SignResult, VerifyResult, write_atomically
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult, write_atomically
 from signery.formats._signeddata import (
     ID_AA_TIMESTAMP_TOKEN,
+    SignedDataSpec,
     build_signed_data,
     check_signer,
     choose,
@@ -34,6 +34,9 @@ from signery.formats._signeddata import (
 from signery.protocol import DigestAlgorithm
 
 FORMAT_NAME = "cms"
+# A detached SignedData over the file (RFC 5652 §5.2); `openssl cms -verify`
+# accepts RSA-PSS even with a token from a non-PSS TSA.
+SIGNED_DATA = SignedDataSpec(FORMAT_NAME, allow_pss_with_timestamp=True)
 SUFFIX = ".p7s"  # RFC 5751 §3.2.1: the file extension of a detached signature
 PEM_LABEL = "CMS"  # RFC 7468 §9: generators use "CMS"
 PEM_LABELS = ("CMS", "PKCS7")  # RFC 7468 §9: parsers may accept "PKCS7" too
@@ -63,24 +66,16 @@ class CmsFormat:
     def default_output(self, file: Path, options: SignOptions) -> Path:
         return file.with_name(file.name + SUFFIX)
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         # Refusals first: nothing is hashed or sent for a key that cannot sign cms.
         signing_certificate(signer, FORMAT_NAME)
-        digest_algorithm, _ = choose(signer, options, FORMAT_NAME, allow_pss_with_timestamp=True)
+        digest_algorithm, _ = choose(signer, options, SIGNED_DATA)
         if output.resolve() == file.resolve():
             raise OutputIsInput(f"{output} is the file being signed; choose another output")
         # RFC 5652 §5.4: for detached content the messageDigest attribute is the
         # digest of the content octets, i.e. of the whole file (streamed).
         hashed = hash_file(file, digest_algorithm, options.on_chunk)
-        result = build_signed_data(
-            signer,
-            options,
-            format_name=FORMAT_NAME,
-            message_digest=hashed,
-            allow_pss_with_timestamp=True,
-        )
+        result = build_signed_data(signer, options, SIGNED_DATA, hashed)
         data = pem.armor(PEM_LABEL, result.der) if options.pem else result.der
         write_atomically(output, data, before_commit=options.check_interrupted)
         return SignResult(

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import IO
 
 from signery import __version__
-from signery.client._signer import RemoteSigner
 from signery.crypto import HASH_CHUNK, PublicKey, hash_bytes
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, SignResult, VerifyResult
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult
 from signery.formats._signeddata import (
+    SignedDataSpec,
     build_signed_data,
     check_signer,
     choose,
@@ -522,21 +522,24 @@ def signature_file(
     return head.raw + b"".join(body)
 
 
+# The signature block: a detached SignedData over the .SF file, content type
+# id-data (JAR File Specification, "Digital Signatures").
+SIGNED_DATA = SignedDataSpec("jar")
+
+
 class JarFormat:
     """Signs .jar, .war and .aar files in place (or into a copy with -o)."""
 
-    name = "jar"
+    name = SIGNED_DATA.format_name
 
     def default_output(self, file: Path, options: SignOptions) -> Path:
         return file
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         # Refuse a key that cannot sign a JAR before reading the file or calling
         # the server: the block file names the signer by its certificate.
         signing_certificate(signer, self.name)
-        digest, _ = choose(signer, options, self.name)
+        digest, _ = choose(signer, options, SIGNED_DATA)
         attribute = f"{JAR_DIGEST_NAMES[digest]}-Digest"
         base = f"META-INF/{signer_name(signer.key_name)}"
         block = base + (".RSA" if signer.algorithm.is_rsa else ".EC")
@@ -553,11 +556,7 @@ class JarFormat:
             manifest = main.raw + b"".join(s.raw for s in sections)
             sf = signature_file(manifest, main, sections, digest)
             sf_digest = hash_bytes(sf, digest)
-            # The block is a detached SignedData over the .SF bytes, content type
-            # id-data (JAR File Specification, "Digital Signatures").
-            signed = build_signed_data(
-                signer, options, format_name=self.name, message_digest=sf_digest
-            )
+            signed = build_signed_data(signer, options, SIGNED_DATA, sf_digest)
             other_signatures = [
                 i
                 for i in infos

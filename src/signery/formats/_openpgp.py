@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import (
     HASH_CHUNK,
     Hashed,
@@ -46,7 +45,7 @@ from signery.crypto import (
     verify_signature,
 )
 from signery.errors import ClientError, UnsupportedAlgorithm
-from signery.formats._base import SignOptions, SignResult, VerifyResult, write_atomically
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult, write_atomically
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
 if TYPE_CHECKING:
@@ -268,7 +267,7 @@ class OpenPgpKey:
         return cls(algorithm, seconds, head + material)
 
     @classmethod
-    def for_signer(cls, signer: RemoteSigner) -> OpenPgpKey:
+    def for_signer(cls, signer: Signer) -> OpenPgpKey:
         """The OpenPGP key of a remote key's listed version."""
         if signer.key_created_at is None:
             raise OpenPgpKeyTimeUnknown(
@@ -338,7 +337,7 @@ class _Plan:
 
 
 def _plan(
-    signer: RemoteSigner,
+    signer: Signer,
     digest_algorithm: DigestAlgorithm | None,
     scheme: SignatureScheme | None,
 ) -> _Plan:
@@ -389,7 +388,7 @@ def _signature_time(key: OpenPgpKey, when: datetime | None = None) -> int:
 
 
 def _sign_packet(
-    signer: RemoteSigner,
+    signer: Signer,
     plan: _Plan,
     h: _Hash,
     hashed_part: bytes,
@@ -453,7 +452,7 @@ def _check_user_id(user_id: str) -> bytes:
     return data
 
 
-def export_public_key(signer: RemoteSigner, user_id: str) -> OpenPgpPublicKey:
+def export_public_key(signer: Signer, user_id: str) -> OpenPgpPublicKey:
     """The remote key's OpenPGP public key with ``user_id``, self-certified through
     the service (signature type 0x13, RFC 4880 §5.2.1), ready for ``gpg --import``.
 
@@ -666,9 +665,7 @@ class OpenPgpFormat:
         # .sig is the raw format's; .pgp keeps the two apart.
         return file.with_name(file.name + ".pgp")
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         # Refusals first: nothing reaches the server for a request we cannot honour.
         if options.timestamper is not None:
             raise OpenPgpTimestampUnsupported(

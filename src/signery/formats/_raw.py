@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import (
     Hashed,
     PublicKey,
@@ -19,7 +18,7 @@ from signery.crypto import (
     verify_signature,
 )
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, SignResult, VerifyResult, write_atomically
+from signery.formats._base import Signer, SignOptions, SignResult, VerifyResult, write_atomically
 from signery.protocol import DigestAlgorithm
 
 MAX_SIGNATURE_BYTES = 1024  # RSA-4096 = 512 bytes, P-521 DER <= 139 bytes
@@ -31,9 +30,7 @@ class RawFormat:
     def default_output(self, file: Path, options: SignOptions) -> Path:
         return file.with_name(file.name + ".sig")
 
-    def sign(
-        self, signer: RemoteSigner, file: Path, output: Path, options: SignOptions
-    ) -> SignResult:
+    def sign(self, signer: Signer, file: Path, output: Path, options: SignOptions) -> SignResult:
         digest_algorithm = options.digest_algorithm or signer.default_digest
         scheme = options.scheme or signer.default_scheme
         hashed = hash_file(file, digest_algorithm, options.on_chunk)

@@ -2,7 +2,7 @@
 authenticode and jar formats.
 
 The format decides what is digested and where the result goes; this module builds
-the signed attributes, asks the RemoteSigner for the signature of their digest,
+the signed attributes, asks the Signer for the signature of their digest,
 checks that signature against the certificate it names (verify-after-sign on the
 build machine too: a key rotated between listing and signing, or a faulty
 server, never leaves a bad signature in an artifact), optionally asks a TSA for a
@@ -22,10 +22,9 @@ from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from signery.client._signer import RemoteSigner
 from signery.crypto import Hashed, PublicKey, check_scheme, hash_bytes, verify_signature
 from signery.errors import ClientError
-from signery.formats._base import SignOptions, Timestamper
+from signery.formats._base import Signer, SignOptions, Timestamper
 from signery.protocol import DigestAlgorithm, SignatureScheme
 
 # RFC 3161 Appendix A / RFC 5652 §11: the unsigned attribute that carries a
@@ -99,7 +98,7 @@ class SignedDataResult:
     timestamped: bool
 
 
-def signing_certificate(signer: RemoteSigner, format_name: str) -> x509.Certificate:
+def signing_certificate(signer: Signer, format_name: str) -> x509.Certificate:
     """The key's leaf certificate, or a clear refusal before anything is sent."""
     if not signer.certificate_chain:
         raise CertificateRequired(
@@ -109,29 +108,52 @@ def signing_certificate(signer: RemoteSigner, format_name: str) -> x509.Certific
     return signer.certificate_chain[0]
 
 
+@dataclass(frozen=True, slots=True)
+class SignedDataSpec:
+    """What a format puts into its SignedData, apart from the digest it signs.
+
+    One constant per format (cms, authenticode, jar): the choices that differ
+    between them, named, instead of a dozen keyword arguments at each call."""
+
+    format_name: str
+    """Named in refusals ("jar signatures name the signer by its certificate...")."""
+    content_type: str = "data"
+    """The eContentType, also the signed content-type attribute (RFC 5652 §11.1)."""
+    extra_signed_attributes: tuple[bytes, ...] = ()
+    """DER Attributes signed along with the standard ones (Authenticode's
+    SpcSpOpusInfo and SpcStatementType)."""
+    signing_time: bool = True
+    """Add the signing-time attribute (RFC 5652 §11.3), from ``SignOptions.signing_time``."""
+    algorithm_protection: bool = True
+    """Add CMSAlgorithmProtection (RFC 6211); Windows' Authenticode verifier does not know it."""
+    timestamp_attribute: str = ID_AA_TIMESTAMP_TOKEN
+    """The unsigned attribute a timestamp token goes into (RFC 3161 Appendix A,
+    or Microsoft's own OID for Authenticode)."""
+    version: str = "v1"
+    """The SignedData version (RFC 5652 §5.1)."""
+    allow_pss: bool = True
+    """The format's verifiers accept RSA-PSS (Authenticode's do not)."""
+    allow_pss_with_timestamp: bool = False
+    """The format's verifier accepts a PSS signature carrying a token from a
+    non-PSS TSA (plain CMS: ``openssl cms -verify`` does not look at unsigned
+    attributes, and ``openssl ts -verify`` checks the token's own signature,
+    made by the TSA key, not the signer's)."""
+
+
 def choose(
-    signer: RemoteSigner,
-    options: SignOptions,
-    format_name: str,
-    *,
-    allow_pss: bool = True,
-    allow_pss_with_timestamp: bool = False,
+    signer: Signer, options: SignOptions, spec: SignedDataSpec
 ) -> tuple[DigestAlgorithm, SignatureScheme]:
     """The digest and scheme for this signature, refused before anything is sent
-    when the format cannot carry them (Authenticode and timestamps refuse PSS).
-
-    ``allow_pss_with_timestamp``: the format's verifier accepts a PSS signature
-    carrying a token from a non-PSS TSA (plain CMS: ``openssl cms -verify`` does
-    not look at unsigned attributes, and ``openssl ts -verify`` checks the
-    token's own signature, made by the TSA key, not the signer's)."""
+    when the format cannot carry them (Authenticode and timestamps refuse PSS,
+    unless ``spec`` allows it)."""
     digest = options.digest_algorithm or signer.default_digest
     scheme = options.scheme or signer.default_scheme
     check_scheme(signer.algorithm, scheme)  # e.g. PSS for an EC key: refused here, not remotely
-    timestamp_refused = options.timestamper is not None and not allow_pss_with_timestamp
-    if scheme is SignatureScheme.RSA_PSS and (not allow_pss or timestamp_refused):
+    timestamp_refused = options.timestamper is not None and not spec.allow_pss_with_timestamp
+    if scheme is SignatureScheme.RSA_PSS and (not spec.allow_pss or timestamp_refused):
         raise FormatSchemeUnsupported(
-            f"{format_name}{' with a timestamp' if allow_pss else ''} does not accept RSA-PSS "
-            "(its verifiers refuse it); use rsa-pkcs1v15"
+            f"{spec.format_name}{' with a timestamp' if spec.allow_pss else ''} does not accept "
+            "RSA-PSS (its verifiers refuse it); use rsa-pkcs1v15"
         )
     return digest, scheme
 
@@ -156,37 +178,22 @@ def signature_algorithm(scheme: SignatureScheme, digest: DigestAlgorithm) -> dic
 
 
 def build_signed_data(
-    signer: RemoteSigner,
+    signer: Signer,
     options: SignOptions,
-    *,
-    format_name: str,
+    spec: SignedDataSpec,
     message_digest: Hashed,
-    content_type: str = "data",
+    *,
     content: bytes | None = None,
-    extra_signed_attributes: Sequence[bytes] = (),
-    signing_time: bool = True,
-    algorithm_protection: bool = True,
-    timestamp_attribute: str = ID_AA_TIMESTAMP_TOKEN,
-    version: str = "v1",
-    allow_pss: bool = True,
-    allow_pss_with_timestamp: bool = False,
 ) -> SignedDataResult:
-    """A ContentInfo holding a SignedData with one SignerInfo by ``signer``.
+    """A ContentInfo holding a SignedData with one SignerInfo by ``signer``, shaped by ``spec``.
 
     ``message_digest`` is the digest of what the signature covers (the file for a
     detached CMS, the SpcIndirectDataContent contents for Authenticode, the .SF
     file for a JAR), computed by the format with the digest algorithm chosen here
     (``choose``). ``content`` (the DER of a SEQUENCE) is embedded as [0] EXPLICIT when given;
-    otherwise the SignedData is detached. ``extra_signed_attributes`` are DER
-    Attributes added to the signed ones."""
-    leaf = signing_certificate(signer, format_name)
-    digest, scheme = choose(
-        signer,
-        options,
-        format_name,
-        allow_pss=allow_pss,
-        allow_pss_with_timestamp=allow_pss_with_timestamp,
-    )
+    otherwise the SignedData is detached."""
+    leaf = signing_certificate(signer, spec.format_name)
+    digest, scheme = choose(signer, options, spec)
     if message_digest.algorithm is not digest:
         raise ValueError("message_digest must use the digest algorithm choose() returned")
     der = serialization.Encoding.DER
@@ -197,15 +204,15 @@ def build_signed_data(
     sig_algorithm = cms.SignedDigestAlgorithm(signature_algorithm(scheme, digest))
 
     attributes: list[Any] = [
-        cms.CMSAttribute({"type": "content_type", "values": [content_type]}),
+        cms.CMSAttribute({"type": "content_type", "values": [spec.content_type]}),
         cms.CMSAttribute({"type": "message_digest", "values": [message_digest.digest]}),
     ]
-    if signing_time:
+    if spec.signing_time:
         now = (options.signing_time or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
         # RFC 5652 §11.3: UTCTime through 2049, GeneralizedTime after.
         time = cms.Time(name="utc_time" if now.year < 2050 else "generalized_time", value=now)
         attributes.append(cms.CMSAttribute({"type": "signing_time", "values": [time]}))
-    if algorithm_protection:
+    if spec.algorithm_protection:
         # RFC 6211: binds the digest and signature algorithms into what is signed.
         attributes.append(
             cms.CMSAttribute(
@@ -217,7 +224,7 @@ def build_signed_data(
                 }
             )
         )
-    attributes.extend(cms.CMSAttribute.load(a) for a in extra_signed_attributes)
+    attributes.extend(cms.CMSAttribute.load(a) for a in spec.extra_signed_attributes)
     signed_attrs = cms.CMSAttributes(attributes)
     # RFC 5652 §5.4: the signature covers the DER of the attributes as a SET OF
     # (tag 0x31), not their [0] IMPLICIT form in the SignerInfo.
@@ -230,7 +237,7 @@ def build_signed_data(
     if options.timestamper is not None:
         options.check_interrupted()  # no request to the TSA either
         token = timestamp_token(options.timestamper, response.signature, digest)
-        unsigned.append(cms.CMSAttribute({"type": timestamp_attribute, "values": [token]}))
+        unsigned.append(cms.CMSAttribute({"type": spec.timestamp_attribute, "values": [token]}))
     signer_info: dict[str, Any] = {
         "version": "v1",  # RFC 5652 §5.3: v1 with issuerAndSerialNumber
         "sid": cms.SignerIdentifier(
@@ -245,9 +252,9 @@ def build_signed_data(
     if unsigned:
         signer_info["unsigned_attrs"] = cms.CMSAttributes(unsigned)
     signed_data: dict[str, Any] = {
-        "version": version,
+        "version": spec.version,
         "digest_algorithms": [digest_algorithm],
-        "encap_content_info": {"content_type": content_type},
+        "encap_content_info": {"content_type": spec.content_type},
         "certificates": [cms.CertificateChoices(name="certificate", value=c) for c in certificates],
         "signer_infos": [signer_info],
     }
@@ -255,7 +262,7 @@ def build_signed_data(
         info = cms.ContentInfo({"content_type": "signed_data", "content": signed_data})
     else:
         signed_data["encap_content_info"] = {
-            "content_type": content_type,
+            "content_type": spec.content_type,
             "content": core.Sequence.load(content),
         }
         info = _ContentInfoExplicit({"content_type": "signed_data", "content": signed_data})
@@ -265,7 +272,7 @@ def build_signed_data(
 
 
 def check_signature(
-    signer: RemoteSigner,
+    signer: Signer,
     leaf: x509.Certificate,
     response_chain: Sequence[str],
     hashed: Hashed,
@@ -396,6 +403,7 @@ __all__ = [
     "FormatSchemeUnsupported",
     "KeyChangedWhileSigning",
     "SignedDataResult",
+    "SignedDataSpec",
     "SignerCheck",
     "build_signed_data",
     "check_signature",

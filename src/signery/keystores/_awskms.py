@@ -49,7 +49,6 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,6 +61,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from signery import __version__
+from signery.cache import BoundedCache
 from signery.crypto import Hashed, PublicKey, algorithm_of_public_key
 from signery.errors import (
     ConfigurationError,
@@ -74,7 +74,14 @@ from signery.errors import (
     SigneryError,
     UnsupportedAlgorithm,
 )
-from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
+from signery.keystores._base import (
+    CancellableKeyStore,
+    GeneratedKey,
+    HealthCheckedKeyStore,
+    KeyContext,
+    KeyHandle,
+    StoreHealth,
+)
 from signery.keystores._settings import AwsKmsSettings
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
@@ -332,7 +339,7 @@ def _identity_tags(context: KeyContext) -> dict[str, str]:
 # ---------------------------------------------------------------- the store
 
 
-class AwsKmsKeyStore(KeyStore):
+class AwsKmsKeyStore(CancellableKeyStore, HealthCheckedKeyStore):
     kind = KIND
     supported_algorithms = frozenset(KEY_SPECS)
 
@@ -343,8 +350,9 @@ class AwsKmsKeyStore(KeyStore):
         self._session = session
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
-        self._public_keys: OrderedDict[str, PublicKey] = OrderedDict()
-        self._bound: OrderedDict[tuple[str, KeyContext], None] = OrderedDict()
+        self._public_keys: BoundedCache[str, PublicKey] = BoundedCache(PUBLIC_KEY_CACHE_SIZE)
+        # (KMS key, context) pairs whose tags were checked: the value is always True.
+        self._bound: BoundedCache[tuple[str, KeyContext], bool] = BoundedCache(BOUND_CACHE_SIZE)
         self._health_cache: tuple[float, StoreHealth] | None = None
         self._ops_config = botocore.config.Config(
             connect_timeout=settings.connect_timeout,
@@ -408,8 +416,7 @@ class AwsKmsKeyStore(KeyStore):
             # No half-created key: the new KMS key goes away again.
             self._discard(ref)
             raise
-        with self._lock:
-            self._remember_bound((ref, context))
+        self._bound.put((ref, context), True)
         return GeneratedKey(KeyHandle(self.name, ref, algorithm, context), public_key)
 
     def _sign(self, handle: KeyHandle, hashed: Hashed, scheme: SignatureScheme) -> bytes:
@@ -431,10 +438,7 @@ class AwsKmsKeyStore(KeyStore):
         return signature
 
     def _public_key(self, handle: KeyHandle) -> PublicKey:
-        with self._lock:
-            cached = self._public_keys.get(handle.ref)
-            if cached is not None:
-                self._public_keys.move_to_end(handle.ref)
+        cached = self._public_keys.get(handle.ref)
         if cached is not None:
             if algorithm_of_public_key(cached) is not handle.algorithm:
                 raise KeyMaterialMissing("the AWS KMS key does not hold a key of this algorithm")
@@ -524,20 +528,14 @@ class AwsKmsKeyStore(KeyStore):
             matches = False
         if not matches:
             raise KeyMaterialMissing(f"the AWS KMS key does not hold a {algorithm.value} key")
-        with self._lock:
-            self._public_keys[ref] = loaded
-            self._public_keys.move_to_end(ref)
-            while len(self._public_keys) > PUBLIC_KEY_CACHE_SIZE:
-                self._public_keys.popitem(last=False)
+        self._public_keys.put(ref, loaded)
         return loaded
 
     def _check_bound(self, handle: KeyHandle) -> None:
         """Refuse a KMS key whose tags name another Signery key, version or TSG."""
         bound = (handle.ref, handle.context)
-        with self._lock:
-            if bound in self._bound:
-                self._bound.move_to_end(bound)
-                return
+        if self._bound.get(bound):
+            return
         tags = self._tags(handle.ref)
         expected = _identity_tags(handle.context)
         if any(tags.get(k) != v for k, v in expected.items()):
@@ -545,21 +543,11 @@ class AwsKmsKeyStore(KeyStore):
                 "the AWS KMS key's tags name another Signery key, version or TSG; "
                 "refusing to sign with it"
             )
-        with self._lock:
-            self._remember_bound(bound)
-
-    def _remember_bound(self, bound: tuple[str, KeyContext]) -> None:
-        # Caller holds self._lock.
-        self._bound[bound] = None
-        self._bound.move_to_end(bound)
-        while len(self._bound) > BOUND_CACHE_SIZE:
-            self._bound.popitem(last=False)
+        self._bound.put(bound, True)
 
     def _forget(self, ref: str) -> None:
-        with self._lock:
-            self._public_keys.pop(ref, None)
-            for bound in [b for b in self._bound if b[0] == ref]:
-                del self._bound[bound]
+        self._public_keys.pop(ref)
+        self._bound.take(lambda bound, _: bound[0] == ref)
 
     def _tags(self, ref: str) -> dict[str, str]:
         kms = self._client()

@@ -1,8 +1,15 @@
-"""The key-store interface: generate, sign a digest, destroy. Never export.
+"""The key-store interface: generate, sign a digest, read a public key. Never export.
 
 The contract lives here (securesystemslib ``Signer`` style): the public methods
 validate their inputs and keep foreign exceptions from escaping, and each backend
-implements only the private ``_generate`` / ``_sign`` / ``_destroy``.
+implements only the private ``_generate`` / ``_sign`` / ``_public_key``.
+
+Everything else a store may do is an optional capability, a ``Protocol`` that
+callers check with ``isinstance`` before they rely on it: :class:`Destroyable`
+(erase a key pair), :class:`DestroyCancellable` (undo an erasure still pending),
+:class:`HealthChecked` (report whether the store answers). A backend gets each
+one, with the same validate-and-wrap contract, from :class:`DestroyableKeyStore`,
+:class:`CancellableKeyStore` and :class:`HealthCheckedKeyStore`.
 """
 
 from __future__ import annotations
@@ -11,11 +18,10 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 from signery.crypto import Hashed, PublicKey, check_scheme
 from signery.errors import (
-    DestroyNotCancellable,
     DigestNotAllowed,
     KeyStoreError,
     SigneryError,
@@ -119,33 +125,20 @@ class KeyStore(ABC):
         self._check_handle(handle)
         return self._guard(lambda: self._public_key(handle))
 
-    def destroy(self, handle: KeyHandle) -> None:
-        """Erase the key pair. Signing with the handle through this store afterwards
-        raises KeyMaterialMissing; stores in other processes may keep a decrypted
-        copy for a bounded time (see each backend), which is why callers check the
-        key's status before every signing."""
-        self._check_handle(handle)
-        self._guard(lambda: self._destroy(handle))
-
-    def cancel_destroy(self, handle: KeyHandle) -> None:
-        """Undo a destroy() whose erasure is still pending (stores that schedule it)."""
-        self._check_handle(handle)
-        self._guard(lambda: self._cancel_destroy(handle))
-
     def close(self) -> None:  # noqa: B027 - optional hook: most stores hold nothing open
         """Release connections and sessions (server shutdown)."""
 
-    def health(self) -> StoreHealth:
-        try:
-            return self._health()
-        except SigneryError as e:
-            return StoreHealth(False, e.code)
-
     def signs_inline(self, algorithm: Algorithm) -> bool:
-        """True when signing is quick CPU work that may run on the event loop.
+        """True when ``sign`` never waits on a network or a device, so the caller
+        may run it on the event loop instead of hopping to a worker thread.
 
-        Slow or blocking operations (RSA private-key operations, network calls)
-        answer False and are run in a worker thread by the caller.
+        It does not promise that signing is quick: a store answering True blocks
+        the loop for its CPU work (an RSA-4096 signature takes a few milliseconds)
+        and for a read of the server's own database on the first signing of a key
+        in a process. The built-in store answers True for every algorithm because
+        a thread hop costs more than it saves there (measured with ``make bench``).
+        Stores that call out (AWS KMS, a PKCS#11 library) answer False, which is
+        also the safe default for a new store.
         """
         return False
 
@@ -159,17 +152,6 @@ class KeyStore(ABC):
 
     @abstractmethod
     def _public_key(self, handle: KeyHandle) -> PublicKey: ...
-
-    @abstractmethod
-    def _destroy(self, handle: KeyHandle) -> None: ...
-
-    @abstractmethod
-    def _health(self) -> StoreHealth: ...
-
-    def _cancel_destroy(self, handle: KeyHandle) -> None:
-        raise DestroyNotCancellable(
-            f"key store {self.name!r} erases keys at once; nothing to cancel"
-        )
 
     # ------------------------------------------------------------ helpers
 
@@ -186,3 +168,73 @@ class KeyStore(ABC):
             # Backends translate the errors they expect; anything else is reported
             # by type only, because a foreign message could quote key material.
             raise KeyStoreError(f"key store {self.name!r} failed: {type(e).__name__}") from e
+
+
+# ---------------------------------------------------------------- optional capabilities
+
+
+@runtime_checkable
+class Destroyable(Protocol):
+    """A store that can erase a key pair."""
+
+    def destroy(self, handle: KeyHandle) -> None:
+        """Erase the key pair. Signing with the handle through this store afterwards
+        raises KeyMaterialMissing; stores in other processes may keep a decrypted
+        copy for a bounded time (see each backend), which is why callers check the
+        key's status before every signing."""
+
+
+@runtime_checkable
+class DestroyCancellable(Protocol):
+    """A store whose erasure is scheduled, and can be undone until it happens."""
+
+    def cancel_destroy(self, handle: KeyHandle) -> None:
+        """Undo a destroy() whose erasure is still pending."""
+
+
+@runtime_checkable
+class HealthChecked(Protocol):
+    """A store that can tell whether it answers (``/readyz``, the key-store list)."""
+
+    def health(self) -> StoreHealth:
+        """Whether the store is usable now; never raises."""
+
+
+class DestroyableKeyStore(KeyStore):
+    """A key store with :class:`Destroyable`: the backend implements ``_destroy``."""
+
+    def destroy(self, handle: KeyHandle) -> None:
+        """Erase the key pair (see :meth:`Destroyable.destroy`)."""
+        self._check_handle(handle)
+        self._guard(lambda: self._destroy(handle))
+
+    @abstractmethod
+    def _destroy(self, handle: KeyHandle) -> None: ...
+
+
+class CancellableKeyStore(DestroyableKeyStore):
+    """A key store with :class:`DestroyCancellable`: ``_destroy`` schedules the
+    erasure, ``_cancel_destroy`` undoes it."""
+
+    def cancel_destroy(self, handle: KeyHandle) -> None:
+        """Undo a destroy() whose erasure is still pending."""
+        self._check_handle(handle)
+        self._guard(lambda: self._cancel_destroy(handle))
+
+    @abstractmethod
+    def _cancel_destroy(self, handle: KeyHandle) -> None: ...
+
+
+class HealthCheckedKeyStore(KeyStore):
+    """A key store with :class:`HealthChecked`: the backend implements ``_health``."""
+
+    def health(self) -> StoreHealth:
+        """Whether the store is usable now. A Signery error of the check is an
+        unhealthy answer (by its code), not an exception."""
+        try:
+            return self._health()
+        except SigneryError as e:
+            return StoreHealth(False, e.code)
+
+    @abstractmethod
+    def _health(self) -> StoreHealth: ...

@@ -9,32 +9,57 @@ fails to decrypt instead of signing under the wrong identity.
 
 Decrypted keys are kept in a bounded in-process cache so that a signing costs
 one private-key operation, not a decryption and a key parse.
+
+The store owns its table (:data:`METADATA`, merged into the server's schema by
+``signery.server.persistence.models``, so the migrations create it) and the
+re-wrapping of its data keys when the master key is rotated
+(:meth:`BuiltinKeyStore.rewrap_all`). It reaches the database through the
+SQLAlchemy engines it is given, never through the server's modules.
 """
 
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, LargeBinary, String, delete, select, update
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    delete,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from signery.cache import BoundedCache
 from signery.crypto import Hashed, PublicKey, signature_padding
 from signery.errors import KeyMaterialMissing, KeyStoreUnavailable, MasterKeyMismatch
-from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
+from signery.keystores._base import (
+    DestroyableKeyStore,
+    GeneratedKey,
+    HealthCheckedKeyStore,
+    KeyContext,
+    KeyHandle,
+    StoreHealth,
+)
 from signery.keystores._keyring import Keyring
 from signery.keystores._masterkey import GCM_NONCE_BYTES, GCM_TAG_BYTES, MasterKey
 from signery.protocol import Algorithm, SignatureScheme
-from signery.server.persistence.db import Base, UtcDateTime, table, writer
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
@@ -45,6 +70,8 @@ CACHE_SIZE = 4096
 # key within this time. Signing with a destroyed key is refused before that by
 # the key's status, which every signing reads.
 CACHE_TTL_SECONDS = 300.0
+# Data keys looked up per query while re-wrapping (one transaction per data key).
+REWRAP_SCAN_BATCH = 500
 # Public exponent 65537: FIPS 186-5 §A.1.1 and what every verifier expects.
 RSA_PUBLIC_EXPONENT = 65537
 _RSA_BITS = {Algorithm.RSA_2048: 2048, Algorithm.RSA_3072: 3072, Algorithm.RSA_4096: 4096}
@@ -55,7 +82,16 @@ _CURVES: dict[Algorithm, type[ec.EllipticCurve]] = {
 }
 
 
-class BuiltinKeyMaterialRow(Base):
+# The store's own schema. The names follow the server's naming convention
+# (signery.server.persistence.db), which the schema-drift test holds them to.
+METADATA = MetaData(naming_convention={"ix": "ix_%(column_0_label)s", "pk": "pk_%(table_name)s"})
+
+
+class _Base(DeclarativeBase):
+    metadata = METADATA
+
+
+class BuiltinKeyMaterialRow(_Base):
     """Encrypted key material. Only this module reads or writes this table."""
 
     __tablename__ = "builtin_key_material"
@@ -69,13 +105,41 @@ class BuiltinKeyMaterialRow(Base):
     wrapped_dek: Mapped[bytes] = mapped_column(LargeBinary)
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     public_key_der: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Always written as an aware UTC datetime (datetime.now(UTC)), never read back.
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-_T = table(BuiltinKeyMaterialRow)
+def _table() -> Table:
+    t = BuiltinKeyMaterialRow.__table__
+    assert isinstance(t, Table)
+    return t
 
 
-class BuiltinKeyStore(KeyStore):
+_T = _table()
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinSettings:
+    """What the built-in store is opened with: the server's database and keyring.
+
+    ``write_engine`` runs the transactions that write; the server gives one that
+    takes SQLite's write lock at BEGIN (``signery.server.persistence.db.writer``),
+    which a read-then-update such as :meth:`BuiltinKeyStore.rewrap` needs when
+    other processes write at the same time."""
+
+    kind: ClassVar[str] = "builtin"
+
+    engine: Engine
+    keyring: Keyring
+    write_engine: Engine | None = None
+
+
+def open_store(settings: BuiltinSettings) -> BuiltinKeyStore:
+    """The ``builtin`` store on the server's database (the key-store registry's entry point)."""
+    return BuiltinKeyStore(settings.engine, settings.keyring, write_engine=settings.write_engine)
+
+
+class BuiltinKeyStore(DestroyableKeyStore, HealthCheckedKeyStore):
     kind = "builtin"
     supported_algorithms = frozenset(Algorithm)
 
@@ -86,18 +150,23 @@ class BuiltinKeyStore(KeyStore):
         *,
         name: str = "builtin",
         cache_ttl: float = CACHE_TTL_SECONDS,
+        write_engine: Engine | None = None,
     ) -> None:
+        """``write_engine`` (default ``engine``): see :class:`BuiltinSettings`."""
         super().__init__(name)
         self._engine = engine
+        self._writer = write_engine or engine
         self._keyring = master_key if isinstance(master_key, Keyring) else Keyring(master_key)
-        self._cache_ttl = cache_ttl
-        self._cache: OrderedDict[tuple[str, KeyContext], tuple[PrivateKey, float]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: BoundedCache[tuple[str, KeyContext], PrivateKey] = BoundedCache(
+            CACHE_SIZE, ttl=cache_ttl
+        )
 
     def signs_inline(self, algorithm: Algorithm) -> bool:
-        # Local CPU work: an EC signature costs ~25-250 µs, RSA-3072 ~0.8 ms. A hop
-        # to a worker thread costs more CPU than it saves (measured with make bench);
-        # several cores are used by running several server processes (--workers).
+        # No network and no device: CPU work (an EC signature ~25-250 µs, RSA-3072
+        # ~1-2 ms, RSA-4096 ~4 ms) and, when the key is not cached yet, one indexed
+        # read of its row on the server's database. A hop to a worker thread costs
+        # more CPU than it saves (measured with make bench); several cores are used
+        # by running several server processes (--workers).
         return True
 
     # ------------------------------------------------------------ backend hooks
@@ -140,12 +209,12 @@ class BuiltinKeyStore(KeyStore):
             "created_at": datetime.now(UTC),
         }
         try:
-            with writer(self._engine).begin() as conn:
+            with self._writer.begin() as conn:
                 conn.execute(_T.insert(), row)
         except SQLAlchemyError as e:
             raise KeyStoreUnavailable("the built-in key store could not store the new key") from e
         handle = KeyHandle(self.name, ref, algorithm, context)
-        self._remember(handle, private_key)
+        self._cache.put((handle.ref, handle.context), private_key)
         return GeneratedKey(handle, public_key)
 
     def _sign(self, handle: KeyHandle, hashed: Hashed, scheme: SignatureScheme) -> bytes:
@@ -159,10 +228,9 @@ class BuiltinKeyStore(KeyStore):
         return self._private_key(handle).public_key()
 
     def _destroy(self, handle: KeyHandle) -> None:
-        with self._lock:
-            self._cache.pop((handle.ref, handle.context), None)
+        self._cache.pop((handle.ref, handle.context))
         try:
-            with writer(self._engine).begin() as conn:
+            with self._writer.begin() as conn:
                 # SQLite runs with secure_delete=ON, so the freed pages are zeroed.
                 conn.execute(delete(_T).where(_T.c.ref == handle.ref))
         except SQLAlchemyError as e:
@@ -189,6 +257,43 @@ class BuiltinKeyStore(KeyStore):
 
     # ------------------------------------------------------------ master key rotation
 
+    def count_not_under_primary(self) -> int:
+        """How many data keys are still wrapped by an older master key."""
+        self._keyring.refresh()
+        with self._engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(_T)
+                    .where(_T.c.master_key_id != self._keyring.primary.key_id)
+                ).scalar_one()
+            )
+
+    def rewrap_all(
+        self,
+        *,
+        rate: float | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Re-wrap every data key still under an older master key, one at a time,
+        each in its own transaction (see :meth:`rewrap`); returns how many were.
+
+        ``rate`` bounds the work to so many data keys per second, so that a large
+        installation is re-wrapped without disturbing signing; ``progress`` is
+        called with (done, total) after each one."""
+        total = self.count_not_under_primary()
+        done = 0
+        while refs := self.material_not_under_primary(REWRAP_SCAN_BATCH):
+            for ref in refs:
+                started = time.monotonic()
+                if self.rewrap(ref):
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                if rate:
+                    time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
+        return done
+
     def material_not_under_primary(self, limit: int = 1000) -> list[str]:
         """References of material still wrapped by an older master key."""
         self._keyring.refresh()
@@ -211,7 +316,7 @@ class BuiltinKeyStore(KeyStore):
         that was moved between rows fails here (MasterKeyMismatch) instead of
         being re-wrapped for the wrong key. Returns False if nothing was to do."""
         primary = self._keyring.primary
-        with writer(self._engine).begin() as conn:
+        with self._writer.begin() as conn:
             query = select(_T).where(_T.c.ref == ref)
             if conn.dialect.name == "postgresql":
                 query = query.with_for_update()
@@ -239,12 +344,9 @@ class BuiltinKeyStore(KeyStore):
     # ------------------------------------------------------------ internals
 
     def _private_key(self, handle: KeyHandle) -> PrivateKey:
-        cache_key = (handle.ref, handle.context)
-        with self._lock:
-            cached = self._cache.get(cache_key)
-            if cached is not None and time.monotonic() - cached[1] < self._cache_ttl:
-                self._cache.move_to_end(cache_key)
-                return cached[0]
+        cached = self._cache.get((handle.ref, handle.context))
+        if cached is not None:
+            return cached
         try:
             with self._engine.connect() as conn:
                 row = conn.execute(
@@ -282,12 +384,5 @@ class BuiltinKeyStore(KeyStore):
         del plaintext, dek
         if not isinstance(loaded, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise KeyMaterialMissing("stored key material is not an RSA or EC key")
-        self._remember(handle, loaded)
+        self._cache.put((handle.ref, handle.context), loaded)
         return loaded
-
-    def _remember(self, handle: KeyHandle, key: PrivateKey) -> None:
-        with self._lock:
-            self._cache[(handle.ref, handle.context)] = (key, time.monotonic())
-            self._cache.move_to_end((handle.ref, handle.context))
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)

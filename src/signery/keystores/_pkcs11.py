@@ -67,7 +67,15 @@ from signery.errors import (
     SigneryError,
     UnsupportedAlgorithm,
 )
-from signery.keystores._base import GeneratedKey, KeyContext, KeyHandle, KeyStore, StoreHealth
+from signery.keystores._base import (
+    DestroyableKeyStore,
+    GeneratedKey,
+    HealthCheckedKeyStore,
+    KeyContext,
+    KeyHandle,
+    KeyStore,
+    StoreHealth,
+)
 from signery.keystores._files import read_secret_file
 from signery.keystores._settings import Pkcs11Settings
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
@@ -657,7 +665,7 @@ class _SessionPool:
 # ---------------------------------------------------------------- the store
 
 
-class Pkcs11KeyStore(KeyStore):
+class Pkcs11KeyStore(DestroyableKeyStore, HealthCheckedKeyStore):
     """Keys generated and used inside one PKCS#11 token."""
 
     kind = "pkcs11"

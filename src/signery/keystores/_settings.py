@@ -1,4 +1,4 @@
-"""Configuration of the optional key stores (read by signery.server.config).
+"""Configuration of the optional key stores (embedded in the server's settings).
 
 Plain pydantic models: the server's settings embed them, so they come from the
 TOML file (``[aws_kms]``, ``[pkcs11]``) or from the environment with a double
@@ -8,6 +8,7 @@ underscore (``SIGNERY_AWS_KMS__REGION``, ``SIGNERY_PKCS11__TOKEN_LABEL``...).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -17,6 +18,8 @@ class AwsKmsSettings(BaseModel):
     chain (environment, shared files, instance role) unless given here."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # The key-store kind these settings open (signery.keystores.BACKENDS).
+    kind: ClassVar[str] = "aws-kms"
 
     region: str = Field(description="AWS region, e.g. eu-central-1")
     endpoint_url: str | None = Field(
@@ -47,6 +50,7 @@ class Pkcs11Settings(BaseModel):
     """A PKCS#11 token (store name ``pkcs11``): an HSM, a smart card, SoftHSM2."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: ClassVar[str] = "pkcs11"
 
     module: Path = Field(
         description="Path of the PKCS#11 library, e.g. /usr/lib/softhsm/libsofthsm2.so"

@@ -32,10 +32,10 @@ from signery.server.keys.policy_routes import router as key_policy_router
 from signery.server.keys.request_routes import router as key_requests_router
 from signery.server.keys.routes import keystores_router
 from signery.server.keys.routes import router as keys_router
-from signery.server.ops.logging import configure_logging
 from signery.server.ops.routes import router as ops_router
 from signery.server.reports.routes import router as audit_router
 from signery.server.runtime.clock import Clock
+from signery.server.runtime.logging import configure_logging
 from signery.server.signing.routes import SignDispatcher
 from signery.server.signing.routes import router as signing_router
 from signery.server.tsa.query import MAX_QUERY_BYTES

@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 
 from signery.errors import ConfigurationError
-from signery.keystores._settings import AwsKmsSettings, Pkcs11Settings
+from signery.keystores import AwsKmsSettings, Pkcs11Settings
 from signery.protocol import Algorithm
 
 ENV_PREFIX = "SIGNERY_"
@@ -285,6 +285,11 @@ class Settings(BaseSettings):
         le=3650,
         description="Validity of certificates issued over EST (capped by leaf_max_validity_days)",
     )
+
+    def optional_key_stores(self) -> dict[str, AwsKmsSettings | Pkcs11Settings]:
+        """The settings of each optional key store that is enabled, by store kind
+        (what signery.keystores.open_key_stores opens)."""
+        return {s.kind: s for s in (self.aws_kms, self.pkcs11) if s is not None}
 
     @model_validator(mode="after")
     def _kms_master_key(self) -> Settings:

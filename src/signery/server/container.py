@@ -10,15 +10,16 @@ from alembic.runtime.migration import MigrationContext
 
 from signery.errors import ConfigurationError, SigneryError
 from signery.keystores import (
-    BuiltinKeyStore,
+    BuiltinSettings,
     Keyring,
     KeyringFile,
-    KeyStore,
     KeyStoreRegistry,
+    KeyWrapper,
     MasterKey,
+    open_key_stores,
+    open_kms_key_wrapper,
+    read_secret_file,
 )
-from signery.keystores._files import read_secret_file
-from signery.keystores._keyring import KeyWrapper
 from signery.server.access.authz import Authorizer
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
@@ -43,17 +44,18 @@ from signery.server.identity.authn import Authenticator
 from signery.server.installation.secrets import access_token_secret
 from signery.server.keys.certified import CertifiedKeys, keys_outside_every_policy
 from signery.server.keys.lifecycle import KeyLifecycle
-from signery.server.keys.policy import KeyPolicyService
+from signery.server.keys.policy_reads import keys_naming_signer
+from signery.server.keys.policy_service import KeyPolicyService
 from signery.server.keys.requests import CertificateRequests
 from signery.server.keys.service import KeyService
 from signery.server.limits.service import AuthLimits, FailureCounters, LimitsConfig
-from signery.server.ops.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeToken
 from signery.server.persistence import meta
-from signery.server.persistence.db import Database, make_engine
+from signery.server.persistence.db import Database, make_engine, writer
 from signery.server.persistence.migrate import head_revision
 from signery.server.reports.service import AuditService
 from signery.server.runtime.clock import Clock, SystemClock
 from signery.server.runtime.jobs import Job, Scheduler
+from signery.server.runtime.metrics import MIN_SCRAPE_TOKEN_CHARS, Metrics, ScrapeToken
 from signery.server.signing.service import SigningService
 from signery.server.tsa.authority import TsaConfig
 from signery.server.tsa.service import TsaService
@@ -71,43 +73,20 @@ def build_keystores(
 
     Optional SDKs are imported only when their store is configured, with an
     install hint when missing; a store that cannot be opened stops the start
-    with one clear ConfigurationError."""
-    stores: list[KeyStore] = [BuiltinKeyStore(db.engine, keyring)]
-    if not optional_stores:
-        return KeyStoreRegistry(stores)
-    try:
-        if settings.aws_kms is not None:
-            try:
-                from signery.keystores._awskms import open_store as open_aws_kms
-            except ImportError as e:
-                raise ConfigurationError(
-                    "[aws_kms] is configured: pip install 'signery[aws]'"
-                ) from e
-            stores.append(open_aws_kms(settings.aws_kms))
-        if settings.pkcs11 is not None:
-            try:
-                from signery.keystores._pkcs11 import open_store as open_pkcs11
-            except ImportError as e:
-                raise ConfigurationError(
-                    "[pkcs11] is configured: pip install 'signery[pkcs11]'"
-                ) from e
-            stores.append(open_pkcs11(settings.pkcs11))
-    except BaseException:
-        for store in stores:
-            store.close()
-        raise
-    return KeyStoreRegistry(stores)
+    with one clear ConfigurationError (signery.keystores.open_key_stores)."""
+    configured: dict[str, object] = {
+        BuiltinSettings.kind: BuiltinSettings(db.engine, keyring, write_engine=writer(db.engine))
+    }
+    if optional_stores:
+        configured.update(settings.optional_key_stores())
+    return open_key_stores(configured)
 
 
 def keyring_file(settings: Settings) -> KeyringFile:
     """The master key file, able to unwrap keys wrapped by AWS KMS when [aws_kms] is set."""
     wrapper: KeyWrapper | None = None
     if settings.aws_kms is not None:
-        try:
-            from signery.keystores._awskms import open_key_wrapper
-        except ImportError as e:
-            raise ConfigurationError("[aws_kms] is configured: pip install 'signery[aws]'") from e
-        wrapper = open_key_wrapper(settings.aws_kms)
+        wrapper = open_kms_key_wrapper(settings.aws_kms)
     return KeyringFile(settings.resolved_master_key_file, wrapper)
 
 
@@ -259,7 +238,12 @@ class Services:
         )
         self.users = core.users()
         self.accounts = AccountService(
-            core.db, core.authz, core.recorder, core.clock, core.directory
+            core.db,
+            core.authz,
+            core.recorder,
+            core.clock,
+            core.directory,
+            signer_keys=keys_naming_signer,
         )
         self.limits = AuthLimits(
             FailureCounters(core.db, core.clock), LimitsConfig.of(core.settings), core.clock

@@ -1,7 +1,10 @@
 """Every table of the server, imported so that ``Base.metadata`` is complete
-(Alembic migrations and the schema-drift test read it from here)."""
+(Alembic migrations and the schema-drift test read it from here).
 
-from signery.keystores._builtin import BuiltinKeyMaterialRow
+The built-in key store declares its own table (``signery.keystores.BUILTIN_METADATA``);
+it is copied into ``Base.metadata`` here, so the migrations create it like any other."""
+
+from signery.keystores import BUILTIN_METADATA
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
 from signery.server.approvals.models import (
     ApprovalDecisionRow,
@@ -38,6 +41,9 @@ from signery.server.persistence.meta import ServerMetaRow
 from signery.server.tsg.models import TsgRow
 from signery.server.users.models import ApiTokenRow, RoleBindingRow, UserRow
 
+for _table in BUILTIN_METADATA.tables.values():
+    _table.to_metadata(Base.metadata)
+
 __all__ = [
     "AccountKeyRow",
     "AccountRow",
@@ -50,7 +56,6 @@ __all__ = [
     "AuditSinkCursorRow",
     "AuditSinkGapRow",
     "Base",
-    "BuiltinKeyMaterialRow",
     "CaAuthorityRow",
     "CaConnectorRow",
     "CertificateRequestRow",

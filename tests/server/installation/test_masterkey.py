@@ -19,18 +19,23 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text
 
 from signery.crypto import Hashed
-from signery.keystores import BuiltinKeyStore, KeyContext, KeyHandle, KeyringFile
-from signery.keystores._builtin import BuiltinKeyMaterialRow
+from signery.keystores import (
+    BUILTIN_METADATA,
+    BuiltinKeyStore,
+    KeyContext,
+    KeyHandle,
+    KeyringFile,
+)
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from signery.server.app import create_app
 from signery.server.container import load_keyring
 from signery.server.installation.masterkey import rotate_master_key
 from signery.server.persistence import meta
-from signery.server.persistence.db import Database, make_engine, table
+from signery.server.persistence.db import Database, make_engine
 from tests.support import SIGNERY, Api, Installation, new_installation, server_env
 
 DIGEST = Hashed(DigestAlgorithm.SHA256, hashlib.sha256(b"rotation").digest())
-MATERIAL = table(BuiltinKeyMaterialRow)
+MATERIAL = BUILTIN_METADATA.tables["builtin_key_material"]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -47,7 +47,9 @@ from signery.errors import (
     UnsupportedTimestampQueryVersion,
 )
 from signery.keystores import (
+    DestroyableKeyStore,
     GeneratedKey,
+    HealthCheckedKeyStore,
     KeyContext,
     KeyHandle,
     KeyStore,
@@ -925,7 +927,7 @@ def test_the_policy_oid_setting_is_validated(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ first use, and the race
 
 
-class RendezvousStore(KeyStore):
+class RendezvousStore(DestroyableKeyStore, HealthCheckedKeyStore):
     """The built-in store, but generate() waits until ``parties`` callers are inside
     it: every worker has seen "no TSA" and made its key before any inserts a row."""
 

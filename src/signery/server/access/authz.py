@@ -36,6 +36,7 @@ from signery.errors import (
     SignerKeyAdminRequired,
     SignerNotAllowed,
 )
+from signery.ids import AccountId
 from signery.protocol import PrincipalType, Role
 
 
@@ -289,11 +290,11 @@ class WindowRule:
 
 @dataclass(frozen=True, slots=True)
 class SigningRules:
-    """A key's signing policy, parsed once (signery.server.keys.policy.rules_of);
+    """A key's signing rules, parsed once (signery.server.keys.policy.KeyPolicy);
     ``None`` everywhere means that rule restricts nothing."""
 
     zone: tzinfo
-    signers: frozenset[str] | None = None
+    signers: frozenset[AccountId] | None = None
     signer_tsg_paths: tuple[str, ...] | None = None
     schemes: frozenset[str] | None = None
     digests: frozenset[str] | None = None

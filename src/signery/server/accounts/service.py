@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -31,13 +32,13 @@ from signery.errors import (
     SignerKeyAdminRequired,
     TsgNotFound,
 )
+from signery.ids import AccountId, KeyId
 from signery.protocol import AccountStatus, AuditOutcome
 from signery.server.access.authz import Authorizer, Denied, Permission, Principal
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow
 from signery.server.audit.events import Actor, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
-from signery.server.keys.policy import keys_naming_signer
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
@@ -117,6 +118,15 @@ def key_to_wire(row: AccountKeyRow) -> p.AccountKey:
     )
 
 
+class SignerKeys(Protocol):
+    """The keys whose policy names an account as a signer, each as (key id, key
+    TSG path). Key policies answer it
+    (``signery.server.keys.policy_reads.keys_naming_signer``); it is handed in,
+    so that accounts know nothing of keys (keys name accounts, not the reverse)."""
+
+    def __call__(self, s: Session, account_id: AccountId, /) -> list[tuple[KeyId, str]]: ...
+
+
 class AccountService:
     def __init__(
         self,
@@ -125,12 +135,15 @@ class AccountService:
         recorder: AuditRecorder,
         clock: Clock,
         directory: TsgDirectory,
+        *,
+        signer_keys: SignerKeys,
     ) -> None:
         self._db = db
         self._authz = authz
         self._recorder = recorder
         self._clock = clock
         self._directory = directory
+        self._signer_keys = signer_keys
 
     def _status(self, row: AccountRow) -> AccountStatus:
         if row.status == AccountStatus.DISABLED.value:
@@ -326,7 +339,7 @@ class AccountService:
         key, algorithm = parse_account_public_key(req.public_key_pem)
         with self._recorder.refusals() as refused, self._db.write() as s:
             row, path = self._visible(s, principal, ref, Permission.ACCOUNT_MANAGE, lock=True)
-            named = keys_naming_signer(s, row.id)
+            named = self._signer_keys(s, AccountId(row.id))
             decision = self._authz.decide_account_key(
                 principal, [key_path for _, key_path in named]
             )

@@ -32,11 +32,8 @@ to a share per source and interval, summed beyond it.
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 import urllib.parse
-from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +44,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from signery import protocol as p
+from signery.cache import BoundedCache
 from signery.errors import (
     AssertionAlgorithmRefused,
     AssertionAudienceMismatch,
@@ -68,7 +66,9 @@ from signery.errors import (
     UnsupportedGrantType,
     UnsupportedMediaType,
 )
+from signery.ids import AccountId, TsgId
 from signery.protocol import AccountStatus, AuditOutcome, PrincipalType, has_control_characters
+from signery.server.access.claims import AccessClaims
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountKeyRow, AccountRow, UsedAssertionRow
 from signery.server.audit.events import ANONYMOUS, Actor, AuditRecord, EventKind, outcome_of
@@ -112,18 +112,6 @@ def pinned_algorithms(key: object) -> tuple[str, ...]:
     return ()
 
 
-@dataclass(frozen=True, slots=True)
-class AccessClaims:
-    """A fully verified access token."""
-
-    account_id: str
-    client_id: str
-    tsg_id: str
-    expires_at: datetime
-    # Valid only while the account's token_epoch is still this one.
-    epoch: int
-
-
 class AccessTokenCodec:
     """Issues and verifies the server's own access tokens (JWT, HS256, typ at+jwt)."""
 
@@ -136,8 +124,7 @@ class AccessTokenCodec:
         self._clock = clock
         # Tokens already verified (exact string -> claims), so a token that is used
         # for many signings costs one JWT verification (~100 µs), not one each.
-        self._verified: OrderedDict[str, AccessClaims] = OrderedDict()
-        self._lock = threading.Lock()
+        self._verified: BoundedCache[str, AccessClaims] = BoundedCache(VERIFIED_CACHE_SIZE)
 
     def issue(self, account: AccountRow) -> tuple[str, int]:
         now = self._clock.now()
@@ -165,17 +152,13 @@ class AccessTokenCodec:
     def verify(self, token: str) -> AccessClaims:
         if len(token) > MAX_ASSERTION_CHARS:
             raise InvalidToken()
-        with self._lock:
-            cached = self._verified.get(token)
+        cached = self._verified.get(token)
         if cached is not None:
             if cached.expires_at > self._clock.now():
                 return cached
             raise InvalidToken("access token expired")
         claims = self._verify(token)
-        with self._lock:
-            self._verified[token] = claims
-            while len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
+        self._verified.put(token, claims)
         return claims
 
     def _verify(self, token: str) -> AccessClaims:
@@ -215,9 +198,9 @@ class AccessTokenCodec:
         if not isinstance(epoch, int) or isinstance(epoch, bool):
             raise InvalidToken()
         return AccessClaims(
-            account_id=claims["acct"],
+            account_id=AccountId(claims["acct"]),
             client_id=claims["sub"],
-            tsg_id=claims["tsg"],
+            tsg_id=TsgId(claims["tsg"]),
             expires_at=datetime.fromtimestamp(exp, UTC),
             epoch=epoch,
         )

@@ -37,14 +37,11 @@ two grants, and no digest joins a request while it is being decided.
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from pydantic import ValidationError
 from sqlalchemy import func, or_, select, true, update
 from sqlalchemy.orm import Session
 
@@ -84,6 +81,7 @@ from signery.server.approvals.models import (
 from signery.server.audit.events import SYSTEM, Actor, AuditRecord, EventKind, outcome_of
 from signery.server.audit.recorder import AuditRecorder
 from signery.server.keys.models import SigningKeyRow
+from signery.server.keys.policy import KeyPolicy
 from signery.server.persistence.db import Database, flush_unique, new_id, table
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
@@ -104,7 +102,6 @@ LAPSED = (
     ("revoked", GRANT_REVOKED),
 )
 APPROVAL_REQUIRED = "approval_required"
-POLICY_CACHE_SIZE = 1024
 DIGESTS = GrantScope.DIGESTS.value
 ANY_DIGEST = GrantScope.ANY_DIGEST.value
 
@@ -115,18 +112,12 @@ _G = table(SigningGrantRow)
 EXPIRE_BATCH = 500
 
 
-@functools.lru_cache(maxsize=POLICY_CACHE_SIZE)
 def approval_policy(policy_json: str | None) -> p.ApprovalPolicy | None:
-    """The ``approval`` part of a key's policy JSON (cached: policies are few and
-    immutable strings), or None when the key requires no approval."""
-    if not policy_json:
-        return None
-    try:
-        raw = json.loads(policy_json).get("approval")
-        return None if raw is None else p.ApprovalPolicy.model_validate(raw)
-    except (ValueError, AttributeError, ValidationError) as e:
-        # A policy that cannot be read must not sign without approval: fail closed.
-        raise InvalidRequest("the key's approval policy cannot be read") from e
+    """The approval a key's policy requires (from the parsed policy,
+    ``KeyPolicy.of``), or None when the key requires none. A policy that cannot
+    be read raises (``KeyPolicy.parse``): it never signs without approval."""
+    policy = KeyPolicy.of(policy_json)
+    return policy.approval if policy is not None else None
 
 
 @dataclass(frozen=True, slots=True)

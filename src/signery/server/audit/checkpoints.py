@@ -28,7 +28,7 @@ from signery import protocol as p
 from signery.auditchain import AUDIT_KEY_ID, Checkpoint, checkpoint_payload, signature_valid
 from signery.crypto import Hashed
 from signery.errors import ConfigurationError, PermissionDenied, UnknownKeyStore
-from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
+from signery.keystores import Destroyable, KeyContext, KeyHandle, KeyStoreRegistry
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.audit.models import (
@@ -154,9 +154,11 @@ class CheckpointService:
                 )
                 flush_unique(s, _KeyTaken())
         except _KeyTaken:
-            store.destroy(made.handle)  # a rival's key won: no orphaned key
+            if isinstance(store, Destroyable):
+                store.destroy(made.handle)  # a rival's key won: no orphaned key
         except BaseException:
-            store.destroy(made.handle)
+            if isinstance(store, Destroyable):
+                store.destroy(made.handle)
             raise
         key = self._read_key()
         if key is None:  # pragma: no cover - a row was committed, by us or a rival

@@ -59,8 +59,8 @@ from sqlalchemy.sql import ColumnElement
 from signery import __version__
 from signery.errors import ConfigurationError, SigneryError
 from signery.server.audit.models import AuditEventRow, AuditSinkCursorRow, AuditSinkGapRow
+from signery.server.audit.wire import event_to_wire
 from signery.server.persistence.db import Database, table
-from signery.server.reports.service import event_to_wire
 from signery.server.runtime.clock import Clock
 
 log = logging.getLogger("signery.audit.sinks")

@@ -25,6 +25,7 @@ from signery import protocol as p
 from signery.crypto import PublicKey
 from signery.errors import ConfigurationError, DatabaseError, InvalidRequest
 from signery.keystores import (
+    Destroyable,
     GeneratedKey,
     KeyContext,
     KeyHandle,
@@ -163,8 +164,9 @@ class BuiltinCa:
                 tuple(handles),
             )
         except BaseException:
-            for handle in handles:
-                store.destroy(handle)
+            if isinstance(store, Destroyable):
+                for handle in handles:
+                    store.destroy(handle)
             raise
 
     def _certify(

@@ -13,8 +13,8 @@ from starlette.requests import HTTPConnection
 from signery.errors import AuthenticationFailed, PermissionDenied
 from signery.protocol import AuditOutcome
 from signery.server.access.authz import Denied, Permission, Principal
+from signery.server.access.claims import AccessClaims
 from signery.server.access.context import RequestContext
-from signery.server.accounts.tokens import AccessClaims
 from signery.server.audit.events import ANONYMOUS, AuditRecord, EventKind
 from signery.server.container import Services
 from signery.server.http.edge import request_context

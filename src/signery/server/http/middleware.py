@@ -24,8 +24,8 @@ from starlette.responses import Response
 
 from signery.errors import ControlCharacters, RequestTooLarge, SigneryError
 from signery.protocol import has_control_characters
-from signery.server.ops.logging import request_id_var
-from signery.server.ops.metrics import Metrics
+from signery.server.runtime.logging import request_id_var
+from signery.server.runtime.metrics import Metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -27,9 +27,10 @@ from signery.errors import (
 )
 from signery.protocol import AccountStatus, PrincipalType, has_control_characters
 from signery.server.access.authz import Principal
+from signery.server.access.claims import AccessClaims
 from signery.server.access.context import RequestContext
 from signery.server.accounts.models import AccountRow
-from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims, AccessTokenCodec
+from signery.server.accounts.tokens import STALE_TOKEN, AccessTokenCodec
 from signery.server.limits.service import AuthLimits
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock

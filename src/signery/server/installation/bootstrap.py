@@ -19,7 +19,15 @@ import uuid
 from dataclasses import dataclass
 
 from signery.errors import ConfigurationError
-from signery.keystores import Keyring, KeyringEntry, KeyringFile, MasterKey
+from signery.keystores import (
+    Destroyable,
+    KeyHandle,
+    Keyring,
+    KeyringEntry,
+    KeyringFile,
+    KeyStoreRegistry,
+    MasterKey,
+)
 from signery.protocol import AuditOutcome, PrincipalType, Role
 from signery.server.audit.events import SYSTEM, Actor, AuditRecord, EventKind
 from signery.server.config import Settings
@@ -158,7 +166,7 @@ def _create(
             )
         except BaseException:
             for handle in created_ca.handles:
-                core.keystores.get(handle.store).destroy(handle)
+                _discard(core.keystores, handle)
             raise
         users = core.users()
         password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
@@ -246,10 +254,10 @@ def _create(
                     core.recorder.record(s, created_record(created_tsa, root.path, when="init"))
         except BaseException:
             if created_tsa is not None:
-                core.keystores.get(created_tsa.handle.store).destroy(created_tsa.handle)
+                _discard(core.keystores, created_tsa.handle)
             # Each handle in the store that made it (ca_storage may be an HSM or KMS).
             for handle in created_ca.handles:
-                core.keystores.get(handle.store).destroy(handle)
+                _discard(core.keystores, handle)
             raise
         return InitResult(
             created=True,
@@ -267,3 +275,10 @@ def _create(
     finally:
         core.keystores.close()
         core.db.dispose()
+
+
+def _discard(keystores: KeyStoreRegistry, handle: KeyHandle) -> None:
+    """Erase a key pair made by an initialization that failed, if its store can."""
+    store = keystores.get(handle.store)
+    if isinstance(store, Destroyable):
+        store.destroy(handle)

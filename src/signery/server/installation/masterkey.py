@@ -19,15 +19,11 @@ in progress instead of starting another.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
-
 from signery.errors import ConfigurationError
 from signery.keystores import BuiltinKeyStore, Keyring, KeyringEntry, MasterKey
-from signery.keystores._builtin import BuiltinKeyMaterialRow
 from signery.protocol import AuditOutcome
 from signery.server.audit.events import SYSTEM, AuditRecord, EventKind
 from signery.server.audit.recorder import AuditRecorder
@@ -36,10 +32,8 @@ from signery.server.connectors.service import connectors_not_under, rewrap_conne
 from signery.server.container import keyring_file
 from signery.server.installation.secrets import rewrap_access_token_secret
 from signery.server.persistence import meta
-from signery.server.persistence.db import Database, make_engine, table
+from signery.server.persistence.db import Database, make_engine, writer
 from signery.server.runtime.clock import Clock, SystemClock
-
-SCAN_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,19 +76,9 @@ def rotate_master_key(
             source.write(new.key_id, [KeyringEntry(new, settings.master_key_kms_key_id), *entries])
             previous = [e.key.key_id for e in entries]
         keyring = Keyring.load(source)
-        store = BuiltinKeyStore(db.engine, keyring)
-        total = _count(db, keyring.primary.key_id)
-        done = 0
-        # Step 2: one data key at a time.
-        while refs := store.material_not_under_primary(SCAN_BATCH):
-            for ref in refs:
-                started = time.monotonic()
-                if store.rewrap(ref):
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                if rate:
-                    time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - started)))
+        store = BuiltinKeyStore(db.engine, keyring, write_engine=writer(db.engine))
+        # Step 2: one data key at a time (the built-in store re-wraps its own).
+        done = store.rewrap_all(rate=rate, progress=progress)
         rewrap_access_token_secret(db, keyring)
         rewrap_connector_secrets(db, keyring)
         # Step 3: the database follows, with its audit event.
@@ -135,13 +119,3 @@ def rotate_master_key(
 
 def _others(entries: list[KeyringEntry], keyring: Keyring) -> list[KeyringEntry]:
     return [e for e in entries if e.key.key_id != keyring.primary.key_id]
-
-
-def _count(db: Database, primary_id: str) -> int:
-    t = table(BuiltinKeyMaterialRow)
-    with db.engine.connect() as conn:
-        return int(
-            conn.execute(
-                select(func.count()).select_from(t).where(t.c.master_key_id != primary_id)
-            ).scalar_one()
-        )

@@ -36,7 +36,7 @@ from signery.errors import (
     RotationPending,
     SigneryError,
 )
-from signery.keystores import KeyContext, KeyStoreRegistry
+from signery.keystores import Destroyable, KeyContext, KeyStoreRegistry
 from signery.protocol import (
     AuditOutcome,
     CertificateAuthority,
@@ -262,7 +262,8 @@ class KeyLifecycle:
                 )
         except BaseException:
             # No half-created version: the new pair goes if it was not recorded.
-            store.destroy(generated.handle)
+            if isinstance(store, Destroyable):
+                store.destroy(generated.handle)
             raise
         return Rotated(key.id, previous, new_version, serial)
 
@@ -386,7 +387,8 @@ class KeyLifecycle:
                 )
         except BaseException:
             # No half-created version: the new pair goes if it was not recorded.
-            store.destroy(generated.handle)
+            if isinstance(store, Destroyable):
+                store.destroy(generated.handle)
             raise
         # Submitted at once; a failure stays noted on the request, for
         # `POST /api/v1/keys/{key}/enroll` to retry; the current version signs meanwhile.
@@ -435,7 +437,7 @@ class KeyLifecycle:
                 {"version": rotating.version, "certificate_requests": superseded},
             )
         try:
-            self._keystores.get(key.storage).destroy(handle)
+            self._keystores.destroyable(key.storage).destroy(handle)
         except SigneryError as e:
             self._failed(key.id, EventKind.KEY_DESTRUCTION_FAILED, e)
             raise
@@ -684,7 +686,7 @@ class KeyLifecycle:
                 )
             )
             path = self._path(s, key.tsg_id)
-        store = self._keystores.get(key.storage)
+        store = self._keystores.destroyable(key.storage)
         for version in versions:
             if version.destroyed_at is None:
                 # Idempotent in every store: a retry after a partial failure

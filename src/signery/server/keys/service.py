@@ -25,7 +25,7 @@ from signery.errors import (
     PermissionDenied,
     TsgNotFound,
 )
-from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
+from signery.keystores import Destroyable, KeyContext, KeyHandle, KeyStoreRegistry, health_of
 from signery.protocol import (
     Algorithm,
     AuditOutcome,
@@ -44,14 +44,13 @@ from signery.server.ca.subject_policy import require_allowed_subject
 from signery.server.connectors.base import ENROLL, REISSUE, RENEW
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.keys.names import shadows
-from signery.server.keys.policy import key_usage, wire_policy
+from signery.server.keys.policy_reads import key_usage, wire_policy
 from signery.server.keys.requests import CertificateRequests, build_csr
 from signery.server.persistence.db import Database, flush_unique, new_id
 from signery.server.runtime.clock import Clock
 from signery.server.tsg.models import TsgRow
 from signery.server.tsg.tree import TsgDirectory, visible_rows_by_ref
 
-# RFC 5280 §5.3.1 CRLReason names (x509.ReasonFlags values), without removeFromCRL.
 # The widest horizon of ``GET /keys?expiring_within_days``: a century (and far
 # from the overflow of datetime arithmetic).
 MAX_EXPIRING_WITHIN_DAYS = 36_500
@@ -257,7 +256,8 @@ class KeyService:
                 )
                 wire = self._wire(s, key)
         except BaseException:
-            store.destroy(generated.handle)
+            if isinstance(store, Destroyable):
+                store.destroy(generated.handle)
             raise
         if connector is not None:
             # Submitted at once; a failure leaves the key pending with the error noted
@@ -298,7 +298,7 @@ class KeyService:
             raise PermissionDenied("key stores are listed for users")
         out = []
         for store in self._keystores.all():
-            health = store.health()
+            health = health_of(store)
             out.append(
                 p.KeyStoreInfo(
                     name=store.name,

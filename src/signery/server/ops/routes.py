@@ -10,7 +10,7 @@ from signery import __version__
 from signery import protocol as p
 from signery.server.accounts.tokens import ASSERTION_ALGORITHMS
 from signery.server.http.deps import MetricsReaderDep, ServicesDep
-from signery.server.ops.metrics import CONTENT_TYPE
+from signery.server.runtime.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 

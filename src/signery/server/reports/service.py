@@ -18,6 +18,7 @@ from signery.protocol import AuditOutcome, PrincipalType
 from signery.server.access.authz import Authorizer, Permission, Principal
 from signery.server.accounts.models import AccountRow
 from signery.server.audit.models import AuditEventRow, UsageCounterRow, UsageDailyRow
+from signery.server.audit.wire import event_to_wire
 from signery.server.ca.models import CaAuthorityRow
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
 from signery.server.persistence.db import Database
@@ -48,36 +49,6 @@ class EventFilter:
     descending: bool = False
     # Events up to this seq only (an export is a cut of the trail as it began).
     through_seq: int | None = None
-
-
-def event_to_wire(row: AuditEventRow) -> p.AuditEvent:
-    return p.AuditEvent(
-        id=row.id,
-        seq=row.seq,
-        time=row.time,
-        kind=row.kind,
-        outcome=AuditOutcome(row.outcome),
-        reason=row.reason,
-        tsg_id=row.tsg_id,
-        principal=p.AuditPrincipal(
-            type=PrincipalType(row.principal_type), id=row.principal_id, name=row.principal_name
-        ),
-        key_id=row.key_id,
-        key_version=row.key_version,
-        algorithm=row.algorithm,
-        digest=row.digest,
-        client_ip=row.client_ip,
-        user_agent=row.user_agent,
-        client_machine=row.client_machine,
-        client_tool=row.client_tool,
-        request_id=row.request_id,
-        node_id=row.node_id,
-        details=json.loads(row.details or "{}"),
-        tsg_path=row.tsg_path,
-        node_seq=row.node_seq,
-        prev_hash=row.prev_hash,
-        hash=row.hash,
-    )
 
 
 class AuditService:

@@ -14,7 +14,7 @@ SIGTERM or SIGINT.
 Metrics: the workers count in files of a private directory the parent makes for
 this run (mode 0700, removed when it stops) and names in ``PROMETHEUS_MULTIPROC_DIR``
 before any worker starts, so a scrape answered by any worker sums them all
-(prometheus_client multiprocess mode; signery.server.ops.metrics).
+(prometheus_client multiprocess mode; signery.server.runtime.metrics).
 
 SO_REUSEPORT lets any process of the same user join the port, and the kernel
 then spreads connections over two unrelated servers: a second installation's

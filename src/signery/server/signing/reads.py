@@ -20,7 +20,9 @@ from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import Select, bindparam, select
 
+from signery.ids import AccountId, KeyId, KeyVersionId, TsgId
 from signery.protocol import VersionStatus
+from signery.refs import KeyRef
 from signery.server.accounts.models import AccountRow
 from signery.server.ca.models import CertificateRow
 from signery.server.keys.models import KeyVersionRow, SigningKeyRow
@@ -44,10 +46,10 @@ READ_THREADS = 8
 
 
 class AccountState(NamedTuple):
-    id: str
+    id: AccountId
     client_id: str
     name: str
-    tsg_id: str
+    tsg_id: TsgId
     status: str
     valid_until: datetime
     path: str
@@ -56,7 +58,7 @@ class AccountState(NamedTuple):
 
 
 class PreviousVersion(NamedTuple):
-    key_id: str
+    key_id: KeyId
     version: int
     status: str
     public_key_der: bytes
@@ -64,14 +66,14 @@ class PreviousVersion(NamedTuple):
 
 
 class KeyState(NamedTuple):
-    id: str
+    id: KeyId
     name: str
-    tsg_id: str
+    tsg_id: TsgId
     algorithm: str
     storage: str
     status: str
     path: str
-    version_id: str
+    version_id: KeyVersionId
     version: int
     store_ref: str
     public_key_der: bytes
@@ -88,7 +90,7 @@ class KeyState(NamedTuple):
 class VersionState(NamedTuple):
     """One version of a key, for a signing that names it (``key_version``)."""
 
-    version_id: str
+    version_id: KeyVersionId
     version: int
     status: str
     store_ref: str
@@ -126,7 +128,8 @@ def _keys() -> Select[Any]:
 
 
 def _account_and_keys(*, by_id: bool) -> Select[Any]:
-    """accounts LEFT JOIN (the keys named :ref inside the account's subtree)."""
+    """accounts LEFT JOIN (the keys named :ref inside the account's subtree; with
+    ``by_id``, the key whose id is :ref too: ``signery.refs.KeyRef.is_id``)."""
     account_tsg = _T.alias("account_tsg")
     key_tsg = _T.alias("key_tsg")
     keys = (
@@ -261,19 +264,19 @@ class SigningReads:
 
     # ------------------------------------------------------------ queries (any thread)
 
-    def account(self, account_id: str) -> AccountState | None:
+    def account(self, account_id: AccountId) -> AccountState | None:
         with self._direct.cursor() as cur:
             rows = self._account.fetchall(cur, {"account_id": account_id})
         return AccountState(*rows[0]) if rows else None
 
     def account_and_keys(
-        self, account_id: str, ref: str, *, by_id: bool
+        self, account_id: AccountId, ref: KeyRef
     ) -> tuple[AccountState | None, list[KeyState]]:
-        """The account, and the keys named ``ref`` in its TSG's subtree: one statement
+        """The account, and the keys ``ref`` names in its TSG's subtree: one statement
         (one round trip on PostgreSQL) for the two reads of every signing."""
-        prepared = self._account_and_key_by_id if by_id else self._account_and_key_by_name
+        prepared = self._account_and_key_by_id if ref.is_id else self._account_and_key_by_name
         with self._direct.cursor() as cur:
-            rows = prepared.fetchall(cur, {"account_id": account_id, "ref": ref})
+            rows = prepared.fetchall(cur, {"account_id": account_id, "ref": ref.text})
         if not rows:
             return None, []
         width = len(AccountState._fields)
@@ -296,7 +299,7 @@ class SigningReads:
             )
         return [KeyState(*r) for r in rows]
 
-    def version(self, key_id: str, version: int) -> VersionState | None:
+    def version(self, key_id: KeyId, version: int) -> VersionState | None:
         with self._direct.cursor() as cur:
             rows = self._version.fetchall(cur, {"key_id": key_id, "version": version})
         return VersionState(*rows[0]) if rows else None

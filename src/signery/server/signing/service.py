@@ -13,11 +13,8 @@ refusal is audited with its reason code.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +23,7 @@ import anyio.to_thread
 from pydantic import ValidationError
 
 from signery import protocol as p
+from signery.cache import BoundedCache
 from signery.crypto import (
     Hashed,
     PublicKey,
@@ -63,6 +61,7 @@ from signery.errors import (
     UnsupportedScheme,
     ValidationFailed,
 )
+from signery.ids import AccountId, KeyId, KeyVersionId, TsgId
 from signery.keystores import KeyContext, KeyHandle, KeyStoreRegistry
 from signery.protocol import (
     AccountStatus,
@@ -73,22 +72,18 @@ from signery.protocol import (
     PrincipalType,
     VersionStatus,
 )
+from signery.refs import KeyRef
 from signery.server.access.authz import (
     Denied,
     KeyUseFacts,
     SigningFacts,
-    SigningRules,
     decide_key_use,
     decide_signing,
 )
+from signery.server.access.claims import AccessClaims
 from signery.server.access.context import RequestContext
-from signery.server.accounts.tokens import STALE_TOKEN, AccessClaims
-from signery.server.approvals.service import (
-    ApprovalService,
-    GrantUse,
-    SignAttempt,
-    approval_policy,
-)
+from signery.server.accounts.tokens import STALE_TOKEN
+from signery.server.approvals.service import ApprovalService, GrantUse, SignAttempt
 from signery.server.audit.events import (
     SIGN_KIND_BY_OUTCOME,
     Actor,
@@ -99,17 +94,17 @@ from signery.server.audit.events import (
 )
 from signery.server.audit.recorder import AuditRecorder
 from signery.server.keys.names import distance, nearest
-from signery.server.keys.policy import RulesCache
+from signery.server.keys.policy import KeyPolicy
 from signery.server.keys.service import chain_list, load_public_key_der
-from signery.server.ops.metrics import Metrics
 from signery.server.persistence.db import Database
 from signery.server.runtime.clock import Clock
+from signery.server.runtime.metrics import Metrics
 from signery.server.signing.quota import UsageQuotas
 from signery.server.signing.reads import AccountState, KeyState, SigningReads, VersionState
-from signery.server.tsg.tree import UUID_RE
 
 log = logging.getLogger("signery.signing")
 
+# Parsed public keys and chains kept per process (per key version and certificate).
 VERSION_CACHE_SIZE = 4096
 
 # The policy decision's reason code -> the error the signing plane answers with.
@@ -129,28 +124,29 @@ POLICY_ERRORS: dict[str, type[SigneryError]] = {
 
 @dataclass(frozen=True, slots=True)
 class SigningAccount:
-    id: str
+    id: AccountId
     client_id: str
     name: str
-    tsg_id: str
+    tsg_id: TsgId
     tsg_path: str
 
 
 @dataclass(frozen=True, slots=True)
 class UsableKey:
-    id: str
+    id: KeyId
     name: str
-    tsg_id: str
+    tsg_id: TsgId
     tsg_path: str
     algorithm: Algorithm
     version: int
     # The key_versions row id (usage is counted per key version under it).
-    version_id: str
+    version_id: KeyVersionId
     handle: KeyHandle
     public_key: PublicKey
     chain: tuple[str, ...]
     version_created_at: datetime
-    policy_json: str | None = None
+    # The key's signing policy, parsed once per policy (None: the key has none).
+    policy: KeyPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +230,9 @@ class SigningService:
         self._clock = clock
         self._keystores = keystores
         self._metrics = metrics
-        self._versions: OrderedDict[tuple[str, str | None], tuple[PublicKey, tuple[str, ...]]] = (
-            OrderedDict()
-        )
-        self._lock = threading.Lock()
-        self._rules = RulesCache()
+        self._versions: BoundedCache[
+            tuple[KeyVersionId, str | None], tuple[PublicKey, tuple[str, ...]]
+        ] = BoundedCache(VERSION_CACHE_SIZE)
         self._quotas = UsageQuotas(db)
 
     # ------------------------------------------------------------ signing
@@ -353,19 +347,20 @@ class SigningService:
             key = await self._reads.run(lambda: self._other_version(key, requested))
             attempt.key = key
         # A key without a policy pays nothing more: no parsing, no statement.
-        rules = self._rules.get(key.policy_json) if key.policy_json else None
-        if rules is not None:
-            self._check_policy(rules, account, parsed, ctx)
+        policy = key.policy
+        if policy is not None:
+            self._check_policy(policy, account, parsed, ctx)
             # Approval after the policy's rules (a refused signing never asks
             # approvers) and before the usage limits (a pending one takes no slot).
-            approval = approval_policy(key.policy_json)
-            if approval is not None:
-                pending = await self._admit(account, key, parsed, approval, attempt, ctx)
+            if policy.approval is not None:
+                pending = await self._admit(account, key, parsed, policy.approval, attempt, ctx)
                 if pending is not None:
                     return pending
-        if rules is not None and rules.limited:
-            # Last before signing: a refusal above never takes a slot.
-            attempt.undo.append(await self._quotas.reserve(key.id, rules, self._clock.now()))
+            if policy.limited:
+                # Last before signing: a refusal above never takes a slot.
+                attempt.undo.append(
+                    await self._quotas.reserve(key.id, policy.rules, self._clock.now())
+                )
         store = self._keystores.get(key.handle.store)
         if store.signs_inline(key.algorithm):
             signature = store.sign(key.handle, parsed.hashed, parsed.scheme)
@@ -428,14 +423,14 @@ class SigningService:
 
     def _check_policy(
         self,
-        rules: SigningRules,
+        policy: KeyPolicy,
         account: SigningAccount,
         parsed: ParsedSignRequest,
         ctx: RequestContext,
     ) -> None:
         """The key's policy, decided in the one authorization place (authz)."""
         decision = decide_signing(
-            rules,
+            policy.rules,
             SigningFacts(
                 account_id=account.id,
                 account_tsg_path=account.tsg_path,
@@ -452,15 +447,14 @@ class SigningService:
         self, claims: AccessClaims, key_ref: str, attempt: _Attempt
     ) -> tuple[SigningAccount, UsableKey]:
         """The account is still enabled, and the key it asks for (one statement)."""
-        row, keys = self._reads.account_and_keys(
-            claims.account_id, key_ref, by_id=bool(UUID_RE.match(key_ref))
-        )
+        ref = KeyRef.parse(key_ref)
+        row, keys = self._reads.account_and_keys(claims.account_id, ref)
         if row is not None and row.client_id == claims.client_id and row.tsg_id == claims.tsg_id:
             # Known before its status is checked, so that a refusal of a disabled
             # or expired account is recorded in its TSG and counted against it.
             attempt.account = SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)
         account = self._checked_account(row, claims)
-        attempt.key = self._checked_key(keys, key_ref, attempt)
+        attempt.key = self._checked_key(keys, ref, attempt)
         return account, attempt.key
 
     def close(self) -> None:
@@ -574,13 +568,12 @@ class SigningService:
         signing would get, in the signing path's order), or None. Per request
         rules (scheme, digest) and usage limits are not known before a request."""
         try:
-            self._checked_key([row], row.id)
+            key = self._checked_key([row], KeyRef.parse(row.id))
         except SigneryError as e:
             return e.code
-        rules = self._rules.get(row.policy_json) if row.policy_json else None
-        if rules is not None:
+        if key.policy is not None:
             decision = decide_key_use(
-                rules,
+                key.policy.rules,
                 KeyUseFacts(account.id, account.tsg_path, ctx.client_ip, self._clock.now()),
             )
             if isinstance(decision, Denied):
@@ -608,17 +601,17 @@ class SigningService:
         return SigningAccount(row.id, row.client_id, row.name, row.tsg_id, row.path)
 
     def _checked_key(
-        self, rows: list[KeyState], key_ref: str, attempt: _Attempt | None = None
+        self, rows: list[KeyState], ref: KeyRef, attempt: _Attempt | None = None
     ) -> UsableKey:
         # A key id is exact; a name resolves to the nearest key (keys.names).
-        by_id = [r for r in rows if r.id == key_ref]
+        by_id = [r for r in rows if ref.matches_id(r.id)]
         rows = by_id or nearest(rows, lambda r: r.path)
         if not rows:
             # Keys outside the account's subtree are indistinguishable from missing ones.
             raise KeyNotFound()
         if len(rows) > 1:
             raise KeyNameAmbiguous(
-                f"{len(rows)} keys named {key_ref!r} are as near to this account; use the key id"
+                f"{len(rows)} keys named {ref.name!r} are as near to this account; use the key id"
             )
         row = rows[0]
         if row.status in (KeyStatus.DISABLED.value, KeyStatus.DESTROYED.value):
@@ -651,10 +644,8 @@ class SigningService:
             raise KeyDestroyed(f"version {requested} of the key is destroyed")
         if row.status != KeyStatus.ARCHIVED.value:
             raise KeyVersionNotAllowed(f"version {requested} is {row.status}")
-        minimum = (
-            json.loads(key.policy_json).get("min_signing_version") if key.policy_json else None
-        )
-        if not isinstance(minimum, int) or minimum > requested:
+        minimum = key.policy.min_signing_version if key.policy is not None else None
+        if minimum is None or minimum > requested:
             raise KeyVersionNotAllowed(
                 f"version {requested} is archived and the key's policy does not allow it "
                 "(min_signing_version)"
@@ -681,27 +672,23 @@ class SigningService:
             public_key=public_key,
             chain=chain,
             version_created_at=v.version_created_at,
-            policy_json=key.policy_json,
+            policy=key.policy,
         )
 
     def _material(
-        self, version_id: str, certificate_id: str | None, public_key_der: bytes
+        self, version_id: KeyVersionId, certificate_id: str | None, public_key_der: bytes
     ) -> tuple[PublicKey, tuple[str, ...]]:
         """The parsed public key and chain of a version, cached per (version,
         certificate): both are immutable once written."""
         cache_key = (version_id, certificate_id)
-        with self._lock:
-            cached = self._versions.get(cache_key)
+        cached = self._versions.get(cache_key)
         if cached is None:
             public_key = load_public_key_der(public_key_der)
             chain: tuple[str, ...] = ()
             if certificate_id:
                 chain = tuple(chain_list(self._reads.chain_pem(certificate_id)))
             cached = (public_key, chain)
-            with self._lock:
-                self._versions[cache_key] = cached
-                while len(self._versions) > VERSION_CACHE_SIZE:
-                    self._versions.popitem(last=False)
+            self._versions.put(cache_key, cached)
         return cached
 
     def _to_usable(self, r: KeyState) -> UsableKey:
@@ -722,5 +709,5 @@ class SigningService:
             public_key=cached[0],
             chain=cached[1],
             version_created_at=r.version_created_at,
-            policy_json=r.policy_json,
+            policy=KeyPolicy.of(r.policy_json),
         )

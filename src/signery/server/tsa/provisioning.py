@@ -17,6 +17,7 @@ from signery.errors import (
     UnknownKeyStore,
 )
 from signery.keystores import (
+    Destroyable,
     KeyContext,
     KeyHandle,
     KeyStoreRegistry,
@@ -121,7 +122,8 @@ def provision_tsa(
             signature_hash(issuing.algorithm),
         )
     except BaseException:
-        store.destroy(key.handle)
+        if isinstance(store, Destroyable):
+            store.destroy(key.handle)
         raise
     row = CaAuthorityRow(
         id=row_id,

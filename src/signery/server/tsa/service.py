@@ -33,6 +33,7 @@ from signery.errors import (
     UnsupportedMediaType,
 )
 from signery.keystores import (
+    Destroyable,
     KeyStoreRegistry,
 )
 from signery.protocol import AuditOutcome
@@ -170,9 +171,11 @@ class TsaService:
                     s, created_record(provisioned, root_path or "", when="first_use")
                 )
         except TsaAlreadyProvisioned:
-            store.destroy(provisioned.handle)  # the race was lost: no orphaned key
+            if isinstance(store, Destroyable):
+                store.destroy(provisioned.handle)  # the race was lost: no orphaned key
         except BaseException:
-            store.destroy(provisioned.handle)
+            if isinstance(store, Destroyable):
+                store.destroy(provisioned.handle)
             raise
         tsa = self._read()
         if tsa is None:  # pragma: no cover - a row was committed, by us or a rival

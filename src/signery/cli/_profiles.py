@@ -1,8 +1,9 @@
-"""Client profiles: where ``signery login`` remembers servers and credentials.
+"""CLI profiles: where ``signery login`` remembers servers and credentials.
 
 Stored as JSON in ``$SIGNERY_HOME/profiles.json`` (default ``~/.config/signery``),
 mode 0600 because it may hold an API token. An account's private key is never
-copied here: the profile stores the path of the key file.
+copied here: the profile stores the path of the key file. A command-line
+concern: library users hand ``signery.client.Client`` their credentials directly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ from signery.errors import ClientError
 
 DEFAULT_PROFILE = "default"
 FILE_NAME = "profiles.json"
+
+
+def home_dir() -> Path:
+    """Where profiles live: $SIGNERY_HOME, else $XDG_CONFIG_HOME/signery, else ~/.config/signery."""
+    if os.environ.get("SIGNERY_HOME"):
+        return Path(os.environ["SIGNERY_HOME"])
+    base = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(base) if base else Path.home() / ".config") / "signery"
 
 
 @dataclass
