@@ -27,8 +27,8 @@ test: lint typecheck
 	$(PY) -m pytest --cov --cov-report=term:skip-covered -q -n auto --dist loadscope
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff format --check src tests bench
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench devtools
+	$(VENV)/bin/ruff check src tests bench devtools
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -17,6 +17,10 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+# The development tools (SoftHSM2 tokens, the moto KMS double, PE images) live in
+# the repository's devtools/ package, beside src/, not in the installed package.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 HOST = "127.0.0.1"
 
 

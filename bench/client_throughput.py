@@ -207,7 +207,7 @@ def bench_authenticode(workdir: Path, client: Client, size: int) -> dict[str, An
     openssl = shutil.which("openssl")
     if osslsigncode is None or openssl is None:
         return {"skipped": "osslsigncode or openssl is not installed"}
-    from signery.devtools.pe import build_pe
+    from devtools.pe import build_pe
 
     key = client.key("RSA_3072")
     pe = workdir / "big.exe"

@@ -34,9 +34,9 @@ Key stores
 ----------
 ``--stores builtin,pkcs11,aws-kms`` (default: all). ``pkcs11`` needs SoftHSM2
 (``softhsm2-util``, ``libsofthsm2.so``) and python-pkcs11: the benchmark makes a
-token in its temporary directory (``signery.devtools.softhsm``) and starts the
+token in its temporary directory (``devtools.softhsm``) and starts the
 server with ``SIGNERY_PKCS11__*``. ``aws-kms`` needs ``moto[server]`` and boto3: the
-benchmark starts ``python -m signery.devtools.moto_kms`` (moto corrected to sign
+benchmark starts ``python -m devtools.moto_kms`` (moto corrected to sign
 like KMS; ``--exit-with-parent``), gives the server ``SIGNERY_AWS_KMS__*`` and dummy
 AWS credentials, and stops moto in the same ``finally`` as the server. A store
 whose tools are missing or do not start is skipped, and the output says which and
@@ -137,7 +137,7 @@ from signery.keystores import (
 from signery.protocol import Algorithm, DigestAlgorithm, SignatureScheme
 
 if TYPE_CHECKING:
-    from signery.devtools.softhsm import SoftHsmToken
+    from devtools.softhsm import SoftHsmToken
 
 OUT_FILE = ROOT / "bench-out" / "sign_throughput.json"
 API = "/api/v1"
@@ -355,7 +355,7 @@ def missing_tools(store: str) -> str | None:
     if store == "pkcs11":
         if importlib.util.find_spec("pkcs11") is None:
             return "python-pkcs11 is not installed (pip install 'signery[pkcs11]')"
-        from signery.devtools import softhsm
+        from devtools import softhsm
 
         if not softhsm.available():
             return (
@@ -372,7 +372,7 @@ def missing_tools(store: str) -> str | None:
 
 
 class MotoKms:
-    """The corrected moto server (``python -m signery.devtools.moto_kms``), a child of
+    """The corrected moto server (``python -m devtools.moto_kms``), a child of
     this process standing in for AWS KMS. ``--exit-with-parent``: it goes away even
     if this benchmark is killed."""
 
@@ -389,7 +389,7 @@ class MotoKms:
         cmd = [
             sys.executable,
             "-m",
-            "signery.devtools.moto_kms",
+            "devtools.moto_kms",
             "--host",
             HOST,
             "--port",
@@ -402,6 +402,7 @@ class MotoKms:
                 env={**clean_env(), **KMS_DUMMY_ENV},
                 stdout=subprocess.PIPE,
                 stderr=logfile,
+                cwd=ROOT,  # `-m devtools.moto_kms`: the repository's devtools/
             )
         # It prints one JSON line, {"url": ...}, once it answers (port 0: no port race).
         stdout = self.proc.stdout
@@ -481,7 +482,7 @@ def prepare_stores(requested: list[str], workdir: Path) -> StoreSetup:
             continue
         try:
             if store == "pkcs11":
-                from signery.devtools.softhsm import SoftHsm
+                from devtools.softhsm import SoftHsm
 
                 hsm = SoftHsm(workdir / "softhsm")
                 # Both tokens exist before any process loads SoftHSM2 (it reads its

@@ -115,3 +115,93 @@ def test_the_keystores_door_is_pinned() -> None:
         "read_secret_file",
         "remote_private_key",
     ]
+
+
+# The doors as a library user sees them. A change here is a change of the public
+# API: say it in the changelog. Internals stay out: the CLI's profile storage
+# (signery.cli), the RFC 3161 query and reply helpers behind request_timestamp,
+# the OpenPGP packet parser, the atomic-write helpers formats use on large files.
+DOORS = {
+    signery.client: [
+        "DEFAULT_JOBS",
+        "AccountCredentials",
+        "ApprovalDenied",
+        "ApprovalExpired",
+        "ApprovalPending",
+        "Client",
+        "FileResult",
+        "RemoteSigner",
+        "ServerUnreachable",
+        "SignFilesObserver",
+        "Timestamp",
+        "TimestampFailed",
+        "TimestampQuery",
+        "TimestampRefused",
+        "UnexpectedResponse",
+        "load_account_key",
+        "request_timestamp",
+        "sign_files",
+    ],
+    signery.formats: [
+        "FORMATS",
+        "AuthenticodeFormat",
+        "AuthenticodeSignatureRequired",
+        "CertificateRequired",
+        "CmsFormat",
+        "CorruptCertificateTable",
+        "CorruptJar",
+        "FormatSchemeUnsupported",
+        "InvalidManifest",
+        "JarFormat",
+        "KeyChangedWhileSigning",
+        "NotACmsSignature",
+        "NotAJar",
+        "NotPortableExecutable",
+        "OpenPgpFormat",
+        "OpenPgpInvalidUserId",
+        "OpenPgpKey",
+        "OpenPgpKeyChanged",
+        "OpenPgpKeyTimeUnknown",
+        "OpenPgpKeyUnsupported",
+        "OpenPgpMalformed",
+        "OpenPgpPublicKey",
+        "OpenPgpTimestampUnsupported",
+        "OutputIsInput",
+        "RawFormat",
+        "SignOptions",
+        "SignResult",
+        "SignatureFormat",
+        "Signer",
+        "Timestamper",
+        "TruncatedPortableExecutable",
+        "UnknownFormat",
+        "VerifyResult",
+        "export_public_key",
+        "get_format",
+        "write_atomically",
+    ],
+}
+
+
+@pytest.mark.parametrize("package", list(DOORS), ids=lambda m: m.__name__)
+def test_the_door_is_exactly_the_public_api(package: ModuleType) -> None:
+    assert list(package.__all__) == DOORS[package]
+
+
+def test_every_error_a_format_raises_is_offered_by_the_door() -> None:
+    """A caller tells failures apart by class: each ClientError defined in a
+    format module can be imported from signery.formats (regression: the
+    Authenticode errors were missing)."""
+    from signery.errors import SigneryError
+
+    defined = {
+        name
+        for module_name, module in vars(signery.formats).items()
+        if isinstance(module, ModuleType) and module_name.startswith("_")
+        for name, value in vars(module).items()
+        if inspect.isclass(value)
+        and issubclass(value, SigneryError)
+        and value.__module__ == module.__name__
+    }
+
+    assert defined - set(signery.formats.__all__) == set()

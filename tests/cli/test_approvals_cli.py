@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from signery.cli import main
-from signery.cli._client import EXIT_APPROVAL_PENDING
+from signery.cli._sign import EXIT_APPROVAL_PENDING
 from tests.cli.test_cli_e2e import Cli, openssl, write_file
 from tests.support import SIGNERY, Installation, ServerProcess
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from signery.devtools.pe import build_pe
+from devtools.pe import build_pe
 from tests.support import SIGNERY, Api, ServerProcess
 
 pytestmark = pytest.mark.e2e

@@ -7,9 +7,12 @@ document's code, and transport failures as ServerUnreachable.
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -170,6 +173,57 @@ def test_access_token_is_fetched_once_and_reused(
     kinds = [e["kind"] for e in server_api.events_after(seq)]
     assert kinds.count("auth.token.issued") == 1, kinds
     assert kinds.count("signing.sign.succeeded") == len(artifacts), kinds
+
+
+class SignBodies(httpx.HTTPTransport):
+    """A real HTTP transport that keeps the body of every signing request it sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sign"):
+            self.bodies.append(request.read())
+        return super().handle_request(request)
+
+
+def test_sign_sends_the_shared_sign_request_model(
+    server: ServerProcess, world: dict[str, Any]
+) -> None:
+    """The body is protocol.SignRequest, so client and server cannot drift apart;
+    unset fields are left out, as before."""
+    transport = SignBodies()
+    hashed = hash_bytes(b"artifact", SHA256)
+    info = p.ClientInfo(tool="tests")
+    with Client(server.url, credentials=world["account"].credentials(), transport=transport) as c:
+        c.sign(world["ec_key"]["id"], hashed, SignatureScheme.ECDSA, client_info=info)
+    [body] = transport.bodies
+    assert json.loads(body) == {
+        "digest": base64.b64encode(hashed.digest).decode("ascii"),
+        "digest_algorithm": "sha256",
+        "scheme": "ecdsa",
+        "client": {"tool": "tests"},
+    }
+    assert p.SignRequest.model_validate_json(body).client == info
+
+
+@pytest.mark.parametrize("justification", ["x" * 1025, "line\x00break"])
+def test_a_request_the_model_refuses_is_validation_failed_before_sending(
+    server: ServerProcess, world: dict[str, Any], justification: str
+) -> None:
+    transport = SignBodies()
+    with (
+        Client(server.url, credentials=world["account"].credentials(), transport=transport) as c,
+        pytest.raises(errors.ValidationFailed, match="justification"),
+    ):
+        c.sign(
+            world["ec_key"]["id"],
+            hash_bytes(b"artifact", SHA256),
+            SignatureScheme.ECDSA,
+            justification=justification,
+        )
+    assert transport.bodies == []
 
 
 def test_a_name_means_the_nearest_key_to_the_client_and_the_server(

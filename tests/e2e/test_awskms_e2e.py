@@ -1,5 +1,5 @@
 """The aws-kms store behind a real `signery serve` process, with the corrected moto
-as AWS KMS (signery.devtools.moto_kms).
+as AWS KMS (devtools.moto_kms).
 
 The server reads its KMS settings from SIGNERY_AWS_KMS__REGION and
 SIGNERY_AWS_KMS__ENDPOINT_URL and finds its (dummy) credentials through the

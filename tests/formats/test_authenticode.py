@@ -25,9 +25,9 @@ import pytest
 from asn1crypto import cms
 from cryptography.hazmat.primitives import serialization
 
+from devtools.pe import build_pe
 from signery.client import Client, RemoteSigner, request_timestamp
 from signery.crypto import HASH_CHUNK
-from signery.devtools.pe import build_pe
 from signery.errors import ClientError
 from signery.formats import AuthenticodeFormat, SignOptions, get_format
 from signery.formats._authenticode import (

@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.pe import build_pe
 from signery.client import Client, RemoteSigner
 from signery.crypto import HASH_CHUNK
-from signery.devtools.pe import build_pe
 from signery.errors import Interrupted
 from signery.formats import SignOptions, get_format
 from tests.support import Account, Api, Installation, ServerProcess, new_installation

@@ -1,4 +1,4 @@
-"""A corrected moto KMS server for the tests (signery.devtools.moto_kms).
+"""A corrected moto KMS server for the tests (devtools.moto_kms).
 
 One server process per test session, started on first use on a free loopback
 port it picks itself (``--port 0``; the URL is read from its announcement, so no
@@ -30,6 +30,8 @@ from typing import Any
 
 from signery.keystores import BACKENDS, KeyStore
 from tests.support import missing
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 REGION = "us-east-1"
 DUMMY_ACCESS_KEY_ID = "AKIDSIGNERYTESTING"
@@ -96,7 +98,7 @@ def _start() -> MotoKms:
             [
                 sys.executable,
                 "-m",
-                "signery.devtools.moto_kms",
+                "devtools.moto_kms",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -106,6 +108,7 @@ def _start() -> MotoKms:
             stdout=subprocess.PIPE,
             stderr=log_file,
             env={**_base_env(), **AWS_TEST_ENV},
+            cwd=REPOSITORY,  # `-m devtools.moto_kms`: the repository's devtools/
         )
     assert process.stdout is not None
     lines: list[bytes] = []

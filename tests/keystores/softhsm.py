@@ -23,8 +23,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from signery.devtools.softhsm import SoftHsm, SoftHsmToken
-from signery.devtools.softhsm import available as softhsm_available
+from devtools.softhsm import SoftHsm, SoftHsmToken
+from devtools.softhsm import available as softhsm_available
 from signery.keystores import BACKENDS, KeyStore
 from tests.support import missing
 

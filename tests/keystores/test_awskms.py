@@ -1,7 +1,7 @@
 """What the aws-kms store does beyond the conformance suite, and the moto wrapper
 it is tested against.
 
-KMS behaviour comes from signery.devtools.moto_kms (moto corrected to sign
+KMS behaviour comes from devtools.moto_kms (moto corrected to sign
 digests like AWS KMS), read back with boto3. Failures KMS cannot be made to
 produce on demand (throttling, timeouts, access denied) come from FakeKms, a
 loopback HTTP server that answers chosen KMS errors and counts the calls, so
@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -745,11 +746,15 @@ def test_the_wrapper_names_the_missing_moto() -> None:
     ends with an install hint instead of a traceback."""
     blocked = (
         "import sys; sys.modules['moto'] = None; "
-        "from signery.devtools import moto_kms; "
+        "from devtools import moto_kms; "
         "sys.exit(moto_kms.main(['--port', '0']))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", blocked], capture_output=True, timeout=60, check=False
+        [sys.executable, "-c", blocked],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],  # the repository's devtools/
     )
     assert done.returncode == 2
     assert b"pip install 'moto[server]" in done.stderr

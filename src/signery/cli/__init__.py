@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 
 from signery import __version__
-from signery.cli import _admin, _approvals, _client, _server
+from signery.cli import _admin, _approvals, _client, _login, _server, _sign
 from signery.cli._common import Connection, report_error
 from signery.cli._profiles import DEFAULT_PROFILE, home_dir
 from signery.errors import SigneryError, ValidationFailed
@@ -82,11 +82,11 @@ def root(
 app.command()(_server.init)
 app.command()(_server.serve)
 app.add_typer(_server.db_app, name="db")
-app.command()(_client.login)
-app.command()(_client.logout)
+app.command()(_login.login)
+app.command()(_login.logout)
 app.command()(_client.keys)
-app.command()(_client.sign)
-app.command()(_client.verify)
+app.command()(_sign.sign)
+app.command()(_sign.verify)
 app.command()(_client.timestamp)
 app.add_typer(_admin.tsg_app, name="tsg")
 app.add_typer(_admin.user_app, name="user")

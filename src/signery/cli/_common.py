@@ -171,6 +171,13 @@ def report_error(e: SigneryError) -> None:
             err.print(f"  candidate: {c}", highlight=False)
 
 
+def check_files(files: Sequence[Path]) -> None:
+    """Refuse, before anything is hashed or sent, a path that is not a readable file."""
+    for f in files:
+        if not f.is_file():
+            raise ClientError(f"{f} is not a readable file")
+
+
 def read_secret_file(path: Path) -> str:
     """Read a secret from a file (``-`` for standard input), stripped of whitespace."""
     try:

@@ -8,8 +8,22 @@ creds = AccountCredentials.from_key_file(client_id, Path("ci.pem"))
 with Client("https://signery.example", credentials=creds) as client:
     signer = client.signer("release")
     signature = signer.sign(hash_file(Path("app.tar.gz"), DigestAlgorithm.SHA256))
+
+Many files in a real format, as ``signery sign`` writes them:
+
+from signery.client import sign_files
+
+with Client("https://signery.example", credentials=creds) as client:
+    results = sign_files(client, "release", [Path("app.exe"), Path("lib.dll")], "authenticode")
+failed = [r for r in results if isinstance(r, SigneryError)]
 """
 
+from signery.client._batch import (
+    DEFAULT_JOBS,
+    FileResult,
+    SignFilesObserver,
+    sign_files,
+)
 from signery.client._client import (
     AccountCredentials,
     ApprovalDenied,
@@ -30,13 +44,16 @@ from signery.client._timestamp import (
 )
 
 __all__ = [
+    "DEFAULT_JOBS",
     "AccountCredentials",
     "ApprovalDenied",
     "ApprovalExpired",
     "ApprovalPending",
     "Client",
+    "FileResult",
     "RemoteSigner",
     "ServerUnreachable",
+    "SignFilesObserver",
     "Timestamp",
     "TimestampFailed",
     "TimestampQuery",
@@ -44,4 +61,5 @@ __all__ = [
     "UnexpectedResponse",
     "load_account_key",
     "request_timestamp",
+    "sign_files",
 ]

@@ -199,6 +199,13 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
+    @property
+    def interrupted(self) -> threading.Event:
+        """The event that stops this client once set (:meth:`interrupt` sets it):
+        hand it to the formats (``SignOptions.interrupted``) so that a file being
+        hashed stops too."""
+        return self._interrupted
+
     def interrupt(self) -> None:
         """Stop: no request is sent from now on (each call raises Interrupted).
         A request already on its way completes on the server; if it was a

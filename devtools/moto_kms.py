@@ -1,6 +1,6 @@
 """moto's server with its AWS KMS signing corrected to behave like real AWS KMS.
 
-Run it as ``python -m signery.devtools.moto_kms --host 127.0.0.1 --port 0``: it
+Run it as ``python -m devtools.moto_kms --host 127.0.0.1 --port 0``: it
 prints one JSON line, ``{"url": "http://127.0.0.1:PORT"}``, once it answers, and
 serves until SIGTERM or SIGINT. The test suite, the demo and the benchmark use it
 as the AWS KMS endpoint of the ``aws-kms`` key store (``endpoint_url``).
@@ -71,7 +71,7 @@ MESSAGE_TYPES = ("RAW", "DIGEST")
 # How often --exit-with-parent looks whether the process that started us is gone.
 PARENT_POLL_SECONDS = 1.0
 
-log = logging.getLogger("signery.devtools.moto_kms")
+log = logging.getLogger("devtools.moto_kms")
 
 # The MessageType of the request being served. moto's KmsResponse reads it but
 # never hands it to the backend; the patched key classes read it from here.
@@ -283,7 +283,7 @@ def _watch_parent(stop: threading.Event) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m signery.devtools.moto_kms",
+        prog="python -m devtools.moto_kms",
         description="moto's server with AWS KMS signing corrected (test double; see the "
         "module documentation).",
     )
