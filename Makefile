@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 ## demo: start a real server on a temporary data dir and walk the whole lifecycle
 demo: $(STAMP)
-	$(PY) -m signery.demo --out demo-out
+	$(PY) -m demo --out demo-out
 
 ## serve: a server for real use on the embedded defaults (data in ./signery-data)
 serve: $(STAMP)
@@ -27,8 +27,8 @@ test: lint typecheck
 	$(PY) -m pytest --cov --cov-report=term:skip-covered -q -n auto --dist loadscope
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff format --check src tests bench devtools
-	$(VENV)/bin/ruff check src tests bench devtools
+	$(VENV)/bin/ruff format --check src tests bench devtools demo
+	$(VENV)/bin/ruff check src tests bench devtools demo
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

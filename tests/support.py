@@ -32,7 +32,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
-from signery.client import AccountCredentials
+from signery import endpoints
+from signery import protocol as p
+from signery.client import AccountCredentials, Client
 from signery.protocol import JWT_BEARER_GRANT, SubjectPolicyRules
 from signery.server.ca.models import SubjectPolicyRow
 from signery.server.config import Settings, load_settings
@@ -369,13 +371,29 @@ class Account:
 
 @dataclass
 class Api:
-    """Calls a Signery server (a TestClient or an httpx.Client on a real process)."""
+    """Calls a Signery server (a TestClient or an httpx.Client on a real process).
+
+    Management calls go through the typed sub-clients of ``signery.client`` (as the
+    administrator, over the same transport); the signing plane is spoken raw, so
+    that tests can send what a client never would."""
 
     http: httpx.Client
     admin_token: str
     issuer: str
     root_tsg_id: str
     _names: int = field(default=0)
+    _admin_client: Client | None = field(default=None, repr=False)
+
+    @property
+    def admin_client(self) -> Client:
+        """A signery Client with the administrator's API token, on ``http``'s transport."""
+        if self._admin_client is None:
+            self._admin_client = Client(
+                str(self.http.base_url),
+                api_token=self.admin_token,
+                transport=self.http._transport,  # the TestClient's app or the real server
+            )
+        return self._admin_client
 
     def unique(self, prefix: str) -> str:
         self._names += 1
@@ -391,21 +409,18 @@ class Api:
 
     # management
     def create_tsg(self, name: str | None = None, parent: str | None = None) -> dict[str, Any]:
-        body = {"name": name or self.unique("tsg"), "parent_id": parent or self.root_tsg_id}
-        return self.ok(self.http.post("/api/v1/tsgs", json=body, headers=self.admin), 201)  # type: ignore[no-any-return]
+        request = p.TsgCreate(name=name or self.unique("tsg"), parent_id=parent or self.root_tsg_id)
+        return self.admin_client.tsgs.create(request).model_dump(mode="json")
 
     def create_account(self, tsg_id: str, **body: Any) -> Account:
         body.setdefault("name", self.unique("acct"))
-        data = self.ok(
-            self.http.post("/api/v1/accounts", json={"tsg_id": tsg_id, **body}, headers=self.admin),
-            201,
-        )
+        created = self.admin_client.accounts.create(p.AccountCreate(tsg_id=tsg_id, **body))
         return Account(
-            data["id"],
-            data["client_id"],
-            data["tsg_id"],
-            data.get("private_key_pem") or "",
-            data["name"],
+            created.id,
+            created.client_id,
+            created.tsg_id,
+            created.private_key_pem or "",
+            created.name,
         )
 
     def create_key(
@@ -418,11 +433,12 @@ class Api:
             "certificate_authority": ca,
         }
         payload.update(body)
-        return self.ok(self.http.post("/api/v1/keys", json=payload, headers=self.admin), 201)  # type: ignore[no-any-return]
+        created = self.admin_client.signing_keys.create(p.KeyCreate.model_validate(payload))
+        return created.model_dump(mode="json")
 
     def token_response(self, assertion: str) -> httpx.Response:
         return self.http.post(
-            "/api/v1/oauth/token", data={"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
+            endpoints.TOKEN.path(), data={"grant_type": JWT_BEARER_GRANT, "assertion": assertion}
         )
 
     def access_token(self, account: Account, now: float | None = None) -> str:
@@ -437,8 +453,9 @@ class Api:
         digest_algorithm: str = "sha256",
         scheme: str = "ecdsa",
     ) -> httpx.Response:
+        # The key goes in as given (not encoded): tests send paths a client never would.
         return self.http.post(
-            f"/api/v1/signing/keys/{key}/sign",
+            endpoints.SIGN.template.format(key=key),
             json={
                 "digest": base64.b64encode(digest).decode(),
                 "digest_algorithm": digest_algorithm,
@@ -449,24 +466,16 @@ class Api:
 
     # audit and usage
     def last_seq(self) -> int:
-        page = self.ok(
-            self.http.get(
-                "/api/v1/audit/events", params={"order": "desc", "limit": 1}, headers=self.admin
-            )
-        )
-        return int(page["events"][0]["seq"]) if page["events"] else 0
+        page = self.admin_client.audit.events(newest_first=True, limit=1)
+        return page.events[0].seq if page.events else 0
 
     def events_after(self, seq: int) -> list[dict[str, Any]]:
-        page = self.ok(
-            self.http.get(
-                "/api/v1/audit/events", params={"cursor": seq, "limit": 1000}, headers=self.admin
-            )
-        )
-        return page["events"]  # type: ignore[no-any-return]
+        page = self.admin_client.audit.events(cursor=str(seq), limit=1000)
+        return [e.model_dump(mode="json") for e in page.events]
 
     def usage(self) -> dict[tuple[str, str], dict[str, Any]]:
-        report = self.ok(self.http.get("/api/v1/usage", headers=self.admin))
-        return {(c["subject_type"], c["subject_id"]): c for c in report["counters"]}
+        report = self.admin_client.audit.usage()
+        return {(c.subject_type, c.subject_id): c.model_dump(mode="json") for c in report.counters}
 
     def counter(
         self, usage: dict[tuple[str, str], dict[str, Any]], kind: str, subject: str
@@ -522,4 +531,4 @@ def refused_once(
             if subject is not None:
                 was = usage.get((scope, subject), {column: 0})[column]
                 assert after[(scope, subject)][column] == was + 1, f"{column} for {subject}"
-    assert api.http.get("/readyz").status_code == 200
+    assert api.http.get(endpoints.READYZ.path()).status_code == 200

@@ -246,9 +246,7 @@ def test_a_key_that_cannot_sign_is_refused_before_anything_is_sent(
     client: Client, server_api: Api, world: dict[str, Any]
 ) -> None:
     key = server_api.create_key(world["team"]["id"], "EC_P256", ca="none")
-    server_api.ok(
-        server_api.http.post(f"/api/v1/keys/{key['id']}/disable", headers=server_api.admin)
-    )
+    server_api.admin_client.signing_keys.disable(key["id"])
     usable = client.keys()
     assert key["id"] not in {k.id for k in usable}
     listed = {k.id: k for k in client.keys(everything=True)}
@@ -338,7 +336,7 @@ def test_wrong_api_token_is_invalid_token(server: ServerProcess) -> None:
         Client(server.url, api_token="sgy_not-a-real-token") as c,
         pytest.raises(errors.InvalidToken) as e,
     ):
-        c.call("GET", f"{p.API_PREFIX}/users/me", p.User)
+        c.users.me()
     assert e.value.code == "invalid_token"
 
 
@@ -347,7 +345,7 @@ def test_missing_credentials_are_client_errors(server: ServerProcess) -> None:
         with pytest.raises(ClientError, match="no account credentials"):
             c.keys()
         with pytest.raises(ClientError, match="no API token"):
-            c.call("GET", f"{p.API_PREFIX}/users/me", p.User)
+            c.users.me()
 
 
 def test_disabled_account_is_refused_with_and_without_a_live_token(
@@ -357,9 +355,7 @@ def test_disabled_account_is_refused_with_and_without_a_live_token(
     key = world["ec_key"]["name"]
     with Client(server.url, credentials=account.credentials()) as live:
         signer = live.signer(key)  # the access token is now held by `live`
-        server_api.ok(
-            server_api.http.post(f"/api/v1/accounts/{account.id}/disable", headers=server_api.admin)
-        )
+        server_api.admin_client.accounts.disable(account.id)
         # A live token stops working at once, on the signing endpoint.
         with pytest.raises(errors.AccountDisabled):
             signer.sign(hash_bytes(b"after disable", SHA256))

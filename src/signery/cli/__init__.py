@@ -10,7 +10,20 @@ import typer
 from pydantic import ValidationError
 
 from signery import __version__
-from signery.cli import _admin, _approvals, _client, _login, _server, _sign
+from signery.cli import (
+    _accounts,
+    _approvals,
+    _audit,
+    _ca,
+    _client,
+    _keys,
+    _keystore,
+    _login,
+    _server,
+    _sign,
+    _tsg,
+    _users,
+)
 from signery.cli._common import Connection, report_error
 from signery.cli._profiles import DEFAULT_PROFILE, home_dir
 from signery.errors import SigneryError, ValidationFailed
@@ -88,20 +101,20 @@ app.command()(_client.keys)
 app.command()(_sign.sign)
 app.command()(_sign.verify)
 app.command()(_client.timestamp)
-app.add_typer(_admin.tsg_app, name="tsg")
-app.add_typer(_admin.user_app, name="user")
-app.add_typer(_admin.role_app, name="role")
-app.add_typer(_admin.account_app, name="account")
+app.add_typer(_tsg.tsg_app, name="tsg")
+app.add_typer(_users.user_app, name="user")
+app.add_typer(_users.role_app, name="role")
+app.add_typer(_accounts.account_app, name="account")
 # `key export` signs (the OpenPGP self-signature): it uses the signing plane's
 # account credentials, unlike the other `key` commands.
-_admin.key_app.command("export")(_client.key_export)
-app.add_typer(_admin.key_app, name="key")
-app.add_typer(_admin.audit_app, name="audit")
-app.add_typer(_admin.ca_app, name="ca")
-app.add_typer(_admin.ca_connector_app, name="ca-connector")
-_admin.keystore_app.command("rotate-master-key")(_server.rotate_master_key)
-app.add_typer(_admin.keystore_app, name="keystore")
-app.command()(_admin.usage)
+_keys.key_app.command("export")(_client.key_export)
+app.add_typer(_keys.key_app, name="key")
+app.add_typer(_audit.audit_app, name="audit")
+app.add_typer(_ca.ca_app, name="ca")
+app.add_typer(_ca.ca_connector_app, name="ca-connector")
+_keystore.keystore_app.command("rotate-master-key")(_server.rotate_master_key)
+app.add_typer(_keystore.keystore_app, name="keystore")
+app.command()(_audit.usage)
 app.add_typer(_approvals.approval_app, name="approval")
 app.add_typer(_approvals.grant_app, name="grant")
 

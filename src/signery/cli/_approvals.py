@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 from typing import Annotated, Any
-from urllib.parse import quote
 
 import typer
 
 from signery import protocol as p
 from signery.cli._common import JsonOpt, connection, details, emit, out, parse_duration, table
 from signery.errors import ClientError
-
-API = p.API_PREFIX
 
 approval_app = typer.Typer(
     help="Signing requests waiting for approval: list, show, approve, deny, pre-approve.",
@@ -117,9 +114,7 @@ def approval_list(
 ) -> None:
     """Signing requests in the TSGs where you may approve."""
     with connection(ctx).admin() as c:
-        found = c.call(
-            "GET", f"{API}/approvals", list[p.ApprovalRequest], params={"status": status}
-        )
+        found = c.approvals.list(status)
     emit(
         found,
         as_json,
@@ -148,7 +143,7 @@ def approval_show(ctx: typer.Context, request_id: str, as_json: JsonOpt = False)
     """One signing request: every digest it covers (or ANY for an any_digest
     pre-approval), its decisions and grant."""
     with connection(ctx).admin() as c:
-        r = c.call("GET", f"{API}/approvals/{quote(request_id, safe='')}", p.ApprovalRequest)
+        r = c.approvals.get(request_id)
     emit(r, as_json, lambda: _request_details(r))
 
 
@@ -184,7 +179,7 @@ def approval_approve(
         expires_in_hours=_hours(expires_in),
         digest_count=expect_digests,
     )
-    _decide(ctx, request_id, "approve", body, as_json)
+    _decide(ctx, request_id, True, body, as_json)
 
 
 @approval_app.command("deny")
@@ -195,19 +190,15 @@ def approval_deny(
     as_json: JsonOpt = False,
 ) -> None:
     """Deny a signing request (one deny is enough)."""
-    _decide(ctx, request_id, "deny", p.ApprovalDecide(comment=comment), as_json)
+    _decide(ctx, request_id, False, p.ApprovalDecide(comment=comment), as_json)
 
 
 def _decide(
-    ctx: typer.Context, request_id: str, action: str, body: p.ApprovalDecide, as_json: bool
+    ctx: typer.Context, request_id: str, approve: bool, body: p.ApprovalDecide, as_json: bool
 ) -> None:
     with connection(ctx).admin() as c:
-        r = c.call(
-            "POST",
-            f"{API}/approvals/{quote(request_id, safe='')}/{action}",
-            p.ApprovalRequest,
-            json=body.model_dump(exclude_none=True),
-        )
+        decide = c.approvals.approve if approve else c.approvals.deny
+        r = decide(request_id, body)
     emit(r, as_json, lambda: _request_details(r))
 
 
@@ -261,7 +252,7 @@ def approval_pre_approve(
         **_pre_approval_scope(digest or [], scheme, any_digest),
     )
     with connection(ctx).admin() as c:
-        r = c.call("POST", f"{API}/approvals", p.ApprovalRequest, json=body.model_dump(mode="json"))
+        r = c.approvals.pre_approve(body)
     emit(r, as_json, lambda: _request_details(r))
 
 
@@ -302,9 +293,7 @@ def grant_list(
 ) -> None:
     """Grants in the TSGs where you may approve."""
     with connection(ctx).admin() as c:
-        found = c.call(
-            "GET", f"{API}/grants", list[p.SigningGrant], params={"key": key, "account": account}
-        )
+        found = c.grants.list(key=key, account=account)
     emit(
         found,
         as_json,
@@ -331,5 +320,5 @@ def grant_list(
 def grant_revoke(ctx: typer.Context, grant_id: str, as_json: JsonOpt = False) -> None:
     """Revoke a grant: the account's next signing needs a new approval."""
     with connection(ctx).admin() as c:
-        g = c.call("POST", f"{API}/grants/{quote(grant_id, safe='')}/revoke", p.SigningGrant)
+        g = c.grants.revoke(grant_id)
     emit(g, as_json, lambda: out.print(f"revoked grant {g.id} ({_grant_terms(g)})"))

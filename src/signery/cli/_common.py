@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from signery import endpoints
 from signery.cli._profiles import DEFAULT_PROFILE, Profile, ProfileStore
 from signery.client import AccountCredentials, Client
 from signery.errors import ClientError, SigneryError
@@ -23,6 +25,7 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+TsgOpt = Annotated[str | None, typer.Option("--tsg", help="TSG id (default: your home TSG).")]
 
 
 @dataclass
@@ -107,7 +110,7 @@ class Connection:
         server = self.server or (profile.server if profile else None)
         if not server:
             raise ClientError("no TSA: pass --tsa URL, --server, or run `signery login`")
-        url = f"{server.rstrip('/')}/api/v1/tsa"
+        url = server.rstrip("/") + endpoints.TSA.path()
         token = self.api_token or (profile.api_token if profile else None)
         if token:
             return url, verify, {"Authorization": f"Bearer {token}"}
@@ -213,3 +216,34 @@ def parse_duration(text: str) -> int:
     if unit not in _DURATION_UNITS or not value.isdigit() or int(value) <= 0:
         raise typer.BadParameter(f"{text!r} is not a duration like 90s, 30m, 8h or 7d")
     return int(value) * _DURATION_UNITS[unit]
+
+
+DURATION_UNITS = {"d": 1, "w": 7, "y": 365}
+
+
+def parse_days(value: str) -> int:
+    """``30d``, ``4w``, ``1y`` or a bare number of days."""
+    text = value.strip().lower()
+    unit = text[-1:] if text[-1:] in DURATION_UNITS else "d"
+    number = text[:-1] if text[-1:] in DURATION_UNITS else text
+    if not number.isdigit() or int(number) > 100 * 365:
+        raise typer.BadParameter(f"{value!r} is not a duration such as 30d, 4w or 1y")
+    return int(number) * DURATION_UNITS[unit]
+
+
+def day(moment: datetime | None) -> str:
+    """A time to the minute, for a table cell."""
+    return moment.strftime("%Y-%m-%d %H:%M") if moment else ""
+
+
+def write_pem(pem: str, output: Path | None, as_json: bool, what: str) -> None:
+    """Print a PEM document the server sent, or write it to ``output``."""
+    if output is not None:
+        output.write_text(pem, "ascii")
+    if as_json:
+        print_json({what: pem, "file": str(output) if output else None})
+    elif output is None:
+        out.print(pem, end="", highlight=False)
+    else:
+        label = {"public_key_pem": "public key", "chain_pem": "certificate chain"}.get(what, what)
+        out.print(f"{label} written to {output}")

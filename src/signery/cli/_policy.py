@@ -13,7 +13,6 @@ from signery import protocol as p
 from signery.cli._common import JsonOpt, connection, emit, out, print_json, table
 from signery.errors import ClientError
 
-API = p.API_PREFIX
 DAYS: tuple[str, ...] = tuple(d.value for d in p.Weekday)
 HOUR_UNITS = {"h": 1, "d": 24, "w": 24 * 7}
 WINDOW_RE = re.compile(
@@ -160,7 +159,7 @@ def policy_show(
 ) -> None:
     """The key's policy, one rule a line, and its usage against the limits."""
     with connection(ctx).admin() as c:
-        found = c.call("GET", f"{API}/keys/{key}", p.SigningKey, params={"tsg_id": tsg})
+        found = c.signing_keys.get(key, tsg)
     emit(
         {"policy": found.policy, "usage": found.usage},
         as_json,
@@ -269,9 +268,10 @@ def policy_set(
         approval["grant_max_uses"] = None
     if approval:
         body["approval"] = approval
+    policy = p.KeyPolicy.model_validate(body)
     with connection(ctx).admin() as c:
-        c.call("PUT", f"{API}/keys/{key}/policy", object, json=body, params={"tsg_id": tsg})
-        found = c.call("GET", f"{API}/keys/{key}", p.SigningKey, params={"tsg_id": tsg})
+        c.signing_keys.set_policy(key, policy, tsg)
+        found = c.signing_keys.get(key, tsg)
     if as_json:
         print_json({"policy": found.policy, "usage": found.usage})
     else:
@@ -288,7 +288,7 @@ def policy_clear(
 ) -> None:
     """Remove the key's policy: only the TSG boundary remains."""
     with connection(ctx).admin() as c:
-        c.call_empty("DELETE", f"{API}/keys/{key}/policy", params={"tsg_id": tsg})
+        c.signing_keys.clear_policy(key, tsg)
     if as_json:
         print_json({"key": key, "policy": None})
     else:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import quote
 
 import typer
 
@@ -14,7 +13,6 @@ from signery import protocol as p
 from signery.cli._common import JsonOpt, connection, emit, out, print_json, table
 from signery.errors import ClientError
 
-API = p.API_PREFIX
 # (wire field, row label) per subject attribute, in certificate order.
 ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("common_name", "CN"),
@@ -32,10 +30,6 @@ subject_policy_app = typer.Typer(
 )
 
 TsgArg = Annotated[str, typer.Argument(help="TSG id.")]
-
-
-def _path(tsg: str) -> str:
-    return f"{API}/tsgs/{quote(tsg, safe='')}/subject-policy"
 
 
 def _patterns(patterns: list[str]) -> str:
@@ -83,7 +77,7 @@ def _read_rules_file(path: Path) -> dict[str, Any]:
 def subject_policy_show(ctx: typer.Context, tsg: TsgArg, as_json: JsonOpt = False) -> None:
     """The TSG's own subject policy, those it inherits, and what they allow."""
     with connection(ctx).admin() as c:
-        policy = c.call("GET", _path(tsg), p.SubjectPolicy)
+        policy = c.tsgs.subject_policy(tsg)
     emit(policy, as_json, lambda: _show(policy))
 
 
@@ -126,7 +120,7 @@ def subject_policy_set(
     }
     body.update({k: v for k, v in flags.items() if v is not None})
     with connection(ctx).admin() as c:
-        policy = c.call("PUT", _path(tsg), p.SubjectPolicy, json=body)
+        policy = c.tsgs.set_subject_policy(tsg, p.SubjectPolicyRules.model_validate(body))
     if as_json:
         print_json(policy)
     else:
@@ -138,8 +132,8 @@ def subject_policy_set(
 def subject_policy_clear(ctx: typer.Context, tsg: TsgArg, as_json: JsonOpt = False) -> None:
     """Remove the TSG's own subject policy (those of the TSGs above keep applying)."""
     with connection(ctx).admin() as c:
-        c.call_empty("DELETE", _path(tsg))
-        policy = c.call("GET", _path(tsg), p.SubjectPolicy)
+        c.tsgs.clear_subject_policy(tsg)
+        policy = c.tsgs.subject_policy(tsg)
     if as_json:
         print_json(policy)
     else:

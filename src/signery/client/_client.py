@@ -17,12 +17,26 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from signery import __version__
 from signery import protocol as p
+from signery.client._management import (
+    Accounts,
+    Approvals,
+    Audit,
+    Ca,
+    CaConnectors,
+    Grants,
+    KeyStores,
+    Roles,
+    SigningKeys,
+    Tsgs,
+    Users,
+)
 from signery.client._signer import RemoteSigner
 from signery.crypto import Hashed
+from signery.endpoints import Endpoint
 from signery.errors import (
     ClientError,
     Interrupted,
@@ -189,6 +203,18 @@ class Client:
         self._issuer: str | None = None
         self._lock = threading.Lock()
         self._interrupted = interrupted if interrupted is not None else threading.Event()
+        # The management plane (``api_token``): one typed sub-client per noun.
+        self.tsgs = Tsgs(self)
+        self.users = Users(self)
+        self.roles = Roles(self)
+        self.accounts = Accounts(self)
+        self.signing_keys = SigningKeys(self)
+        self.ca = Ca(self)
+        self.ca_connectors = CaConnectors(self)
+        self.keystores = KeyStores(self)
+        self.approvals = Approvals(self)
+        self.grants = Grants(self)
+        self.audit = Audit(self)
 
     def __enter__(self) -> Client:
         return self
@@ -373,23 +399,43 @@ class Client:
         params: Mapping[str, Any] | None = None,
         auth: tuple[str, str] | None = None,
     ) -> M:
-        """A management API call with the user's API token (or Basic ``auth``)."""
+        """A management API call with the user's API token (or Basic ``auth``), on a
+        path spelled by the caller: prefer the typed sub-clients (``client.signing_keys``...),
+        whose paths are named once in ``signery.endpoints``."""
         response = self._management(method, path, json=json, params=params, basic=auth)
         return self._parse(model, response)
 
-    def call_text(self, path: str, params: Mapping[str, Any] | None = None) -> str:
-        return self._management("GET", path, params=params).text
+    # The typed sub-clients (signery.client._management) call these three.
 
-    def call_empty(self, method: str, path: str, params: Mapping[str, Any] | None = None) -> None:
-        self._management(method, path, params=params)
+    def _api(
+        self,
+        endpoint: Endpoint,
+        model: type[M],
+        *,
+        segments: Mapping[str, str] | None = None,
+        body: BaseModel | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> M:
+        """A management call on a named endpoint, its answer parsed into ``model``.
+        The body is sent as the fields its maker set."""
+        json = body.model_dump(mode="json", exclude_unset=True) if body is not None else None
+        path = endpoint.path(**(segments or {}))
+        return self._parse(model, self._management(endpoint.method, path, json=json, params=params))
 
-    def call_bytes(self, path: str, params: Mapping[str, Any] | None = None) -> bytes:
-        """A GET whose answer is binary (a DER CRL or certificate)."""
-        return self._management("GET", path, params=params).content
+    def _api_raw(
+        self,
+        endpoint: Endpoint,
+        *,
+        segments: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        """A management call whose answer is not JSON (PEM, DER) or empty (204)."""
+        path = endpoint.path(**(segments or {}))
+        return self._management(endpoint.method, path, params=params).content
 
     @contextlib.contextmanager
-    def call_stream(
-        self, path: str, params: Mapping[str, Any] | None = None
+    def _api_stream(
+        self, endpoint: Endpoint, *, params: Mapping[str, Any] | None = None
     ) -> Iterator[Iterator[bytes]]:
         """A GET whose answer is read as it arrives (an audit export): the body's
         chunks, never held whole in memory. An error answer raises as usual; a
@@ -399,8 +445,9 @@ class Client:
                 "no API token: run `signery login --api-token ...` or set SIGNERY_API_TOKEN"
             )
         self._check_interrupted()
+        path = endpoint.path()
         request = self._http.build_request(
-            "GET",
+            endpoint.method,
             path,
             params={k: v for k, v in (params or {}).items() if v is not None},
             headers={"Authorization": f"Bearer {self._api_token}"},

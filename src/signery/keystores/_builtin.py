@@ -11,7 +11,7 @@ Decrypted keys are kept in a bounded in-process cache so that a signing costs
 one private-key operation, not a decryption and a key parse.
 
 The store owns its table (:data:`METADATA`, merged into the server's schema by
-``signery.server.persistence.models``, so the migrations create it) and the
+``signery.server.schema``, so the migrations create it) and the
 re-wrapping of its data keys when the master key is rotated
 (:meth:`BuiltinKeyStore.rewrap_all`). It reaches the database through the
 SQLAlchemy engines it is given, never through the server's modules.
