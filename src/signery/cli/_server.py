@@ -223,7 +223,9 @@ def _serve(
             os.environ[f"SIGNERY_{key.upper()}"] = str(value)
     if config is not None:
         os.environ["SIGNERY_CONFIG"] = str(config)
-    return Supervisor(settings.host, bound_port, settings.workers, options).run()
+    return Supervisor(
+        host=settings.host, port=bound_port, workers=settings.workers, uvicorn_options=options
+    ).run()
 
 
 def rotate_master_key(

@@ -119,15 +119,17 @@ def build_forwarders(settings: Settings, db: Database, clock: Clock) -> list[For
     timeout = settings.audit_sink_timeout_seconds
     if settings.audit_syslog_url is not None:
         target = SyslogTarget.parse(settings.audit_syslog_url)
-        sinks.append(SyslogSink(target, settings.audit_syslog_facility, timeout))
+        sinks.append(
+            SyslogSink(target=target, facility=settings.audit_syslog_facility, timeout=timeout)
+        )
     if settings.audit_webhook_url is not None:
         token = settings.audit_webhook_token
         sinks.append(
             WebhookSink(
-                settings.audit_webhook_url,
-                token.get_secret_value() if token is not None else None,
-                timeout,
-                settings.audit_webhook_ca_file,
+                url=settings.audit_webhook_url,
+                token=token.get_secret_value() if token is not None else None,
+                timeout=timeout,
+                ca_file=settings.audit_webhook_ca_file,
             )
         )
     config = ForwarderConfig(
@@ -137,7 +139,10 @@ def build_forwarders(settings: Settings, db: Database, clock: Clock) -> list[For
         lease_seconds=settings.audit_sink_lease_seconds,
         gap_seconds=settings.audit_sink_gap_seconds,
     )
-    return [Forwarder(db, sink, settings.resolved_node_id, clock, config) for sink in sinks]
+    return [
+        Forwarder(db=db, sink=sink, node_id=settings.resolved_node_id, clock=clock, config=config)
+        for sink in sinks
+    ]
 
 
 @dataclass
@@ -183,9 +188,9 @@ class Core:
             keyring=keyring,
             keystores=keystores,
             recorder=AuditRecorder(
-                db,
-                settings.resolved_node_id,
-                clock,
+                db=db,
+                node_id=settings.resolved_node_id,
+                clock=clock,
                 batch_max=settings.audit_batch_max,
                 hash_chain=settings.audit_hash_chain,
                 refusal_share=settings.audit_anonymous_refusals,
@@ -194,9 +199,9 @@ class Core:
             directory=TsgDirectory(),
             authz=Authorizer(),
             ca=BuiltinCa(
-                db,
-                keystores,
-                clock,
+                db=db,
+                keystores=keystores,
+                clock=clock,
                 max_leaf_validity_days=settings.leaf_max_validity_days,
                 storage=settings.ca_storage,
                 public_url=settings.public_url,
@@ -206,12 +211,12 @@ class Core:
 
     def users(self) -> UserService:
         return UserService(
-            self.db,
-            self.authz,
-            self.recorder,
-            self.clock,
-            self.directory,
-            password_hasher(),
+            db=self.db,
+            authz=self.authz,
+            recorder=self.recorder,
+            clock=self.clock,
+            directory=self.directory,
+            hasher=password_hasher(),
             max_token_lifetime_days=self.settings.api_token_max_lifetime_days,
         )
 
@@ -229,105 +234,152 @@ class Services:
         self.metrics = Metrics(metrics_multiprocess_dir())
         self.scrape_token = load_scrape_token(core.settings)
         codec = AccessTokenCodec(
-            access_token_secret(core.db, core.keyring), self.issuer, core.clock
+            secret=access_token_secret(core.db, core.keyring), issuer=self.issuer, clock=core.clock
         )
         self.codec = codec
-        self.tsgs = TsgService(core.db, core.authz, core.recorder, core.clock, core.directory)
+        self.tsgs = TsgService(
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
+        )
         self.subject_policies = SubjectPolicyService(
-            core.db, core.authz, core.recorder, core.clock, core.directory
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
         )
         self.users = core.users()
         self.accounts = AccountService(
-            core.db,
-            core.authz,
-            core.recorder,
-            core.clock,
-            core.directory,
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
             signer_keys=keys_naming_signer,
         )
         self.limits = AuthLimits(
-            FailureCounters(core.db, core.clock), LimitsConfig.of(core.settings), core.clock
+            counters=FailureCounters(core.db, core.clock),
+            config=LimitsConfig.of(core.settings),
+            clock=core.clock,
         )
         self.tokens = TokenService(
-            core.db, core.recorder, core.clock, core.directory, codec, self.limits
+            db=core.db,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
+            codec=codec,
+            limits=self.limits,
         )
         self.connectors = ConnectorService(
-            core.db,
-            core.authz,
-            core.recorder,
-            core.clock,
-            core.directory,
-            core.keyring,
-            core.keystores,
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
+            keyring=core.keyring,
+            keystores=core.keystores,
             users=CertifiedKeys(),
         )
         requests = CertificateRequests(
-            core.db, core.recorder, core.clock, core.keystores, self.connectors
+            db=core.db,
+            recorder=core.recorder,
+            clock=core.clock,
+            keystores=core.keystores,
+            connectors=self.connectors,
         )
         self.keys = KeyService(
-            core.db,
-            core.authz,
-            core.recorder,
-            core.clock,
-            core.directory,
-            core.keystores,
-            core.ca,
-            requests,
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
+            keystores=core.keystores,
+            ca=core.ca,
+            requests=requests,
         )
         self.lifecycle = KeyLifecycle(
-            core.db, core.recorder, core.clock, self.keys, core.keystores, core.ca, requests
+            db=core.db,
+            recorder=core.recorder,
+            clock=core.clock,
+            keys=self.keys,
+            keystores=core.keystores,
+            ca=core.ca,
+            requests=requests,
         )
         # Background jobs; each claims its work per key, so every replica runs them.
         self.scheduler = Scheduler(
-            core.clock,
-            core.settings.scheduler_interval_seconds,
-            [
+            clock=core.clock,
+            interval_seconds=core.settings.scheduler_interval_seconds,
+            jobs=[
                 Job("key_rotation", lambda now: self.lifecycle.rotate_due(now).as_dict()),
                 Job("key_destruction", lambda now: self.lifecycle.destroy_due(now).as_dict()),
             ],
         )
-        self.policies = KeyPolicyService(core.db, self.keys, core.recorder, core.clock)
+        self.policies = KeyPolicyService(
+            db=core.db, keys=self.keys, recorder=core.recorder, clock=core.clock
+        )
         self.est = EstService(
-            core.db,
-            core.authz,
-            core.recorder,
-            core.clock,
-            core.directory,
-            core.ca,
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
+            ca=core.ca,
             validity_days=core.settings.est_validity_days,
         )
         self.revocation = RevocationService(
-            core.db,
-            core.authz,
-            core.recorder,
-            core.clock,
-            core.directory,
-            core.ca,
-            CertifiedKeys(),
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
+            ca=core.ca,
+            holders=CertifiedKeys(),
         )
         self.approvals = ApprovalService(
-            core.db, core.authz, core.recorder, core.clock, core.directory
+            db=core.db,
+            authz=core.authz,
+            recorder=core.recorder,
+            clock=core.clock,
+            directory=core.directory,
         )
         self.scheduler.add(Job("approval_expiry", self.approvals.expire_due))
         self.signing = SigningService(
-            core.db, core.recorder, core.clock, core.keystores, self.metrics, self.approvals
+            db=core.db,
+            recorder=core.recorder,
+            clock=core.clock,
+            keystores=core.keystores,
+            metrics=self.metrics,
+            approvals=self.approvals,
         )
         self.audit = AuditService(core.db, core.authz)
         self.checkpoints = CheckpointService(
-            core.db,
-            core.authz,
-            core.keystores,
-            core.clock,
+            db=core.db,
+            authz=core.authz,
+            keystores=core.keystores,
+            clock=core.clock,
             storage=core.settings.audit_storage or core.settings.ca_storage,
             export_dir=core.settings.audit_checkpoint_dir,
             interval_seconds=core.settings.audit_checkpoint_interval_seconds,
         )
         self.scheduler.add(Job("audit_checkpoints", self.checkpoints.due))
         self.tsa = TsaService(
-            core.db, core.keystores, core.recorder, core.clock, TsaConfig.of(core.settings)
+            db=core.db,
+            keystores=core.keystores,
+            recorder=core.recorder,
+            clock=core.clock,
+            config=TsaConfig.of(core.settings),
         )
         self.authn = Authenticator(
-            core.db, core.directory, codec, core.clock, self.users, self.limits
+            db=core.db,
+            directory=core.directory,
+            codec=codec,
+            clock=core.clock,
+            users=self.users,
+            limits=self.limits,
         )
         # Audit sinks read the committed trail; signing never waits for them.
         self.sinks = build_forwarders(core.settings, core.db, core.clock)

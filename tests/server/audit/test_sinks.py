@@ -297,7 +297,14 @@ def test_one_forwarder_at_a_time_holds_a_sink(
     )
     target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
     forwarders = [
-        Forwarder(db, SyslogSink(target, 13, 2.0), f"node-{n}", SystemClock(), config) for n in "ab"
+        Forwarder(
+            db=db,
+            sink=SyslogSink(target=target, facility=13, timeout=2.0),
+            node_id=f"node-{n}",
+            clock=SystemClock(),
+            config=config,
+        )
+        for n in "ab"
     ]
     try:
         before = cursor_of(db, "syslog")
@@ -389,7 +396,13 @@ def test_webhook_tls_is_always_verified(
     config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, gap_seconds=2.0)
     before = cursor_of(db, "webhook")
     sign_many(api, 3, "tls")
-    untrusted = Forwarder(db, WebhookSink(url, None, 2.0), "node-t", SystemClock(), config)
+    untrusted = Forwarder(
+        db=db,
+        sink=WebhookSink(url=url, token=None, timeout=2.0),
+        node_id="node-t",
+        clock=SystemClock(),
+        config=config,
+    )
     try:
         untrusted.start()
         wait_for(lambda: untrusted.failures >= 2)
@@ -399,7 +412,11 @@ def test_webhook_tls_is_always_verified(
     finally:
         untrusted.stop()
     trusted = Forwarder(
-        db, WebhookSink(url, None, 2.0, ca_file=cert_file), "node-t", SystemClock(), config
+        db=db,
+        sink=WebhookSink(url=url, token=None, timeout=2.0, ca_file=cert_file),
+        node_id="node-t",
+        clock=SystemClock(),
+        config=config,
     )
     try:
         trusted.start()
@@ -422,7 +439,13 @@ def test_a_dead_replicas_lease_is_taken_over_when_it_expires(
     # The forwarder's clock: the dead lease expires when the test says so, not
     # when a slow machine happens to get there.
     clock = FakeClock()
-    forwarder = Forwarder(db, SyslogSink(target, 13, 2.0), "node-c", clock, config)
+    forwarder = Forwarder(
+        db=db,
+        sink=SyslogSink(target=target, facility=13, timeout=2.0),
+        node_id="node-c",
+        clock=clock,
+        config=config,
+    )
     try:
         # A replica that died while holding the lease.
         dead = {
@@ -466,7 +489,13 @@ def test_a_number_that_will_never_come_does_not_hold_the_sink(
     receiver.start()
     config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, gap_seconds=3600)
     target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
-    forwarder = Forwarder(db, SyslogSink(target, 13, 2.0), "node-h", SystemClock(), config)
+    forwarder = Forwarder(
+        db=db,
+        sink=SyslogSink(target=target, facility=13, timeout=2.0),
+        node_id="node-h",
+        clock=SystemClock(),
+        config=config,
+    )
     try:
         before = cursor_of(db, "syslog")
         sign_many(api, 3, "hole")

@@ -66,7 +66,13 @@ def forwarder_for(database: Database, receiver: SyslogReceiver, gap_seconds: flo
     config = ForwarderConfig(poll_seconds=0.05, retry_max_seconds=0.2, gap_seconds=gap_seconds)
     target = SyslogTarget.parse(f"tcp://127.0.0.1:{receiver.port}")
     node = f"node-{uuid.uuid4().hex[:6]}"
-    return Forwarder(database, SyslogSink(target, 13, 2.0), node, SystemClock(), config)
+    return Forwarder(
+        db=database,
+        sink=SyslogSink(target=target, facility=13, timeout=2.0),
+        node_id=node,
+        clock=SystemClock(),
+        config=config,
+    )
 
 
 def insert_open(slow: Connection) -> tuple[int, str]:
@@ -251,7 +257,9 @@ def test_the_recorder_holds_a_transaction_id_before_it_draws_seq(
     try:
         for chained in (True, False):
             # Not started: commit_sync writes on the calling thread, as the writer would.
-            recorder = AuditRecorder(db, f"xid-{chained}", SystemClock(), hash_chain=chained)
+            recorder = AuditRecorder(
+                db=db, node_id=f"xid-{chained}", clock=SystemClock(), hash_chain=chained
+            )
             recorder.commit_sync(record)
             with db.write() as s:
                 recorder.record(s, record)

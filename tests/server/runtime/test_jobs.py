@@ -182,7 +182,11 @@ def test_the_thread_runs_every_job_survives_a_failing_one_and_stops_promptly() -
             ran.set()
         return {"done": 0}
 
-    scheduler = Scheduler(FakeClock(), 0.02, [Job("failing", failing), Job("counting", counting)])
+    scheduler = Scheduler(
+        clock=FakeClock(),
+        interval_seconds=0.02,
+        jobs=[Job("failing", failing), Job("counting", counting)],
+    )
     scheduler.start()
     try:
         assert ran.wait(10)
@@ -197,14 +201,14 @@ def test_the_thread_runs_every_job_survives_a_failing_one_and_stops_promptly() -
 
 
 def test_a_zero_interval_starts_no_thread() -> None:
-    scheduler = Scheduler(FakeClock(), 0, [])
+    scheduler = Scheduler(clock=FakeClock(), interval_seconds=0, jobs=[])
     scheduler.start()
     assert not scheduler.running
     scheduler.stop()
 
 
 def test_a_long_interval_still_stops_at_once() -> None:
-    scheduler = Scheduler(FakeClock(), 3600, [])
+    scheduler = Scheduler(clock=FakeClock(), interval_seconds=3600, jobs=[])
     scheduler.start()
     started = time.monotonic()
     scheduler.stop()

@@ -164,7 +164,7 @@ def test_a_worker_that_dies_before_it_serves_stops_the_supervisor(
     what it said (it serves), not how long ago it was spawned: a worker killed
     just after it began serving is replaced (tests/e2e/test_workers.py)."""
     options = {"log_config": None, "ssl_certfile": str(tmp_path / "missing.pem")}
-    supervisor = Supervisor("127.0.0.1", free_port(), 1, options)
+    supervisor = Supervisor(host="127.0.0.1", port=free_port(), workers=1, uvicorn_options=options)
     # run() is a process's main loop: it names the metrics directory in the
     # environment and takes SIGTERM/SIGINT; give both back to this test process.
     monkeypatch.setenv(PROMETHEUS_MULTIPROC_ENV, "")

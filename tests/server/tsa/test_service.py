@@ -1042,11 +1042,11 @@ def test_two_workers_racing_on_first_use_make_exactly_one_tsa(
     stores = [RendezvousStore(core_.keystores.get("builtin"), barrier) for core_ in cores]
     workers = [
         TsaService(
-            core_.db,
-            KeyStoreRegistry([store]),
-            core_.recorder,
-            core_.clock,
-            TsaConfig.of(old_installation.settings),
+            db=core_.db,
+            keystores=KeyStoreRegistry([store]),
+            recorder=core_.recorder,
+            clock=core_.clock,
+            config=TsaConfig.of(old_installation.settings),
         )
         for core_, store in zip(cores, stores, strict=True)
     ]

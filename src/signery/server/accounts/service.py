@@ -130,12 +130,12 @@ class SignerKeys(Protocol):
 class AccountService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,
         clock: Clock,
         directory: TsgDirectory,
-        *,
         signer_keys: SignerKeys,
     ) -> None:
         self._db = db

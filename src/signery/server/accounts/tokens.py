@@ -115,7 +115,7 @@ def pinned_algorithms(key: object) -> tuple[str, ...]:
 class AccessTokenCodec:
     """Issues and verifies the server's own access tokens (JWT, HS256, typ at+jwt)."""
 
-    def __init__(self, secret: bytes, issuer: str, clock: Clock) -> None:
+    def __init__(self, *, secret: bytes, issuer: str, clock: Clock) -> None:
         if len(secret) < 32:
             raise ValueError("access token secret must have 256 bits")
         self._secret = secret
@@ -235,6 +235,7 @@ def parse_token_form(body: bytes, content_type: str | None) -> tuple[str, str]:
 class TokenService:
     def __init__(
         self,
+        *,
         db: Database,
         recorder: AuditRecorder,
         clock: Clock,

@@ -257,6 +257,7 @@ def _narrowed(current: int | None, narrowing: int | None) -> int | None:
 class ApprovalService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,

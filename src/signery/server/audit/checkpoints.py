@@ -83,11 +83,11 @@ def checkpoint_to_wire(row: AuditCheckpointRow) -> p.AuditCheckpoint:
 class CheckpointService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         keystores: KeyStoreRegistry,
         clock: Clock,
-        *,
         storage: str,
         export_dir: Path | None = None,
         interval_seconds: int = 300,

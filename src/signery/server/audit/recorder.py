@@ -100,10 +100,10 @@ class _Batch:
 class AuditRecorder:
     def __init__(
         self,
+        *,
         db: Database,
         node_id: str,
         clock: Clock,
-        *,
         batch_max: int = 512,
         hash_chain: bool = True,
         refusal_share: int = DEFAULT_REFUSAL_SHARE,

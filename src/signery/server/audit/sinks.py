@@ -163,7 +163,7 @@ class SyslogSink(Sink):
 
     name = "syslog"
 
-    def __init__(self, target: SyslogTarget, facility: int, timeout: float) -> None:
+    def __init__(self, *, target: SyslogTarget, facility: int, timeout: float) -> None:
         self._target = target
         self._facility = facility
         self._timeout = timeout
@@ -228,7 +228,7 @@ class WebhookSink(Sink):
     name = "webhook"
 
     def __init__(
-        self, url: str, token: str | None, timeout: float, ca_file: Path | None = None
+        self, *, url: str, token: str | None, timeout: float, ca_file: Path | None = None
     ) -> None:
         verify: ssl.SSLContext | bool = True
         if ca_file is not None:
@@ -365,7 +365,7 @@ class Forwarder:
     """Forwards the audit trail to one sink, from the replica holding its lease."""
 
     def __init__(
-        self, db: Database, sink: Sink, node_id: str, clock: Clock, config: ForwarderConfig
+        self, *, db: Database, sink: Sink, node_id: str, clock: Clock, config: ForwarderConfig
     ) -> None:
         self._db = db
         self._sink = sink

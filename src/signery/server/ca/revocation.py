@@ -137,6 +137,7 @@ def ca_certificate(
 class RevocationService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,

@@ -116,10 +116,10 @@ def subject_name(subject: p.KeySubject, default_cn: str) -> x509.Name:
 class BuiltinCa:
     def __init__(
         self,
+        *,
         db: Database,
         keystores: KeyStoreRegistry,
         clock: Clock,
-        *,
         max_leaf_validity_days: int,
         storage: str = "builtin",
         public_url: str | None = None,

@@ -248,6 +248,7 @@ class SubjectPolicyService:
 
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,

@@ -132,13 +132,13 @@ def csr_subject(csr: x509.CertificateSigningRequest) -> p.KeySubject:
 class EstService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,
         clock: Clock,
         directory: TsgDirectory,
         ca: BuiltinCa,
-        *,
         validity_days: int,
     ) -> None:
         self._db = db

@@ -139,6 +139,7 @@ class ConnectorUsers(Protocol):
 class ConnectorService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,
@@ -146,7 +147,6 @@ class ConnectorService:
         directory: TsgDirectory,
         keyring: Keyring,
         keystores: KeyStoreRegistry,
-        *,
         users: ConnectorUsers,
         kinds: ConnectorKinds | None = None,
     ) -> None:

@@ -81,6 +81,7 @@ def parse_basic(value: str) -> tuple[str, str]:
 class Authenticator:
     def __init__(
         self,
+        *,
         db: Database,
         directory: TsgDirectory,
         codec: AccessTokenCodec,

@@ -82,7 +82,7 @@ def rotate_master_key(
         rewrap_access_token_secret(db, keyring)
         rewrap_connector_secrets(db, keyring)
         # Step 3: the database follows, with its audit event.
-        recorder = AuditRecorder(db, "signery-rotate", clock)
+        recorder = AuditRecorder(db=db, node_id="signery-rotate", clock=clock)
         try:
             with db.write() as s:
                 meta.write_meta(s, meta.MASTER_KEY_ID, keyring.primary.key_id)

@@ -104,6 +104,7 @@ class DueSummary:
 class KeyLifecycle:
     def __init__(
         self,
+        *,
         db: Database,
         recorder: AuditRecorder,
         clock: Clock,

@@ -29,7 +29,7 @@ class KeyPolicyService:
     """Reads, sets and clears a key's policy (permission: KEY_MANAGE on the key)."""
 
     def __init__(
-        self, db: Database, keys: KeyService, recorder: AuditRecorder, clock: Clock
+        self, *, db: Database, keys: KeyService, recorder: AuditRecorder, clock: Clock
     ) -> None:
         self._db = db
         self._keys = keys

@@ -168,6 +168,7 @@ class _Pending:
 class CertificateRequests:
     def __init__(
         self,
+        *,
         db: Database,
         recorder: AuditRecorder,
         clock: Clock,

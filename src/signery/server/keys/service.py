@@ -99,6 +99,7 @@ class ResolvedKey:
 class KeyService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,

@@ -289,7 +289,7 @@ class SignInAttempt:
 class AuthLimits:
     """The limits of the password sign-ins and of the token endpoint."""
 
-    def __init__(self, counters: FailureCounters, config: LimitsConfig, clock: Clock) -> None:
+    def __init__(self, *, counters: FailureCounters, config: LimitsConfig, clock: Clock) -> None:
         self._counters = counters
         self._config = config
         self._clock = clock

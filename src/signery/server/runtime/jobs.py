@@ -31,7 +31,7 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, clock: Clock, interval_seconds: float, jobs: Sequence[Job]) -> None:
+    def __init__(self, *, clock: Clock, interval_seconds: float, jobs: Sequence[Job]) -> None:
         self._clock = clock
         self._interval = interval_seconds
         self._jobs = list(jobs)

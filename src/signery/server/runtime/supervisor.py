@@ -186,7 +186,9 @@ def _worker(
 
 
 class Supervisor:
-    def __init__(self, host: str, port: int, workers: int, uvicorn_options: dict[str, Any]) -> None:
+    def __init__(
+        self, *, host: str, port: int, workers: int, uvicorn_options: dict[str, Any]
+    ) -> None:
         self.host = host
         self.port = port
         self.workers = workers

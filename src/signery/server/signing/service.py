@@ -215,6 +215,7 @@ def parse_sign_request(body: bytes) -> ParsedSignRequest:
 class SigningService:
     def __init__(
         self,
+        *,
         db: Database,
         recorder: AuditRecorder,
         clock: Clock,

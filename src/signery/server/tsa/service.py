@@ -71,12 +71,12 @@ class TsaService:
 
     def __init__(
         self,
+        *,
         db: Database,
         keystores: KeyStoreRegistry,
         recorder: AuditRecorder,
         clock: Clock,
         config: TsaConfig,
-        *,
         limiter: ClientRateLimiter | None = None,
     ) -> None:
         self._db = db

@@ -67,6 +67,7 @@ def insert_tsg(
 class TsgService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,

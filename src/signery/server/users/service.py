@@ -127,13 +127,13 @@ def binding_to_wire(row: RoleBindingRow) -> p.RoleBinding:
 class UserService:
     def __init__(
         self,
+        *,
         db: Database,
         authz: Authorizer,
         recorder: AuditRecorder,
         clock: Clock,
         directory: TsgDirectory,
         hasher: PasswordHasher,
-        *,
         max_token_lifetime_days: int,
     ) -> None:
         self._db = db
