@@ -323,7 +323,7 @@ class BuiltinCa:
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    _ca_public_key(issuing.certificate)
+                    rsa_or_ec(issuing.certificate.public_key())
                 ),
                 critical=False,
             )
@@ -347,7 +347,7 @@ class BuiltinCa:
             builder = builder.add_revoked_certificate(entry.build())
         store = self._keystores.get(issuing.handle.store)
         crl = builder.sign(
-            remote_private_key(store, issuing.handle, _ca_public_key(issuing.certificate)),
+            remote_private_key(store, issuing.handle, rsa_or_ec(issuing.certificate.public_key())),
             signature_hash(issuing.algorithm),
         )
         der = crl.public_bytes(serialization.Encoding.DER)
@@ -396,7 +396,7 @@ class BuiltinCa:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    _ca_public_key(issuing.certificate)
+                    rsa_or_ec(issuing.certificate.public_key())
                 ),
                 critical=False,
             )
@@ -407,7 +407,7 @@ class BuiltinCa:
             )
         builder = with_revocation_pointers(builder, self.public_url)
         store = self._keystores.get(issuing.handle.store)
-        ca_public = _ca_public_key(issuing.certificate)
+        ca_public = rsa_or_ec(issuing.certificate.public_key())
         cert = builder.sign(
             remote_private_key(store, issuing.handle, ca_public), signature_hash(issuing.algorithm)
         )
@@ -449,8 +449,9 @@ def with_revocation_pointers(
     )
 
 
-def _ca_public_key(cert: x509.Certificate) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-    key = cert.public_key()
+def rsa_or_ec(key: object) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The public key of an issuing authority (CA or TSA): only RSA and EC keys sign
+    certificates and time-stamp tokens here."""
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise ConfigurationError("CA keys must be RSA or EC")
+        raise ConfigurationError("CA and TSA keys must be RSA or EC")
     return key

@@ -7,20 +7,14 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from signery.errors import (
-    ConfigurationError,
-)
 from signery.keystores import (
     KeyContext,
     KeyHandle,
 )
 from signery.protocol import Algorithm
 from signery.server.ca.models import CaAuthorityRow
-from signery.server.ca.service import (
-    Authority,
-)
+from signery.server.ca.service import Authority
 from signery.server.config import Settings, TsaAccess
 
 TSA = "tsa"
@@ -87,9 +81,3 @@ def authority_of(row: CaAuthorityRow) -> Authority:
         handle=KeyHandle(row.storage, row.store_ref, algorithm, KeyContext(row.id, 1, row.tsg_id)),
         certificate=x509.load_der_x509_certificate(row.certificate_der),
     )
-
-
-def rsa_or_ec(key: object) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise ConfigurationError("CA and TSA keys must be RSA or EC")
-    return key

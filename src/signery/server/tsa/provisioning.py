@@ -37,12 +37,13 @@ from signery.server.ca.service import (
     Authority,
     CreatedCa,
     random_serial,
+    rsa_or_ec,
     signature_hash,
     with_revocation_pointers,
 )
 from signery.server.persistence.db import new_id
 from signery.server.runtime.clock import Clock
-from signery.server.tsa.authority import TSA, TsaConfig, authority_of, rsa_or_ec
+from signery.server.tsa.authority import TSA, TsaConfig, authority_of
 
 TSA_VALIDITY = timedelta(days=10 * 365)
 

@@ -32,7 +32,8 @@ from signery.errors import (
 )
 from signery.protocol import DigestAlgorithm, SignatureScheme
 from signery.rfc3161 import TimeStampResp
-from signery.server.tsa.authority import TimestampAuthority, rsa_or_ec
+from signery.server.ca.service import rsa_or_ec
+from signery.server.tsa.authority import TimestampAuthority
 from signery.server.tsa.query import TimestampQuery
 
 # asn1crypto's names for the ECDSA signature algorithms (RFC 5758 §3.2: no parameters).
