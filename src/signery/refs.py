@@ -5,7 +5,8 @@ like one (a UUID written the way the server writes its ids: lowercase, with
 hyphens). A name may itself look like a UUID, so a lookup by a reference that
 looks like an id matches the id or the name; any other reference matches names
 only. Keys are named this way everywhere (signing, management, the client), and
-so are built-in accounts and users in a key's policy.
+so are built-in accounts and users in a key's policy and every object the server
+looks up by name or id (``signery.server.tsg.tree.rows_by_ref``).
 """
 
 from __future__ import annotations

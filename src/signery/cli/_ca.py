@@ -11,6 +11,7 @@ import typer
 from signery import protocol as p
 from signery.cli._common import (
     JsonOpt,
+    OutputOpt,
     TsgOpt,
     connection,
     day,
@@ -174,7 +175,7 @@ def ca_connector_delete(
 @ca_app.command("chain")
 def ca_chain(
     ctx: typer.Context,
-    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
+    output: OutputOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The built-in CA's issuing and root certificates (PEM)."""

@@ -12,6 +12,7 @@ from signery import __version__
 from signery import protocol as p
 from signery.cli._common import (
     JsonOpt,
+    KeyArg,
     check_files,
     connection,
     details,
@@ -70,7 +71,7 @@ def keys(
 
 def key_export(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     openpgp: Annotated[
         bool, typer.Option("--openpgp", help="Export as an OpenPGP public key (armored).")
     ] = False,

@@ -26,6 +26,12 @@ err = Console(stderr=True, soft_wrap=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 TsgOpt = Annotated[str | None, typer.Option("--tsg", help="TSG id (default: your home TSG).")]
+KeyArg = Annotated[str, typer.Argument(help="Key name or id.")]
+KeyTsgOpt = Annotated[
+    str | None,
+    typer.Option("--tsg", help="TSG in which a key name is looked up (default: the nearest)."),
+]
+OutputOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Write to this file.")]
 
 
 @dataclass

@@ -9,7 +9,19 @@ from typing import Annotated
 import typer
 
 from signery import protocol as p
-from signery.cli._common import JsonOpt, connection, day, emit, out, print_json, table, write_pem
+from signery.cli._common import (
+    JsonOpt,
+    KeyArg,
+    KeyTsgOpt,
+    OutputOpt,
+    connection,
+    day,
+    emit,
+    out,
+    print_json,
+    table,
+    write_pem,
+)
 from signery.cli._key_views import key_details, request_note
 from signery.errors import ClientError
 
@@ -70,11 +82,11 @@ def parse_subject(text: str) -> dict[str, str]:
 
 def key_renew(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     validity_days: Annotated[
         int | None, typer.Option(help="Validity of the new certificate (default: the key's).")
     ] = None,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A new certificate for the same key pair and subject; the old one stays listed."""
@@ -94,7 +106,7 @@ def key_renew(
 
 def key_reissue(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     subject: Annotated[
         str | None,
         typer.Option(help="New subject, e.g. 'CN=Example Release,O=Example Inc,C=DE'."),
@@ -105,7 +117,7 @@ def key_reissue(
     country: Annotated[str | None, typer.Option(help="Two-letter country code (C).")] = None,
     email: Annotated[str | None, typer.Option(help="E-mail address (subjectAltName).")] = None,
     validity_days: Annotated[int | None, typer.Option(help="Validity in days.")] = None,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A new certificate for the same key pair with a changed subject."""
@@ -131,8 +143,8 @@ def key_reissue(
 
 def key_certificates(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Every certificate the key has had, newest first."""
@@ -154,7 +166,7 @@ def key_certificates(
 
 def key_revoke_certificate(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     serial: Annotated[
         str | None, typer.Option(help="Hex serial (default: the current certificate).")
     ] = None,
@@ -165,7 +177,7 @@ def key_revoke_certificate(
             "cessationOfOperation, affiliationChanged, privilegeWithdrawn..."
         ),
     ] = "unspecified",
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke a certificate of the key; the built-in CA's CRL lists it at once."""
@@ -183,8 +195,8 @@ def key_revoke_certificate(
 def key_csr(
     ctx: typer.Context,
     key: str,
-    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    output: OutputOpt = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The CSR of the key's pending certificate request (PEM), for the CA."""
@@ -197,7 +209,7 @@ def key_upload_certificate(
     ctx: typer.Context,
     key: str,
     chain: Annotated[Path, typer.Argument(help="PEM file: the issued certificate and its chain.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Install the certificate a CA issued for the key's CSR. It must certify the key,
@@ -219,7 +231,7 @@ def key_upload_certificate(
 def key_enroll(
     ctx: typer.Context,
     key: str,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Send the key's pending request to its EST connector again."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,6 +15,9 @@ from signery import protocol as p
 from signery.cli import _key_certificates as certificates
 from signery.cli._common import (
     JsonOpt,
+    KeyArg,
+    KeyTsgOpt,
+    OutputOpt,
     TsgOpt,
     connection,
     day,
@@ -107,7 +109,7 @@ def key_create(
 
 def key_list(
     ctx: typer.Context,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     expiring_within: Annotated[
         str | None,
         typer.Option(
@@ -152,8 +154,8 @@ def key_list(
 
 def key_show(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     with connection(ctx).admin() as c:
@@ -170,8 +172,8 @@ def key_show(
 def key_public_key(
     ctx: typer.Context,
     key: str,
-    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    output: OutputOpt = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The key's current public key (PEM)."""
@@ -183,8 +185,8 @@ def key_public_key(
 def key_chain(
     ctx: typer.Context,
     key: str,
-    output: Annotated[Path | None, typer.Option("-o", "--output")] = None,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    output: OutputOpt = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The key's certificate chain (PEM, leaf first and root last)."""
@@ -211,12 +213,12 @@ def _key_action(
 
 def key_rotate(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     validity_days: Annotated[
         int | None,
         typer.Option(help="Validity of the new version's certificate (default: the key's)."),
     ] = None,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """A new key version (and certificate) becomes current; clients use it at once.
@@ -249,8 +251,8 @@ def key_rotate(
 
 def key_cancel_rotation(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Abandon a rotation waiting for its certificate from an external CA: the new
@@ -265,12 +267,12 @@ def key_cancel_rotation(
 
 def key_rotation(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     every: Annotated[
         str | None, typer.Option("--every", help="Rotate every so long (90d, 12w, 1y).")
     ] = None,
     never: Annotated[bool, typer.Option("--never", help="Stop scheduled rotation.")] = False,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Schedule the key's rotation (done by the server), or stop it."""
@@ -290,8 +292,8 @@ def key_rotation(
 
 def key_disable(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Refuse every signing with the key, on every replica, from the next request on."""
@@ -302,8 +304,8 @@ def key_disable(
 
 def key_enable(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Let the key sign again."""
@@ -317,12 +319,12 @@ DESTROY_AFTER_DAYS = (7, 30)
 
 def key_destroy(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     after: Annotated[
         str,
         typer.Option("--after", help="Waiting period before the material is erased: 7d to 30d."),
     ] = "30d",
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Disable the key now and destroy its key material (every version, in its
@@ -345,8 +347,8 @@ def key_destroy(
 
 def key_cancel_destroy(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel a scheduled destruction: the key gets its previous status back."""

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from signery import protocol as p
-from signery.cli._common import JsonOpt, connection, emit, out, print_json, table
+from signery.cli._common import JsonOpt, KeyArg, KeyTsgOpt, connection, emit, out, print_json, table
 from signery.errors import ClientError
 
 DAYS: tuple[str, ...] = tuple(d.value for d in p.Weekday)
@@ -153,8 +153,8 @@ def _show(key: p.SigningKey) -> None:
 @policy_app.command("show")
 def policy_show(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The key's policy, one rule a line, and its usage against the limits."""
@@ -170,7 +170,7 @@ def policy_show(
 @policy_app.command("set")
 def policy_set(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
+    key: KeyArg,
     file: Annotated[
         Path | None,
         typer.Option("--file", help="A KeyPolicy JSON document; the flags below override it."),
@@ -233,7 +233,7 @@ def policy_set(
     request_ttl: Annotated[
         str | None, typer.Option("--request-ttl", help="How long requests wait (72h).")
     ] = None,
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Replace the key's whole policy (rules not given are removed)."""
@@ -282,8 +282,8 @@ def policy_set(
 @policy_app.command("clear")
 def policy_clear(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="Key name or id.")],
-    tsg: Annotated[str | None, typer.Option("--tsg")] = None,
+    key: KeyArg,
+    tsg: KeyTsgOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove the key's policy: only the TSG boundary remains."""

@@ -6,7 +6,6 @@ depending on the TSG service."""
 
 from __future__ import annotations
 
-import re
 import threading
 from typing import Protocol, TypeVar, cast
 
@@ -14,6 +13,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from signery.errors import ConfigurationError, TsgNotFound
+from signery.refs import KeyRef
 from signery.server.access.authz import Principal
 from signery.server.persistence import meta
 from signery.server.tsg.models import TsgRow
@@ -42,18 +42,16 @@ class _Columns(Protocol):
     tsg_id: InstrumentedAttribute[str]
 
 
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-
-
 def rows_by_ref(
     s: Session, model: type[Row], ref: str, *, tsg_id: str | None = None
 ) -> list[tuple[Row, str]]:
     """Rows of ``model`` (a table with ``id``, ``name`` and ``tsg_id``) whose name is
-    ``ref``, or whose id is ``ref`` when it looks like a UUID, each with its TSG's
+    ``ref``, or whose id is ``ref`` when it looks like one (``KeyRef``), each with its TSG's
     path; only in TSG ``tsg_id`` when given. Who may see them is the caller's
     business (``visible_rows_by_ref``)."""
     table = cast(_Columns, model)  # a mapped class of InTsg rows
-    matches = or_(table.id == ref, table.name == ref) if UUID_RE.match(ref) else table.name == ref
+    is_id = KeyRef.parse(ref).is_id
+    matches = or_(table.id == ref, table.name == ref) if is_id else table.name == ref
     q = select(model, TsgRow.path).join(TsgRow, TsgRow.id == table.tsg_id).where(matches)
     if tsg_id:
         q = q.where(table.tsg_id == tsg_id)
