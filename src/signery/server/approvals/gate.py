@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import or_, select, true, update
+from sqlalchemy.orm import Session
 
 from signery import protocol as p
 from signery.errors import ApprovalRequestNotFound
@@ -247,114 +248,148 @@ class ApprovalGate:
         digest joins (a batch of files is one decision) if no approver decided on
         it yet and it has room; else a new one."""
         with self._db.write() as s:
-            # Serializes request creation per key on PostgreSQL (SQLite writers are
-            # serialized already), so concurrent signings share one request. NO KEY
-            # UPDATE: a decision inserting a grant (a foreign key to this row) is
-            # not blocked by it, so it cannot deadlock with the request lock below.
-            s.execute(
-                select(SigningKeyRow.id)
-                .where(SigningKeyRow.id == attempt.key_id)
-                .with_for_update(key_share=True)
+            live = self._live_requests(s, attempt, now)
+            request, reused, digest_count = self._request_for(s, attempt, item, policy, live, now)
+            self._audit_requested(s, attempt, request, reused, digest_count, lapsed)
+            return pending_wire(s, request, attempt.key_name, now)
+
+    def _live_requests(
+        self, s: Session, attempt: SignAttempt, now: datetime
+    ) -> list[SigningRequestRow]:
+        """The account's pending requests for the key, locked, oldest first; those
+        past their time are marked expired on the way."""
+        # Serializes request creation per key on PostgreSQL (SQLite writers are
+        # serialized already), so concurrent signings share one request. NO KEY
+        # UPDATE: a decision inserting a grant (a foreign key to this row) is
+        # not blocked by it, so it cannot deadlock with the request lock below.
+        s.execute(
+            select(SigningKeyRow.id)
+            .where(SigningKeyRow.id == attempt.key_id)
+            .with_for_update(key_share=True)
+        )
+        # Locked like a decision locks its request: a digest never joins a
+        # request while an approver decides on it, and the decisions read below
+        # include every one committed before (a decided request takes none).
+        pending = list(
+            s.scalars(
+                select(SigningRequestRow)
+                .where(
+                    SigningRequestRow.key_id == attempt.key_id,
+                    SigningRequestRow.account_id == attempt.account_id,
+                    SigningRequestRow.status == ApprovalStatus.PENDING_APPROVAL.value,
+                )
+                .order_by(SigningRequestRow.created_at)
+                .with_for_update()
             )
-            # Locked like a decision locks its request: a digest never joins a
-            # request while an approver decides on it, and the decisions read below
-            # include every one committed before (a decided request takes none).
-            pending = list(
-                s.scalars(
-                    select(SigningRequestRow)
-                    .where(
-                        SigningRequestRow.key_id == attempt.key_id,
-                        SigningRequestRow.account_id == attempt.account_id,
-                        SigningRequestRow.status == ApprovalStatus.PENDING_APPROVAL.value,
-                    )
-                    .order_by(SigningRequestRow.created_at)
-                    .with_for_update()
+        )
+        live: list[SigningRequestRow] = []
+        for r in pending:
+            if r.expires_at <= now:
+                self._expiry.mark_expired(s, r, attempt.tsg_path, now)
+            else:
+                live.append(r)
+        return live
+
+    def _request_for(
+        self,
+        s: Session,
+        attempt: SignAttempt,
+        item: Item,
+        policy: p.ApprovalPolicy,
+        live: list[SigningRequestRow],
+        now: datetime,
+    ) -> tuple[SigningRequestRow, bool, int]:
+        """The request for this item among the live ones (the digest joining it if
+        it did not list it), or a new one; whether it was reused, and how many
+        digests it lists."""
+        ids = [r.id for r in live]
+        listed = matching_items(s, ids, item)
+        counts = digest_counts(s, ids)
+        decided = set(
+            s.scalars(
+                select(ApprovalDecisionRow.request_id).where(
+                    ApprovalDecisionRow.request_id.in_(ids)
                 )
             )
-            live: list[SigningRequestRow] = []
-            for r in pending:
-                if r.expires_at <= now:
-                    self._expiry.mark_expired(s, r, attempt.tsg_path, now)
-                else:
-                    live.append(r)
-            ids = [r.id for r in live]
-            listed = matching_items(s, ids, item)
-            counts = digest_counts(s, ids)
-            decided = set(
-                s.scalars(
-                    select(ApprovalDecisionRow.request_id).where(
-                        ApprovalDecisionRow.request_id.in_(ids)
-                    )
-                )
-            )
-            request = next((r for r in live if r.id in listed), None) or next(
-                (r for r in live if r.scope == ANY_DIGEST), None
+        )
+        request = next((r for r in live if r.id in listed), None) or next(
+            (r for r in live if r.scope == ANY_DIGEST), None
+        )
+        reused = request is not None
+        if request is None:
+            # Only a request nobody decided on takes a new digest: an approver's
+            # decision covers the set that approver saw, and nothing added later.
+            request = next(
+                (
+                    r
+                    for r in live
+                    if r.scope == DIGESTS
+                    and r.id not in decided
+                    and counts.get(r.id, 0) < p.MAX_REQUEST_DIGESTS
+                ),
+                None,
             )
             reused = request is not None
             if request is None:
-                # Only a request nobody decided on takes a new digest: an approver's
-                # decision covers the set that approver saw, and nothing added later.
-                request = next(
-                    (
-                        r
-                        for r in live
-                        if r.scope == DIGESTS
-                        and r.id not in decided
-                        and counts.get(r.id, 0) < p.MAX_REQUEST_DIGESTS
-                    ),
-                    None,
-                )
-                reused = request is not None
-                if request is None:
-                    request = new_request(
-                        policy,
-                        now,
-                        key_id=attempt.key_id,
-                        tsg_id=attempt.tsg_id,
-                        account_id=attempt.account_id,
-                        requested_by_type=PrincipalType.ACCOUNT.value,
-                        requested_by_id=attempt.account_id,
-                        requested_by_name=attempt.account_name,
-                        scope=DIGESTS,
-                        client_machine=attempt.context.machine,
-                        client_tool=attempt.context.tool,
-                        justification=attempt.justification,
-                    )
-                    s.add(request)
-                    s.flush()
-                request.updated_at = now
-                s.add(digest_row(request.id, counts.get(request.id, 0), item, now))
-                s.flush()
-                counts[request.id] = counts.get(request.id, 0) + 1
-            details: dict[str, Any] = {
-                "request_id": request.id,
-                "reused": reused,
-                "scope": request.scope,
-                "digest_count": counts.get(request.id, 0),
-            }
-            if lapsed is not None:
-                details["grant_state"] = lapsed
-            if attempt.justification:
-                details["justification"] = attempt.justification[:256]
-            # The signing attempt's one audit event: not a signature, not counted as one.
-            self._recorder.record(
-                s,
-                AuditRecord(
-                    EventKind.APPROVAL_REQUESTED,
-                    AuditOutcome.DENIED,
-                    Actor(PrincipalType.ACCOUNT, attempt.account_id, attempt.account_name),
-                    reason=APPROVAL_REQUIRED,
-                    tsg_id=attempt.tsg_id,
-                    tsg_path=attempt.tsg_path,
+                request = new_request(
+                    policy,
+                    now,
                     key_id=attempt.key_id,
-                    key_version=attempt.key_version,
-                    algorithm=attempt.algorithm,
-                    digest=attempt.digest_hex,
-                    context=attempt.context,
-                    details=details,
-                ),
-            )
-            return pending_wire(s, request, attempt.key_name, now)
+                    tsg_id=attempt.tsg_id,
+                    account_id=attempt.account_id,
+                    requested_by_type=PrincipalType.ACCOUNT.value,
+                    requested_by_id=attempt.account_id,
+                    requested_by_name=attempt.account_name,
+                    scope=DIGESTS,
+                    client_machine=attempt.context.machine,
+                    client_tool=attempt.context.tool,
+                    justification=attempt.justification,
+                )
+                s.add(request)
+                s.flush()
+            request.updated_at = now
+            s.add(digest_row(request.id, counts.get(request.id, 0), item, now))
+            s.flush()
+            counts[request.id] = counts.get(request.id, 0) + 1
+        return request, reused, counts.get(request.id, 0)
+
+    def _audit_requested(
+        self,
+        s: Session,
+        attempt: SignAttempt,
+        request: SigningRequestRow,
+        reused: bool,
+        digest_count: int,
+        lapsed: str | None,
+    ) -> None:
+        details: dict[str, Any] = {
+            "request_id": request.id,
+            "reused": reused,
+            "scope": request.scope,
+            "digest_count": digest_count,
+        }
+        if lapsed is not None:
+            details["grant_state"] = lapsed
+        if attempt.justification:
+            details["justification"] = attempt.justification[:256]
+        # The signing attempt's one audit event: not a signature, not counted as one.
+        self._recorder.record(
+            s,
+            AuditRecord(
+                EventKind.APPROVAL_REQUESTED,
+                AuditOutcome.DENIED,
+                Actor(PrincipalType.ACCOUNT, attempt.account_id, attempt.account_name),
+                reason=APPROVAL_REQUIRED,
+                tsg_id=attempt.tsg_id,
+                tsg_path=attempt.tsg_path,
+                key_id=attempt.key_id,
+                key_version=attempt.key_version,
+                algorithm=attempt.algorithm,
+                digest=attempt.digest_hex,
+                context=attempt.context,
+                details=details,
+            ),
+        )
 
     def request_for_account(self, account_id: str, request_id: str) -> p.SigningPending:
         """``GET /api/v1/signing/requests/{id}``: the state of a request made for this
