@@ -23,6 +23,8 @@ from signery.keystores import (
 from signery.server.access.authz import Authorizer
 from signery.server.accounts.service import AccountService
 from signery.server.accounts.tokens import AccessTokenCodec, TokenService
+from signery.server.approvals.expiry import ApprovalExpiry
+from signery.server.approvals.gate import ApprovalGate
 from signery.server.approvals.service import ApprovalService
 from signery.server.audit.checkpoints import CheckpointService
 from signery.server.audit.recorder import AuditRecorder
@@ -339,21 +341,28 @@ class Services:
             ca=core.ca,
             holders=CertifiedKeys(),
         )
+        self.approval_expiry = ApprovalExpiry(
+            db=core.db, recorder=core.recorder, directory=core.directory
+        )
+        self.scheduler.add(Job("approval_expiry", self.approval_expiry.expire_due))
         self.approvals = ApprovalService(
             db=core.db,
             authz=core.authz,
             recorder=core.recorder,
             clock=core.clock,
             directory=core.directory,
+            expiry=self.approval_expiry,
         )
-        self.scheduler.add(Job("approval_expiry", self.approvals.expire_due))
+        self.approval_gate = ApprovalGate(
+            db=core.db, recorder=core.recorder, clock=core.clock, expiry=self.approval_expiry
+        )
         self.signing = SigningService(
             db=core.db,
             recorder=core.recorder,
             clock=core.clock,
             keystores=core.keystores,
             metrics=self.metrics,
-            approvals=self.approvals,
+            approvals=self.approval_gate,
         )
         self.audit = AuditService(core.db, core.authz)
         self.checkpoints = CheckpointService(

@@ -358,11 +358,11 @@ def test_the_scheduler_expires_overdue_requests_once_even_when_two_sweep(
     s = signer(api, tsg, required=1, request_ttl_hours=1)
     request_id = pending(s.sign())["request_id"]
     services = services_of(app_client)
-    assert services.approvals.expire_due(clock.now())["expired"] == 0
+    assert services.approval_expiry.expire_due(clock.now())["expired"] == 0
     clock.advance(HOUR + 1)
     seq = api.last_seq()
     with ThreadPoolExecutor(2) as pool:
-        swept = list(pool.map(lambda _: services.approvals.expire_due(clock.now()), range(2)))
+        swept = list(pool.map(lambda _: services.approval_expiry.expire_due(clock.now()), range(2)))
     assert sum(r["expired"] for r in swept) >= 1
     expired = [
         e

@@ -83,7 +83,7 @@ from signery.server.access.authz import (
 from signery.server.access.claims import AccessClaims
 from signery.server.access.context import RequestContext
 from signery.server.accounts.tokens import STALE_TOKEN
-from signery.server.approvals.service import ApprovalService, GrantUse, SignAttempt
+from signery.server.approvals.gate import ApprovalGate, GrantUse, SignAttempt
 from signery.server.audit.events import (
     SIGN_KIND_BY_OUTCOME,
     Actor,
@@ -221,7 +221,7 @@ class SigningService:
         clock: Clock,
         keystores: KeyStoreRegistry,
         metrics: Metrics,
-        approvals: ApprovalService | None = None,
+        approvals: ApprovalGate | None = None,
     ) -> None:
         self._reads = SigningReads(db)
         # Keys whose policy requires approval sign only with a grant (None: such
