@@ -950,9 +950,23 @@ class CertificateUpload(WireModel):
 # ------------------------------------------------------------------ signing
 
 
+class ClientProcess(WireModel):
+    """The local process a signing was made for, as the PKCS#11 agent sees it
+    (``SO_PEERCRED`` and ``/proc``): recorded in the signing's audit event."""
+
+    pid: int = Field(ge=0)
+    executable: str | None = Field(default=None, max_length=1024)
+    executable_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    command_line: str | None = Field(default=None, max_length=1024)
+    user: str | None = Field(default=None, max_length=256)
+
+
 class ClientInfo(WireModel):
     machine: str | None = Field(default=None, max_length=256)
     tool: str | None = Field(default=None, max_length=256)
+    process: ClientProcess | None = Field(
+        default=None, description="The calling tool's process, when a local agent signs for it"
+    )
 
 
 class SignRequest(WireModel):

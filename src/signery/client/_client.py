@@ -317,8 +317,12 @@ class Client:
         *,
         client_info: p.ClientInfo | None = None,
         justification: str | None = None,
+        key_version: int | None = None,
     ) -> p.SignResponse:
         """Send a digest, get a signature (already verified by the server).
+
+        ``key_version`` pins the version whose public key the caller holds (a
+        rotated key then refuses instead of signing with a key it did not read).
 
         Only the server knows the key behind a bare reference, so it is the one
         that checks ``scheme`` against it; :class:`RemoteSigner` knows the key's
@@ -333,6 +337,7 @@ class Client:
                 scheme=scheme.value,
                 client=client_info,
                 justification=justification,
+                key_version=key_version,
             )
         except ValidationError as e:
             # What the server would answer (a justification too long, a control

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import anyio.to_thread
 from pydantic import ValidationError
@@ -212,6 +213,13 @@ def parse_sign_request(body: bytes) -> ParsedSignRequest:
     )
 
 
+def _add_client_process(details: dict[str, Any], client: p.ClientInfo | None) -> None:
+    """The calling tool's process (sent by the PKCS#11 agent) goes into the event:
+    an auditor sees which program, with which hash and command line, signed."""
+    if client is not None and client.process is not None:
+        details["client_process"] = client.process.model_dump(mode="json", exclude_none=True)
+
+
 class SigningService:
     def __init__(
         self,
@@ -305,10 +313,11 @@ class SigningService:
         ctx: RequestContext,
         grant: GrantUse | None = None,
     ) -> None:
-        details = {
+        details: dict[str, Any] = {
             "scheme": parsed.scheme.value,
             "digest_algorithm": parsed.hashed.algorithm.value,
         }
+        _add_client_process(details, parsed.client)
         if grant is not None:
             # The grant, and whether it was bound to this digest or a pre-approval
             # of any digest: reviewers see which kind of approval let it sign.
@@ -485,7 +494,8 @@ class SigningService:
         counted = not isinstance(error, (KeyDisabled, KeyDestroyed))
         # The reference the caller used (cut to a sane length), so that refusals for
         # keys it cannot see are traceable without recording anything about them.
-        details = {"key_ref": key_ref[:128]}
+        details: dict[str, Any] = {"key_ref": key_ref[:128]}
+        _add_client_process(details, attempt.client)
         await self._recorder.commit(
             AuditRecord(
                 SIGN_KIND_BY_OUTCOME[outcome],
