@@ -44,14 +44,17 @@ def served(
 ) -> Iterator[Served]:
     if not P11_KIT_CLIENT.exists():
         pytest.skip("p11-kit-client.so is not installed (apt-get install p11-kit-modules)")
-    with running_server(installation_sqlite) as server, httpx.Client(
-        base_url=server.url, timeout=30
-    ) as http:
+    with (
+        running_server(installation_sqlite) as server,
+        httpx.Client(base_url=server.url, timeout=30) as http,
+    ):
         inst = installation_sqlite
         api = Api(http, inst.admin_token, inst.init.issuer, inst.init.root_tsg_id)
         root = inst.init.root_tsg_id
         keys = {
-            algorithm: api.create_key(root, algorithm, subject={"common_name": f"Agent {algorithm}"})
+            algorithm: api.create_key(
+                root, algorithm, subject={"common_name": f"Agent {algorithm}"}
+            )
             for algorithm in ("RSA_3072", "EC_P256")
         }
         account = api.create_account(root)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from signery import __version__
 from signery.cli import (
     _accounts,
+    _agent,
     _approvals,
     _audit,
     _ca,
@@ -101,6 +102,8 @@ app.command()(_client.keys)
 app.command()(_sign.sign)
 app.command()(_sign.verify)
 app.command()(_client.timestamp)
+app.command()(_agent.agent)
+app.command("exec")(_agent.exec_)
 app.add_typer(_tsg.tsg_app, name="tsg")
 app.add_typer(_users.user_app, name="user")
 app.add_typer(_users.role_app, name="role")

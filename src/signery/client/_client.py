@@ -226,6 +226,11 @@ class Client:
         self._http.close()
 
     @property
+    def client_id(self) -> str | None:
+        """The built-in account this client signs as (None without credentials)."""
+        return self._credentials.client_id if self._credentials is not None else None
+
+    @property
     def interrupted(self) -> threading.Event:
         """The event that stops this client once set (:meth:`interrupt` sets it):
         hand it to the formats (``SignOptions.interrupted``) so that a file being
