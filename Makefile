@@ -38,6 +38,7 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/sign_throughput.py
 	$(PY) bench/client_throughput.py
+	$(PY) bench/agent_throughput.py
 
 ## bench-tsa: RFC 3161 timestamps/s over HTTP next to raw signing (not part of test)
 bench-tsa: $(STAMP)

@@ -18,13 +18,14 @@ from demo._common import (
 )
 from demo._formats import FormatSteps
 from demo._lifecycle import LifecycleSteps
+from demo._pkcs11 import Pkcs11Steps
 from demo._server import ServerSteps
 from demo._signing import SigningSteps
 
 
 # The signing chapter builds on the management one, the formats chapter on the
 # certificate one: each chapter is named once, after those it builds on.
-class Demo(ServerSteps, SigningSteps, FormatSteps, LifecycleSteps, AuditSteps):
+class Demo(ServerSteps, SigningSteps, Pkcs11Steps, FormatSteps, LifecycleSteps, AuditSteps):
     """One run of the demo: a temporary installation, a server and the walk."""
 
     def __init__(
@@ -73,6 +74,10 @@ class Demo(ServerSteps, SigningSteps, FormatSteps, LifecycleSteps, AuditSteps):
             ),
             ("JAR: sign a Java archive with a timestamp; jarsigner -verify -strict", self.step_jar),
             ("OpenPGP: export the public key, sign, gpg --verify", self.step_openpgp),
+            (
+                "PKCS#11: osslsigncode and jarsigner sign through `signery exec`; both verify",
+                self.step_pkcs11_tools,
+            ),
             (
                 "Rotate the RSA key: a new version signs, the old one still verifies",
                 self.step_rotate,

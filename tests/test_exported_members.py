@@ -10,11 +10,12 @@ from types import ModuleType
 
 import pytest
 
+import signery.agent
 import signery.client
 import signery.formats
 import signery.keystores
 
-PACKAGES = [signery.client, signery.keystores, signery.formats]
+PACKAGES = [signery.client, signery.keystores, signery.formats, signery.agent]
 
 
 def isort_style(name: str) -> tuple[int, list[str | int]]:
@@ -122,6 +123,15 @@ def test_the_keystores_door_is_pinned() -> None:
 # (signery.cli), the RFC 3161 query and reply helpers behind request_timestamp,
 # the OpenPGP packet parser, the atomic-write helpers formats use on large files.
 DOORS = {
+    signery.agent: [
+        "ADDRESS_VARIABLE",
+        "Agent",
+        "AgentSettings",
+        "default_socket",
+        "prepare_socket_directory",
+        "running_in_thread",
+        "server_address",
+    ],
     signery.client: [
         "DEFAULT_JOBS",
         "AccountCredentials",

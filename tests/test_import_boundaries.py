@@ -3,7 +3,8 @@
 The rules (docs/development.md, "The map of the house"):
 
 1. What a build machine installs (``signery.client``, ``signery.formats``,
-   ``signery.keystores``) never imports the server, not even for type checking;
+   ``signery.keystores``, ``signery.agent``) never imports the server, not even
+   for type checking;
    the CLI imports the server only inside the functions of its server commands
    (or for type checking), so that ``signery --help`` and ``signery sign`` never
    load it.
@@ -33,7 +34,12 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-INSTALLED_ON_BUILD_MACHINES = ("signery.client", "signery.formats", "signery.keystores")
+INSTALLED_ON_BUILD_MACHINES = (
+    "signery.client",
+    "signery.formats",
+    "signery.keystores",
+    "signery.agent",
+)
 GROUND_FLOOR = frozenset({"persistence", "access", "runtime"})
 # What the ground floor may import of the server above it, and who may.
 GROUND_FLOOR_MAY_IMPORT = {

@@ -14,7 +14,14 @@ import pytest
 
 from signery.agent import Agent, AgentSettings, running_in_thread, server_address
 from signery.client import Client
-from tests.support import Account, Api, Installation, new_installation, running_server
+from tests.support import (
+    Account,
+    Api,
+    Installation,
+    missing,
+    new_installation,
+    running_server,
+)
 
 P11_KIT_CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
 
@@ -43,7 +50,7 @@ def served(
     installation_sqlite: Installation, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
     if not P11_KIT_CLIENT.exists():
-        pytest.skip("p11-kit-client.so is not installed (apt-get install p11-kit-modules)")
+        missing("p11-kit-client.so (apt-get install p11-kit-modules)")
     with (
         running_server(installation_sqlite) as server,
         httpx.Client(base_url=server.url, timeout=30) as http,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.agent.conftest import P11_KIT_CLIENT, Served
-from tests.support import require_tool
+from tests.support import missing, require_tool
 
 DATA = b"a release artifact's bytes\n" * 100
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -70,7 +70,8 @@ def openssl_verify(cert: Path, data: Path, signature: Path, *options: str) -> No
         text=True,
         check=False,
     )
-    assert verified.returncode == 0 and "Verified OK" in verified.stdout, verified.stderr
+    assert verified.returncode == 0, verified.stderr
+    assert "Verified OK" in verified.stdout
 
 
 def test_the_token_and_its_objects_are_listed(served: Served) -> None:
@@ -175,3 +176,73 @@ def test_ecdsa_signature_verifies(served: Served, tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     openssl_verify(certificate_of(served, "EC_P256", tmp_path), data, signature)
+
+
+# ------------------------------------------------------------------ openssl (libp11) and p11tool
+
+LIBP11_ENGINE = Path("/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so")
+
+
+def openssl_engine(served: Served, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    if not LIBP11_ENGINE.exists():
+        missing("OpenSSL's pkcs11 engine (apt-get install libengine-pkcs11-openssl)")
+    env = {**served.env(), "PKCS11_MODULE_PATH": str(P11_KIT_CLIENT)}
+    return subprocess.run(
+        [require_tool("openssl"), *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def uri(key: dict[str, str]) -> str:
+    return f"pkcs11:object={key['name']};type=private"
+
+
+@pytest.mark.parametrize("algorithm", ["RSA_3072", "EC_P256"])
+def test_openssl_dgst_signs_with_a_pkcs11_uri(
+    served: Served, tmp_path: Path, algorithm: str
+) -> None:
+    data, signature = tmp_path / "data", tmp_path / "sig"
+    data.write_bytes(DATA)
+    run = openssl_engine(
+        served, "dgst", "-sha256", "-engine", "pkcs11", "-keyform", "engine",
+        "-sign", uri(served.keys[algorithm]), "-out", signature, data,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    openssl_verify(certificate_of(served, algorithm, tmp_path), data, signature)
+
+
+@pytest.mark.parametrize("algorithm", ["RSA_3072", "EC_P256"])
+def test_openssl_pkeyutl_signs_a_digest_with_a_pkcs11_uri(
+    served: Served, tmp_path: Path, algorithm: str
+) -> None:
+    data, digest, signature = tmp_path / "data", tmp_path / "digest", tmp_path / "sig"
+    data.write_bytes(DATA)
+    digest.write_bytes(hashlib.sha256(DATA).digest())
+    rsa = ["-pkeyopt", "digest:sha256"] if algorithm.startswith("RSA") else []
+    run = openssl_engine(
+        served, "pkeyutl", "-engine", "pkcs11", "-keyform", "engine", "-sign",
+        "-inkey", uri(served.keys[algorithm]), *rsa, "-in", digest, "-out", signature,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    # The signature of the digest is the signature of the data: dgst verifies it.
+    openssl_verify(certificate_of(served, algorithm, tmp_path), data, signature)
+
+
+def test_p11tool_lists_every_object(served: Served) -> None:
+    run = subprocess.run(
+        [require_tool("p11tool"), "--provider", str(P11_KIT_CLIENT), "--list-all", "pkcs11:"],
+        env=served.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    for key in served.keys.values():
+        assert f"object={key['name']};type=private" in run.stdout
+        assert f"object={key['name']};type=cert" in run.stdout
+        assert f"object={key['name']};type=public" in run.stdout

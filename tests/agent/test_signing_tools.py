@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from tests.agent.conftest import P11_KIT_CLIENT, Served
 from tests.support import SIGNERY, require_tool

@@ -8,6 +8,7 @@ from signery.agent._agent import (
     Agent,
     AgentSettings,
     default_socket,
+    prepare_socket_directory,
     running_in_thread,
     server_address,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "Agent",
     "AgentSettings",
     "default_socket",
+    "prepare_socket_directory",
     "running_in_thread",
     "server_address",
 ]

@@ -19,7 +19,6 @@ from signery import protocol as p
 from signery.agent._objects import KeyEntry
 from signery.agent._peer import PeerProcess
 from signery.agent._pkcs11 import CKR, Pkcs11Error
-from signery.agent._token import RemoteSigning
 from signery.client import ApprovalPending, Client
 from signery.crypto import Hashed
 from signery.errors import Interrupted, SigneryError
@@ -85,7 +84,7 @@ def return_value(error: SigneryError) -> CKR:
     return CKR.FUNCTION_REJECTED
 
 
-class ClientSigning(RemoteSigning):
+class ClientSigning:
     """:class:`RemoteSigning` over a logged-in :class:`~signery.client.Client`."""
 
     def __init__(self, client: Client, *, approval_wait: float, poll_seconds: float = 2.0) -> None:

@@ -35,6 +35,7 @@ from signery.agent._rpc import (
     Writer,
     error_body,
     frame,
+    native_length,
 )
 from signery.agent._token import Application, Token
 
@@ -81,6 +82,11 @@ class Connection:
         except FrameError as e:
             log.warning("%s sent a malformed %s: %s", self._who(), known.name, e)
             return error_body(CKR.DEVICE_ERROR)
+        except Exception:
+            # A fault of the agent's own, not the tool's: logged with its trace,
+            # answered as such, and the conversation (and the agent) go on.
+            log.exception("%s: %s failed", self._who(), known.name)
+            return error_body(CKR.GENERAL_ERROR)
         return writer.body()
 
     def _who(self) -> str:
@@ -155,9 +161,8 @@ def _finalize(app: Application, r: Reader, w: Writer) -> None:
 
 def _get_info(app: Application, r: Reader, w: Writer) -> None:
     info = app.info()
-    w.version(_version(info["cryptoki_version"]))
-    w.padded(str(info["manufacturer"]), 32).ulong(0)
-    w.padded(str(info["description"]), 32).version(_version(info["library_version"]))
+    w.version(info.cryptoki_version).padded(info.manufacturer, 32).ulong(0)
+    w.padded(info.description, 32).version(info.library_version)
 
 
 def _get_slot_list(app: Application, r: Reader, w: Writer) -> None:
@@ -169,31 +174,17 @@ def _get_slot_list(app: Application, r: Reader, w: Writer) -> None:
 
 def _get_slot_info(app: Application, r: Reader, w: Writer) -> None:
     info = app.slot_info(r.ulong())
-    w.padded(str(info["description"]), 64).padded(str(info["manufacturer"]), 32)
-    w.ulong(int(_int(info["flags"])))
-    w.version(_version(info["hardware_version"])).version(_version(info["firmware_version"]))
+    w.padded(info.description, 64).padded(info.manufacturer, 32).ulong(info.flags)
+    w.version(info.hardware_version).version(info.firmware_version)
 
 
 def _get_token_info(app: Application, r: Reader, w: Writer) -> None:
     info = app.token_info(r.ulong())
-    w.padded(str(info["label"]), 32).padded(str(info["manufacturer"]), 32)
-    w.padded(str(info["model"]), 16).padded(str(info["serial"]), 16)
-    for name in (
-        "flags",
-        "max_session_count",
-        "session_count",
-        "max_rw_session_count",
-        "rw_session_count",
-        "max_pin_len",
-        "min_pin_len",
-        "total_public_memory",
-        "free_public_memory",
-        "total_private_memory",
-        "free_private_memory",
-    ):
-        w.ulong(_int(info[name]))
-    w.version(_version(info["hardware_version"])).version(_version(info["firmware_version"]))
-    w.padded(str(info["utc_time"]), 16)
+    w.padded(info.label, 32).padded(info.manufacturer, 32)
+    w.padded(info.model, 16).padded(info.serial, 16)
+    for value in info.counts:
+        w.ulong(value)
+    w.version(info.hardware_version).version(info.firmware_version).padded(info.utc_time, 16)
 
 
 def _get_mechanism_list(app: Application, r: Reader, w: Writer) -> None:
@@ -246,7 +237,7 @@ def _get_attribute_value(app: Application, r: Reader, w: Writer) -> None:
             entries.append((kind, None, False))
         elif room == 0:
             entries.append((kind, value, False))  # the application asks the size
-        elif room < _native_length(value):
+        elif room < native_length(value):
             entries.append((kind, None, False))
             too_small = True
         else:
@@ -309,23 +300,6 @@ async def _finish(app: Application, session: int, data: bytes | None, room: int,
     operation, key = app.take_signing(session, data)
     signature = await asyncio.to_thread(app.sign_remote, operation, key)
     w.byte_array(signature, len(signature))
-
-
-def _version(value: object) -> tuple[int, int]:
-    assert isinstance(value, tuple)
-    return int(value[0]), int(value[1])
-
-
-def _int(value: object) -> int:
-    assert isinstance(value, int)
-    return value
-
-
-def _native_length(value: object) -> int:
-    from signery.agent._rpc import native_length
-
-    assert isinstance(value, bool | int | bytes | tuple)
-    return native_length(value)
 
 
 _HANDLERS: Final[dict[Call, _Handler]] = {

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from signery import __version__
 from signery import protocol as p
@@ -35,7 +35,6 @@ from signery.agent._objects import SENSITIVE, AttributeValue, HandleBook, KeyEnt
 from signery.agent._objects import token_objects as _token_objects
 from signery.agent._pkcs11 import (
     CKA,
-    CKM,
     CKO,
     CKR,
     CKS,
@@ -58,26 +57,56 @@ MODEL: Final = "signery-agent"
 CRYPTOKI_VERSION: Final = (2, 40)
 # How many objects one C_FindObjects answers at most, whatever the tool asks.
 FIND_MAX: Final = 1024
-_VERSION: Final = tuple(int(x) for x in [*__version__.split("."), "0", "0"][:2])
+_VERSION: Final = (int(__version__.split(".")[0]), int([*__version__.split("."), "0"][1]))
+
+
+Version = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
-class Info:
-    """CK_INFO, CK_SLOT_INFO and CK_TOKEN_INFO hold text padded to fixed widths;
-    the RPC layer pads, these hold the text."""
+class LibraryInfo:
+    """CK_INFO (text fields are padded to their widths on the wire)."""
 
-    fields: Mapping[str, object]
+    cryptoki_version: Version
+    manufacturer: str
+    description: str
+    library_version: Version
 
 
-class RemoteSigning:
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    """CK_SLOT_INFO."""
+
+    description: str
+    manufacturer: str
+    flags: int
+    hardware_version: Version
+    firmware_version: Version
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """CK_TOKEN_INFO; ``counts`` are its eleven CK_ULONGs in the struct's order
+    (flags, session counts, PIN lengths, memory)."""
+
+    label: str
+    manufacturer: str
+    model: str
+    serial: str
+    counts: tuple[int, ...]
+    hardware_version: Version
+    firmware_version: Version
+    utc_time: str
+
+
+class RemoteSigning(Protocol):
     """What the token needs of the server: the key list and a signature."""
 
     def keys(self) -> list[p.SigningKeySummary]:
-        raise NotImplementedError
+        """The account's keys; a Pkcs11Error when the server cannot say."""
 
     def sign(self, key: KeyEntry, hashed: Hashed, scheme: p.SignatureScheme, tool: object) -> bytes:
         """The signature (DER for ECDSA), or a Pkcs11Error saying why not."""
-        raise NotImplementedError
 
 
 class Token:
@@ -165,56 +194,43 @@ class Application:
         self.logged_in = False
         self.initialized = False
 
-    def info(self) -> dict[str, object]:
+    def info(self) -> LibraryInfo:
         self._ready()
-        return {
-            "cryptoki_version": CRYPTOKI_VERSION,
-            "manufacturer": MANUFACTURER,
-            "flags": 0,
-            "description": "Signery remote signing",
-            "library_version": _VERSION,
-        }
+        return LibraryInfo(CRYPTOKI_VERSION, MANUFACTURER, "Signery remote signing", _VERSION)
 
     def slot_list(self) -> list[int]:
         self._ready()
         return [SLOT_ID]
 
-    def slot_info(self, slot: int) -> dict[str, object]:
+    def slot_info(self, slot: int) -> SlotInfo:
         self._slot(slot)
-        return {
-            "description": f"Signery account {self.token.label}",
-            "manufacturer": MANUFACTURER,
-            "flags": SlotFlag.TOKEN_PRESENT,
-            "hardware_version": (1, 0),
-            "firmware_version": _VERSION,
-        }
+        return SlotInfo(
+            f"Signery account {self.token.label}",
+            MANUFACTURER,
+            int(SlotFlag.TOKEN_PRESENT),
+            (1, 0),
+            _VERSION,
+        )
 
-    def token_info(self, slot: int) -> dict[str, object]:
+    def token_info(self, slot: int) -> TokenInfo:
         self._slot(slot)
-        return {
-            "label": self.token.label,
-            "manufacturer": MANUFACTURER,
-            "model": MODEL,
-            "serial": self.token.serial,
-            "flags": TokenFlag.TOKEN_INITIALIZED
-            | TokenFlag.USER_PIN_INITIALIZED
-            | TokenFlag.WRITE_PROTECTED,
-            "max_session_count": EFFECTIVELY_INFINITE,
-            "session_count": len(self.sessions),
-            "max_rw_session_count": EFFECTIVELY_INFINITE,
-            "rw_session_count": sum(
-                1 for s in self.sessions.values() if s.flags & SessionFlag.RW_SESSION
-            ),
-            "max_pin_len": 255,
-            "min_pin_len": 0,
-            "total_public_memory": UNAVAILABLE_INFORMATION,
-            "free_public_memory": UNAVAILABLE_INFORMATION,
-            "total_private_memory": UNAVAILABLE_INFORMATION,
-            "free_private_memory": UNAVAILABLE_INFORMATION,
-            "hardware_version": (1, 0),
-            "firmware_version": _VERSION,
-            "utc_time": "",
-        }
+        flags = (
+            TokenFlag.TOKEN_INITIALIZED | TokenFlag.USER_PIN_INITIALIZED | TokenFlag.WRITE_PROTECTED
+        )
+        rw = sum(1 for s in self.sessions.values() if s.flags & SessionFlag.RW_SESSION)
+        counts = (
+            int(flags),
+            EFFECTIVELY_INFINITE,  # max sessions
+            len(self.sessions),
+            EFFECTIVELY_INFINITE,  # max read-write sessions
+            rw,
+            255,  # max PIN length
+            0,  # min PIN length
+            *(UNAVAILABLE_INFORMATION,) * 4,  # public and private memory, total and free
+        )
+        return TokenInfo(
+            self.token.label, MANUFACTURER, MODEL, self.token.serial, counts, (1, 0), _VERSION, ""
+        )
 
     def mechanism_list(self, slot: int) -> list[int]:
         self._slot(slot)
@@ -309,9 +325,10 @@ class Application:
     def attribute_values(
         self, handle: int, obj: int, kinds: Sequence[int]
     ) -> tuple[CKR, list[AttributeValue | CKR | None]]:
-        """C_GetAttributeValue: per attribute its value, or why not (the call's
-        return value is the last refusal, as PKCS#11 §5.7 says; every other
-        attribute is still answered)."""
+        """C_GetAttributeValue: per attribute its value, or why not. Every
+        attribute is answered; the call's return value names a refusal
+        (PKCS#11 §5.7 lets it name any): a sensitive one before an unknown one,
+        as SoftHSM does."""
         self._session(handle)
         found = self.token.object(obj)
         rv = CKR.OK
@@ -324,7 +341,8 @@ class Application:
                 values.append(found.attributes[kind])
             else:
                 values.append(CKR.ATTRIBUTE_TYPE_INVALID)
-                rv = CKR.ATTRIBUTE_TYPE_INVALID
+                if rv is CKR.OK:
+                    rv = CKR.ATTRIBUTE_TYPE_INVALID
         return rv, values
 
     # ------------------------------------------------------------ signing
@@ -404,6 +422,3 @@ class Application:
         if session is None:
             raise Pkcs11Error(CKR.SESSION_HANDLE_INVALID, f"no session {handle}")
         return session
-
-
-__all__ = ["CKM"]

@@ -27,6 +27,7 @@ from signery.agent import (
     Agent,
     AgentSettings,
     default_socket,
+    prepare_socket_directory,
     running_in_thread,
     server_address,
 )
@@ -201,7 +202,11 @@ def _configure_logging() -> None:
 
 def _daemonize(socket: Path) -> int:
     """Fork: the parent prints the lines for ``eval`` and returns to the shell;
-    the child serves, detached from the terminal (ssh-agent's way)."""
+    the child serves, detached from the terminal (ssh-agent's way), its log in
+    ``agent.log`` beside the socket (an open stderr would hold up whoever reads
+    the parent's output to its end)."""
+    prepare_socket_directory(socket)
+    log_path = socket.absolute().parent / "agent.log"
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
@@ -211,15 +216,20 @@ def _daemonize(socket: Path) -> int:
         status = os.read(read_end, 1)
         os.close(read_end)
         if status != b"1":
-            raise ClientError("the agent did not start; run `signery agent` to see why")
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise ClientError("the agent did not start: " + (" / ".join(tail) or f"see {log_path}"))
         address = server_address(socket)
         print(f"{ADDRESS_VARIABLE}='{address}'; export {ADDRESS_VARIABLE};")
         print(f"SIGNERY_AGENT_PID={pid}; export SIGNERY_AGENT_PID;")
-        print(f"echo signery agent pid {pid} on {socket};")
+        print(f"echo signery agent pid {pid} on {socket}, log {log_path};")
         raise typer.Exit(0)
     os.close(read_end)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
+    os.dup2(log_fd, 2)
+    os.close(devnull)
+    os.close(log_fd)
     return write_end  # the child writes "1" on it once it serves
