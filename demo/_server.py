@@ -37,6 +37,8 @@ from demo._runner import Runner
 from devtools import softhsm
 from signery import endpoints
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+
 
 class ServerSteps(Runner):
     """Start and stop."""
@@ -144,7 +146,7 @@ class ServerSteps(Runner):
         try:
             self.moto = subprocess.Popen(  # noqa: S603 - fixed argv: this interpreter, our module
                 argv,
-                cwd=self.tmp,
+                cwd=REPOSITORY,  # `-m devtools.moto_kms`: the repository's devtools/
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
