@@ -3,6 +3,7 @@ shell lines of ``--print-env`` point tools at a live agent."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -144,3 +145,25 @@ def test_exec_returns_the_tools_exit_status(served: Served, tmp_path: Path) -> N
     )
     assert missing_tool.returncode != 0
     assert "no such program" in missing_tool.stderr
+
+
+def test_exec_json_lists_each_keys_uri_on_stderr(served: Served, tmp_path: Path) -> None:
+    run = subprocess.run(
+        [SIGNERY, "exec", "--json", "--", "true"],
+        env=cli_env(served, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == ""  # stdout is the tool's
+    start = run.stderr.index("{")
+    listed, _ = json.JSONDecoder().raw_decode(run.stderr[start:])
+    uris = {entry["name"]: entry["uri"] for entry in listed["keys"]}
+    for key in served.keys.values():
+        assert uris[key["name"]] == (
+            f"pkcs11:token=Signery;object={key['name']};"
+            f"id={''.join(f'%{b:02x}' for b in bytes.fromhex(key['id'].replace('-', '')))};"
+            "type=private"
+        )

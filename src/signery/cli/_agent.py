@@ -31,7 +31,7 @@ from signery.agent import (
     running_in_thread,
     server_address,
 )
-from signery.cli._common import connection, err, parse_duration
+from signery.cli._common import JsonOpt, connection, err, parse_duration, print_json
 from signery.client import Client
 from signery.errors import ClientError
 
@@ -76,6 +76,7 @@ def agent(
     approval_wait: ApprovalWaitOpt = None,
     cache: CacheOpt = "30s",
     label: LabelOpt = DEFAULT_LABEL,
+    as_json: JsonOpt = False,
 ) -> None:
     """Serve the account's keys as a PKCS#11 token for p11-kit-client.so.
 
@@ -84,9 +85,9 @@ def agent(
     approvals, limits and the audit trail apply to every signature.
     """
     settings = _settings(socket or default_socket(), approval_wait, cache)
-    # In the background the agent logs in itself: its errors still reach the
-    # terminal (stderr stays open), and the foreground learns it failed.
-    ready = _daemonize(settings.socket) if print_env else None
+    # In the background the agent logs in itself (its errors go to its log,
+    # and the foreground says it failed, with the log's last lines).
+    ready = _daemonize(settings.socket, as_json) if print_env else None
     client = _logged_in(ctx)
     built = _agent(client, settings, label)
     _configure_logging()
@@ -98,7 +99,14 @@ def agent(
             loop.add_signal_handler(signum, stop.set)
         await built.start()
         if ready is None:
-            err.print(f"{ADDRESS_VARIABLE}={server_address(settings.socket)}", highlight=False)
+            address = server_address(settings.socket)
+            if as_json:
+                print_json(
+                    {ADDRESS_VARIABLE: address, "socket": str(settings.socket), "pid": os.getpid()}
+                )
+                sys.stdout.flush()
+            else:
+                err.print(f"{ADDRESS_VARIABLE}={address}", highlight=False)
         else:
             os.write(ready, b"1")
             os.close(ready)
@@ -122,6 +130,12 @@ def exec_(
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Do not print the keys' PKCS#11 URIs.")
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the keys' URIs as JSON (on stderr: stdout is the tool's)."
+        ),
+    ] = False,
 ) -> None:
     """Run a tool with a private agent: signery exec -- jarsigner ... / osslsigncode ...
 
@@ -136,8 +150,12 @@ def exec_(
         try:
             built = _agent(client, settings, label)
             if not quiet:
-                for summary in client.keys():  # noqa: SIM118 (a Client, not a dict)
-                    err.print(f"{summary.name}: {pkcs11_uri(label, summary)}", highlight=False)
+                keys = client.keys()
+                uris = [{"name": k.name, "uri": pkcs11_uri(label, k)} for k in keys]
+                if as_json:
+                    err.print_json(data={"keys": uris})
+                for entry in [] if as_json else uris:
+                    err.print(f"{entry['name']}: {entry['uri']}", highlight=False)
             _configure_logging()
             env = {**os.environ, ADDRESS_VARIABLE: server_address(settings.socket)}
             with running_in_thread(built):
@@ -200,7 +218,7 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
-def _daemonize(socket: Path) -> int:
+def _daemonize(socket: Path, as_json: bool) -> int:
     """Fork: the parent prints the lines for ``eval`` and returns to the shell;
     the child serves, detached from the terminal (ssh-agent's way), its log in
     ``agent.log`` beside the socket (an open stderr would hold up whoever reads
@@ -219,6 +237,12 @@ def _daemonize(socket: Path) -> int:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise ClientError("the agent did not start: " + (" / ".join(tail) or f"see {log_path}"))
         address = server_address(socket)
+        if as_json:
+            print_json(
+                {ADDRESS_VARIABLE: address, "SIGNERY_AGENT_PID": pid, "socket": str(socket),
+                 "log": str(log_path)}
+            )  # fmt: skip
+            raise typer.Exit(0)
         print(f"{ADDRESS_VARIABLE}='{address}'; export {ADDRESS_VARIABLE};")
         print(f"SIGNERY_AGENT_PID={pid}; export SIGNERY_AGENT_PID;")
         print(f"echo signery agent pid {pid} on {socket}, log {log_path};")
