@@ -31,6 +31,7 @@ class Served:
     api: Api
     account: Account
     keys: dict[str, dict[str, Any]]  # by algorithm: the created key
+    bare: dict[str, Any]  # an EC key without a certificate
     agent: Agent
     socket: Path
     url: str
@@ -64,6 +65,7 @@ def served(
             )
             for algorithm in ("RSA_3072", "EC_P256")
         }
+        bare = api.create_key(root, "EC_P256", ca="none")
         account = api.create_account(root)
         socket = tmp_path_factory.mktemp("agent-socket") / "private" / "agent.sock"
         client = Client(server.url, credentials=account.credentials())
@@ -71,5 +73,5 @@ def served(
             client, AgentSettings(socket=socket), label=account.name, serial=account.client_id
         )
         with running_in_thread(agent):
-            yield Served(api, account, keys, agent, socket, server.url)
+            yield Served(api, account, keys, bare, agent, socket, server.url)
         client.close()

@@ -86,6 +86,8 @@ def test_the_token_and_its_objects_are_listed(served: Served) -> None:
         assert objects.stdout.count(f"label:      {key['name']}") == 3
         assert objects.stdout.count(f"ID:         {key['id'].replace('-', '')}") == 3
     assert "never extractable" in objects.stdout
+    # A key without a certificate: its private and public key, no certificate.
+    assert objects.stdout.count(f"label:      {served.bare['name']}") == 2
     assert "Signery Root CA" in objects.stdout  # the chain's CAs too
 
 
