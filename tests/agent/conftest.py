@@ -39,6 +39,23 @@ class Served:
     def env(self) -> dict[str, str]:
         return {**os.environ, "P11_KIT_SERVER_ADDRESS": server_address(self.socket)}
 
+    def cli_env(self, home: Path) -> dict[str, str]:
+        """What a build machine's job sets for ``signery agent``/``exec``: the
+        account from SIGNERY_*, nothing else of the developer's environment."""
+        key_file = home / "account.pem"
+        if not key_file.exists():
+            key_file.write_text(self.account.private_key_pem)
+            key_file.chmod(0o600)
+        return {
+            "PATH": os.environ["PATH"],
+            "HOME": str(home),
+            "SIGNERY_HOME": str(home / ".signery"),
+            "SIGNERY_SERVER": self.url,
+            "SIGNERY_CLIENT_ID": self.account.client_id,
+            "SIGNERY_KEY_FILE": str(key_file),
+            "NO_COLOR": "1",
+        }
+
 
 @pytest.fixture(scope="module")
 def installation_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installation]:

@@ -52,23 +52,8 @@ def test_the_address_is_percent_encoded() -> None:
     assert server_address(Path("/tmp/a b/agent.sock")) == "unix:path=/tmp/a%20b/agent.sock"
 
 
-def cli_env(served: Served, home: Path) -> dict[str, str]:
-    key_file = home / "account.pem"
-    key_file.write_text(served.account.private_key_pem)
-    key_file.chmod(0o600)
-    return {
-        "PATH": os.environ["PATH"],
-        "HOME": str(home),
-        "SIGNERY_HOME": str(home / ".signery"),
-        "SIGNERY_SERVER": served.url,
-        "SIGNERY_CLIENT_ID": served.account.client_id,
-        "SIGNERY_KEY_FILE": str(key_file),
-        "NO_COLOR": "1",
-    }
-
-
 def test_print_env_starts_an_agent_in_the_background(served: Served, tmp_path: Path) -> None:
-    env = cli_env(served, tmp_path)
+    env = served.cli_env(tmp_path)
     socket_path = tmp_path / "agent" / "agent.sock"
     run = subprocess.run(
         [SIGNERY, "agent", "--print-env", "--socket", str(socket_path)],
@@ -109,7 +94,7 @@ def test_print_env_starts_an_agent_in_the_background(served: Served, tmp_path: P
 def test_print_env_with_wrong_credentials_fails_in_the_foreground(
     served: Served, tmp_path: Path
 ) -> None:
-    env = cli_env(served, tmp_path)
+    env = served.cli_env(tmp_path)
     env["SIGNERY_CLIENT_ID"] = "00000000-0000-4000-8000-000000000000"
     run = subprocess.run(
         [SIGNERY, "agent", "--print-env", "--socket", str(tmp_path / "a" / "agent.sock")],
@@ -125,7 +110,7 @@ def test_print_env_with_wrong_credentials_fails_in_the_foreground(
 
 
 def test_exec_returns_the_tools_exit_status(served: Served, tmp_path: Path) -> None:
-    env = cli_env(served, tmp_path)
+    env = served.cli_env(tmp_path)
     run = subprocess.run(
         [SIGNERY, "exec", "-q", "--", "sh", "-c", 'test -n "$P11_KIT_SERVER_ADDRESS"; exit 7'],
         env=env,
@@ -150,7 +135,7 @@ def test_exec_returns_the_tools_exit_status(served: Served, tmp_path: Path) -> N
 def test_exec_json_lists_each_keys_uri_on_stderr(served: Served, tmp_path: Path) -> None:
     run = subprocess.run(
         [SIGNERY, "exec", "--json", "--", "true"],
-        env=cli_env(served, tmp_path),
+        env=served.cli_env(tmp_path),
         capture_output=True,
         text=True,
         timeout=120,

@@ -26,22 +26,9 @@ def signery_exec(
     served: Served, home: Path, *command: str | Path
 ) -> subprocess.CompletedProcess[str]:
     """``signery exec`` as a build machine runs it: the account from SIGNERY_*."""
-    key_file = home / "account.pem"
-    if not key_file.exists():
-        key_file.write_text(served.account.private_key_pem)
-        key_file.chmod(0o600)
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(home),
-        "SIGNERY_HOME": str(home / ".signery"),
-        "SIGNERY_SERVER": served.url,
-        "SIGNERY_CLIENT_ID": served.account.client_id,
-        "SIGNERY_KEY_FILE": str(key_file),
-        "NO_COLOR": "1",
-    }
     return subprocess.run(
         [SIGNERY, "exec", "--", *map(str, command)],
-        env=env,
+        env=served.cli_env(home),
         capture_output=True,
         text=True,
         timeout=TOOL_TIMEOUT,
