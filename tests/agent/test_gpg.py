@@ -10,7 +10,6 @@ and leaves the EC key out of ``SCD LEARN``; ECDSA support came after that releas
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ def keygrip(public_key_pem: str) -> str:
     raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
     if raw[0] & 0x80:
         raw = b"\x00" + raw
-    return hashlib.sha1(raw).hexdigest().upper()
+    return hashlib.sha1(raw, usedforsecurity=False).hexdigest().upper()
 
 
 class GnuPG:
@@ -52,11 +51,10 @@ class GnuPG:
             "LC_ALL": "C",
         }
 
-    def run(self, tool: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [require_tool(tool), *args],
             env=self.env,
-            input=stdin,
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
@@ -77,8 +75,7 @@ def gnupg(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     home = tmp_path_factory.mktemp("gnupg")
     home.chmod(0o700)
     (home / "gpg-agent.conf").write_text(
-        f"scdaemon-program {scd}\nallow-loopback-pinentry\n"
-        f"log-file {home / 'gpg-agent.log'}\n"
+        f"scdaemon-program {scd}\nallow-loopback-pinentry\nlog-file {home / 'gpg-agent.log'}\n"
     )
     (home / "gnupg-pkcs11-scd.conf").write_text(
         "providers p11kit\n"
@@ -143,7 +140,8 @@ def test_gpg_signs_with_the_card_rsa_key_and_verifies(
     assert listed.returncode == 0, listed.stderr
     rows = [r.split(":") for r in listed.stdout.splitlines()]
     sec = next(r for r in rows if r[0] == "sec")
-    assert sec[3] == "1" and sec[2] == "3072"  # RSA 3072, the server's key
+    assert sec[3] == "1"  # RSA
+    assert sec[2] == "3072"  # the server's key
     assert sec[14].startswith("D27600"), sec  # a card key: the card's serial number
     assert next(r for r in rows if r[0] == "grp")[9] == grip
 
@@ -151,9 +149,11 @@ def test_gpg_signs_with_the_card_rsa_key_and_verifies(
     data, signature = tmp_path / "artifact.bin", tmp_path / "artifact.bin.sig"
     data.write_bytes(DATA)
     before_seq = served.api.last_seq()
-    signed = gnupg.gpg("--local-user", fingerprint, "--detach-sign", "--output", str(signature), str(data))
+    signed = gnupg.gpg(
+        "--local-user", fingerprint, "--detach-sign", "--output", str(signature), str(data)
+    )
     assert signed.returncode == 0, signed.stderr
-    assert f"[GNUPG:] SIG_CREATED D 1 " in signed.stderr
+    assert "[GNUPG:] SIG_CREATED D 1 " in signed.stderr
     (event,) = signing_events(served, before_seq, key["id"])
     assert event["client_tool"].startswith("gnupg-pkcs11-scd via signery-agent/")
     assert event["details"]["client_process"]["executable"] == str(
@@ -163,7 +163,9 @@ def test_gpg_signs_with_the_card_rsa_key_and_verifies(
     # ...that gpg verifies,
     verified = gnupg.gpg("--verify", str(signature), str(data))
     assert verified.returncode == 0, verified.stderr
-    assert 'Good signature from "Signery Agent Test <agent-test@signery.invalid>"' in verified.stderr
+    assert (
+        'Good signature from "Signery Agent Test <agent-test@signery.invalid>"' in verified.stderr
+    )
     assert f"[GNUPG:] VALIDSIG {fingerprint} " in verified.stderr
 
     # ...and so does gpgv with nothing but the exported public key.

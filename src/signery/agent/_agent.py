@@ -84,23 +84,38 @@ class Agent:
             cache_seconds=settings.cache_seconds,
         )
         self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         path = self.settings.socket
         prepare_socket_directory(path)
         old = os.umask(0o177)  # the socket is created 0600, with no window
         try:
-            self._server = await asyncio.start_unix_server(
-                lambda r, w: serve_connection(self.token, r, w), path=str(path)
-            )
+            self._server = await asyncio.start_unix_server(self._serve, path=str(path))
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
         log.info("serving a PKCS#11 token on %s", path)
 
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await serve_connection(self.token, reader, writer)
+        finally:
+            self._connections.discard(task)
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            # Processes still connected (a daemon such as gnupg-pkcs11-scd keeps the
+            # module loaded) are cut off here, while the loop still runs: Python 3.11's
+            # wait_closed() does not wait for them, and a handler left pending when the
+            # loop closes dies with "Event loop is closed".
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
