@@ -6,6 +6,7 @@ goes on serving."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -214,8 +215,11 @@ def test_garbage_before_the_handshake_does_not_hurt(served: Served) -> None:
         s.connect(str(served.socket))
         s.sendall(os.urandom(4096))
         s.shutdown(socket.SHUT_WR)
-        while s.recv(4096):
-            pass
+        # The agent answers the version byte and closes at the first frame header
+        # that cannot be p11-kit's (closing with bytes unread may reset the stream).
+        with contextlib.suppress(ConnectionResetError):
+            while s.recv(4096):
+                pass
     fresh = RpcClient(served.socket)
     fresh.initialize()
     fresh.close()

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import socket
 import stat
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -30,6 +33,9 @@ from signery.errors import ClientError
 log = logging.getLogger("signery.agent")
 
 DEFAULT_CACHE_SECONDS: Final = 30.0
+# Processes connected at once (a build runs a handful of tools); one more is
+# refused with a log line rather than left waiting for a thread.
+CONNECTIONS_MAX: Final = 64
 ADDRESS_VARIABLE: Final = "P11_KIT_SERVER_ADDRESS"
 
 
@@ -83,41 +89,68 @@ class Agent:
             serial=serial,
             cache_seconds=settings.cache_seconds,
         )
-        self._server: asyncio.base_events.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        # One thread per connected process (see _server.py for why), at most
+        # CONNECTIONS_MAX at once; their sockets, to cut them off at stop().
+        self._threads = ThreadPoolExecutor(CONNECTIONS_MAX, thread_name_prefix="signery-agent")
+        self._open: dict[socket.socket, asyncio.Future[None]] = {}
 
     async def start(self) -> None:
         path = self.settings.socket
         prepare_socket_directory(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is created 0600, with no window
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+            listener.bind(str(path))
+        except OSError:
+            listener.close()
+            raise
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        listener.listen(CONNECTIONS_MAX)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.create_task(self._accept(listener))
         log.info("serving a PKCS#11 token on %s", path)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        try:
-            await serve_connection(self.token, reader, writer)
-        finally:
-            self._connections.discard(task)
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, _ = await loop.sock_accept(listener)
+            except OSError as e:
+                if self._listener is None:
+                    return  # stopped
+                log.warning("accepting a connection failed: %s", e)
+                continue
+            if len(self._open) >= CONNECTIONS_MAX:
+                log.warning("refused a connection: %d processes are connected", CONNECTIONS_MAX)
+                connection.close()
+                continue
+            connection.setblocking(True)
+            done = loop.run_in_executor(self._threads, serve_connection, self.token, connection)
+            self._open[connection] = done
+            done.add_done_callback(functools.partial(self._closed, connection))
+
+    def _closed(self, connection: socket.socket, _: asyncio.Future[None]) -> None:
+        self._open.pop(connection, None)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            if self._accepting is not None:
+                self._accepting.cancel()
+                await asyncio.gather(self._accepting, return_exceptions=True)
+            listener.close()
             # Processes still connected (a daemon such as gnupg-pkcs11-scd keeps the
-            # module loaded) are cut off here, while the loop still runs: Python 3.11's
-            # wait_closed() does not wait for them, and a handler left pending when the
-            # loop closes dies with "Event loop is closed".
-            for task in list(self._connections):
-                task.cancel()
-            await asyncio.gather(*self._connections, return_exceptions=True)
-            await self._server.wait_closed()
-            self._server = None
+            # module loaded) are cut off: their threads see the end of the stream.
+            for connection in list(self._open):
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+            await asyncio.gather(*self._open.values(), return_exceptions=True)
+        self._threads.shutdown(wait=False)
         with contextlib.suppress(FileNotFoundError):
             self.settings.socket.unlink()
 

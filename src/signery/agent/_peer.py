@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from signery import __version__
 from signery import protocol as p
 
 # struct ucred { pid_t pid; uid_t uid; gid_t gid; } (Linux socket(7))
@@ -62,14 +63,23 @@ class PeerProcess:
             return None
         return Path(self.executable).name
 
-    def client_process(self) -> p.ClientProcess:
-        return p.ClientProcess(
-            pid=self.pid,
-            executable=self.executable,
-            executable_sha256=self.executable_sha256,
-            command_line=self.command_line,
-            user=self.user,
+    def client_info(self, machine: str) -> p.ClientInfo:
+        """What the signing API records of this caller (built once per connection)."""
+        return p.ClientInfo(
+            machine=machine,
+            tool=f"{self.tool or 'unknown'} via signery-agent/{__version__}"[:256],
+            process=p.ClientProcess(
+                pid=self.pid,
+                executable=self.executable,
+                executable_sha256=self.executable_sha256,
+                command_line=self.command_line,
+                user=self.user,
+            ),
         )
+
+
+def machine_name() -> str:
+    return socket.gethostname()[:256]
 
 
 def describe(credentials: PeerCredentials, proc: Path = Path("/proc")) -> PeerProcess:

@@ -11,13 +11,12 @@ names the pending request, so someone can approve it and the tool run again.
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Final
 
 from signery import __version__
 from signery import protocol as p
 from signery.agent._objects import KeyEntry
-from signery.agent._peer import PeerProcess
+from signery.agent._peer import machine_name
 from signery.agent._pkcs11 import CKR, Pkcs11Error
 from signery.client import ApprovalPending, Client
 from signery.crypto import Hashed
@@ -91,7 +90,9 @@ class ClientSigning:
         self._client = client
         self._approval_wait = approval_wait
         self._poll_seconds = poll_seconds
-        self._machine = socket.gethostname()[:256]
+        self._default_info = p.ClientInfo(
+            machine=machine_name(), tool=f"signery-agent/{__version__}"
+        )
 
     def keys(self) -> list[p.SigningKeySummary]:
         try:
@@ -100,8 +101,10 @@ class ClientSigning:
             log.error("cannot list the account's keys: %s (%s)", e, e.code)
             raise Pkcs11Error(return_value(e), str(e)) from None
 
-    def sign(self, key: KeyEntry, hashed: Hashed, scheme: p.SignatureScheme, tool: object) -> bytes:
-        info = self._client_info(tool)
+    def sign(
+        self, key: KeyEntry, hashed: Hashed, scheme: p.SignatureScheme, caller: p.ClientInfo | None
+    ) -> bytes:
+        info = caller or self._default_info
         try:
             try:
                 return self._sign_once(key, hashed, scheme, info)
@@ -109,7 +112,7 @@ class ClientSigning:
                 self._wait(pending, key)
                 return self._sign_once(key, hashed, scheme, info)
         except SigneryError as e:
-            log.error("%s: signing with %s refused: %s (%s)", _caller(tool), key.name, e, e.code)
+            log.error("%s: signing with %s refused: %s (%s)", _who(info), key.name, e, e.code)
             raise Pkcs11Error(return_value(e), str(e)) from None
 
     def _sign_once(
@@ -141,18 +144,8 @@ class ClientSigning:
             log.error("signing request %s is %s", request_id, state.status.value)
             raise pending
 
-    def _client_info(self, tool: object) -> p.ClientInfo:
-        if isinstance(tool, PeerProcess):
-            name = tool.tool or "unknown"
-            return p.ClientInfo(
-                machine=self._machine,
-                tool=f"{name} via signery-agent/{__version__}"[:256],
-                process=tool.client_process(),
-            )
-        return p.ClientInfo(machine=self._machine, tool=f"signery-agent/{__version__}")
 
-
-def _caller(tool: object) -> str:
-    if isinstance(tool, PeerProcess):
-        return f"{tool.tool or 'a process'} (pid {tool.pid})"
+def _who(info: p.ClientInfo) -> str:
+    if info.process is not None:
+        return f"{info.tool or 'a process'} (pid {info.process.pid})"
     return "a tool"

@@ -1,9 +1,15 @@
-"""The agent's socket: one p11-kit RPC conversation per connected process.
+"""The agent's conversations: one p11-kit RPC conversation per connected process.
 
 A connection is one PKCS#11 application (p11-kit-client.so connects at
 C_Initialize and closes after C_Finalize): it gets its own
 :class:`~signery.agent._token.Application`, and its requests are answered in
-order. Before a byte is read the kernel's ``SO_PEERCRED`` says who connected: a
+order, on a thread of its own (the asyncio loop in ``_agent.py`` accepts the
+connections). A thread per conversation, not a coroutine: a signature is an
+HTTP call of the synchronous client, and handing it from the loop to a worker
+thread and back cost a third of an EC signature's latency on a two-core build
+machine (``bench/agent_throughput.py``).
+
+Before a byte is read the kernel's ``SO_PEERCRED`` says who connected: a
 process of another uid is refused. A malformed message is answered with
 CKR_DEVICE_ERROR (the frame told its length, so the conversation goes on); a
 frame that cannot be a p11-kit message ends the connection. Nothing a peer
@@ -12,15 +18,14 @@ sends ends the agent.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Final
 
 from signery.agent._objects import AttributeValue
-from signery.agent._peer import PeerProcess, describe, peer_credentials
+from signery.agent._peer import PeerProcess, describe, machine_name, peer_credentials
 from signery.agent._pkcs11 import CKR, Pkcs11Error
 from signery.agent._rpc import (
     FRAME_MAX,
@@ -41,7 +46,7 @@ from signery.agent._token import Application, Token
 
 log = logging.getLogger("signery.agent")
 
-_Handler = Callable[[Application, Reader, Writer], Awaitable[None] | None]
+_Handler = Callable[[Application, Reader, Writer], None]
 OPTIONS_MAX: Final = 1024
 
 
@@ -49,10 +54,11 @@ class Connection:
     """One connected process and its PKCS#11 state."""
 
     def __init__(self, token: Token, peer: PeerProcess | None) -> None:
-        self.app = Application(token, tool=peer)
+        caller = peer.client_info(machine_name()) if peer is not None else None
+        self.app = Application(token, caller=caller)
         self.peer = peer
 
-    async def answer(self, body: bytes) -> bytes:
+    def answer(self, body: bytes) -> bytes:
         """The reply body to one request body."""
         reader = Reader(body)
         try:
@@ -72,9 +78,7 @@ class Connection:
             return error_body(CKR.DEVICE_ERROR)
         writer = Writer(known, response)
         try:
-            outcome = _HANDLERS[known](self.app, reader, writer)
-            if outcome is not None:
-                await outcome
+            _HANDLERS[known](self.app, reader, writer)
         except Pkcs11Error as e:
             if e.rv not in _QUIET:
                 log.info("%s: %s -> %s (%s)", self._who(), known.name, e.rv.name, e)
@@ -99,14 +103,11 @@ class Connection:
 _QUIET: Final = frozenset({CKR.USER_ALREADY_LOGGED_IN, CKR.CRYPTOKI_ALREADY_INITIALIZED})
 
 
-async def serve_connection(
-    token: Token, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+def serve_connection(token: Token, sock: socket.socket) -> None:
     """Talk p11-kit RPC with one peer until it closes (or breaks the framing)."""
-    sock = writer.get_extra_info("socket")
-    peer: PeerProcess | None = None
     try:
-        if sock is not None and sock.family == socket.AF_UNIX:
+        peer: PeerProcess | None = None
+        if sock.family == socket.AF_UNIX:
             credentials = peer_credentials(sock)
             if credentials.uid != os.getuid():
                 log.warning(
@@ -116,14 +117,14 @@ async def serve_connection(
                     os.getuid(),
                 )
                 return
-            peer = await asyncio.to_thread(describe, credentials)
+            peer = describe(credentials)
         connection = Connection(token, peer)
-        await reader.readexactly(1)  # the client's highest protocol version
-        writer.write(bytes((PROTOCOL_VERSION,)))  # version 0, whatever it offers
+        _receive(sock, 1)  # the client's highest protocol version
+        sock.sendall(bytes((PROTOCOL_VERSION,)))  # version 0, whatever it offers
         while True:
             try:
-                header = await reader.readexactly(HEADER.size)
-            except asyncio.IncompleteReadError:
+                header = _receive(sock, HEADER.size)
+            except EOFError:
                 return  # the process closed (after C_Finalize, or it ended)
             code, options_length, body_length = HEADER.unpack(header)
             if options_length > OPTIONS_MAX or body_length > FRAME_MAX or code == 0:
@@ -133,14 +134,25 @@ async def serve_connection(
                     body_length,
                 )
                 return
-            await reader.readexactly(options_length)
-            body = await reader.readexactly(body_length)
-            writer.write(frame(code, await connection.answer(body)))
-            await writer.drain()
-    except (asyncio.IncompleteReadError, ConnectionError):
+            _receive(sock, options_length)
+            body = _receive(sock, body_length)
+            sock.sendall(frame(code, connection.answer(body)))
+    except (EOFError, OSError):
         return
     finally:
-        writer.close()
+        sock.close()
+
+
+def _receive(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes, or EOFError when the peer closes first."""
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- the calls
@@ -273,10 +285,10 @@ def _sign_init(app: Application, r: Reader, w: Writer) -> None:
     app.sign_init(session, mechanism, pss, r.ulong())
 
 
-async def _sign(app: Application, r: Reader, w: Writer) -> None:
+def _sign(app: Application, r: Reader, w: Writer) -> None:
     session = r.ulong()
     data, _ = r.byte_array()
-    await _finish(app, session, data if data is not None else b"", r.buffer(), w)
+    _finish(app, session, data if data is not None else b"", r.buffer(), w)
 
 
 def _sign_update(app: Application, r: Reader, w: Writer) -> None:
@@ -285,12 +297,12 @@ def _sign_update(app: Application, r: Reader, w: Writer) -> None:
     app.sign_update(session, data if data is not None else b"")
 
 
-async def _sign_final(app: Application, r: Reader, w: Writer) -> None:
+def _sign_final(app: Application, r: Reader, w: Writer) -> None:
     session = r.ulong()
-    await _finish(app, session, None, r.buffer(), w)
+    _finish(app, session, None, r.buffer(), w)
 
 
-async def _finish(app: Application, session: int, data: bytes | None, room: int, w: Writer) -> None:
+def _finish(app: Application, session: int, data: bytes | None, room: int, w: Writer) -> None:
     """C_Sign / C_SignFinal: a size query (or too little room) answers the length
     and keeps the operation; otherwise the digest goes to the server."""
     length = app.sign_length(session)
@@ -298,7 +310,7 @@ async def _finish(app: Application, session: int, data: bytes | None, room: int,
         w.byte_array(None, length)
         return
     operation, key = app.take_signing(session, data)
-    signature = await asyncio.to_thread(app.sign_remote, operation, key)
+    signature = app.sign_remote(operation, key)
     w.byte_array(signature, len(signature))
 
 

@@ -105,8 +105,11 @@ class RemoteSigning(Protocol):
     def keys(self) -> list[p.SigningKeySummary]:
         """The account's keys; a Pkcs11Error when the server cannot say."""
 
-    def sign(self, key: KeyEntry, hashed: Hashed, scheme: p.SignatureScheme, tool: object) -> bytes:
-        """The signature (DER for ECDSA), or a Pkcs11Error saying why not."""
+    def sign(
+        self, key: KeyEntry, hashed: Hashed, scheme: p.SignatureScheme, caller: p.ClientInfo | None
+    ) -> bytes:
+        """The signature (DER for ECDSA), or a Pkcs11Error saying why not;
+        ``caller`` is recorded with it (the calling process)."""
 
 
 class Token:
@@ -175,7 +178,7 @@ class Application:
     """One connected process: the PKCS#11 state the spec keeps per application."""
 
     token: Token
-    tool: object = None  # what the server records as the caller (the peer process)
+    caller: p.ClientInfo | None = None  # what the server records as the calling process
     initialized: bool = False
     logged_in: bool = False
     sessions: dict[int, Session] = field(default_factory=dict)
@@ -394,7 +397,7 @@ class Application:
         """Send the digest (blocking: run it off the event loop)."""
         hashed, scheme = operation.request()
         try:
-            signature = self.token.remote.sign(key, hashed, scheme, self.tool)
+            signature = self.token.remote.sign(key, hashed, scheme, self.caller)
         except Pkcs11Error as e:
             if e.rv in (CKR.KEY_HANDLE_INVALID, CKR.KEY_FUNCTION_NOT_PERMITTED):
                 self.token.invalidate()
