@@ -254,6 +254,7 @@ def wire_models() -> list[type[WireModel]]:
 
 # A valid value for each required field of a request model, by field name.
 REQUIRED_EXAMPLES: dict[str, object] = {
+    "pid": 1,
     "name": "n",
     "username": "u",
     "public_key_pem": "-----BEGIN PUBLIC KEY-----",
