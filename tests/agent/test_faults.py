@@ -7,12 +7,15 @@ goes on serving."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -262,3 +265,68 @@ def test_a_peer_of_another_uid_is_refused(served: Served, caplog: pytest.LogCapt
     assert run.returncode == 0, run.stderr
     assert run.stdout == "b''"  # closed without a word: no version byte
     assert "refused a connection from uid 65534" in caplog.text
+
+
+def test_processes_are_served_side_by_side(served: Served) -> None:
+    """Two tools signing at once each get their signature: one conversation does
+    not wait for the other's round trip to the server."""
+    results: dict[int, bytes | BaseException] = {}
+
+    def sign(n: int) -> None:
+        try:
+            rpc = RpcClient(served.socket)
+            rpc.initialize()
+            session = rpc.open_session()
+            key = rpc.private_key(session, served.keys["EC_P256"]["id"])
+            for _ in range(20):
+                rpc.sign_init(session, CKM.ECDSA, key)
+                results[n] = rpc.sign(session, hashlib.sha256(b"%d" % n).digest())
+            rpc.close()
+        except BaseException as e:  # reported below
+            results[n] = e
+
+    threads = [threading.Thread(target=sign, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(isinstance(r, bytes) and len(r) == 64 for r in results.values()), results
+
+
+def test_connections_beyond_the_limit_are_refused_and_the_agent_goes_on(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    from signery.agent._agent import CONNECTIONS_MAX
+
+    held = []
+    try:
+        for _ in range(CONNECTIONS_MAX):
+            rpc = RpcClient(served.socket)  # each answered its version byte: served
+            held.append(rpc)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.settimeout(30)
+            extra.connect(str(served.socket))
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                extra.sendall(b"\x00")
+            try:
+                answer = extra.recv(1)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""  # closed: no version byte
+        assert f"{CONNECTIONS_MAX} processes are connected" in caplog.text
+    finally:
+        for rpc in held:
+            rpc.close()
+    # Once they are gone, a new process is served again.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fresh = RpcClient(served.socket)
+            break
+        except (ConnectionError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    fresh.initialize()
+    fresh.close()
