@@ -330,3 +330,25 @@ def test_connections_beyond_the_limit_are_refused_and_the_agent_goes_on(
             time.sleep(0.05)
     fresh.initialize()
     fresh.close()
+
+
+def test_a_template_attribute_without_a_value_matches_nothing(
+    served: Served, rpc: RpcClient
+) -> None:
+    session = rpc.open_session()
+
+    def found(template_body: Writer) -> int:
+        rpc.call(template_body)
+        r = rpc.call(Writer(Call.C_FIND_OBJECTS, b"ufu").ulong(session).u32(100))
+        r.byte()
+        count = r.u32()
+        rpc.call(Writer(Call.C_FIND_OBJECTS_FINAL, b"u").ulong(session))
+        return count
+
+    everything = Writer(Call.C_FIND_OBJECTS_INIT, b"uaA").ulong(session).u32(0)
+    assert found(everything) > 0
+    # CKA_VALUE_LEN, which no object has, sent as "no value" (validity 0): it
+    # is not a wildcard, nor does "absent" equal "no value".
+    valueless = Writer(Call.C_FIND_OBJECTS_INIT, b"uaA").ulong(session).u32(1)
+    valueless.u32(0x161).byte(0)
+    assert found(valueless) == 0

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
-from signery.agent._peer import PeerProcess
 from signery.agent._remote import ClientSigning
 from signery.agent._server import serve_connection
 from signery.agent._token import Token
@@ -154,13 +153,6 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             self.settings.socket.unlink()
 
-    async def serve_until(self, stop: asyncio.Event) -> None:
-        await self.start()
-        try:
-            await stop.wait()
-        finally:
-            await self.stop()
-
 
 @contextlib.contextmanager
 def running_in_thread(agent: Agent) -> Iterator[Agent]:
@@ -197,6 +189,3 @@ def running_in_thread(agent: Agent) -> Iterator[Agent]:
         loop.call_soon_threadsafe(stop.set)
         thread.join()
         loop.close()
-
-
-__all__ = ["Agent", "AgentSettings", "PeerProcess"]

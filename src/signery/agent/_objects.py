@@ -75,8 +75,13 @@ class TokenObject:
         assert isinstance(value, int)
         return value
 
-    def matches(self, template: Mapping[int, AttributeValue]) -> bool:
-        return all(self.attributes.get(kind) == value for kind, value in template.items())
+    def matches(self, template: Mapping[int, AttributeValue | None]) -> bool:
+        """Every template attribute has this value here; one sent without a
+        value (validity 0) matches no object."""
+        return all(
+            value is not None and self.attributes.get(kind) == value
+            for kind, value in template.items()
+        )
 
 
 class HandleBook:

@@ -139,6 +139,10 @@ def serve_connection(token: Token, sock: socket.socket) -> None:
             sock.sendall(frame(code, connection.answer(body)))
     except (EOFError, OSError):
         return
+    except Exception:
+        # The agent's own fault (reading /proc, building the caller's info...):
+        # this conversation ends, logged with its trace; the agent goes on.
+        log.exception("a conversation with a connected process failed")
     finally:
         sock.close()
 
@@ -261,12 +265,7 @@ def _get_attribute_value(app: Application, r: Reader, w: Writer) -> None:
 
 def _find_objects_init(app: Application, r: Reader, w: Writer) -> None:
     session = r.ulong()
-    template = r.template()
-    if any(value is None for value in template.values()):
-        # A template attribute without a value matches no object.
-        app.find_objects_init(session, {0xFFFFFFFF: b"\x00"})
-        return
-    app.find_objects_init(session, {k: v for k, v in template.items() if v is not None})
+    app.find_objects_init(session, r.template())
 
 
 def _find_objects(app: Application, r: Reader, w: Writer) -> None:

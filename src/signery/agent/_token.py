@@ -305,7 +305,7 @@ class Application:
 
     # ------------------------------------------------------------ objects
 
-    def find_objects_init(self, handle: int, template: Mapping[int, AttributeValue]) -> None:
+    def find_objects_init(self, handle: int, template: Mapping[int, AttributeValue | None]) -> None:
         session = self._session(handle)
         if session.found is not None:
             raise Pkcs11Error(CKR.OPERATION_ACTIVE)
