@@ -45,11 +45,11 @@ import httpx
 
 from _common import ROOT, BenchError, Server, log, process_ticks
 from signery import protocol as p
+from signery.agent import P11_KIT_CLIENT
 from signery.client import AccountCredentials, Client
 from signery.crypto import Hashed
 
 OUT_FILE = ROOT / "bench-out" / "agent_throughput.json"
-P11_KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 TARGET_OVERHEAD = 0.20
 TICKS = os.sysconf("SC_CLK_TCK")
 ALGORITHMS = {"EC_P256": p.SignatureScheme.ECDSA, "RSA_3072": p.SignatureScheme.RSA_PKCS1V15}
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         log("python-pkcs11 is not installed: pip install 'signery[pkcs11]'")
         return 1
-    if not Path(P11_KIT_CLIENT).exists():
+    if not P11_KIT_CLIENT.exists():
         log(f"{P11_KIT_CLIENT} is missing: apt-get install p11-kit-modules")
         return 1
     tmp = Path(tempfile.mkdtemp(prefix="signery-agent-bench-"))
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         world = World(server, admin_token, tmp)
         agent, socket_path = start_agent(server, world, tmp)
         os.environ["P11_KIT_SERVER_ADDRESS"] = f"unix:path={socket_path}"
-        library = pkcs11.lib(P11_KIT_CLIENT)
+        library = pkcs11.lib(str(P11_KIT_CLIENT))
         token = library.get_token(token_label="Signery")
         credentials = AccountCredentials.from_key_file(world.client_id, world.key_file)
         with Client(server.url, credentials=credentials) as client, token.open() as session:

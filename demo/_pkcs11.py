@@ -11,8 +11,8 @@ from pathlib import Path
 from demo._common import BUILD_PROFILE, RSA_KEY
 from demo._formats import FormatSteps
 from devtools.pe import build_pe
+from signery.agent import P11_KIT_CLIENT
 
-P11_KIT_CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
 STOREPASS = "any"  # SunPKCS11 asks for one; the agent needs none
 
 

@@ -125,6 +125,7 @@ def test_the_keystores_door_is_pinned() -> None:
 DOORS = {
     signery.agent: [
         "ADDRESS_VARIABLE",
+        "P11_KIT_CLIENT",
         "Agent",
         "AgentSettings",
         "default_socket",

@@ -12,7 +12,13 @@ from typing import Any
 import httpx
 import pytest
 
-from signery.agent import Agent, AgentSettings, running_in_thread, server_address
+from signery.agent import (
+    P11_KIT_CLIENT,
+    Agent,
+    AgentSettings,
+    running_in_thread,
+    server_address,
+)
 from signery.client import Client
 from tests.support import (
     Account,
@@ -22,8 +28,6 @@ from tests.support import (
     new_installation,
     running_server,
 )
-
-P11_KIT_CLIENT = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
 
 
 @dataclass

@@ -5,6 +5,7 @@ pkcs11-tool...) sign through Signery by loading Debian's stock
 
 from signery.agent._agent import (
     ADDRESS_VARIABLE,
+    P11_KIT_CLIENT,
     Agent,
     AgentSettings,
     default_socket,
@@ -15,6 +16,7 @@ from signery.agent._agent import (
 
 __all__ = [
     "ADDRESS_VARIABLE",
+    "P11_KIT_CLIENT",
     "Agent",
     "AgentSettings",
     "default_socket",

@@ -36,6 +36,8 @@ DEFAULT_CACHE_SECONDS: Final = 30.0
 # refused with a log line rather than left waiting for a thread.
 CONNECTIONS_MAX: Final = 64
 ADDRESS_VARIABLE: Final = "P11_KIT_SERVER_ADDRESS"
+# Where Debian's p11-kit-modules installs the module tools load to reach the agent.
+P11_KIT_CLIENT: Final = Path("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so")
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,9 +56,9 @@ class PeerProcess:
 
     @property
     def tool(self) -> str | None:
-        """The tool's short name (``jarsigner``, ``osslsigncode``): the executable's
-        file name, or the first word of its command line (a Java tool runs as
-        ``java``, but its command line names the tool's main class)."""
+        """The tool's short name (``jarsigner``, ``osslsigncode``): the file name of
+        the executable the process runs (the command line goes to the audit
+        event beside it)."""
         if self.executable is None:
             return None
         return Path(self.executable).name

@@ -2,9 +2,11 @@
 ``p11-kit-client.so`` speaks), read and written: frames, the typed fields of
 a message, and attribute values encoded by attribute type.
 
-The layout, from p11-kit's ``rpc-message.c`` and checked against the real
-client (docs/pkcs11.md has the details): a frame is a 12-byte header (call code,
-options length, body length; big-endian) then the options and the body; a body
+The layout, from p11-kit 0.24.1's ``rpc-message.c`` and ``rpc-transport.c``,
+checked against the real client (the tests in tests/agent speak it both through
+``p11-kit-client.so`` and raw): after a one-byte version exchange, a frame is
+a 12-byte header (call code, options length, body length; big-endian), then the
+options and the body; a body
 is a call id, a signature string naming its fields, then the fields. A
 ``CK_ULONG`` is always 8 bytes, lengths and counts 4. Every read is bounded by
 the frame: a field that runs past its end is a :class:`FrameError`, never an
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
@@ -308,12 +309,6 @@ def native_length(value: AttributeValue) -> int:
 def error_body(rv: int) -> bytes:
     """The answer to a call that failed: call id 0, one ulong, the CK_RV."""
     return Writer(Call.ERROR, b"u").ulong(rv).body()
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    code: int
-    body: bytes
 
 
 def frame(code: int, body: bytes) -> bytes:

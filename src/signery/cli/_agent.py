@@ -36,7 +36,6 @@ from signery.client import Client
 from signery.errors import ClientError
 
 DEFAULT_LABEL = "Signery"
-P11_KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 
 ApprovalWaitOpt = Annotated[
     str | None,
