@@ -27,6 +27,7 @@ from signery.agent._pkcs11 import CKA, CKM, CKO, CKR
 from signery.agent._rpc import HANDSHAKE, HEADER, Call, Reader, Writer
 from signery.client import Client
 from tests.agent.conftest import Served
+from tests.support import missing, require_tool
 
 SLOT = 1
 
@@ -230,7 +231,8 @@ def test_garbage_before_the_handshake_does_not_hurt(served: Served) -> None:
 
 def test_a_peer_of_another_uid_is_refused(served: Served, caplog: pytest.LogCaptureFixture) -> None:
     if os.getuid() != 0:
-        pytest.skip("needs root to run a process as another user")
+        missing("root, to run a process as another user (CI runs as root)")
+    setpriv = require_tool("setpriv")
     # An agent whose socket another user could reach (its directory opened
     # after the agent made it private), so that only the uid check is left.
     directory = Path(tempfile.mkdtemp(prefix="signery-agent-uid-", dir="/tmp"))
@@ -253,7 +255,7 @@ def test_a_peer_of_another_uid_is_refused(served: Served, caplog: pytest.LogCapt
                 "sys.stdout.write(repr(answer))\n"
             )
             run = subprocess.run(
-                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
                  sys.executable, "-c", probe],
                 capture_output=True, text=True, timeout=60, check=False,
             )  # fmt: skip
